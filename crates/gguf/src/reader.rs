@@ -1,0 +1,486 @@
+//! Parsing and validating a GGUF file. Tensor data is borrowed from the memory map, never copied.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{GgufError, Result};
+use crate::ggml_type::GgmlType;
+use crate::value::{Array, Value, ValueType};
+
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+pub const MAX_DIMS: u32 = 4;
+/// Deeper nesting than this is refused: no real file nests arrays, and unbounded recursion
+/// on hostile input would overflow the stack.
+pub const MAX_ARRAY_NESTING: usize = 8;
+
+/// The bytes of a GGUF file: a read-only memory map, or an owned buffer (tests, fuzzing).
+pub enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// One tensor's entry in the tensor table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the row length (contiguous), `dims[1]` the number of rows, …
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Offset relative to the start of the data section.
+    pub offset: u64,
+    pub n_elements: u64,
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    /// Elements per row (`dims[0]`).
+    pub fn row_len(&self) -> usize {
+        self.dims.first().copied().unwrap_or(1) as usize
+    }
+    /// Number of rows (product of all dims but the first).
+    pub fn n_rows(&self) -> usize {
+        self.dims.iter().skip(1).product::<u64>() as usize
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.row_len() / self.ggml_type.block_size() * self.ggml_type.type_size()
+    }
+}
+
+/// A parsed GGUF file.
+pub struct GgufFile {
+    pub path: Option<PathBuf>,
+    bytes: Bytes,
+    pub version: u32,
+    /// Key/value pairs in file order.
+    pub metadata: Vec<(String, Value)>,
+    key_index: HashMap<String, usize>,
+    /// Tensor infos in file order.
+    pub tensors: Vec<TensorInfo>,
+    tensor_index: HashMap<String, usize>,
+    pub alignment: u64,
+    /// Absolute offset of the data section.
+    pub data_offset: u64,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("n_metadata", &self.metadata.len())
+            .field("n_tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Memory-maps and validates `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
+        let path = path.as_ref();
+        let io = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if meta.is_dir() {
+            return Err(io(std::io::Error::other("is a directory")));
+        }
+        let bytes = if meta.len() == 0 {
+            Bytes::Owned(Vec::new())
+        } else {
+            // SAFETY: the map is read-only; kiln assumes model files are not modified while open
+            // (the same contract as llama.cpp's mmap loader).
+            Bytes::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+        };
+        let mut g = GgufFile::parse(bytes)?;
+        g.path = Some(path.to_path_buf());
+        Ok(g)
+    }
+
+    /// Parses and validates an in-memory file.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<GgufFile> {
+        GgufFile::parse(Bytes::Owned(bytes))
+    }
+
+    fn parse(bytes: Bytes) -> Result<GgufFile> {
+        let mut c = Cursor {
+            buf: &bytes,
+            pos: 0,
+        };
+        let magic = c.take(4, "magic")?;
+        if magic != GGUF_MAGIC {
+            return Err(GgufError::BadMagic {
+                found: magic.to_vec(),
+            });
+        }
+        let version = c.u32("version")?;
+        if version != 2 && version != 3 {
+            return Err(GgufError::UnsupportedVersion(version));
+        }
+        let n_tensors = c.u64("tensor count")?;
+        let n_kv = c.u64("metadata count")?;
+
+        let mut metadata = Vec::with_capacity(bounded_capacity(n_kv, 8 + 4 + 1, c.remaining()));
+        let mut key_index = HashMap::new();
+        for i in 0..n_kv {
+            let key = c.string(&format!("metadata key #{i}"))?;
+            let at = c.pos as u64;
+            let tid = c.u32(&format!("type of metadata key {key:?}"))?;
+            let ty = ValueType::from_id(tid).ok_or_else(|| GgufError::UnknownValueType {
+                key: key.clone(),
+                offset: at,
+                id: tid,
+            })?;
+            let value = c.value(ty, &key, 0)?;
+            if key_index.insert(key.clone(), metadata.len()).is_some() {
+                return Err(GgufError::DuplicateKey(key));
+            }
+            metadata.push((key, value));
+        }
+
+        let alignment = match metadata.get(key_index.get("general.alignment").copied().unwrap_or(usize::MAX)) {
+            None => DEFAULT_ALIGNMENT,
+            Some((_, Value::U32(a))) => *a as u64,
+            Some((k, v)) => return Err(GgufError::wrong_type(k, "u32", v.value_type())),
+        };
+        if alignment == 0 || !alignment.is_power_of_two() {
+            return Err(GgufError::BadAlignment(alignment));
+        }
+
+        let mut tensors = Vec::with_capacity(bounded_capacity(n_tensors, 8 + 4 + 4 + 8, c.remaining()));
+        let mut tensor_index = HashMap::new();
+        for i in 0..n_tensors {
+            let name = c.string(&format!("tensor #{i} name"))?;
+            let n_dims = c.u32(&format!("tensor {name:?} dimension count"))?;
+            if n_dims > MAX_DIMS {
+                return Err(GgufError::TooManyDims { name, n_dims });
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for d in 0..n_dims {
+                dims.push(c.u64(&format!("tensor {name:?} dimension {d}"))?);
+            }
+            let tid = c.u32(&format!("tensor {name:?} type"))?;
+            let offset = c.u64(&format!("tensor {name:?} offset"))?;
+            let ggml_type = GgmlType::from_id(tid).ok_or_else(|| GgufError::UnknownTensorType {
+                name: name.clone(),
+                id: tid,
+            })?;
+            let (n_elements, n_bytes) = tensor_size(&name, &dims, ggml_type)?;
+            if tensor_index.insert(name.clone(), tensors.len()).is_some() {
+                return Err(GgufError::DuplicateTensor(name));
+            }
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                n_elements,
+                n_bytes,
+            });
+        }
+
+        let data_offset = align_up(c.pos as u64, alignment);
+        let file_len = bytes.len() as u64;
+        let data_len = file_len.saturating_sub(data_offset);
+        if !tensors.is_empty() && data_offset > file_len {
+            return Err(GgufError::Truncated {
+                what: "padding before the data section".into(),
+                offset: c.pos as u64,
+                needed: data_offset - c.pos as u64,
+                available: file_len - c.pos as u64,
+            });
+        }
+        for t in &tensors {
+            if t.offset % alignment != 0 {
+                return Err(GgufError::MisalignedTensor {
+                    name: t.name.clone(),
+                    offset: t.offset,
+                    alignment,
+                });
+            }
+            let end = t.offset.checked_add(t.n_bytes);
+            match end {
+                Some(end) if end <= data_len => {}
+                _ => {
+                    return Err(GgufError::TensorOutOfBounds {
+                        name: t.name.clone(),
+                        start: t.offset,
+                        end: end.unwrap_or(u64::MAX),
+                        data_len,
+                    })
+                }
+            }
+        }
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by_key(|&i| tensors[i].offset);
+        for w in order.windows(2) {
+            let (a, b) = (&tensors[w[0]], &tensors[w[1]]);
+            if a.n_bytes > 0 && b.n_bytes > 0 && a.offset + a.n_bytes > b.offset {
+                return Err(GgufError::OverlappingTensors {
+                    a: a.name.clone(),
+                    b: b.name.clone(),
+                });
+            }
+        }
+
+        let g = GgufFile {
+            path: None,
+            bytes,
+            version,
+            metadata,
+            key_index,
+            tensors,
+            tensor_index,
+            alignment,
+            data_offset,
+        };
+        crate::known_keys::check_known_keys(&g)?;
+        Ok(g)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.key_index.get(key).map(|&i| &self.metadata[i].1)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensor_index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The bytes of a tensor, borrowed from the file (validated to lie inside it at open).
+    pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
+        let start = (self.data_offset + t.offset) as usize;
+        &self.bytes[start..start + t.n_bytes as usize]
+    }
+
+    /// The whole file's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// `general.architecture`, if present.
+    pub fn architecture(&self) -> Option<&str> {
+        self.get("general.architecture").and_then(Value::as_str)
+    }
+
+    // Typed accessors used by model loading: a missing key is `Ok(None)`, a wrong type an error.
+
+    pub fn get_u64(&self, key: &str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| GgufError::wrong_type(key, "unsigned integer", v.value_type())),
+        }
+    }
+
+    pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| GgufError::wrong_type(key, "number", v.value_type())),
+        }
+    }
+
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| GgufError::wrong_type(key, "bool", v.value_type())),
+        }
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| GgufError::wrong_type(key, "string", v.value_type())),
+        }
+    }
+
+    pub fn get_array(&self, key: &str) -> Result<Option<&Array>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_array()
+                .map(Some)
+                .ok_or_else(|| GgufError::wrong_type(key, "array", v.value_type())),
+        }
+    }
+}
+
+pub(crate) fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// Capacity to reserve for `count` items of at least `min_size` bytes each: never more than the
+/// remaining bytes could hold, so a hostile count cannot force a huge allocation.
+fn bounded_capacity(count: u64, min_size: usize, remaining: usize) -> usize {
+    (count.min((remaining / min_size.max(1)) as u64)) as usize
+}
+
+fn tensor_size(name: &str, dims: &[u64], ty: GgmlType) -> Result<(u64, u64)> {
+    let bad = |why: &str| GgufError::BadShape {
+        name: name.to_string(),
+        shape: dims.to_vec(),
+        why: why.to_string(),
+    };
+    let mut n: u64 = 1;
+    for &d in dims {
+        if d == 0 {
+            return Err(bad("zero-sized dimension"));
+        }
+        n = n.checked_mul(d).ok_or_else(|| bad("element count overflows"))?;
+    }
+    if n > i64::MAX as u64 {
+        return Err(bad("element count overflows"));
+    }
+    let row_len = dims.first().copied().unwrap_or(1);
+    if row_len % ty.block_size() as u64 != 0 {
+        return Err(GgufError::NotBlockMultiple {
+            name: name.to_string(),
+            ty: ty.name().to_string(),
+            row_len,
+            block: ty.block_size(),
+        });
+    }
+    let bytes = ty.bytes_for(n).ok_or_else(|| bad("byte size overflows"))?;
+    Ok((n, bytes))
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        if self.remaining() < n {
+            return Err(GgufError::Truncated {
+                what: what.to_string(),
+                offset: self.pos as u64,
+                needed: n as u64,
+                available: self.remaining() as u64,
+            });
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let at = self.pos as u64;
+        let len = self.u64(&format!("{what} (string length)"))?;
+        if len > self.remaining() as u64 {
+            return Err(GgufError::LengthBeyondFile {
+                what: format!("{what} (string)"),
+                offset: at,
+                len,
+                file_len: self.buf.len() as u64,
+            });
+        }
+        let s = self.take(len as usize, what)?;
+        String::from_utf8(s.to_vec()).map_err(|_| GgufError::InvalidUtf8 {
+            what: what.to_string(),
+            offset: at,
+        })
+    }
+
+    fn value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<Value> {
+        let what = || format!("value of metadata key {key:?}");
+        Ok(match ty {
+            ValueType::U8 => Value::U8(self.array::<1>(&what())?[0]),
+            ValueType::I8 => Value::I8(self.array::<1>(&what())?[0] as i8),
+            ValueType::U16 => Value::U16(u16::from_le_bytes(self.array(&what())?)),
+            ValueType::I16 => Value::I16(i16::from_le_bytes(self.array(&what())?)),
+            ValueType::U32 => Value::U32(u32::from_le_bytes(self.array(&what())?)),
+            ValueType::I32 => Value::I32(i32::from_le_bytes(self.array(&what())?)),
+            ValueType::F32 => Value::F32(f32::from_le_bytes(self.array(&what())?)),
+            ValueType::U64 => Value::U64(u64::from_le_bytes(self.array(&what())?)),
+            ValueType::I64 => Value::I64(i64::from_le_bytes(self.array(&what())?)),
+            ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(&what())?)),
+            ValueType::Bool => {
+                let at = self.pos as u64;
+                match self.array::<1>(&what())?[0] {
+                    0 => Value::Bool(false),
+                    1 => Value::Bool(true),
+                    b => {
+                        return Err(GgufError::Invalid(format!(
+                            "metadata key {key:?} at byte {at}: bool byte is {b}, expected 0 or 1"
+                        )))
+                    }
+                }
+            }
+            ValueType::String => Value::String(self.string(&what())?),
+            ValueType::Array => {
+                if depth >= MAX_ARRAY_NESTING {
+                    return Err(GgufError::NestingTooDeep {
+                        key: key.to_string(),
+                        max: MAX_ARRAY_NESTING,
+                    });
+                }
+                let at = self.pos as u64;
+                let tid = self.u32(&format!("array element type of {key:?}"))?;
+                let elem_type = ValueType::from_id(tid).ok_or(GgufError::UnknownValueType {
+                    key: key.to_string(),
+                    offset: at,
+                    id: tid,
+                })?;
+                let count_at = self.pos as u64;
+                let count = self.u64(&format!("array length of {key:?}"))?;
+                let min = elem_type.min_encoded_size() as u64;
+                if count.saturating_mul(min) > self.remaining() as u64 {
+                    return Err(GgufError::LengthBeyondFile {
+                        what: format!("array of metadata key {key:?}"),
+                        offset: count_at,
+                        len: count,
+                        file_len: self.buf.len() as u64,
+                    });
+                }
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(elem_type, key, depth + 1)?);
+                }
+                Value::Array(Array { elem_type, items })
+            }
+        })
+    }
+}
