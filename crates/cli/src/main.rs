@@ -1,1 +1,58 @@
-fn main() {}
+//! `kiln`: run, chat with, inspect and check GGUF language models.
+
+mod cmd;
+mod common;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "A GGUF inference engine that proves its numbers", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (streams to stdout; timings to stderr).
+    Run(cmd::run::Args),
+    /// Interactive multi-turn chat through the model's chat template.
+    Chat(cmd::chat::Args),
+    /// Teacher-forced logits at every position of a token sequence.
+    Logits(cmd::logits::Args),
+    /// Check exact and default paths against the float64 reference fixtures.
+    Parity(cmd::parity::Args),
+    /// Show a GGUF file's metadata, hyper-parameters and tensors.
+    Inspect(cmd::inspect::Args),
+    /// Tokenize text with a model's tokenizer.
+    Tokenize(cmd::tokenize::Args),
+    /// Render a chat prompt with a model's chat template.
+    Template(cmd::template::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => cmd::run::main(a),
+        Command::Chat(a) => cmd::chat::main(a),
+        Command::Logits(a) => cmd::logits::main(a),
+        Command::Parity(a) => cmd::parity::main(a),
+        Command::Inspect(a) => cmd::inspect::main(a),
+        Command::Tokenize(a) => cmd::tokenize::main(a),
+        Command::Template(a) => cmd::template::main(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the error and its causes, no backtrace.
+            let mut msg = format!("kiln: error: {e}");
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

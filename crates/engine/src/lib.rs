@@ -1,1 +1,12 @@
+//! Running models: loading a GGUF into weights + tokenizer, sessions with a KV cache, sampling,
+//! generation, parity checks against the float64 reference fixtures, and the default model.
 
+pub mod default_model;
+mod loaded;
+pub mod parity;
+pub mod sampler;
+mod session;
+
+pub use loaded::Model;
+pub use sampler::{Sampler, SamplingParams};
+pub use session::{GenerateOptions, Generation, Session, StopReason};

@@ -1,1 +1,17 @@
+//! Model architectures as plain forward functions over weights kept in their stored formats.
+//!
+//! Data flows one way: GGUF file → [`LlamaConfig`] + [`LlamaWeights`] → [`forward`] → logits.
 
+mod config;
+mod error;
+mod forward;
+mod kv_cache;
+mod observer;
+mod weights;
+
+pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
+pub use error::ModelError;
+pub use forward::{forward, Logits, Precision};
+pub use kv_cache::KvCache;
+pub use observer::{Activation, Observer};
+pub use weights::{LayerWeights, LlamaWeights};

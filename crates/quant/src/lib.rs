@@ -6,6 +6,7 @@
 //! bit-identical to the gguf Python package (checked against `shared/fixtures/dequant`).
 
 pub mod float;
+pub mod matmul;
 pub mod iq4_nl;
 pub mod iq4_xs;
 pub mod q2_k;

@@ -1,1 +1,4 @@
+//! Tokenizers built from GGUF metadata alone (SentencePiece and byte-level BPE), streaming
+//! detokenization, and chat templates.
 
+pub mod template;

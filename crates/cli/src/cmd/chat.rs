@@ -1,0 +1,155 @@
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use kiln_engine::{GenerateOptions, Sampler, Session};
+use kiln_model::Precision;
+use kiln_tokenizer::template::ChatMessage;
+
+use crate::common::{self, SamplingArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// System message opening the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 1024)]
+    pub n_predict: usize,
+    #[arg(short = 'c', long)]
+    pub ctx: Option<usize>,
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long)]
+    pub exact: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+const HELP: &str = "commands: /reset (new conversation), /raw (toggle the chat template), /exit";
+
+pub fn main(a: Args) -> Result<ExitCode> {
+    let params = a.sampling.params()?;
+    common::set_threads(a.threads)?;
+    let model = common::load_model(&a.model)?;
+    let n_ctx = a.ctx.unwrap_or_else(|| model.default_ctx()).max(1);
+    let precision = if a.exact { Precision::Exact } else { Precision::Fast };
+    let mut session = Session::new(&model, n_ctx, precision);
+    let mut sampler = Sampler::new(params);
+    let mut raw = model.template.is_none();
+    if raw {
+        eprintln!("kiln: this model has no chat template; chatting in raw mode (your text continues the transcript)");
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // Ctrl-C stops the current answer; at the prompt, Ctrl-D or /exit leaves.
+        ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    }
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        });
+    }
+    eprintln!("kiln chat — {} ({HELP})", model.path.display());
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let _ = std::io::stderr().flush();
+        let Some(line) = lines.next() else { break };
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("kiln: input is not valid UTF-8 ({e}); line ignored");
+                continue;
+            }
+        };
+        let input = line.trim_end();
+        match input {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                session.reset();
+                sampler.reset();
+                eprintln!("(conversation reset)");
+                continue;
+            }
+            "/raw" => {
+                if model.template.is_none() {
+                    eprintln!("(this model has no chat template: raw mode only)");
+                } else {
+                    raw = !raw;
+                    eprintln!("(chat template {})", if raw { "off: raw text mode" } else { "on" });
+                }
+                continue;
+            }
+            "/help" => {
+                eprintln!("{HELP}");
+                continue;
+            }
+            _ => {}
+        }
+        let prompt: Vec<u32> = if raw {
+            let mut p = session.tokens.clone();
+            let add_special = p.is_empty();
+            p.extend(model.tokenizer.encode(input, add_special, false)?);
+            p
+        } else {
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: input.to_string(),
+            });
+            let text = model
+                .template
+                .as_ref()
+                .context("no chat template")?
+                .render(&messages, true)?;
+            common::encode_rendered(&model, &text)?
+        };
+        if prompt.len() >= n_ctx {
+            eprintln!("kiln: the conversation ({} tokens) fills the context ({n_ctx}); /reset to start over", prompt.len());
+            if !raw {
+                messages.pop();
+            }
+            continue;
+        }
+        interrupted.store(false, Ordering::SeqCst);
+        let opts = GenerateOptions {
+            max_tokens: a.n_predict.min(n_ctx - prompt.len()),
+            stop: Vec::new(),
+            stop_at_eog: true,
+        };
+        let mut stdout = std::io::stdout().lock();
+        let result = session.generate(&prompt, &opts, &mut sampler, |t| {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+            !interrupted.load(Ordering::SeqCst)
+        });
+        let _ = writeln!(stdout);
+        drop(stdout);
+        match result {
+            Ok(g) => {
+                if !raw {
+                    messages.push(ChatMessage {
+                        role: "assistant".into(),
+                        content: g.text.clone(),
+                    });
+                }
+                if g.stop_reason == kiln_engine::StopReason::Cancelled {
+                    eprintln!("(stopped)");
+                }
+            }
+            Err(e) => eprintln!("kiln: error: {e}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

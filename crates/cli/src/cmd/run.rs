@@ -1,0 +1,116 @@
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use kiln_engine::{GenerateOptions, Sampler, Session};
+use kiln_model::Precision;
+
+use crate::common::{self, SamplingArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Prompt text (or use -p, or pipe it on stdin).
+    #[arg(conflicts_with_all = ["prompt", "tokens"])]
+    pub text: Option<String>,
+    /// GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    #[arg(short, long, conflicts_with = "tokens")]
+    pub prompt: Option<String>,
+    /// Feed these token ids as they are (no template, no BOS added).
+    #[arg(long, conflicts_with = "raw")]
+    pub tokens: Option<String>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
+    pub n_predict: usize,
+    /// Use the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// System message for the chat template.
+    #[arg(long, conflicts_with = "raw")]
+    pub system: Option<String>,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Context size in tokens (default: the model's, capped at 4096).
+    #[arg(short = 'c', long)]
+    pub ctx: Option<usize>,
+    /// Threads (0: one per core).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+    /// Use the exact reference path (f64 sums) instead of the default fast path.
+    #[arg(long)]
+    pub exact: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn main(a: Args) -> Result<ExitCode> {
+    if a.n_predict == 0 {
+        bail!("-n 0 asks for no tokens: give -n 1 or more");
+    }
+    if a.ctx == Some(0) {
+        bail!("--ctx must be at least 1");
+    }
+    let params = a.sampling.params()?;
+    common::set_threads(a.threads)?;
+    let model = common::load_model(&a.model)?;
+    let prompt_ids = if let Some(t) = &a.tokens {
+        let ids = common::parse_tokens(t)?;
+        common::check_tokens(&model, &ids)?;
+        ids
+    } else {
+        let text = match a.text.as_ref().or(a.prompt.as_ref()) {
+            Some(t) => t.clone(),
+            None => common::read_stdin()?,
+        };
+        if text.is_empty() {
+            bail!("the prompt is empty: give text, -p TEXT, or pipe it on stdin");
+        }
+        if model.template.is_none() && !a.raw {
+            eprintln!("kiln: this model has no chat template; using the prompt as raw text");
+        }
+        common::encode_prompt(&model, a.system.as_deref(), &text, a.raw)?
+    };
+    let n_ctx = a.ctx.unwrap_or_else(|| model.default_ctx());
+    if prompt_ids.len() > n_ctx {
+        bail!("the prompt has {} tokens but the context holds {n_ctx} (raise --ctx)", prompt_ids.len());
+    }
+    let precision = if a.exact { Precision::Exact } else { Precision::Fast };
+    let mut session = Session::new(&model, n_ctx, precision);
+    let mut sampler = Sampler::new(params);
+    let opts = GenerateOptions {
+        max_tokens: a.n_predict.min(n_ctx - prompt_ids.len()),
+        stop: a.stop.clone(),
+        stop_at_eog: !a.ignore_eos,
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    let mut stdout = std::io::stdout().lock();
+    let gen = session.generate(&prompt_ids, &opts, &mut sampler, |text| {
+        let _ = stdout.write_all(text.as_bytes());
+        let _ = stdout.flush();
+        !interrupted.load(Ordering::SeqCst)
+    })?;
+    let _ = writeln!(stdout);
+    drop(stdout);
+    eprintln!(
+        "kiln: load {:.2} s | prompt {} tokens, {:.1} t/s | generated {} tokens, {:.1} t/s | stop: {:?}",
+        model.load_seconds,
+        gen.prompt_tokens,
+        gen.prompt_evaluated as f64 / gen.prompt_seconds.max(1e-9),
+        gen.tokens.len(),
+        gen.tokens.len() as f64 / gen.gen_seconds.max(1e-9),
+        gen.stop_reason
+    );
+    Ok(ExitCode::SUCCESS)
+}

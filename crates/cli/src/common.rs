@@ -1,0 +1,162 @@
+//! Pieces shared by the subcommands: model selection, threads, token lists, sampling flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use kiln_engine::{Model, SamplingParams};
+
+/// `-m PATH`, or the default model (fetched on first use).
+pub fn model_path(m: &Option<PathBuf>) -> Result<PathBuf> {
+    match m {
+        Some(p) => {
+            if !p.exists() {
+                bail!("model file {} does not exist", p.display());
+            }
+            Ok(p.clone())
+        }
+        None => kiln_engine::default_model::ensure(),
+    }
+}
+
+pub fn load_model(m: &Option<PathBuf>) -> Result<Model> {
+    let p = model_path(m)?;
+    Model::load(&p)
+}
+
+/// Sizes the global thread pool; 0 means one thread per available core.
+pub fn set_threads(threads: usize) -> Result<()> {
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        threads
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("starting the thread pool")
+}
+
+/// Parses `1,2,3` (spaces allowed).
+pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    let v: Result<Vec<u32>> = s
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().with_context(|| format!("invalid token id {p:?} in --tokens")))
+        .collect();
+    let v = v?;
+    if v.is_empty() {
+        bail!("--tokens is empty");
+    }
+    Ok(v)
+}
+
+pub fn check_tokens(model: &Model, tokens: &[u32]) -> Result<()> {
+    let n = model.weights.cfg.n_vocab;
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n) {
+        bail!("token id {t} is out of range (the vocabulary has {n} tokens, ids 0..{})", n - 1);
+    }
+    Ok(())
+}
+
+/// Reads all of stdin as UTF-8.
+pub fn read_stdin() -> Result<String> {
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
+    String::from_utf8(buf).map_err(|e| anyhow::anyhow!("stdin is not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()))
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1: all).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P × the most likely one (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalise repeats of the last --repeat-last-n tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Random seed: the same seed and inputs give the same output.
+    #[arg(long, default_value_t = 0xC0FFEE)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            penalty_last_n: self.repeat_last_n,
+            seed: self.seed,
+        };
+        p.validate().map_err(anyhow::Error::msg)?;
+        Ok(p)
+    }
+}
+
+/// The fixture directory: the argument, else `../shared/fixtures/parity` or `shared/fixtures/parity`.
+pub fn default_fixture_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(d) = arg {
+        return Ok(d.clone());
+    }
+    for c in ["../shared/fixtures/parity", "shared/fixtures/parity"] {
+        if Path::new(c).is_dir() {
+            return Ok(PathBuf::from(c));
+        }
+    }
+    bail!("no fixture directory given and ../shared/fixtures/parity not found")
+}
+
+/// Encodes a user prompt: through the chat template unless `raw` or the model has none.
+pub fn encode_prompt(model: &Model, system: Option<&str>, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+    use kiln_tokenizer::template::ChatMessage;
+    let tok = &model.tokenizer;
+    match (&model.template, raw) {
+        (Some(t), false) => {
+            let mut msgs = Vec::new();
+            if let Some(s) = system {
+                msgs.push(ChatMessage {
+                    role: "system".into(),
+                    content: s.into(),
+                });
+            }
+            msgs.push(ChatMessage {
+                role: "user".into(),
+                content: prompt.into(),
+            });
+            let text = t.render(&msgs, true)?;
+            encode_rendered(model, &text)
+        }
+        _ => Ok(tok.encode(prompt, true, false)?),
+    }
+}
+
+/// Tokenizes a rendered chat prompt: specials parsed, BOS added as the model asks unless the
+/// template already wrote it (avoids llama.cpp's double-BOS pitfall).
+pub fn encode_rendered(model: &Model, text: &str) -> Result<Vec<u32>> {
+    let tok = &model.tokenizer;
+    let mut ids = tok.encode(text, false, true)?;
+    if let Some(bos) = tok.bos() {
+        if tok.add_bos() && ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    Ok(ids)
+}

@@ -1,0 +1,56 @@
+//! A model file opened for inference: its weights, tokenizer and chat template.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use kiln_gguf::GgufFile;
+use kiln_model::LlamaWeights;
+use kiln_tokenizer::template::ChatTemplate;
+use kiln_tokenizer::Tokenizer;
+
+pub struct Model {
+    pub path: PathBuf,
+    pub gguf: &'static GgufFile,
+    pub weights: LlamaWeights<'static>,
+    pub tokenizer: Tokenizer,
+    /// `None` when the file has no chat template (raw-prompt mode).
+    pub template: Option<ChatTemplate>,
+    pub load_seconds: f64,
+}
+
+impl Model {
+    /// Opens and validates `path`. The file stays memory-mapped for the rest of the process: a model
+    /// is loaded once and used until exit (CLI, server), which lets the weights borrow from the map.
+    pub fn load(path: &Path) -> Result<Model> {
+        let t0 = std::time::Instant::now();
+        let gguf = GgufFile::open(path).with_context(|| format!("{}", path.display()))?;
+        let gguf: &'static GgufFile = Box::leak(Box::new(gguf));
+        let weights = LlamaWeights::load(gguf).with_context(|| format!("{}", path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(gguf).with_context(|| format!("{}: tokenizer", path.display()))?;
+        if tokenizer.n_vocab() != weights.cfg.n_vocab {
+            anyhow::bail!(
+                "{}: tokenizer has {} tokens but token_embd.weight has {} rows",
+                path.display(),
+                tokenizer.n_vocab(),
+                weights.cfg.n_vocab
+            );
+        }
+        let bos = tokenizer.bos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
+        let eos = tokenizer.eos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
+        let template = ChatTemplate::from_gguf(gguf, &bos, &eos)
+            .with_context(|| format!("{}: chat template", path.display()))?;
+        Ok(Model {
+            path: path.to_path_buf(),
+            gguf,
+            weights,
+            tokenizer,
+            template,
+            load_seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The model's context length capped at 4096 (the default `--ctx`).
+    pub fn default_ctx(&self) -> usize {
+        self.weights.cfg.n_ctx_train.clamp(1, 4096)
+    }
+}

@@ -1,0 +1,221 @@
+//! A conversation with a model: its KV cache, the tokens in it, and generation with stop handling.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use kiln_model::{forward, KvCache, Logits, Observer, Precision};
+
+use crate::{Model, Sampler};
+
+pub struct Session<'m> {
+    pub model: &'m Model,
+    pub cache: KvCache,
+    /// Tokens whose keys and values are in the cache, in order.
+    pub tokens: Vec<u32>,
+    pub precision: Precision,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Generation stops when the text contains one of these; the text is cut before it.
+    pub stop: Vec<String>,
+    /// Stop at end-of-generation tokens (EOS, EOT, <|im_end|> …).
+    pub stop_at_eog: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// End-of-generation token or stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The caller's callback asked to stop (Ctrl-C, client gone).
+    Cancelled,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually evaluated (the rest came from the cache).
+    pub prompt_evaluated: usize,
+    pub prompt_seconds: f64,
+    pub gen_seconds: f64,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model, n_ctx: usize, precision: Precision) -> Session<'m> {
+        Session {
+            model,
+            cache: KvCache::new(&model.weights.cfg, n_ctx),
+            tokens: Vec::new(),
+            precision,
+        }
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.cache.n_ctx
+    }
+
+    pub fn reset(&mut self) {
+        self.cache.clear();
+        self.tokens.clear();
+    }
+
+    /// Appends `tokens` and returns the logits of the last one (`Logits::Last`) or of all.
+    pub fn eval(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
+        self.eval_observed(tokens, want, None)
+    }
+
+    pub fn eval_observed(&mut self, tokens: &[u32], want: Logits, obs: Option<&mut dyn Observer>) -> Result<Vec<f32>> {
+        let logits = forward(&self.model.weights, &mut self.cache, tokens, self.precision, want, obs)?;
+        self.tokens.extend_from_slice(tokens);
+        Ok(logits)
+    }
+
+    /// Makes the cache hold exactly `prompt` and returns the last position's logits, reusing the
+    /// longest prefix already cached. Returns (logits, tokens evaluated).
+    pub fn load_prompt(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty: nothing to generate from");
+        }
+        if prompt.len() > self.n_ctx() {
+            bail!(
+                "the prompt has {} tokens but the context holds {} (raise --ctx)",
+                prompt.len(),
+                self.n_ctx()
+            );
+        }
+        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        // At least one token must run to produce logits.
+        let keep = common.min(prompt.len() - 1);
+        self.cache.truncate(keep);
+        self.tokens.truncate(keep);
+        let logits = self.eval(&prompt[keep..], Logits::Last)?;
+        Ok((logits, prompt.len() - keep))
+    }
+
+    /// Generates after `prompt`. `on_text` receives text as it becomes final (never half a UTF-8
+    /// character, never a piece of a stop string) and returns `false` to cancel.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        sampler: &mut Sampler,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let t0 = Instant::now();
+        let (mut logits, evaluated) = self.load_prompt(prompt)?;
+        let prompt_seconds = t0.elapsed().as_secs_f64();
+        for &t in prompt {
+            sampler.accept(t);
+        }
+        let t1 = Instant::now();
+        let tok = &self.model.tokenizer;
+        let mut decoder = tok.decoder();
+        let mut out = Generation {
+            tokens: Vec::new(),
+            text: String::new(),
+            stop_reason: StopReason::Length,
+            prompt_tokens: prompt.len(),
+            prompt_evaluated: evaluated,
+            prompt_seconds,
+            gen_seconds: 0.0,
+        };
+        // Text decoded but not yet handed out, because it may be the start of a stop string.
+        let mut pending = String::new();
+        let mut emitted = 0usize;
+        while out.tokens.len() < opts.max_tokens {
+            let next = sampler.sample(&mut logits);
+            sampler.accept(next);
+            if opts.stop_at_eog && tok.is_eog(next) {
+                out.stop_reason = StopReason::Stop;
+                break;
+            }
+            out.tokens.push(next);
+            pending.push_str(&decoder.push(next)?);
+            if let Some(cut) = find_stop(&pending, &opts.stop) {
+                pending.truncate(cut);
+                out.text.push_str(&pending[emitted..]);
+                if !on_text(&pending[emitted..]) {
+                    out.stop_reason = StopReason::Cancelled;
+                }
+                pending.clear();
+                emitted = 0;
+                if out.stop_reason != StopReason::Cancelled {
+                    out.stop_reason = StopReason::Stop;
+                }
+                break;
+            }
+            let safe = pending.len() - held_back(&pending, &opts.stop);
+            if safe > emitted {
+                let piece = &pending[emitted..safe];
+                out.text.push_str(piece);
+                let go_on = on_text(piece);
+                emitted = safe;
+                if !go_on {
+                    out.stop_reason = StopReason::Cancelled;
+                    break;
+                }
+            }
+            if out.tokens.len() >= opts.max_tokens {
+                break;
+            }
+            if self.tokens.len() >= self.n_ctx() {
+                bail!(
+                    "context full after {} generated tokens ({} positions; raise --ctx)",
+                    out.tokens.len(),
+                    self.n_ctx()
+                );
+            }
+            logits = self.eval(&[next], Logits::Last)?;
+        }
+        if out.stop_reason != StopReason::Cancelled {
+            pending.push_str(&decoder.finish());
+            if pending.len() > emitted {
+                let rest = &pending[emitted..];
+                out.text.push_str(rest);
+                on_text(rest);
+            }
+        }
+        out.gen_seconds = t1.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}
+
+/// Byte offset of the earliest stop string in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of a stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if i > best && text.ends_with(&s[..i]) {
+                best = i;
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_string_helpers() {
+        let stops = vec!["\n\n".to_string(), "User:".to_string()];
+        assert_eq!(find_stop("abc\n\nd", &stops), Some(3));
+        assert_eq!(find_stop("abc", &stops), None);
+        assert_eq!(held_back("hello Us", &stops), 2);
+        assert_eq!(held_back("hello\n", &stops), 1);
+        assert_eq!(held_back("hello", &stops), 0);
+    }
+}

@@ -1,0 +1,30 @@
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] kiln_gguf::GgufError),
+    #[error("architecture {found:?} is not supported (supported: {supported})")]
+    UnsupportedArchitecture { found: String, supported: String },
+    #[error("model file has no general.architecture key")]
+    NoArchitecture,
+    #[error("missing metadata key {0:?}")]
+    MissingKey(String),
+    #[error("missing tensor {0:?}")]
+    MissingTensor(String),
+    #[error("tensor {name:?}: {source}")]
+    Tensor {
+        name: String,
+        source: kiln_quant::QuantError,
+    },
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    BadShape {
+        name: String,
+        found: Vec<u64>,
+        expected: Vec<u64>,
+    },
+    #[error("invalid hyper-parameters: {0}")]
+    BadConfig(String),
+    #[error("token id {id} is out of range (vocabulary has {n_vocab} tokens)")]
+    TokenOutOfRange { id: u32, n_vocab: usize },
+    #[error("context full: {needed} positions needed but the context holds {n_ctx} (raise --ctx)")]
+    ContextFull { needed: usize, n_ctx: usize },
+}
