@@ -22,6 +22,8 @@ enum Command {
     Chat(cmd::chat::Args),
     /// Teacher-forced logits at every position of a token sequence.
     Logits(cmd::logits::Args),
+    /// Prompt-processing and generation speed, like llama-bench (pp512, tg128).
+    Bench(cmd::bench::Args),
     /// Check exact and default paths against the float64 reference fixtures.
     Parity(cmd::parity::Args),
     /// Show a GGUF file's metadata, hyper-parameters and tensors.
@@ -33,12 +35,31 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
+            // One line, like every other kiln error; `--help` has the details.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("kiln: error: {first} (see `kiln --help`)");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Run(a) => cmd::run::main(a),
         Command::Chat(a) => cmd::chat::main(a),
         Command::Logits(a) => cmd::logits::main(a),
         Command::Parity(a) => cmd::parity::main(a),
+        Command::Bench(a) => cmd::bench::main(a),
         Command::Inspect(a) => cmd::inspect::main(a),
         Command::Tokenize(a) => cmd::tokenize::main(a),
         Command::Template(a) => cmd::template::main(a),

@@ -33,6 +33,9 @@ pub fn cached_path() -> Option<PathBuf> {
 
 /// Returns the cached default model, fetching it first if needed (progress on stderr).
 pub fn ensure() -> Result<PathBuf> {
+    // Threads of one process (parallel tests) share the pid-named work directory: fetch one at a time.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = cached_path() {
         return Ok(p);
     }

@@ -1,0 +1,239 @@
+//! The `kiln` binary end to end: generation bars from the parity fixtures, the default model, and
+//! one-line errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::Deserialize;
+
+fn shared() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    assert!(d.is_dir(), "{} is missing: the shared fixtures are required", d.display());
+    d
+}
+
+fn synth(name: &str) -> PathBuf {
+    shared().join("models/synth").join(format!("synth-tiny-{name}.gguf"))
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("running kiln")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failed run with exactly one line on stderr, `kiln: error: …` containing `needle`.
+fn assert_one_line_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].starts_with("kiln: error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+#[derive(Deserialize)]
+struct Fixture {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    prompt_tokens: Vec<u32>,
+    continuation: Vec<u32>,
+}
+
+/// `kiln run --tokens … -n 16 --temp 0 --exact` prints the text of the fixture's greedy
+/// continuation (up to the first end-of-generation token, where kiln stops).
+#[test]
+fn run_exact_greedy_reproduces_q4_k_continuations() {
+    let model = synth("Q4_K");
+    let fx: Fixture = serde_json::from_str(
+        &std::fs::read_to_string(shared().join("fixtures/parity/synth-tiny-Q4_K.json")).unwrap(),
+    )
+    .unwrap();
+    let g = kiln_gguf::GgufFile::open(&model).unwrap();
+    let tok = kiln_tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    for case in &fx.cases {
+        let ids: Vec<String> = case.prompt_tokens.iter().map(|t| t.to_string()).collect();
+        let o = kiln(&[
+            "run",
+            "-m",
+            model.to_str().unwrap(),
+            "--tokens",
+            &ids.join(","),
+            "-n",
+            "16",
+            "--temp",
+            "0",
+            "--exact",
+        ]);
+        assert!(o.status.success(), "case {}: {}", case.name, stderr(&o));
+        let mut dec = tok.decoder();
+        let mut want = String::new();
+        for &t in case.continuation.iter().take(16) {
+            if tok.is_eog(t) {
+                break;
+            }
+            want.push_str(&dec.push(t).unwrap());
+        }
+        want.push_str(&dec.finish());
+        assert_eq!(stdout(&o), format!("{want}\n"), "case {}", case.name);
+        assert!(stderr(&o).contains("t/s"), "timings on stderr: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn default_model_knows_the_capital_of_france() {
+    if let Err(e) = kiln_engine::default_model::ensure() {
+        eprintln!("SKIPPED: the default model could not be fetched: {e:#}");
+        return;
+    }
+    let o = kiln(&["run", "What is the capital of France?", "-n", "16", "--temp", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Paris"), "answer: {}", stdout(&o));
+}
+
+#[test]
+fn tokenize_prints_ids_and_pieces() {
+    let m = synth("F32");
+    let o = kiln(&["tokenize", "-m", m.to_str().unwrap(), "Hello world"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = stdout(&o);
+    assert!(line.starts_with("1,"), "BOS first: {line}");
+    let o = kiln(&["tokenize", "-m", m.to_str().unwrap(), "--pieces", "--no-bos", "Hello"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).lines().all(|l| l.contains('\t')), "{}", stdout(&o));
+}
+
+#[test]
+fn logits_writes_n_tokens_by_n_vocab_f32() {
+    let m = synth("Q8_0");
+    let dir = std::env::temp_dir().join(format!("kiln-logits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("l.f32");
+    let o = kiln(&["logits", "-m", m.to_str().unwrap(), "--tokens", "1,15043,3186", "--out", out.to_str().unwrap(), "--exact"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 3 * 1024 * 4);
+    let o = kiln(&["logits", "-m", m.to_str().unwrap(), "--tokens", "1,15043"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().filter(|l| !l.trim().is_empty()).count() >= 10, true, "{}", stdout(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn inspect_text_and_json() {
+    let m = synth("Q4_K");
+    let o = kiln(&["inspect", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("blk.0.attn_q.weight"), "{}", stdout(&o));
+    let o = kiln(&["inspect", "--json", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("valid JSON");
+    assert!(v.is_object());
+}
+
+#[test]
+fn template_renders_the_tinyllama_prompt() {
+    let m = synth("F32");
+    let o = kiln(&["template", "-m", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("<|user|>"), "{}", stdout(&o));
+}
+
+mod bad_input {
+    use super::*;
+
+    fn tmp(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-cli-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn missing_model_file() {
+        let o = kiln(&["run", "-m", "/nonexistent/model.gguf", "hi"]);
+        assert_one_line_error(&o, "/nonexistent/model.gguf");
+    }
+
+    #[test]
+    fn not_a_gguf_file() {
+        let p = tmp("not.gguf", b"this is not a gguf file at all, just text\n");
+        let o = kiln(&["run", "-m", p.to_str().unwrap(), "hi"]);
+        assert_one_line_error(&o, "magic");
+    }
+
+    #[test]
+    fn truncated_gguf_file() {
+        let bytes = std::fs::read(synth("Q4_0")).unwrap();
+        let p = tmp("trunc.gguf", &bytes[..bytes.len() / 2]);
+        let o = kiln(&["inspect", p.to_str().unwrap()]);
+        assert!(!o.status.success());
+        assert_one_line_error(&o, "trunc.gguf");
+    }
+
+    #[test]
+    fn unsupported_architecture_is_named_with_the_supported_list() {
+        let mut bytes = std::fs::read(synth("Q4_0")).unwrap();
+        // Patch the value of general.architecture ("llama" → "mamba", same length).
+        let key = b"general.architecture";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+        let val = at + 4 + 8; // value type (u32) + string length (u64)
+        assert_eq!(&bytes[val..val + 5], b"llama");
+        bytes[val..val + 5].copy_from_slice(b"mamba");
+        let p = tmp("mamba.gguf", &bytes);
+        let o = kiln(&["run", "-m", p.to_str().unwrap(), "--tokens", "1,2"]);
+        assert_one_line_error(&o, "mamba");
+        assert!(stderr(&o).contains("llama"), "lists the supported ones: {}", stderr(&o));
+    }
+
+    #[test]
+    fn token_id_out_of_range() {
+        let o = kiln(&["run", "-m", synth("Q4_0").to_str().unwrap(), "--tokens", "1,5000"]);
+        assert_one_line_error(&o, "5000");
+    }
+
+    #[test]
+    fn empty_prompt() {
+        let o = kiln(&["run", "-m", synth("Q4_0").to_str().unwrap(), ""]);
+        assert_one_line_error(&o, "empty");
+    }
+
+    #[test]
+    fn zero_tokens_requested() {
+        let o = kiln(&["run", "-m", synth("Q4_0").to_str().unwrap(), "-n", "0", "hi"]);
+        assert_one_line_error(&o, "-n");
+    }
+
+    #[test]
+    fn contradictory_flags() {
+        let o = kiln(&["run", "-m", synth("Q4_0").to_str().unwrap(), "--tokens", "1,2", "--raw"]);
+        assert_one_line_error(&o, "cannot be used with");
+    }
+
+    #[test]
+    fn prompt_longer_than_the_context() {
+        let o = kiln(&["run", "-m", synth("Q4_0").to_str().unwrap(), "--tokens", "1,2,3,4,5", "--ctx", "4"]);
+        assert_one_line_error(&o, "context");
+    }
+
+    #[test]
+    fn bad_sampling_values() {
+        let o = kiln(&["run", "-m", synth("Q4_0").to_str().unwrap(), "--tokens", "1,2", "--top-p", "2"]);
+        assert_one_line_error(&o, "top");
+    }
+}

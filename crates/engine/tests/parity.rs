@@ -1,0 +1,86 @@
+//! The accuracy bars of kiln on every public parity fixture: the exact path against the float64
+//! truth, the default path against llama.cpp's error on the same tokens, and greedy generation
+//! through the KV cache reproducing the truth's continuation.
+
+use std::path::{Path, PathBuf};
+
+use kiln_engine::parity::{check_model, load_fixture, render_table, resolve_model};
+use kiln_engine::{GenerateOptions, Model, Sampler, SamplingParams, Session};
+use kiln_model::Precision;
+
+fn fixture_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/parity");
+    assert!(d.is_dir(), "{} is missing: the shared fixtures are required", d.display());
+    d
+}
+
+/// Loads the model of `fixture` (fetching SmolLM2 like the CLI does); `None` = skip, with a
+/// visible message, only when the default model cannot be fetched.
+fn load(fixture_name: &str) -> Option<(Model, kiln_engine::parity::Fixture, PathBuf)> {
+    let dir = fixture_dir();
+    let fx = load_fixture(&dir.join(format!("{fixture_name}.json"))).expect("fixture");
+    match resolve_model(&dir, &fx.model, true) {
+        Ok(Some(path)) => Some((Model::load(&path).expect("model loads"), fx, dir)),
+        Ok(None) => panic!("model {} of fixture {fixture_name} not found", fx.model),
+        Err(e) => {
+            eprintln!("SKIPPED {fixture_name}: the default model could not be fetched: {e:#}");
+            None
+        }
+    }
+}
+
+fn parity(fixture_name: &str) {
+    let Some((model, fx, dir)) = load(fixture_name) else { return };
+    let report = check_model(&model, &fx, &dir).expect("parity run");
+    eprintln!("{}", render_table(std::slice::from_ref(&report)));
+    assert!(report.passed(), "{fixture_name}: {:?}", report.failures);
+}
+
+/// Greedy generation, one token per step through the KV cache, on the exact path.
+fn greedy_continuations(fixture_name: &str) {
+    let Some((model, fx, _)) = load(fixture_name) else { return };
+    for case in &fx.cases {
+        let n_ctx = case.prompt_tokens.len() + case.continuation.len();
+        let mut s = Session::new(&model, n_ctx, Precision::Exact);
+        let mut sampler = Sampler::new(SamplingParams::greedy());
+        let opts = GenerateOptions {
+            max_tokens: case.continuation.len(),
+            stop: vec![],
+            stop_at_eog: false,
+        };
+        let g = s.generate(&case.prompt_tokens, &opts, &mut sampler, |_| true).expect("generate");
+        assert_eq!(g.tokens, case.continuation, "{fixture_name} case {}", case.name);
+    }
+}
+
+macro_rules! parity_tests {
+    ($($test:ident => $fixture:literal),* $(,)?) => {
+        mod parity_bars {
+            $( #[test] fn $test() { super::parity($fixture) } )*
+        }
+        mod greedy {
+            $( #[test] fn $test() { super::greedy_continuations($fixture) } )*
+        }
+    };
+}
+
+parity_tests! {
+    f32 => "synth-tiny-F32",
+    f16 => "synth-tiny-F16",
+    bf16 => "synth-tiny-BF16",
+    q4_0 => "synth-tiny-Q4_0",
+    q4_1 => "synth-tiny-Q4_1",
+    q5_0 => "synth-tiny-Q5_0",
+    q5_1 => "synth-tiny-Q5_1",
+    q8_0 => "synth-tiny-Q8_0",
+    q8_0_tied => "synth-tiny-Q8_0-tied",
+    q2_k => "synth-tiny-Q2_K",
+    q3_k => "synth-tiny-Q3_K",
+    q4_k => "synth-tiny-Q4_K",
+    q5_k => "synth-tiny-Q5_K",
+    q6_k => "synth-tiny-Q6_K",
+    iq4_nl => "synth-tiny-IQ4_NL",
+    iq4_xs => "synth-tiny-IQ4_XS",
+    mixed => "synth-tiny-mixed",
+    smollm2 => "smollm2-135m-instruct-Q4_1",
+}
