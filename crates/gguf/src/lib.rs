@@ -2,11 +2,14 @@
 
 mod error;
 mod ggml_type;
+pub mod inspect;
 mod known_keys;
 mod reader;
 mod value;
+pub mod writer;
 
 pub use error::{GgufError, Result};
 pub use ggml_type::GgmlType;
 pub use reader::{Bytes, GgufFile, TensorInfo, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_NESTING, MAX_DIMS};
 pub use value::{Array, Value, ValueType};
+pub use writer::{GgufBuilder, TensorEntry};

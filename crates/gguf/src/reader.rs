@@ -332,10 +332,16 @@ pub(crate) fn align_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 
+/// Most items reserved up front for a list whose length comes from the file; longer lists grow as
+/// they are read, so memory follows the bytes actually parsed, not a claimed count.
+const MAX_PREALLOC: u64 = 1 << 12;
+
 /// Capacity to reserve for `count` items of at least `min_size` bytes each: never more than the
-/// remaining bytes could hold, so a hostile count cannot force a huge allocation.
+/// remaining bytes could hold, nor more than `MAX_PREALLOC`, so a hostile count cannot force a
+/// huge allocation (the in-memory items are several times larger than their encoding, and
+/// `remaining` includes all the tensor data).
 fn bounded_capacity(count: u64, min_size: usize, remaining: usize) -> usize {
-    (count.min((remaining / min_size.max(1)) as u64)) as usize
+    count.min((remaining / min_size.max(1)) as u64).min(MAX_PREALLOC) as usize
 }
 
 fn tensor_size(name: &str, dims: &[u64], ty: GgmlType) -> Result<(u64, u64)> {
@@ -475,7 +481,8 @@ impl<'a> Cursor<'a> {
                         file_len: self.buf.len() as u64,
                     });
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                let cap = bounded_capacity(count, min as usize, self.remaining());
+                let mut items = Vec::with_capacity(cap);
                 for _ in 0..count {
                     items.push(self.value(elem_type, key, depth + 1)?);
                 }
