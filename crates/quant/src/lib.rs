@@ -5,6 +5,7 @@
 //! integers in f32, in the same order of operations as the format's definition, so the results are
 //! bit-identical to the gguf Python package (checked against `shared/fixtures/dequant`).
 
+pub mod dot_float;
 pub mod float;
 pub mod matmul;
 pub mod iq4_nl;
