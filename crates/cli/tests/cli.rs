@@ -236,4 +236,66 @@ mod bad_input {
         let o = kiln(&["run", "-m", synth("Q4_0").to_str().unwrap(), "--tokens", "1,2", "--top-p", "2"]);
         assert_one_line_error(&o, "top");
     }
+
+    #[test]
+    fn unsupported_tensor_type_names_type_and_tensor() {
+        let g = kiln_gguf::GgufFile::open(synth("F32")).unwrap();
+        let mut b = kiln_gguf::GgufBuilder::from_file(&g);
+        let ty = kiln_gguf::GgmlType::IQ2_XXS;
+        for t in b.tensors.iter_mut().filter(|t| t.name == "blk.0.attn_q.weight") {
+            let n: u64 = t.dims.iter().product();
+            t.type_id = ty.id();
+            t.data = vec![0; ty.bytes_for(n).unwrap() as usize];
+            t.offset = None;
+        }
+        for t in b.tensors.iter_mut() {
+            t.offset = None;
+        }
+        let p = tmp("iq2.gguf", &b.to_bytes());
+        let o = kiln(&["run", "-m", p.to_str().unwrap(), "--tokens", "1,2"]);
+        assert_one_line_error(&o, "IQ2_XXS");
+        assert!(stderr(&o).contains("blk.0.attn_q.weight"), "{}", stderr(&o));
+        // inspect still shows such a file.
+        let o = kiln(&["inspect", p.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("IQ2_XXS"));
+    }
+
+    #[test]
+    fn invalid_utf8_on_stdin() {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["tokenize", "-m", synth("F32").to_str().unwrap(), "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"abc\xff\xfedef").unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_one_line_error(&o, "UTF-8");
+    }
 }
+
+/// The REPL: two turns, /reset, /raw and /exit from piped stdin.
+#[test]
+fn chat_repl_runs_turns_and_commands() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["chat", "-m", synth("Q8_0").to_str().unwrap(), "-n", "4", "--temp", "0", "--system", "Be brief."])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello\nAnd again\n/reset\n/raw\nraw text\n/exit\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
