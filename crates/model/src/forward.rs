@@ -57,41 +57,46 @@ pub fn forward(
         Precision::Fast => matmul::matmul(m, x, x.len() / m.cols, out),
     };
 
-    let mut x = vec![0f32; n * e];
+    // Reuse the sequence's work buffers: no allocation per generated token.
+    let mut bufs = std::mem::take(&mut cache.buffers);
+    bufs.resize(n, e, qd, kvd, ff);
+    let Buffers {
+        x,
+        h,
+        q,
+        k,
+        v,
+        attn,
+        proj,
+        gate,
+        up,
+    } = &mut bufs;
     for (t, &tok) in tokens.iter().enumerate() {
         w.token_embd
             .dequantize_row_into(tok as usize, &mut x[t * e..(t + 1) * e]);
     }
-    emit(&mut obs, None, "token_embd", n, e, &x);
+    emit(&mut obs, None, "token_embd", n, e, x);
 
     let rope = RopeTable::new(w, pos0, n);
-    let mut h = vec![0f32; n * e];
-    let mut q = vec![0f32; n * qd];
-    let mut k = vec![0f32; n * kvd];
-    let mut v = vec![0f32; n * kvd];
-    let mut attn = vec![0f32; n * qd];
-    let mut proj = vec![0f32; n * e];
-    let mut gate = vec![0f32; n * ff];
-    let mut up = vec![0f32; n * ff];
 
     for (l, lw) in w.layers.iter().enumerate() {
         let li = Some(l);
-        rms_norm(&x, &lw.attn_norm, cfg.rms_eps, &mut h);
-        emit(&mut obs, li, "attn_norm", n, e, &h);
+        rms_norm(x, &lw.attn_norm, cfg.rms_eps, h);
+        emit(&mut obs, li, "attn_norm", n, e, h);
 
-        mm(&lw.wq, &h, &mut q);
-        mm(&lw.wk, &h, &mut k);
-        mm(&lw.wv, &h, &mut v);
-        emit(&mut obs, li, "q", n, qd, &q);
-        emit(&mut obs, li, "k", n, kvd, &k);
-        emit(&mut obs, li, "v", n, kvd, &v);
-        rope.apply(&mut q, cfg.head_dim);
-        rope.apply(&mut k, cfg.head_dim);
-        emit(&mut obs, li, "q_rope", n, qd, &q);
-        emit(&mut obs, li, "k_rope", n, kvd, &k);
+        mm(&lw.wq, h, q);
+        mm(&lw.wk, h, k);
+        mm(&lw.wv, h, v);
+        emit(&mut obs, li, "q", n, qd, q);
+        emit(&mut obs, li, "k", n, kvd, k);
+        emit(&mut obs, li, "v", n, kvd, v);
+        rope.apply(q, cfg.head_dim);
+        rope.apply(k, cfg.head_dim);
+        emit(&mut obs, li, "q_rope", n, qd, q);
+        emit(&mut obs, li, "k_rope", n, kvd, k);
 
-        cache.keys[l][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&k);
-        cache.values[l][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&v);
+        cache.keys[l][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(k);
+        cache.values[l][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(v);
 
         let want_weights = obs.as_ref().is_some_and(|o| o.wants(li, "kq_soft_max"));
         let weights = attention(
@@ -99,35 +104,35 @@ pub fn forward(
             cfg.n_head_kv,
             cfg.head_dim,
             pos0,
-            &q,
+            q,
             &cache.keys[l],
             &cache.values[l],
             precision,
             want_weights,
-            &mut attn,
+            attn,
         );
         if let Some(wts) = &weights {
             emit(&mut obs, li, "kq_soft_max", n * cfg.n_head, pos0 + n, wts);
         }
-        emit(&mut obs, li, "attn_out", n, qd, &attn);
+        emit(&mut obs, li, "attn_out", n, qd, attn);
 
-        mm(&lw.wo, &attn, &mut proj);
-        emit(&mut obs, li, "attn_proj", n, e, &proj);
-        add_in_place(&mut x, &proj);
-        emit(&mut obs, li, "attn_residual", n, e, &x);
+        mm(&lw.wo, attn, proj);
+        emit(&mut obs, li, "attn_proj", n, e, proj);
+        add_in_place(x, proj);
+        emit(&mut obs, li, "attn_residual", n, e, x);
 
-        rms_norm(&x, &lw.ffn_norm, cfg.rms_eps, &mut h);
-        emit(&mut obs, li, "ffn_norm", n, e, &h);
-        mm(&lw.w_gate, &h, &mut gate);
-        mm(&lw.w_up, &h, &mut up);
-        emit(&mut obs, li, "ffn_gate", n, ff, &gate);
-        emit(&mut obs, li, "ffn_up", n, ff, &up);
-        swiglu_in_place(&mut gate, &up);
-        emit(&mut obs, li, "ffn_swiglu", n, ff, &gate);
-        mm(&lw.w_down, &gate, &mut proj);
-        emit(&mut obs, li, "ffn_down", n, e, &proj);
-        add_in_place(&mut x, &proj);
-        emit(&mut obs, li, "ffn_residual", n, e, &x);
+        rms_norm(x, &lw.ffn_norm, cfg.rms_eps, h);
+        emit(&mut obs, li, "ffn_norm", n, e, h);
+        mm(&lw.w_gate, h, gate);
+        mm(&lw.w_up, h, up);
+        emit(&mut obs, li, "ffn_gate", n, ff, gate);
+        emit(&mut obs, li, "ffn_up", n, ff, up);
+        swiglu_in_place(gate, up);
+        emit(&mut obs, li, "ffn_swiglu", n, ff, gate);
+        mm(&lw.w_down, gate, proj);
+        emit(&mut obs, li, "ffn_down", n, e, proj);
+        add_in_place(x, proj);
+        emit(&mut obs, li, "ffn_residual", n, e, x);
     }
     cache.len = pos0 + n;
 
@@ -143,7 +148,40 @@ pub fn forward(
     let mut logits = vec![0f32; n_out * cfg.n_vocab];
     mm(&w.output, &hn, &mut logits);
     emit(&mut obs, None, "logits", n_out, cfg.n_vocab, &logits);
+    cache.buffers = bufs;
     Ok(logits)
+}
+
+/// Activation buffers of one forward call, kept in the [`KvCache`] between calls.
+#[derive(Default, Debug)]
+pub struct Buffers {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Buffers {
+    fn resize(&mut self, n: usize, e: usize, qd: usize, kvd: usize, ff: usize) {
+        for (buf, len) in [
+            (&mut self.x, n * e),
+            (&mut self.h, n * e),
+            (&mut self.q, n * qd),
+            (&mut self.k, n * kvd),
+            (&mut self.v, n * kvd),
+            (&mut self.attn, n * qd),
+            (&mut self.proj, n * e),
+            (&mut self.gate, n * ff),
+            (&mut self.up, n * ff),
+        ] {
+            buf.resize(len, 0.0);
+        }
+    }
 }
 
 fn emit(obs: &mut Option<&mut dyn Observer>, layer: Option<usize>, op: &'static str, rows: usize, cols: usize, data: &[f32]) {
@@ -263,7 +301,10 @@ fn attention(
         .zip(q.par_chunks(d))
         .zip(wchunks)
         .enumerate()
-        .for_each(|(idx, ((o, qh), wrow))| {
+        // Score buffers are reused across the (token, head) items of a rayon split.
+        .for_each_init(
+            || (Vec::<f64>::new(), Vec::<f64>::new(), Vec::<f32>::new()),
+            |(scores64, acc, scores32), (idx, ((o, qh), wrow))| {
             let (t, h) = (idx / n_head, idx % n_head);
             let kh = h / group;
             let len = pos0 + t + 1;
@@ -271,29 +312,36 @@ fn attention(
             let val = |s: usize| &values[s * kvd + kh * d..s * kvd + kh * d + d];
             match precision {
                 Precision::Exact => {
-                    let scores: Vec<f64> = (0..len).map(|s| dot_f64(qh, key(s)) * scale).collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let exps: Vec<f64> = scores.iter().map(|&s| (s - max).exp()).collect();
+                    scores64.clear();
+                    scores64.extend((0..len).map(|s| dot_f64(qh, key(s)) * scale));
+                    let max = scores64.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    for s in scores64.iter_mut() {
+                        *s = (*s - max).exp();
+                    }
+                    let exps = &*scores64;
                     let sum: f64 = exps.iter().sum();
-                    let mut acc = vec![0f64; d];
+                    acc.clear();
+                    acc.resize(d, 0.0);
                     for (s, &p) in exps.iter().enumerate() {
                         let p = p / sum;
                         for (a, &vv) in acc.iter_mut().zip(val(s)) {
                             *a += p * vv as f64;
                         }
                     }
-                    for (oo, a) in o.iter_mut().zip(&acc) {
+                    for (oo, a) in o.iter_mut().zip(acc.iter()) {
                         *oo = *a as f32;
                     }
                     if let Some(wr) = wrow {
-                        for (wv, &p) in wr.iter_mut().zip(&exps) {
+                        for (wv, &p) in wr.iter_mut().zip(exps.iter()) {
                             *wv = (p / sum) as f32;
                         }
                     }
                 }
                 Precision::Fast => {
                     let sc = scale as f32;
-                    let mut scores: Vec<f32> = (0..len).map(|s| dot_f32(qh, key(s)) * sc).collect();
+                    scores32.clear();
+                    scores32.extend((0..len).map(|s| dot_f32(qh, key(s)) * sc));
+                    let scores = scores32;
                     let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0f64;
                     for s in scores.iter_mut() {
@@ -309,12 +357,13 @@ fn attention(
                         }
                     }
                     if let Some(wr) = wrow {
-                        for (wv, &p) in wr.iter_mut().zip(&scores) {
+                        for (wv, &p) in wr.iter_mut().zip(scores.iter()) {
                             *wv = p * inv;
                         }
                     }
                 }
             }
-        });
+            },
+        );
     weights
 }

@@ -1,5 +1,6 @@
 //! Per-layer key and value cache, f32, laid out `[position][kv_head * head_dim]`.
 
+use crate::forward::Buffers;
 use crate::LlamaConfig;
 
 pub struct KvCache {
@@ -10,6 +11,8 @@ pub struct KvCache {
     pub values: Vec<Vec<f32>>,
     /// Positions filled so far.
     pub len: usize,
+    /// The forward pass's work buffers for this sequence, reused from call to call.
+    pub(crate) buffers: Buffers,
 }
 
 impl KvCache {
@@ -22,6 +25,7 @@ impl KvCache {
             keys: (0..cfg.n_layer).map(|_| vec![0f32; n_ctx * kv_dim]).collect(),
             values: (0..cfg.n_layer).map(|_| vec![0f32; n_ctx * kv_dim]).collect(),
             len: 0,
+            buffers: Buffers::default(),
         }
     }
 
