@@ -5,7 +5,11 @@
 //! integers in f32, in the same order of operations as the format's definition, so the results are
 //! bit-identical to the gguf Python package (checked against `shared/fixtures/dequant`).
 
+pub mod act_q8;
+pub mod act_q8k;
 pub mod dot_float;
+pub mod dot_legacy;
+pub mod dot_kquant;
 pub mod float;
 pub mod matmul;
 pub mod iq4_nl;

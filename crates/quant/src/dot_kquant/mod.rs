@@ -1,0 +1,405 @@
+//! Dot products of k-quant rows (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_XS rows with activations
+//! quantized to 8 bits in super-blocks of 256 ([`ActQ8K`]).
+//!
+//! Per super-block the weights are small integers `q` with integer scales `sc` (and for Q2_K, Q4_K,
+//! Q5_K integer mins `m`) under f16 super-scales `d`, `dmin`; the activations are `da * a` with `a`
+//! in `-127..=127`. So a super-block contributes exactly
+//!
+//! `(d * da) * Σ_g sc_g * Σ_{i∈g} q_i a_i  -  (dmin * da) * Σ_g m_g * Σ_{i∈g} a_i`,
+//!
+//! where both sums are computed in integers (the second from the activation's per-16 `bsums`) and
+//! only the two products with the f32 scales and the accumulation over super-blocks are in f32.
+//! Offsets inside the formats (Q6_K's `q - 32`, Q3_K's `q - 4`) are folded in as
+//! `-offset * Σ_g sc_g * bsum_g`, also in integers.
+//!
+//! [`vec_dot_q8k_unopt`] is the scalar oracle: it decodes every quant to a signed integer, forms the
+//! integer sums per group (activation sums from the quants themselves, not from `bsums`) and applies
+//! the scales in that order. The SIMD kernels compute the same integers; only the order of the f32
+//! accumulation differs.
+//!
+//! The kernel is picked once per process: the best one the CPU runs (runtime detection), or a lower
+//! one forced by the environment variable `KILN_ISA=scalar|avx2|avx512` (a level the CPU lacks, or
+//! that is not built, falls back to the best one below it).
+
+use crate::act_q8k::ActQ8K;
+use crate::iq4_nl::KVALUES_IQ4NL;
+use crate::{q3_k, q4_k};
+use half::f16;
+use kiln_gguf::GgmlType;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+const QK_K: usize = 256;
+
+/// Instruction-set levels of the kernels, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Portable integer code (the oracle's arithmetic).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 (not built yet: requests for it use AVX2).
+    Avx512,
+}
+
+impl Isa {
+    /// Lower-case name, as `KILN_ISA` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Isa> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" => Some(Isa::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// The best level this CPU can run among the built kernels.
+pub fn detected_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+/// Every level that can run here, lowest first (for tests and benchmarks).
+pub fn available_isas() -> Vec<Isa> {
+    let best = detected_isa();
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| i <= best)
+        .collect()
+}
+
+fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detected_isa();
+        match std::env::var("KILN_ISA")
+            .ok()
+            .and_then(|s| Isa::from_name(&s))
+        {
+            Some(forced) => forced.min(best),
+            None => best,
+        }
+    })
+}
+
+/// Name of the level used by [`vec_dot_q8k`]: `"scalar"`, `"avx2"` or `"avx512"`.
+pub fn active_isa() -> &'static str {
+    isa().name()
+}
+
+/// Whether `ty` has kernels here.
+pub fn is_supported(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q2_K
+            | GgmlType::Q3_K
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
+            | GgmlType::IQ4_XS
+    )
+}
+
+/// Checks the geometry of a call; returns the number of super-blocks.
+fn check(ty: GgmlType, row: &[u8], n: usize) -> usize {
+    assert!(is_supported(ty), "dot_kquant: {ty:?} is not supported");
+    let ts = ty.type_size();
+    assert_eq!(
+        row.len() % ts,
+        0,
+        "dot_kquant: {ty:?} row of {} bytes is not whole blocks",
+        row.len()
+    );
+    let nb = row.len() / ts;
+    assert_eq!(
+        nb * QK_K,
+        n,
+        "dot_kquant: {ty:?} row of {nb} blocks vs {n} activations"
+    );
+    nb
+}
+
+fn check_act(act: &ActQ8K) {
+    let nb = act.d.len();
+    assert!(
+        act.qs.len() == nb * QK_K && act.bsums.len() == nb * 16,
+        "dot_kquant: malformed ActQ8K"
+    );
+}
+
+/// Dot product of one `ty` row (whole super-blocks, any alignment) with quantized activations of the
+/// same length, with the kernel of [`active_isa`].
+pub fn vec_dot_q8k(ty: GgmlType, row: &[u8], act: &ActQ8K) -> f32 {
+    check_act(act);
+    check(ty, row, act.len());
+    dot_one(isa(), ty, row, act)
+}
+
+/// [`vec_dot_q8k`] with an explicit level; panics if this CPU cannot run `isa`.
+pub fn vec_dot_q8k_isa(isa: Isa, ty: GgmlType, row: &[u8], act: &ActQ8K) -> f32 {
+    check_act(act);
+    check(ty, row, act.len());
+    assert_available(isa);
+    dot_one(isa, ty, row, act)
+}
+
+fn assert_available(isa: Isa) {
+    assert!(
+        isa <= detected_isa(),
+        "dot_kquant: {} is not available on this CPU",
+        isa.name()
+    );
+}
+
+/// One dot product; the geometry is checked and `isa` runs on this CPU.
+#[inline]
+fn dot_one(isa: Isa, ty: GgmlType, row: &[u8], act: &ActQ8K) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            let mut out = [0f32];
+            // SAFETY: `isa` is at most `detected_isa()`, which found AVX2, FMA and F16C at run time
+            // (callers check it); the row is whole super-blocks and `act` has exactly as many.
+            unsafe { avx2::vec_dot_multi(ty, row, &[act], &mut out) };
+            out[0]
+        }
+        _ => scalar_dot(ty, row, act, &mut None),
+    }
+}
+
+/// Dot products of one row with 1 to 4 activation vectors (`out[k]` for `acts[k]`), unpacking each
+/// weight block once for all of them.
+pub fn vec_dot_q8k_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+    vec_dot_q8k_x4_isa(isa(), ty, row, acts, out)
+}
+
+/// [`vec_dot_q8k_x4`] with an explicit level; panics if this CPU cannot run `isa`.
+pub fn vec_dot_q8k_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+    assert!(
+        (1..=4).contains(&acts.len()),
+        "dot_kquant: 1 to 4 activation vectors, got {}",
+        acts.len()
+    );
+    assert_eq!(
+        acts.len(),
+        out.len(),
+        "dot_kquant: acts/out length mismatch"
+    );
+    for a in acts {
+        check_act(a);
+        check(ty, row, a.len());
+    }
+    assert_available(isa);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: `detected_isa` found AVX2, FMA and F16C at run time; the row is whole
+            // super-blocks and every activation vector has exactly as many (checked above).
+            unsafe { avx2::vec_dot_multi(ty, row, acts, out) }
+        }
+        _ => {
+            for (o, a) in out.iter_mut().zip(acts) {
+                *o = scalar_dot(ty, row, a, &mut None);
+            }
+        }
+    }
+}
+
+/// Scalar oracle: integer sums per group, scales applied as the format defines, f32 per super-block.
+pub fn vec_dot_q8k_unopt(ty: GgmlType, row: &[u8], act: &ActQ8K) -> f32 {
+    check_act(act);
+    check(ty, row, act.len());
+    scalar_dot(ty, row, act, &mut None)
+}
+
+/// [`vec_dot_q8k_unopt`] and a bound on the magnitude of every partial sum a kernel may form in
+/// f32: `Σ_blocks |d·da|·Σ_g |sc_g|·Σ_i (|q_i| + off)·|a_i| + |dmin·da|·Σ_g |m_g|·|Σ_i a_i|` (f64),
+/// where `off` is the bias a kernel may add to make `q` unsigned (32 for Q6_K, 4 for Q3_K, else 0). Kernels may
+/// differ from the oracle by a few f32 roundings of such partial sums.
+#[doc(hidden)]
+pub fn vec_dot_q8k_unopt_with_magnitude(ty: GgmlType, row: &[u8], act: &ActQ8K) -> (f32, f64) {
+    check_act(act);
+    check(ty, row, act.len());
+    let mut mag = Some(0f64);
+    let v = scalar_dot(ty, row, act, &mut mag);
+    (v, mag.unwrap())
+}
+
+/// One super-block decoded to integers: `w_i = d * sc[g] * q_i - dmin * m[g]` for `i` in group `g`
+/// of `group` elements.
+struct Decoded {
+    q: [i8; QK_K],
+    sc: [i32; 16],
+    m: [i32; 16],
+    group: usize,
+    /// Offset the kernels add to `q` to make it unsigned (for the magnitude bound only).
+    off: i64,
+    d: f32,
+    dmin: f32,
+}
+
+impl Decoded {
+    fn new(group: usize, d: u16, dmin: u16) -> Self {
+        Decoded {
+            q: [0; QK_K],
+            sc: [0; 16],
+            m: [0; 16],
+            group,
+            off: 0,
+            d: f16::from_bits(d).to_f32(),
+            dmin: f16::from_bits(dmin).to_f32(),
+        }
+    }
+}
+
+#[inline]
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn decode(ty: GgmlType, b: &[u8]) -> Decoded {
+    match ty {
+        GgmlType::Q2_K => {
+            let mut o = Decoded::new(16, le16(b, 80), le16(b, 82));
+            for ((sc, m), &byte) in o.sc.iter_mut().zip(o.m.iter_mut()).zip(&b[..16]) {
+                *sc = (byte & 0x0F) as i32;
+                *m = (byte >> 4) as i32;
+            }
+            for h in 0..2 {
+                for s in 0..4 {
+                    for l in 0..32 {
+                        o.q[128 * h + 32 * s + l] = ((b[16 + 32 * h + l] >> (2 * s)) & 3) as i8;
+                    }
+                }
+            }
+            o
+        }
+        GgmlType::Q3_K => {
+            let mut o = Decoded::new(16, le16(b, 108), 0);
+            o.off = 4;
+            let scales: &[u8; 12] = b[96..108].try_into().unwrap();
+            for g in 0..16 {
+                o.sc[g] = q3_k::scale(g, scales) as i32;
+            }
+            for h in 0..2 {
+                for s in 0..4 {
+                    for l in 0..32 {
+                        let e = 128 * h + 32 * s + l;
+                        let lo = (b[32 + 32 * h + l] >> (2 * s)) & 3;
+                        let hi = (b[l] >> (e / 32)) & 1;
+                        o.q[e] = (lo | (hi << 2)) as i8 - 4;
+                    }
+                }
+            }
+            o
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let mut o = Decoded::new(32, le16(b, 0), le16(b, 2));
+            let scales: &[u8; 12] = b[4..16].try_into().unwrap();
+            let (qh, qs) = if ty == GgmlType::Q5_K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
+            for j in 0..8 {
+                let (sc, m) = q4_k::get_scale_min(j, scales);
+                o.sc[j] = sc as i32;
+                o.m[j] = m as i32;
+                for l in 0..32 {
+                    let mut q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
+                    if let Some(qh) = qh {
+                        q |= ((qh[l] >> j) & 1) << 4;
+                    }
+                    o.q[32 * j + l] = q as i8;
+                }
+            }
+            o
+        }
+        GgmlType::Q6_K => {
+            let mut o = Decoded::new(16, le16(b, 208), 0);
+            o.off = 32;
+            for g in 0..16 {
+                o.sc[g] = b[192 + g] as i8 as i32;
+            }
+            for (e, q) in o.q.iter_mut().enumerate() {
+                let (h, r) = (e / 128, e % 128);
+                let lo = (b[64 * h + r % 64] >> (4 * (r / 64))) & 0x0F;
+                let hi = (b[128 + 32 * h + r % 32] >> (2 * (r / 32))) & 3;
+                *q = (lo | (hi << 4)) as i8 - 32;
+            }
+            o
+        }
+        GgmlType::IQ4_XS => {
+            let mut o = Decoded::new(32, le16(b, 0), 0);
+            let sh = le16(b, 2);
+            for j in 0..8 {
+                let low = (b[4 + j / 2] >> (4 * (j % 2))) & 0x0F;
+                let high = ((sh >> (2 * j)) & 3) as u8;
+                o.sc[j] = (low | (high << 4)) as i32 - 32;
+                for l in 0..16 {
+                    let byte = b[8 + 16 * j + l];
+                    o.q[32 * j + l] = KVALUES_IQ4NL[(byte & 0x0F) as usize];
+                    o.q[32 * j + l + 16] = KVALUES_IQ4NL[(byte >> 4) as usize];
+                }
+            }
+            o
+        }
+        other => panic!("dot_kquant: {other:?} is not supported"),
+    }
+}
+
+fn scalar_dot(ty: GgmlType, row: &[u8], act: &ActQ8K, mag: &mut Option<f64>) -> f32 {
+    let ts = ty.type_size();
+    let mut sum = 0f32;
+    for (i, b) in row.chunks_exact(ts).enumerate() {
+        let w = decode(ty, b);
+        let a = &act.qs[QK_K * i..QK_K * (i + 1)];
+        let da = act.d[i];
+        let (mut isum, mut msum) = (0i32, 0i32);
+        let (mut iabs, mut mabs) = (0i64, 0i64);
+        for (g, (qg, ag)) in
+            w.q.chunks_exact(w.group)
+                .zip(a.chunks_exact(w.group))
+                .enumerate()
+        {
+            let dot: i32 = qg.iter().zip(ag).map(|(&q, &x)| q as i32 * x as i32).sum();
+            let asum: i32 = ag.iter().map(|&x| x as i32).sum();
+            isum += w.sc[g] * dot;
+            msum += w.m[g] * asum;
+            if mag.is_some() {
+                let dabs: i64 = qg
+                    .iter()
+                    .zip(ag)
+                    .map(|(&q, &x)| ((q as i64).abs() + w.off) * (x as i64).abs())
+                    .sum();
+                iabs += w.sc[g].abs() as i64 * dabs;
+                mabs += (w.m[g] as i64 * asum as i64).abs();
+            }
+        }
+        let (dd, dm) = (w.d * da, w.dmin * da);
+        sum += dd * isum as f32 - dm * msum as f32;
+        if let Some(m) = mag {
+            *m += (dd as f64).abs() * iabs as f64 + (dm as f64).abs() * mabs as f64;
+        }
+    }
+    sum
+}

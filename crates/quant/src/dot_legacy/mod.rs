@@ -1,0 +1,326 @@
+//! Dot products of legacy-format rows (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) with activations
+//! quantized to 8 bits in blocks of 32 ([`ActQ8`]).
+//!
+//! Per block the weights are small integers `w` (already offset: `q - 8` for Q4_0, `q - 16` for
+//! Q5_0, `q` for Q4_1/Q5_1/Q8_0, `KVALUES_IQ4NL[q]` for IQ4_NL) under an f16 scale `d` (and an f16
+//! offset `m` for Q4_1/Q5_1); the activations are `da * a` with `a` in `-127..=127`. So a block
+//! contributes exactly
+//!
+//! `(d * da) * Σ w_i a_i  +  (m * da) * Σ a_i`,
+//!
+//! where both sums are integers and only the two products with the f32 scales and the accumulation
+//! over blocks are in f32.
+//!
+//! [`vec_dot_q8_unopt`] is the scalar oracle: it decodes every quant to a signed integer, forms the
+//! integer sums per block (the activation sum from the quants themselves, not from `sums`) and
+//! applies the scales in that order. The SIMD kernels compute the same integers per block (the
+//! Q4_0/Q5_0 offsets are folded in as `- 8 Σa` / `- 16 Σa` in integers); only the order of the f32
+//! accumulation differs.
+//!
+//! The kernel is picked once per process: the best one the CPU runs (runtime detection), or a
+//! lower one forced by the environment variable `KILN_ISA=scalar|avx2|avx512` (a level the CPU
+//! lacks, or that is not built, falls back to the best one below it). The AVX-512 level is not
+//! built yet: on such CPUs the AVX2 kernels run.
+
+use crate::act_q8::{ActQ8, QK};
+use crate::iq4_nl::KVALUES_IQ4NL;
+use half::f16;
+use kiln_gguf::GgmlType;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+/// Instruction-set levels of the kernels, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Portable integer code (the oracle's arithmetic).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 (not built yet: requests for it use AVX2).
+    Avx512,
+}
+
+impl Isa {
+    /// Lower-case name, as `KILN_ISA` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Isa> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" => Some(Isa::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// The best level this CPU can run among the built kernels.
+pub fn detected_isa() -> Isa {
+    static DETECTED: OnceLock<Isa> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    })
+}
+
+/// Every level that can run here, lowest first (for tests and benchmarks).
+pub fn available_isas() -> Vec<Isa> {
+    let best = detected_isa();
+    [Isa::Scalar, Isa::Avx2]
+        .into_iter()
+        .filter(|&i| i <= best)
+        .collect()
+}
+
+fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detected_isa();
+        match std::env::var("KILN_ISA")
+            .ok()
+            .and_then(|s| Isa::from_name(&s))
+        {
+            Some(forced) => forced.min(best),
+            None => best,
+        }
+    })
+}
+
+/// Whether the active level (after `KILN_ISA`) has AVX2 + FMA + F16C (used by [`ActQ8::quantize`]).
+pub(crate) fn simd_available() -> bool {
+    isa() >= Isa::Avx2
+}
+
+/// Name of the level used by [`vec_dot_q8`]: `"scalar"` or `"avx2"` (`"avx512"` once built).
+pub fn active_isa() -> &'static str {
+    isa().name()
+}
+
+/// Whether `ty` has kernels here.
+pub fn is_supported(ty: GgmlType) -> bool {
+    code_of(ty).is_some()
+}
+
+// Internal format codes: const-generic parameters of the SIMD kernels.
+const T_Q4_0: u8 = 0;
+const T_Q4_1: u8 = 1;
+const T_Q5_0: u8 = 2;
+const T_Q5_1: u8 = 3;
+const T_Q8_0: u8 = 4;
+const T_IQ4_NL: u8 = 5;
+
+fn code_of(ty: GgmlType) -> Option<u8> {
+    Some(match ty {
+        GgmlType::Q4_0 => T_Q4_0,
+        GgmlType::Q4_1 => T_Q4_1,
+        GgmlType::Q5_0 => T_Q5_0,
+        GgmlType::Q5_1 => T_Q5_1,
+        GgmlType::Q8_0 => T_Q8_0,
+        GgmlType::IQ4_NL => T_IQ4_NL,
+        _ => return None,
+    })
+}
+
+/// Bytes per block of each format code.
+const fn block_bytes(t: u8) -> usize {
+    match t {
+        T_Q4_0 | T_IQ4_NL => 18,
+        T_Q4_1 => 20,
+        T_Q5_0 => 22,
+        T_Q5_1 => 24,
+        _ => 34,
+    }
+}
+
+/// Checks the geometry of a call; returns the format code.
+fn check(ty: GgmlType, row: &[u8], act: &ActQ8) -> u8 {
+    let Some(t) = code_of(ty) else {
+        panic!("dot_legacy: {ty:?} is not supported");
+    };
+    assert!(act.is_well_formed(), "dot_legacy: malformed ActQ8");
+    let bs = block_bytes(t);
+    assert_eq!(
+        row.len() % bs,
+        0,
+        "dot_legacy: {ty:?} row of {} bytes is not whole blocks",
+        row.len()
+    );
+    let nb = row.len() / bs;
+    assert_eq!(
+        nb,
+        act.n_blocks(),
+        "dot_legacy: {ty:?} row of {nb} blocks vs {} activations",
+        act.len()
+    );
+    t
+}
+
+/// Dot product of one `ty` row (whole blocks, any alignment) with quantized activations of the same
+/// length, with the kernel of [`active_isa`].
+pub fn vec_dot_q8(ty: GgmlType, row: &[u8], act: &ActQ8) -> f32 {
+    vec_dot_q8_isa(isa(), ty, row, act)
+}
+
+/// [`vec_dot_q8`] with an explicit level; panics if this CPU cannot run `isa`.
+pub fn vec_dot_q8_isa(isa: Isa, ty: GgmlType, row: &[u8], act: &ActQ8) -> f32 {
+    let mut out = [0f32];
+    vec_dot_q8_x4_isa(isa, ty, row, &[act], &mut out);
+    out[0]
+}
+
+/// Dot products of one row with 1 to 4 activation vectors (`out[k]` for `acts[k]`), unpacking each
+/// weight block once for all of them.
+pub fn vec_dot_q8_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+    vec_dot_q8_x4_isa(isa(), ty, row, acts, out)
+}
+
+/// [`vec_dot_q8_x4`] with an explicit level; panics if this CPU cannot run `isa`.
+pub fn vec_dot_q8_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+    assert!(
+        (1..=4).contains(&acts.len()),
+        "dot_legacy: 1 to 4 activation vectors, got {}",
+        acts.len()
+    );
+    assert_eq!(
+        acts.len(),
+        out.len(),
+        "dot_legacy: acts/out length mismatch"
+    );
+    let mut t = 0;
+    for a in acts {
+        t = check(ty, row, a);
+    }
+    assert!(
+        isa <= detected_isa(),
+        "dot_legacy: {} is not available on this CPU",
+        isa.name()
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: `detected_isa` found AVX2, FMA and F16C at run time; the row is whole
+            // blocks of format `t` and every activation vector is well formed with exactly as
+            // many blocks (checked above).
+            unsafe { avx2::vec_dot_multi(t, row, acts, out) }
+        }
+        _ => {
+            for (o, a) in out.iter_mut().zip(acts) {
+                *o = scalar_dot(t, row, a, &mut None);
+            }
+        }
+    }
+}
+
+/// Scalar oracle: integer sums per block, then `(d·da)·Σ w a (+ (m·da)·Σ a)` in f32, blocks summed
+/// in order.
+pub fn vec_dot_q8_unopt(ty: GgmlType, row: &[u8], act: &ActQ8) -> f32 {
+    let t = check(ty, row, act);
+    scalar_dot(t, row, act, &mut None)
+}
+
+/// [`vec_dot_q8_unopt`] and a bound on the magnitude of every partial sum a kernel may form in
+/// f32: `Σ_blocks |d·da|·Σ_i |w_i|·|a_i| + |m·da|·|Σ_i a_i|` (f64). Kernels may differ from the
+/// oracle by a few f32 roundings of such partial sums.
+#[doc(hidden)]
+pub fn vec_dot_q8_unopt_with_magnitude(ty: GgmlType, row: &[u8], act: &ActQ8) -> (f32, f64) {
+    let t = check(ty, row, act);
+    let mut mag = Some(0f64);
+    let v = scalar_dot(t, row, act, &mut mag);
+    (v, mag.unwrap())
+}
+
+#[inline]
+fn rd_f16(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Block `b` decoded to signed integer weights, its scale and its offset (0 when the format has
+/// none).
+fn decode(t: u8, b: &[u8]) -> ([i32; QK], f32, f32) {
+    let mut w = [0i32; QK];
+    let nibbles = |w: &mut [i32; QK], qs: &[u8], off: i32| {
+        for (j, &byte) in qs.iter().enumerate() {
+            w[j] = i32::from(byte & 0x0f) - off;
+            w[j + 16] = i32::from(byte >> 4) - off;
+        }
+    };
+    let fifth = |w: &mut [i32; QK], qh: &[u8]| {
+        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        for (i, v) in w.iter_mut().enumerate() {
+            *v += (((qh >> i) & 1) << 4) as i32;
+        }
+    };
+    let d = rd_f16(b, 0);
+    let mut m = 0.0;
+    match t {
+        T_Q4_0 => nibbles(&mut w, &b[2..18], 8),
+        T_Q4_1 => {
+            m = rd_f16(b, 2);
+            nibbles(&mut w, &b[4..20], 0);
+        }
+        T_Q5_0 => {
+            nibbles(&mut w, &b[6..22], 16);
+            fifth(&mut w, &b[2..6]);
+        }
+        T_Q5_1 => {
+            m = rd_f16(b, 2);
+            nibbles(&mut w, &b[8..24], 0);
+            fifth(&mut w, &b[4..8]);
+        }
+        T_Q8_0 => {
+            for (v, &byte) in w.iter_mut().zip(&b[2..34]) {
+                *v = i32::from(byte as i8);
+            }
+        }
+        T_IQ4_NL => {
+            for (j, &byte) in b[2..18].iter().enumerate() {
+                w[j] = i32::from(KVALUES_IQ4NL[usize::from(byte & 0x0f)]);
+                w[j + 16] = i32::from(KVALUES_IQ4NL[usize::from(byte >> 4)]);
+            }
+        }
+        _ => unreachable!("dot_legacy: unknown format code {t}"),
+    }
+    (w, d, m)
+}
+
+fn scalar_dot(t: u8, row: &[u8], act: &ActQ8, mag: &mut Option<f64>) -> f32 {
+    let mut sum = 0f32;
+    for (i, (b, &da)) in row.chunks_exact(block_bytes(t)).zip(act.d()).enumerate() {
+        let a = act.block_quants(i);
+        let (w, d, m) = decode(t, b);
+        let mut isum = 0i32;
+        let mut asum = 0i32;
+        let mut amag = 0i64;
+        for (&wi, &ai) in w.iter().zip(&a) {
+            isum += wi * i32::from(ai);
+            asum += i32::from(ai);
+            amag += i64::from((wi * i32::from(ai)).abs());
+        }
+        let mut v = (d * da) * isum as f32;
+        if t == T_Q4_1 || t == T_Q5_1 {
+            v += (m * da) * asum as f32;
+        }
+        sum += v;
+        if let Some(mg) = mag {
+            *mg += (f64::from(d) * f64::from(da)).abs() * amag as f64
+                + (f64::from(m) * f64::from(da) * f64::from(asum)).abs();
+        }
+    }
+    sum
+}
