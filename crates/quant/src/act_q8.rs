@@ -107,7 +107,7 @@ impl ActQ8 {
     /// Whether the padded buffers have the lengths the element count implies.
     pub(crate) fn is_well_formed(&self) -> bool {
         let nbp = self.n_blocks().div_ceil(GROUP) * GROUP;
-        self.n % QK == 0
+        self.n == self.n_blocks() * QK
             && self.d.len() == nbp
             && self.qs.len() == nbp * QK
             && self.sums.len() == nbp
@@ -189,12 +189,12 @@ fn quantize_blocks_scalar(x: &[f32], d: &mut [f32], qs: &mut [i8], sums: &mut [i
 unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], sums: &mut [i32]) {
     use std::arch::x86_64::*;
     let nb = x.len() / QK;
-    assert!(x.len() % QK == 0 && d.len() >= nb && sums.len() >= nb && qs.len() >= d.len() * QK);
+    assert!(nb * QK == x.len() && d.len() >= nb && sums.len() >= nb);
+    assert!(qs.len() >= 64 * nb.div_ceil(2));
     // SAFETY: (for the whole body) block `b < nb` reads the 32 floats `x[32 b .. 32 b + 32]` and
-    // writes 16 bytes at `half_offset(b, 0)` and at `half_offset(b, 1)`, both below
-    // `32 (b + 2) <= qs.len()` for the padded storage (asserted above: `qs` holds 32 bytes for
-    // every entry of `d`, which is padded to a multiple of 4 blocks); all loads and stores are
-    // unaligned; the caller guarantees AVX2 and FMA.
+    // writes 16 bytes at `half_offset(b, 0)` and at `half_offset(b, 1)`, all inside the 64 bytes
+    // of its pair `b / 2`, which `qs` holds (asserted above); `d[b]` and `sums[b]` are checked
+    // writes; all loads and stores are unaligned; the caller guarantees AVX2 and FMA.
     unsafe {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         let lim_hi = _mm256_set1_ps(127.0);

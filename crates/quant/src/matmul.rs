@@ -6,6 +6,10 @@
 use kiln_gguf::GgmlType;
 use rayon::prelude::*;
 
+use std::sync::Mutex;
+
+use crate::act_q8::ActQ8;
+use crate::act_q8k::ActQ8K;
 use crate::{dequantize_row, QuantError};
 
 /// A row-major weight matrix in its stored encoding: `rows` rows of `cols` elements each.
@@ -74,15 +78,204 @@ pub fn matmul_exact(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
     });
 }
 
-/// The default path: same result layout as [`matmul_exact`], f32 accumulation.
+/// How activations enter the default path's dot products for a weight type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActFormat {
+    /// f32 activations against widened float weights (F32, F16, BF16).
+    F32,
+    /// 8-bit blocks of 32 ([`ActQ8`]): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL.
+    Q8,
+    /// 8-bit super-blocks of 256 ([`ActQ8K`]): Q2_K … Q6_K, IQ4_XS.
+    Q8K,
+}
+
+pub fn act_format(ty: GgmlType) -> ActFormat {
+    if crate::dot_float::is_supported(ty) {
+        ActFormat::F32
+    } else if crate::dot_legacy::is_supported(ty) {
+        ActFormat::Q8
+    } else {
+        ActFormat::Q8K
+    }
+}
+
+/// Quantized activations kept between calls, so that steady-state generation allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    q8: Vec<ActQ8>,
+    q8k: Vec<ActQ8K>,
+    residual: Vec<f32>,
+}
+
+static SCRATCH_POOL: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
+
+fn take_scratch() -> Scratch {
+    SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
+}
+
+fn return_scratch(s: Scratch) {
+    SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+}
+
+/// The default path: same result layout as [`matmul_exact`]. Quantized weights are multiplied
+/// with 8-bit activation blocks by the SIMD kernels (integer products, f32 block sums); float
+/// weights with f32 activations.
 pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
-    run_rows(w, x, n, out, |row, xs, res| {
-        for (t, xt) in xs.chunks_exact(row.len()).enumerate() {
-            res[t] = dot_f32(row, xt);
+    assert_eq!(x.len(), n * w.cols, "activation length");
+    assert_eq!(out.len(), n * w.rows, "output length");
+    let ty = w.ty;
+    let cols = w.cols;
+    match act_format(ty) {
+        ActFormat::F32 => run_tiles(w, n, out, TOKEN_GROUP, |row, t0, res| {
+            for (i, r) in res.iter_mut().enumerate() {
+                let t = t0 + i;
+                *r = crate::dot_float::vec_dot_f32(ty, row, &x[t * cols..(t + 1) * cols]);
+            }
+        }),
+        ActFormat::Q8 => {
+            let mut scratch = take_scratch();
+            let planes = activation_planes();
+            prepare(&mut scratch.q8, &mut scratch.residual, x, n, cols, planes, ActQ8::new, |a, x| a.quantize(x), residual_q8);
+            let acts = &scratch.q8[..n * planes];
+            run_tiles(w, n, out, TOKEN_GROUP / planes, |row, t0, res| {
+                let k = res.len() * planes;
+                let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &acts[(t0 * planes + i).min(n * planes - 1)]);
+                let mut parts = [0f32; TOKEN_GROUP];
+                crate::dot_legacy::vec_dot_q8_x4(ty, row, &refs[..k], &mut parts[..k]);
+                for (i, r) in res.iter_mut().enumerate() {
+                    *r = parts[i * planes..(i + 1) * planes].iter().sum();
+                }
+            });
+            return_scratch(scratch);
+        }
+        ActFormat::Q8K => {
+            let mut scratch = take_scratch();
+            let planes = activation_planes();
+            prepare(&mut scratch.q8k, &mut scratch.residual, x, n, cols, planes, ActQ8K::new, |a, x| a.quantize(x), residual_q8k);
+            let acts = &scratch.q8k[..n * planes];
+            run_tiles(w, n, out, TOKEN_GROUP / planes, |row, t0, res| {
+                let k = res.len() * planes;
+                let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &acts[(t0 * planes + i).min(n * planes - 1)]);
+                let mut parts = [0f32; TOKEN_GROUP];
+                crate::dot_kquant::vec_dot_q8k_x4(ty, row, &refs[..k], &mut parts[..k]);
+                for (i, r) in res.iter_mut().enumerate() {
+                    *r = parts[i * planes..(i + 1) * planes].iter().sum();
+                }
+            });
+            return_scratch(scratch);
+        }
+    }
+}
+
+/// 8-bit planes per activation vector: 1 = x ≈ d·q (llama.cpp's choice); 2 = x ≈ d·q + d'·q',
+/// where the second plane quantizes the first one's rounding error (≈ 15-bit activations, twice
+/// the integer work).
+fn activation_planes() -> usize {
+    static PLANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PLANES.get_or_init(|| match std::env::var("KILN_ACT").as_deref() {
+        Ok("q8") => 1,
+        _ => 2,
+    })
+}
+
+/// Quantizes the `n` activation vectors of `x` into `acts[t * planes + p]`.
+#[allow(clippy::too_many_arguments)]
+fn prepare<A: Send>(
+    acts: &mut Vec<A>,
+    residual: &mut Vec<f32>,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    planes: usize,
+    new: fn() -> A,
+    quantize: impl Fn(&mut A, &[f32]) + Sync,
+    residual_of: impl Fn(&A, &[f32], &mut [f32]) + Sync,
+) {
+    if acts.len() < n * planes {
+        acts.resize_with(n * planes, new);
+    }
+    if planes == 1 {
+        acts[..n].par_iter_mut().zip(x.par_chunks_exact(cols)).for_each(|(a, xt)| quantize(a, xt));
+        return;
+    }
+    residual.resize(n * cols, 0.0);
+    acts[..n * planes]
+        .par_chunks_mut(planes)
+        .zip(x.par_chunks_exact(cols))
+        .zip(residual.par_chunks_exact_mut(cols))
+        .for_each(|((a, xt), r)| {
+            quantize(&mut a[0], xt);
+            residual_of(&a[0], xt, r);
+            quantize(&mut a[1], r);
+        });
+}
+
+fn residual_q8(a: &ActQ8, x: &[f32], r: &mut [f32]) {
+    for (b, (xb, rb)) in x.chunks_exact(32).zip(r.chunks_exact_mut(32)).enumerate() {
+        let q = a.block_quants(b);
+        let d = a.d()[b];
+        for ((ri, &xi), &qi) in rb.iter_mut().zip(xb).zip(&q) {
+            *ri = xi - d * qi as f32;
+        }
+    }
+}
+
+fn residual_q8k(a: &ActQ8K, x: &[f32], r: &mut [f32]) {
+    for (b, (xb, rb)) in x.chunks_exact(256).zip(r.chunks_exact_mut(256)).enumerate() {
+        let d = a.d[b];
+        for ((ri, &xi), &qi) in rb.iter_mut().zip(xb).zip(&a.qs[b * 256..(b + 1) * 256]) {
+            *ri = xi - d * qi as f32;
+        }
+    }
+}
+
+/// Tokens whose activations meet each weight row at once (the kernels' `_x4` width).
+const TOKEN_GROUP: usize = 4;
+
+/// The output matrix shared by the tasks of [`run_tiles`], each writing its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint row ranges of the output (see `run_tiles`); the pointer outlives them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Splits the rows into tasks run on the thread pool. Each task walks its rows for every group of
+/// up to [`TOKEN_GROUP`] tokens, so a tile of weight rows stays in L1 while the activations stream;
+/// `kernel(row, t0, res)` fills `res[i]` = row · activation `t0 + i`.
+fn run_tiles(w: &QMatrix, n: usize, out: &mut [f32], group: usize, kernel: impl Fn(&[u8], usize, &mut [f32]) + Sync) {
+    let rows = w.rows;
+    let threads = rayon::current_num_threads().max(1);
+    // Enough tasks to balance the threads; tiles of rows small enough to stay in L1 for long prompts.
+    let per = if n == 1 {
+        rows.div_ceil(threads * 8).clamp(1, 256)
+    } else {
+        rows.div_ceil(threads * 4).clamp(1, 16)
+    };
+    let n_tasks = rows.div_ceil(per);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..n_tasks).into_par_iter().for_each(|task| {
+        let ptr = ptr;
+        let r0 = task * per;
+        let r1 = (r0 + per).min(rows);
+        let mut res = [0f32; TOKEN_GROUP];
+        let mut t0 = 0;
+        while t0 < n {
+            let g = (n - t0).min(group);
+            for r in r0..r1 {
+                kernel(w.row(r), t0, &mut res[..g]);
+                for (i, &v) in res[..g].iter().enumerate() {
+                    // SAFETY: (t0 + i) < n and r < rows, so the index is inside `out`
+                    // (n * rows long); no other task writes row r.
+                    unsafe { *ptr.0.add((t0 + i) * rows + r) = v };
+                }
+            }
+            t0 += g;
         }
     });
 }
 
+/// Runs `kernel(dequantized_row, activations, results)` over row tasks (the exact path).
 fn run_rows(
     w: &QMatrix,
     x: &[f32],

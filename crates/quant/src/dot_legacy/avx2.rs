@@ -99,7 +99,14 @@ unsafe fn dot<const T: u8, const K: usize>(row: &[u8], acts: &[&ActQ8], out: &mu
     }
     if g < full {
         // SAFETY: as above, for the one group `g < nb / 4` left.
-        unsafe { group4::<T, K>(row.as_ptr().add(GROUP * bs * g), &ptrs(g), &mut acc, &mut accm) };
+        unsafe {
+            group4::<T, K>(
+                row.as_ptr().add(GROUP * bs * g),
+                &ptrs(g),
+                &mut acc,
+                &mut accm,
+            )
+        };
     }
     if full < ng {
         // The last 1..=3 blocks, zero-padded to a group. The activations' padding blocks are all

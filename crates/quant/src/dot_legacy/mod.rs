@@ -324,3 +324,56 @@ fn scalar_dot(t: u8, row: &[u8], act: &ActQ8, mag: &mut Option<f64>) -> f32 {
     }
     sum
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(d: f32, m: Option<f32>, rest: &[u8]) -> Vec<u8> {
+        let mut b = f16::from_f32(d).to_le_bytes().to_vec();
+        if let Some(m) = m {
+            b.extend(f16::from_f32(m).to_le_bytes());
+        }
+        b.extend(rest);
+        b
+    }
+
+    /// Hand-computed values: 32 activations of 1.0 quantize to 127 with `da = 1/127`.
+    #[test]
+    fn known_values() {
+        let mut act = ActQ8::new();
+        act.quantize(&[1.0; 32]);
+        let cases: [(GgmlType, Vec<u8>, f32); 6] = [
+            // q = 15 -> w = 7: 32 * 7
+            (GgmlType::Q4_0, block(1.0, None, &[0xff; 16]), 224.0),
+            // q = 3, m = -1: 32 * (0.5 * 3 - 1)
+            (GgmlType::Q4_1, block(0.5, Some(-1.0), &[0x33; 16]), 16.0),
+            // low nibbles 0, all fifth bits set -> q = 16 -> w = 0
+            (
+                GgmlType::Q5_0,
+                block(
+                    2.0,
+                    None,
+                    &[0xff; 4]
+                        .iter()
+                        .chain(&[0u8; 16])
+                        .copied()
+                        .collect::<Vec<_>>(),
+                ),
+                0.0,
+            ),
+            // q = 31 everywhere, m = 1: 32 * (31 + 1)
+            (GgmlType::Q5_1, block(1.0, Some(1.0), &[0xff; 20]), 1024.0),
+            // q = -128: 32 * -128 * 0.25
+            (GgmlType::Q8_0, block(0.25, None, &[0x80; 32]), -1024.0),
+            // index 0 -> -127: 32 * -127
+            (GgmlType::IQ4_NL, block(1.0, None, &[0x00; 16]), -4064.0),
+        ];
+        for (ty, row, want) in cases {
+            assert_eq!(vec_dot_q8_unopt(ty, &row, &act), want, "{ty:?} oracle");
+            for isa in available_isas() {
+                assert_eq!(vec_dot_q8_isa(isa, ty, &row, &act), want, "{ty:?} {isa:?}");
+            }
+        }
+    }
+}
