@@ -25,15 +25,8 @@ pub fn load_model(m: &Option<PathBuf>) -> Result<Model> {
 
 /// Sizes the global thread pool; 0 means one thread per available core.
 pub fn set_threads(threads: usize) -> Result<()> {
-    let n = if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        threads
-    };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-        .context("starting the thread pool")
+    let n = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the thread pool")
 }
 
 /// Parses `1,2,3` (spaces allowed).
@@ -62,7 +55,8 @@ pub fn check_tokens(model: &Model, tokens: &[u32]) -> Result<()> {
 pub fn read_stdin() -> Result<String> {
     let mut buf = Vec::new();
     std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
-    String::from_utf8(buf).map_err(|e| anyhow::anyhow!("stdin is not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()))
+    String::from_utf8(buf)
+        .map_err(|e| anyhow::anyhow!("stdin is not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()))
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -132,15 +126,9 @@ pub fn encode_prompt(model: &Model, system: Option<&str>, prompt: &str, raw: boo
         (Some(t), false) => {
             let mut msgs = Vec::new();
             if let Some(s) = system {
-                msgs.push(ChatMessage {
-                    role: "system".into(),
-                    content: s.into(),
-                });
+                msgs.push(ChatMessage { role: "system".into(), content: s.into() });
             }
-            msgs.push(ChatMessage {
-                role: "user".into(),
-                content: prompt.into(),
-            });
+            msgs.push(ChatMessage { role: "user".into(), content: prompt.into() });
             let text = t.render(&msgs, true)?;
             encode_rendered(model, &text)
         }

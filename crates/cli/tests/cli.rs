@@ -17,11 +17,7 @@ fn synth(name: &str) -> PathBuf {
 }
 
 fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("running kiln")
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("RUST_BACKTRACE", "1").output().expect("running kiln")
 }
 
 fn stdout(o: &Output) -> String {
@@ -60,10 +56,9 @@ struct Case {
 #[test]
 fn run_exact_greedy_reproduces_q4_k_continuations() {
     let model = synth("Q4_K");
-    let fx: Fixture = serde_json::from_str(
-        &std::fs::read_to_string(shared().join("fixtures/parity/synth-tiny-Q4_K.json")).unwrap(),
-    )
-    .unwrap();
+    let fx: Fixture =
+        serde_json::from_str(&std::fs::read_to_string(shared().join("fixtures/parity/synth-tiny-Q4_K.json")).unwrap())
+            .unwrap();
     let g = kiln_gguf::GgufFile::open(&model).unwrap();
     let tok = kiln_tokenizer::Tokenizer::from_gguf(&g).unwrap();
     for case in &fx.cases {
@@ -124,12 +119,21 @@ fn logits_writes_n_tokens_by_n_vocab_f32() {
     let dir = std::env::temp_dir().join(format!("kiln-logits-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("l.f32");
-    let o = kiln(&["logits", "-m", m.to_str().unwrap(), "--tokens", "1,415,300", "--out", out.to_str().unwrap(), "--exact"]);
+    let o = kiln(&[
+        "logits",
+        "-m",
+        m.to_str().unwrap(),
+        "--tokens",
+        "1,415,300",
+        "--out",
+        out.to_str().unwrap(),
+        "--exact",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 3 * 1024 * 4);
     let o = kiln(&["logits", "-m", m.to_str().unwrap(), "--tokens", "1,415"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stdout(&o).lines().filter(|l| !l.trim().is_empty()).count() >= 10, true, "{}", stdout(&o));
+    assert!(stdout(&o).lines().filter(|l| !l.trim().is_empty()).count() >= 10, "{}", stdout(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -288,23 +292,30 @@ fn chat_repl_runs_turns_and_commands() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello\nAnd again\n/reset\n/raw\nraw text\n/exit\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello\nAnd again\n/reset\n/raw\nraw text\n/exit\n").unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
 }
 
-
 /// Sampling with the same seed and inputs gives the same text; stop strings cut the output.
 #[test]
 fn seeded_sampling_is_reproducible() {
     let m = synth("Q4_K");
-    let args = ["run", "-m", m.to_str().unwrap(), "--tokens", "1,415,300", "-n", "24", "--temp", "1.0", "--seed", "7", "--ignore-eos"];
+    let args = [
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--tokens",
+        "1,415,300",
+        "-n",
+        "24",
+        "--temp",
+        "1.0",
+        "--seed",
+        "7",
+        "--ignore-eos",
+    ];
     let a = kiln(&args);
     let b = kiln(&args);
     assert!(a.status.success(), "{}", stderr(&a));

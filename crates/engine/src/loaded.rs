@@ -37,8 +37,8 @@ impl Model {
         }
         let bos = tokenizer.bos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
         let eos = tokenizer.eos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
-        let template = ChatTemplate::from_gguf(gguf, &bos, &eos)
-            .with_context(|| format!("{}: chat template", path.display()))?;
+        let template =
+            ChatTemplate::from_gguf(gguf, &bos, &eos).with_context(|| format!("{}: chat template", path.display()))?;
         Ok(Model {
             path: path.to_path_buf(),
             gguf,

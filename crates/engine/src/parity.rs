@@ -105,10 +105,7 @@ fn read_f32_file(path: &Path, n: usize) -> Result<Vec<f32>> {
     if bytes.len() != n * 4 {
         bail!("{}: {} bytes, expected {}", path.display(), bytes.len(), n * 4);
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 /// log-softmax in f64.
@@ -194,10 +191,7 @@ pub fn check_model(model: &Model, fixture: &Fixture, dir: &Path) -> Result<Model
                     r = r.max(rel_l2(&of, &tf));
                 }
                 stats.max_rel_l2 = stats.max_rel_l2.max(r);
-                let abs = top
-                    .iter()
-                    .map(|x| (ours[x.0 as usize] as f64 - x.1).abs())
-                    .fold(0.0, f64::max);
+                let abs = top.iter().map(|x| (ours[x.0 as usize] as f64 - x.1).abs()).fold(0.0, f64::max);
                 stats.max_abs_top20 = stats.max_abs_top20.max(abs);
                 let am = argmax(ours);
                 if am == truth_best {
@@ -250,10 +244,7 @@ pub fn check_model(model: &Model, fixture: &Fixture, dir: &Path) -> Result<Model
     }
     for (label, stats) in [("default path (batch)", &default), ("default path (one token per call)", &step)] {
         if stats.mean_kl > llama_best_kl {
-            failures.push(format!(
-                "{label}: mean KL {:.3e} > llama.cpp's {:.3e}",
-                stats.mean_kl, llama_best_kl
-            ));
+            failures.push(format!("{label}: mean KL {:.3e} > llama.cpp's {:.3e}", stats.mean_kl, llama_best_kl));
         }
         if stats.top1_agree < llama_best_top1 {
             failures.push(format!(

@@ -40,10 +40,7 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        }
+        SamplingParams { temperature: 0.0, ..Default::default() }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -56,6 +53,8 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(format!("min-p must be in [0, 1], got {}", self.min_p));
         }
+        // Written so that NaN fails the check too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(self.repeat_penalty > 0.0) || !self.repeat_penalty.is_finite() {
             return Err(format!("repeat penalty must be positive, got {}", self.repeat_penalty));
         }
@@ -77,12 +76,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Sampler {
-            params,
-            rng,
-            history: Vec::new(),
-            candidates: Vec::new(),
-        }
+        Sampler { params, rng, history: Vec::new(), candidates: Vec::new() }
     }
 
     /// Records a token (prompt or generated) for the repetition penalties.
@@ -200,11 +194,7 @@ mod tests {
     fn same_seed_same_tokens_and_filters_hold() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 7919) % 97) as f32 / 10.0).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams {
-                seed,
-                temperature: 1.5,
-                ..Default::default()
-            });
+            let mut s = Sampler::new(SamplingParams { seed, temperature: 1.5, ..Default::default() });
             (0..50).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -220,21 +210,13 @@ mod tests {
 
     #[test]
     fn min_p_and_top_k_one() {
-        let mut s = Sampler::new(SamplingParams {
-            top_k: 1,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { top_k: 1, ..Default::default() });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut [1.0, 5.0, 4.99]), 1);
         }
         // min-p 0.5: the token with p < 0.5·p_max (logit gap > ln 2) is never drawn.
-        let mut s = Sampler::new(SamplingParams {
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.5,
-            temperature: 1.0,
-            ..Default::default()
-        });
+        let mut s =
+            Sampler::new(SamplingParams { top_k: 0, top_p: 1.0, min_p: 0.5, temperature: 1.0, ..Default::default() });
         for _ in 0..200 {
             assert_ne!(s.sample(&mut [0.0, 0.5, -1.0]), 2);
         }
@@ -242,11 +224,7 @@ mod tests {
 
     #[test]
     fn penalties_push_repeated_tokens_down() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 0.0,
-            repeat_penalty: 2.0,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() });
         s.accept(0);
         // 3.0 / 2 = 1.5 < 2.0
         assert_eq!(s.sample(&mut [3.0, 2.0]), 1);

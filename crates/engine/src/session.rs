@@ -49,12 +49,7 @@ pub struct Generation {
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model, n_ctx: usize, precision: Precision) -> Session<'m> {
-        Session {
-            model,
-            cache: KvCache::new(&model.weights.cfg, n_ctx),
-            tokens: Vec::new(),
-            precision,
-        }
+        Session { model, cache: KvCache::new(&model.weights.cfg, n_ctx), tokens: Vec::new(), precision }
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -84,11 +79,7 @@ impl<'m> Session<'m> {
             bail!("the prompt is empty: nothing to generate from");
         }
         if prompt.len() > self.n_ctx() {
-            bail!(
-                "the prompt has {} tokens but the context holds {} (raise --ctx)",
-                prompt.len(),
-                self.n_ctx()
-            );
+            bail!("the prompt has {} tokens but the context holds {} (raise --ctx)", prompt.len(), self.n_ctx());
         }
         let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // At least one token must run to produce logits.

@@ -43,11 +43,7 @@ fn greedy_continuations(fixture_name: &str) {
         let n_ctx = case.prompt_tokens.len() + case.continuation.len();
         let mut s = Session::new(&model, n_ctx, Precision::Exact);
         let mut sampler = Sampler::new(SamplingParams::greedy());
-        let opts = GenerateOptions {
-            max_tokens: case.continuation.len(),
-            stop: vec![],
-            stop_at_eog: false,
-        };
+        let opts = GenerateOptions { max_tokens: case.continuation.len(), stop: vec![], stop_at_eog: false };
         let g = s.generate(&case.prompt_tokens, &opts, &mut sampler, |_| true).expect("generate");
         assert_eq!(g.tokens, case.continuation, "{fixture_name} case {}", case.name);
     }

@@ -6,28 +6,15 @@ use crate::value::ValueType;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot open {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("not a GGUF file: magic is {found:02x?}, expected \"GGUF\"")]
     BadMagic { found: Vec<u8> },
     #[error("unsupported GGUF version {0} (kiln reads versions 2 and 3)")]
     UnsupportedVersion(u32),
     #[error("truncated {what} at byte {offset}: needs {needed} bytes, file has {available}")]
-    Truncated {
-        what: String,
-        offset: u64,
-        needed: u64,
-        available: u64,
-    },
+    Truncated { what: String, offset: u64, needed: u64, available: u64 },
     #[error("{what} at byte {offset}: length {len} runs past the end of the file ({file_len} bytes)")]
-    LengthBeyondFile {
-        what: String,
-        offset: u64,
-        len: u64,
-        file_len: u64,
-    },
+    LengthBeyondFile { what: String, offset: u64, len: u64, file_len: u64 },
     #[error("{what} at byte {offset} is not valid UTF-8")]
     InvalidUtf8 { what: String, offset: u64 },
     #[error("metadata key {key:?} at byte {offset}: unknown value type id {id}")]
@@ -37,11 +24,7 @@ pub enum GgufError {
     #[error("duplicate metadata key {0:?}")]
     DuplicateKey(String),
     #[error("metadata key {key:?} has type {found}, expected {expected}")]
-    WrongValueType {
-        key: String,
-        expected: String,
-        found: String,
-    },
+    WrongValueType { key: String, expected: String, found: String },
     #[error("invalid general.alignment {0}: must be a non-zero power of two")]
     BadAlignment(u64),
     #[error("tensor {name:?}: unknown tensor type id {id}")]
@@ -49,33 +32,15 @@ pub enum GgufError {
     #[error("tensor {name:?}: {n_dims} dimensions (at most 4 allowed)")]
     TooManyDims { name: String, n_dims: u32 },
     #[error("tensor {name:?}: invalid shape {shape:?} ({why})")]
-    BadShape {
-        name: String,
-        shape: Vec<u64>,
-        why: String,
-    },
+    BadShape { name: String, shape: Vec<u64>, why: String },
     #[error("tensor {name:?}: row length {row_len} is not a multiple of the {ty} block size {block}")]
-    NotBlockMultiple {
-        name: String,
-        ty: String,
-        row_len: u64,
-        block: usize,
-    },
+    NotBlockMultiple { name: String, ty: String, row_len: u64, block: usize },
     #[error("duplicate tensor name {0:?}")]
     DuplicateTensor(String),
     #[error("tensor {name:?}: data offset {offset} is not aligned to {alignment}")]
-    MisalignedTensor {
-        name: String,
-        offset: u64,
-        alignment: u64,
-    },
+    MisalignedTensor { name: String, offset: u64, alignment: u64 },
     #[error("tensor {name:?}: data [{start}, {end}) lies outside the file's data section ({data_len} bytes)")]
-    TensorOutOfBounds {
-        name: String,
-        start: u64,
-        end: u64,
-        data_len: u64,
-    },
+    TensorOutOfBounds { name: String, start: u64, end: u64, data_len: u64 },
     #[error("tensors {a:?} and {b:?} overlap in the data section")]
     OverlappingTensors { a: String, b: String },
     #[error("{0}")]

@@ -132,11 +132,7 @@ impl Summary {
         let metadata = g
             .metadata
             .iter()
-            .map(|(k, v)| MetaEntry {
-                key: k.clone(),
-                ty: type_name(v),
-                value: meta_value(v),
-            })
+            .map(|(k, v)| MetaEntry { key: k.clone(), ty: type_name(v), value: meta_value(v) })
             .collect();
         let tensors: Vec<TensorEntry> = g
             .tensors
@@ -153,9 +149,7 @@ impl Summary {
 
         let mut per: BTreeMap<u32, (GgmlType, usize, u64, u64)> = BTreeMap::new();
         for t in &g.tensors {
-            let e = per
-                .entry(t.ggml_type.id())
-                .or_insert((t.ggml_type, 0, 0, 0));
+            let e = per.entry(t.ggml_type.id()).or_insert((t.ggml_type, 0, 0, 0));
             e.1 += 1;
             e.2 += t.n_elements;
             e.3 += t.n_bytes;
@@ -218,11 +212,7 @@ fn hparams(g: &GgufFile) -> HParams {
         (Some(e), Some(h)) if h > 0 => Some(e / h),
         _ => None,
     });
-    let array_len = |k: &str| {
-        g.get(k)
-            .and_then(Value::as_array)
-            .map(|a| a.items.len() as u64)
-    };
+    let array_len = |k: &str| g.get(k).and_then(Value::as_array).map(|a| a.items.len() as u64);
     HParams {
         name: string("general.name"),
         file_type: uint("general.file_type"),
@@ -314,11 +304,7 @@ fn elem_type_name(t: ValueType, first: Option<&Value>) -> String {
 pub fn render_text(s: &Summary) -> String {
     let mut out = String::new();
     let o = &mut out;
-    let _ = writeln!(
-        o,
-        "file:         {}",
-        s.path.as_deref().unwrap_or("(in memory)")
-    );
+    let _ = writeln!(o, "file:         {}", s.path.as_deref().unwrap_or("(in memory)"));
     let _ = writeln!(
         o,
         "format:       GGUF v{}, {} bytes, alignment {}, data at byte {}",
@@ -327,11 +313,7 @@ pub fn render_text(s: &Summary) -> String {
         s.alignment,
         s.data_offset
     );
-    let _ = writeln!(
-        o,
-        "architecture: {}",
-        s.architecture.as_deref().unwrap_or("(none)")
-    );
+    let _ = writeln!(o, "architecture: {}", s.architecture.as_deref().unwrap_or("(none)"));
     let t = &s.totals;
     let _ = writeln!(
         o,
@@ -375,19 +357,13 @@ pub fn render_text(s: &Summary) -> String {
     row("merges", u(h.n_merges));
     row("bos_token_id", u(h.bos_token_id));
     row("eos_token_id", u(h.eos_token_id));
-    row(
-        "chat_template",
-        h.has_chat_template.then(|| "yes".to_string()),
-    );
+    row("chat_template", h.has_chat_template.then(|| "yes".to_string()));
     let _ = writeln!(o, "\nhyper-parameters");
     table(o, &["KEY", "VALUE"], &rows, &[false, false]);
 
     let _ = writeln!(o, "\nmetadata ({} keys)", s.metadata.len());
-    let rows: Vec<[String; 3]> = s
-        .metadata
-        .iter()
-        .map(|m| [m.key.clone(), m.ty.clone(), text_value(&m.value, true)])
-        .collect();
+    let rows: Vec<[String; 3]> =
+        s.metadata.iter().map(|m| [m.key.clone(), m.ty.clone(), text_value(&m.value, true)]).collect();
     table(o, &["KEY", "TYPE", "VALUE"], &rows, &[false, false, false]);
 
     let _ = writeln!(o, "\ntensors ({})", s.tensors.len());
@@ -433,12 +409,7 @@ pub fn render_text(s: &Summary) -> String {
         group(t.bytes),
         format!("{:.4}", t.bits_per_weight),
     ]);
-    table(
-        o,
-        &["TYPE", "TENSORS", "PARAMETERS", "BYTES", "BITS/WEIGHT"],
-        &rows,
-        &[false, true, true, true, true],
-    );
+    table(o, &["TYPE", "TENSORS", "PARAMETERS", "BYTES", "BITS/WEIGHT"], &rows, &[false, true, true, true, true]);
     out
 }
 
@@ -447,11 +418,7 @@ fn text_value(v: &MetaValue, top: bool) -> String {
     match v {
         MetaValue::Scalar(serde_json::Value::String(s)) => {
             let n = s.chars().count();
-            let max = if top {
-                TEXT_STRING_CHARS
-            } else {
-                TEXT_STRING_CHARS / 2
-            };
+            let max = if top { TEXT_STRING_CHARS } else { TEXT_STRING_CHARS / 2 };
             if n > max {
                 let head: String = s.chars().take(max).collect();
                 format!("\"{}\"… ({n} chars)", escape(&head))
@@ -489,12 +456,7 @@ fn escape(s: &str) -> String {
 }
 
 /// Writes an aligned table with two-space indentation; `right[i]` right-aligns column `i`.
-fn table<const N: usize>(
-    o: &mut String,
-    header: &[&str; N],
-    rows: &[[String; N]],
-    right: &[bool; N],
-) {
+fn table<const N: usize>(o: &mut String, header: &[&str; N], rows: &[[String; N]], right: &[bool; N]) {
     let mut w = [0usize; N];
     for (i, h) in header.iter().enumerate() {
         w[i] = h.chars().count();
@@ -560,9 +522,7 @@ mod tests {
     use crate::writer::{array, GgufBuilder};
 
     fn synth(name: &str) -> GgufFile {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/models/synth")
-            .join(name);
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/synth").join(name);
         GgufFile::open(p).unwrap()
     }
 
@@ -601,11 +561,7 @@ mod tests {
         // 3 FFN 256×512, 2 norms of 256) + output norm, with GQA: wk, wv are 256×128.
         let per_layer = 256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 512 + 2 * 256;
         assert_eq!(t.n_parameters, 2 * 256 * 1024 + 2 * per_layer + 256);
-        let embd = s
-            .tensors
-            .iter()
-            .find(|t| t.name == "token_embd.weight")
-            .unwrap();
+        let embd = s.tensors.iter().find(|t| t.name == "token_embd.weight").unwrap();
         assert_eq!(embd.shape, vec![256, 1024]);
         assert_eq!(embd.ty, "F32");
         assert_eq!(embd.bytes, 256 * 1024 * 4);
@@ -613,32 +569,20 @@ mod tests {
         // Long arrays are summarised, the chat template is kept whole in JSON.
         let json: serde_json::Value = serde_json::to_value(&s).unwrap();
         let meta = json["metadata"].as_array().unwrap();
-        let tokens = meta
-            .iter()
-            .find(|m| m["key"] == "tokenizer.ggml.tokens")
-            .unwrap();
+        let tokens = meta.iter().find(|m| m["key"] == "tokenizer.ggml.tokens").unwrap();
         assert_eq!(tokens["type"], "array[string]");
         assert_eq!(tokens["value"]["type"], "string");
         assert_eq!(tokens["value"]["len"], 1024);
         assert_eq!(tokens["value"]["first"][1], "<s>");
-        let tmpl = meta
-            .iter()
-            .find(|m| m["key"] == "tokenizer.chat_template")
-            .unwrap();
-        assert_eq!(
-            tmpl["value"].as_str(),
-            g.get("tokenizer.chat_template").unwrap().as_str()
-        );
+        let tmpl = meta.iter().find(|m| m["key"] == "tokenizer.chat_template").unwrap();
+        assert_eq!(tmpl["value"].as_str(), g.get("tokenizer.chat_template").unwrap().as_str());
         assert_eq!(json["hparams"]["block_count"], 2);
 
         let text = render_text(&s);
         assert!(text.contains("block_count"), "{text}");
         assert!(text.contains("token_embd.weight"));
         assert!(text.contains("(1024 items)"));
-        assert!(
-            text.contains("chars)"),
-            "chat template not shortened:\n{text}"
-        );
+        assert!(text.contains("chars)"), "chat template not shortened:\n{text}");
         assert!(text.lines().all(|l| l.chars().count() < 200), "{text}");
     }
 
@@ -659,17 +603,8 @@ mod tests {
     fn crafted_values() {
         let mut b = GgufBuilder::new();
         b.add_kv("nan", Value::F32(f32::NAN))
-            .add_kv(
-                "nested",
-                array(
-                    ValueType::Array,
-                    vec![array(ValueType::U8, vec![Value::U8(1), Value::U8(2)])],
-                ),
-            )
-            .add_kv(
-                "long",
-                array(ValueType::U32, (0..100).map(Value::U32).collect()),
-            );
+            .add_kv("nested", array(ValueType::Array, vec![array(ValueType::U8, vec![Value::U8(1), Value::U8(2)])]))
+            .add_kv("long", array(ValueType::U32, (0..100).map(Value::U32).collect()));
         let g = GgufFile::from_bytes(b.to_bytes()).unwrap();
         let s = Summary::new(&g);
         assert_eq!(s.metadata[1].ty, "array[array[u8]]");
@@ -677,13 +612,7 @@ mod tests {
         assert!(json["metadata"][0]["value"].is_null());
         assert_eq!(json["metadata"][1]["value"], serde_json::json!([[1, 2]]));
         assert_eq!(json["metadata"][2]["value"]["len"], 100);
-        assert_eq!(
-            json["metadata"][2]["value"]["first"]
-                .as_array()
-                .unwrap()
-                .len(),
-            SUMMARY_ITEMS
-        );
+        assert_eq!(json["metadata"][2]["value"]["first"].as_array().unwrap().len(), SUMMARY_ITEMS);
         assert_eq!(s.totals.bits_per_weight, 0.0);
         let text = render_text(&s);
         assert!(text.contains("[[1, 2]]"), "{text}");

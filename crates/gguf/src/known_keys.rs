@@ -18,7 +18,10 @@ enum Expect {
 fn expectation(key: &str) -> Option<Expect> {
     use Expect::*;
     Some(match key {
-        "general.architecture" | "general.name" | "tokenizer.ggml.model" | "tokenizer.ggml.pre"
+        "general.architecture"
+        | "general.name"
+        | "tokenizer.ggml.model"
+        | "tokenizer.ggml.pre"
         | "tokenizer.chat_template" => Str,
         "general.alignment" => UInt,
         "general.quantization_version" | "general.file_type" => UInt,
@@ -36,11 +39,19 @@ fn expectation(key: &str) -> Option<Expect> {
         _ => {
             let (_, suffix) = key.split_once('.')?;
             match suffix {
-                "context_length" | "embedding_length" | "block_count" | "feed_forward_length"
-                | "attention.head_count" | "attention.head_count_kv" | "rope.dimension_count"
-                | "attention.key_length" | "attention.value_length" | "vocab_size" => UInt,
-                "attention.layer_norm_rms_epsilon" | "rope.freq_base" | "rope.scaling.factor"
-                | "rope.scale_linear" => Number,
+                "context_length"
+                | "embedding_length"
+                | "block_count"
+                | "feed_forward_length"
+                | "attention.head_count"
+                | "attention.head_count_kv"
+                | "rope.dimension_count"
+                | "attention.key_length"
+                | "attention.value_length"
+                | "vocab_size" => UInt,
+                "attention.layer_norm_rms_epsilon" | "rope.freq_base" | "rope.scaling.factor" | "rope.scale_linear" => {
+                    Number
+                }
                 _ => return None,
             }
         }
@@ -77,11 +88,7 @@ pub(crate) fn check_known_keys(g: &GgufFile) -> Result<()> {
                     Value::Array(a) => format!("array of {}", a.elem_type.name()),
                     _ => v.value_type().name().to_string(),
                 };
-                return Err(GgufError::WrongValueType {
-                    key: k.clone(),
-                    expected: describe(e),
-                    found,
-                });
+                return Err(GgufError::WrongValueType { key: k.clone(), expected: describe(e), found });
             }
         }
     }

@@ -89,10 +89,7 @@ impl GgufFile {
     /// Memory-maps and validates `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if meta.is_dir() {
@@ -116,15 +113,10 @@ impl GgufFile {
     }
 
     fn parse(bytes: Bytes) -> Result<GgufFile> {
-        let mut c = Cursor {
-            buf: &bytes,
-            pos: 0,
-        };
+        let mut c = Cursor { buf: &bytes, pos: 0 };
         let magic = c.take(4, "magic")?;
         if magic != GGUF_MAGIC {
-            return Err(GgufError::BadMagic {
-                found: magic.to_vec(),
-            });
+            return Err(GgufError::BadMagic { found: magic.to_vec() });
         }
         let version = c.u32("version")?;
         if version != 2 && version != 3 {
@@ -174,22 +166,13 @@ impl GgufFile {
             }
             let tid = c.u32(&format!("tensor {name:?} type"))?;
             let offset = c.u64(&format!("tensor {name:?} offset"))?;
-            let ggml_type = GgmlType::from_id(tid).ok_or_else(|| GgufError::UnknownTensorType {
-                name: name.clone(),
-                id: tid,
-            })?;
+            let ggml_type =
+                GgmlType::from_id(tid).ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), id: tid })?;
             let (n_elements, n_bytes) = tensor_size(&name, &dims, ggml_type)?;
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(GgufError::DuplicateTensor(name));
             }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-                n_elements,
-                n_bytes,
-            });
+            tensors.push(TensorInfo { name, dims, ggml_type, offset, n_elements, n_bytes });
         }
 
         let data_offset = align_up(c.pos as u64, alignment);
@@ -205,11 +188,7 @@ impl GgufFile {
         }
         for t in &tensors {
             if t.offset % alignment != 0 {
-                return Err(GgufError::MisalignedTensor {
-                    name: t.name.clone(),
-                    offset: t.offset,
-                    alignment,
-                });
+                return Err(GgufError::MisalignedTensor { name: t.name.clone(), offset: t.offset, alignment });
             }
             let end = t.offset.checked_add(t.n_bytes);
             match end {
@@ -229,24 +208,12 @@ impl GgufFile {
         for w in order.windows(2) {
             let (a, b) = (&tensors[w[0]], &tensors[w[1]]);
             if a.n_bytes > 0 && b.n_bytes > 0 && a.offset + a.n_bytes > b.offset {
-                return Err(GgufError::OverlappingTensors {
-                    a: a.name.clone(),
-                    b: b.name.clone(),
-                });
+                return Err(GgufError::OverlappingTensors { a: a.name.clone(), b: b.name.clone() });
             }
         }
 
-        let g = GgufFile {
-            path: None,
-            bytes,
-            version,
-            metadata,
-            key_index,
-            tensors,
-            tensor_index,
-            alignment,
-            data_offset,
-        };
+        let g =
+            GgufFile { path: None, bytes, version, metadata, key_index, tensors, tensor_index, alignment, data_offset };
         crate::known_keys::check_known_keys(&g)?;
         Ok(g)
     }
@@ -280,50 +247,37 @@ impl GgufFile {
     pub fn get_u64(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| GgufError::wrong_type(key, "unsigned integer", v.value_type())),
+            Some(v) => {
+                v.as_u64().map(Some).ok_or_else(|| GgufError::wrong_type(key, "unsigned integer", v.value_type()))
+            }
         }
     }
 
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| GgufError::wrong_type(key, "number", v.value_type())),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| GgufError::wrong_type(key, "number", v.value_type())),
         }
     }
 
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| GgufError::wrong_type(key, "bool", v.value_type())),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| GgufError::wrong_type(key, "bool", v.value_type())),
         }
     }
 
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| GgufError::wrong_type(key, "string", v.value_type())),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| GgufError::wrong_type(key, "string", v.value_type())),
         }
     }
 
     pub fn get_array(&self, key: &str) -> Result<Option<&Array>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .map(Some)
-                .ok_or_else(|| GgufError::wrong_type(key, "array", v.value_type())),
+            Some(v) => v.as_array().map(Some).ok_or_else(|| GgufError::wrong_type(key, "array", v.value_type())),
         }
     }
 }
@@ -345,11 +299,7 @@ fn bounded_capacity(count: u64, min_size: usize, remaining: usize) -> usize {
 }
 
 fn tensor_size(name: &str, dims: &[u64], ty: GgmlType) -> Result<(u64, u64)> {
-    let bad = |why: &str| GgufError::BadShape {
-        name: name.to_string(),
-        shape: dims.to_vec(),
-        why: why.to_string(),
-    };
+    let bad = |why: &str| GgufError::BadShape { name: name.to_string(), shape: dims.to_vec(), why: why.to_string() };
     let mut n: u64 = 1;
     for &d in dims {
         if d == 0 {
@@ -424,10 +374,7 @@ impl<'a> Cursor<'a> {
             });
         }
         let s = self.take(len as usize, what)?;
-        String::from_utf8(s.to_vec()).map_err(|_| GgufError::InvalidUtf8 {
-            what: what.to_string(),
-            offset: at,
-        })
+        String::from_utf8(s.to_vec()).map_err(|_| GgufError::InvalidUtf8 { what: what.to_string(), offset: at })
     }
 
     fn value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<Value> {
@@ -458,10 +405,7 @@ impl<'a> Cursor<'a> {
             ValueType::String => Value::String(self.string(&what())?),
             ValueType::Array => {
                 if depth >= MAX_ARRAY_NESTING {
-                    return Err(GgufError::NestingTooDeep {
-                        key: key.to_string(),
-                        max: MAX_ARRAY_NESTING,
-                    });
+                    return Err(GgufError::NestingTooDeep { key: key.to_string(), max: MAX_ARRAY_NESTING });
                 }
                 let at = self.pos as u64;
                 let tid = self.u32(&format!("array element type of {key:?}"))?;

@@ -51,12 +51,7 @@ impl Default for GgufBuilder {
 impl GgufBuilder {
     /// An empty version-3 file.
     pub fn new() -> GgufBuilder {
-        GgufBuilder {
-            version: 3,
-            metadata: Vec::new(),
-            tensors: Vec::new(),
-            data_len: None,
-        }
+        GgufBuilder { version: 3, metadata: Vec::new(), tensors: Vec::new(), data_len: None }
     }
 
     /// Everything in `g`: version, metadata in order, tensors with their offsets and bytes, and the
@@ -143,21 +138,13 @@ impl GgufBuilder {
     }
 
     /// An array of f32 (e.g. `tokenizer.ggml.scores`).
-    pub fn add_f32_array(
-        &mut self,
-        key: impl Into<String>,
-        items: impl IntoIterator<Item = f32>,
-    ) -> &mut Self {
+    pub fn add_f32_array(&mut self, key: impl Into<String>, items: impl IntoIterator<Item = f32>) -> &mut Self {
         let items = items.into_iter().map(Value::F32).collect();
         self.add_kv(key, array(ValueType::F32, items))
     }
 
     /// An array of i32 (e.g. `tokenizer.ggml.token_type`).
-    pub fn add_i32_array(
-        &mut self,
-        key: impl Into<String>,
-        items: impl IntoIterator<Item = i32>,
-    ) -> &mut Self {
+    pub fn add_i32_array(&mut self, key: impl Into<String>, items: impl IntoIterator<Item = i32>) -> &mut Self {
         let items = items.into_iter().map(Value::I32).collect();
         self.add_kv(key, array(ValueType::I32, items))
     }
@@ -181,12 +168,7 @@ impl GgufBuilder {
     }
 
     /// Appends an F32 tensor from values.
-    pub fn add_f32_tensor(
-        &mut self,
-        name: impl Into<String>,
-        dims: &[u64],
-        values: &[f32],
-    ) -> &mut Self {
+    pub fn add_f32_tensor(&mut self, name: impl Into<String>, dims: &[u64], values: &[f32]) -> &mut Self {
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.add_tensor(name, dims, GgmlType::F32, data)
     }
@@ -200,13 +182,7 @@ impl GgufBuilder {
         data: impl Into<Vec<u8>>,
         offset: Option<u64>,
     ) -> &mut Self {
-        self.tensors.push(TensorEntry {
-            name: name.into(),
-            dims: dims.to_vec(),
-            type_id,
-            data: data.into(),
-            offset,
-        });
+        self.tensors.push(TensorEntry { name: name.into(), dims: dims.to_vec(), type_id, data: data.into(), offset });
         self
     }
 
@@ -279,21 +255,13 @@ impl GgufBuilder {
         }
         let data_offset = align_up(out.len() as u64, alignment) as usize;
         out.resize(data_offset, 0);
-        let tensors_end = self
-            .tensors
-            .iter()
-            .zip(&offsets)
-            .map(|(t, &off)| off + t.data.len() as u64)
-            .max()
-            .unwrap_or(0);
+        let tensors_end =
+            self.tensors.iter().zip(&offsets).map(|(t, &off)| off + t.data.len() as u64).max().unwrap_or(0);
         let data_len = match self.data_len {
             Some(n) => n.max(tensors_end),
             None => align_up(tensors_end, alignment),
         };
-        out.resize(
-            data_offset + usize::try_from(data_len).expect("data section too large"),
-            0,
-        );
+        out.resize(data_offset + usize::try_from(data_len).expect("data section too large"), 0);
         for (t, &off) in self.tensors.iter().zip(&offsets) {
             let start = data_offset + off as usize;
             out[start..start + t.data.len()].copy_from_slice(&t.data);
@@ -304,10 +272,7 @@ impl GgufBuilder {
     /// Writes the file to `path`.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        std::fs::write(path, self.to_bytes()).map_err(|source| GgufError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        std::fs::write(path, self.to_bytes()).map_err(|source| GgufError::Io { path: path.to_path_buf(), source })
     }
 }
 
@@ -382,10 +347,7 @@ mod tests {
                     vec![
                         array(ValueType::I16, vec![Value::I16(1), Value::I16(-2)]),
                         array(ValueType::String, vec![Value::String("x".into())]),
-                        array(
-                            ValueType::Array,
-                            vec![array(ValueType::Bool, vec![Value::Bool(false)])],
-                        ),
+                        array(ValueType::Array, vec![array(ValueType::Bool, vec![Value::Bool(false)])]),
                     ],
                 ),
             )

@@ -12,12 +12,7 @@ fn base() -> GgufBuilder {
         .add_u32("llama.block_count", 2)
         .add_str_array("tokenizer.ggml.tokens", ["<unk>", "<s>", "</s>"])
         .add_f32_tensor("output_norm.weight", &[8], &[1.0; 8])
-        .add_tensor(
-            "token_embd.weight",
-            &[32, 3],
-            GgmlType::Q8_0,
-            vec![0u8; 3 * 34],
-        )
+        .add_tensor("token_embd.weight", &[32, 3], GgmlType::Q8_0, vec![0u8; 3 * 34])
         .add_f32_tensor("output.weight", &[8, 3], &[0.5; 24]);
     b
 }
@@ -38,9 +33,7 @@ fn assert_msg(e: &GgufError, parts: &[&str]) {
 
 /// Position of the first occurrence of `needle` in `hay`.
 fn find(hay: &[u8], needle: &[u8]) -> usize {
-    hay.windows(needle.len())
-        .position(|w| w == needle)
-        .expect("needle in file")
+    hay.windows(needle.len()).position(|w| w == needle).expect("needle in file")
 }
 
 /// Position of a length-prefixed string (key or tensor name) in the file: its length field.
@@ -71,17 +64,9 @@ fn base_is_valid_and_every_shorter_prefix_fails() {
     let b = base();
     let bytes = b.to_bytes();
     let g = GgufFile::from_bytes(bytes.clone()).unwrap();
-    let end = g
-        .tensors
-        .iter()
-        .map(|t| g.data_offset + t.offset + t.n_bytes)
-        .max()
-        .unwrap();
+    let end = g.tensors.iter().map(|t| g.data_offset + t.offset + t.n_bytes).max().unwrap();
     for n in 0..end as usize {
-        assert!(
-            GgufFile::from_bytes(bytes[..n].to_vec()).is_err(),
-            "prefix of {n} bytes opened"
-        );
+        assert!(GgufFile::from_bytes(bytes[..n].to_vec()).is_err(), "prefix of {n} bytes opened");
     }
 }
 
@@ -90,28 +75,14 @@ fn wrong_magic() {
     let mut bytes = base().to_bytes();
     bytes[..4].copy_from_slice(b"GGML");
     let e = open(bytes);
-    assert!(
-        matches!(&e, GgufError::BadMagic { found } if found == b"GGML"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::BadMagic { found } if found == b"GGML"), "{e:?}");
     assert_msg(&e, &["not a GGUF file", "magic", "47, 47, 4d, 4c"]);
 }
 
 #[test]
 fn empty_file() {
     let e = open(Vec::new());
-    assert!(
-        matches!(
-            &e,
-            GgufError::Truncated {
-                offset: 0,
-                needed: 4,
-                available: 0,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::Truncated { offset: 0, needed: 4, available: 0, .. }), "{e:?}");
     assert_msg(&e, &["magic", "byte 0"]);
 }
 
@@ -121,10 +92,7 @@ fn unsupported_version() {
         let mut b = base();
         b.version(v);
         let e = open(b.to_bytes());
-        assert!(
-            matches!(e, GgufError::UnsupportedVersion(x) if x == v),
-            "{e:?}"
-        );
+        assert!(matches!(e, GgufError::UnsupportedVersion(x) if x == v), "{e:?}");
         assert_msg(&e, &[&format!("version {v}")]);
     }
     // Version 2 has the same layout as 3 and is accepted.
@@ -137,24 +105,10 @@ fn unsupported_version() {
 fn truncated_header() {
     let bytes = base().to_bytes();
     let e = open(bytes[..10].to_vec());
-    assert!(
-        matches!(
-            &e,
-            GgufError::Truncated {
-                offset: 8,
-                needed: 8,
-                available: 2,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::Truncated { offset: 8, needed: 8, available: 2, .. }), "{e:?}");
     assert_msg(&e, &["tensor count", "byte 8", "needs 8", "has 2"]);
     let e = open(bytes[..20].to_vec());
-    assert!(
-        matches!(&e, GgufError::Truncated { offset: 16, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::Truncated { offset: 16, .. }), "{e:?}");
     assert_msg(&e, &["metadata count", "byte 16"]);
 }
 
@@ -176,31 +130,16 @@ fn truncated_metadata_key_and_type() {
     // Cut inside the type tag that follows the key.
     let at = string_at(&bytes, "llama.block_count") + 8 + "llama.block_count".len();
     let e = open(bytes[..at + 1].to_vec());
-    assert!(
-        matches!(&e, GgufError::Truncated { offset, .. } if *offset == at as u64),
-        "{e:?}"
-    );
-    assert_msg(
-        &e,
-        &[
-            "type of metadata key \"llama.block_count\"",
-            &format!("byte {at}"),
-        ],
-    );
+    assert!(matches!(&e, GgufError::Truncated { offset, .. } if *offset == at as u64), "{e:?}");
+    assert_msg(&e, &["type of metadata key \"llama.block_count\"", &format!("byte {at}")]);
     // Cut inside the key's length field.
     let at = string_at(&bytes, "llama.block_count");
     let e = open(bytes[..at + 3].to_vec());
-    assert!(
-        matches!(&e, GgufError::Truncated { offset, .. } if *offset == at as u64),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::Truncated { offset, .. } if *offset == at as u64), "{e:?}");
     assert_msg(&e, &["metadata key #1", &format!("byte {at}")]);
     // Cut inside the key itself: its length runs past the end.
     let e = open(bytes[..at + 10].to_vec());
-    assert!(
-        matches!(&e, GgufError::LengthBeyondFile { offset, len: 17, .. } if *offset == at as u64),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::LengthBeyondFile { offset, len: 17, .. } if *offset == at as u64), "{e:?}");
     assert_msg(&e, &["metadata key #1", &format!("byte {at}"), "length 17"]);
 }
 
@@ -213,17 +152,11 @@ fn truncated_tensor_table() {
         matches!(&e, GgufError::Truncated { offset, needed: 8, available: 5, .. } if *offset == at as u64),
         "{e:?}"
     );
-    assert_msg(
-        &e,
-        &["tensor \"token_embd.weight\" offset", &format!("byte {at}")],
-    );
+    assert_msg(&e, &["tensor \"token_embd.weight\" offset", &format!("byte {at}")]);
     // Inside a dimension.
     let dim1 = at - 4 - 8;
     let e = open(bytes[..dim1 + 1].to_vec());
-    assert!(
-        matches!(&e, GgufError::Truncated { offset, .. } if *offset == dim1 as u64),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::Truncated { offset, .. } if *offset == dim1 as u64), "{e:?}");
     assert_msg(&e, &["tensor \"token_embd.weight\" dimension 1"]);
 }
 
@@ -232,19 +165,10 @@ fn truncated_before_data_section() {
     let b = base();
     let bytes = b.to_bytes();
     let header = b.header_len() as usize;
-    assert!(
-        b.data_offset() as usize > header,
-        "base header is already aligned; adjust base()"
-    );
+    assert!(b.data_offset() as usize > header, "base header is already aligned; adjust base()");
     let e = open(bytes[..header].to_vec());
-    assert!(
-        matches!(&e, GgufError::Truncated { offset, available: 0, .. } if *offset == header as u64),
-        "{e:?}"
-    );
-    assert_msg(
-        &e,
-        &["padding before the data section", &format!("byte {header}")],
-    );
+    assert!(matches!(&e, GgufError::Truncated { offset, available: 0, .. } if *offset == header as u64), "{e:?}");
+    assert_msg(&e, &["padding before the data section", &format!("byte {header}")]);
 }
 
 #[test]
@@ -282,24 +206,14 @@ fn string_length_beyond_file() {
             if *offset == at as u64 && *l == 1 << 40 && *file_len == len as u64),
         "{e:?}"
     );
-    assert_msg(
-        &e,
-        &[
-            "general.architecture",
-            &format!("byte {at}"),
-            "length 1099511627776",
-        ],
-    );
+    assert_msg(&e, &["general.architecture", &format!("byte {at}"), "length 1099511627776"]);
 
     // u64::MAX as a tensor name's length.
     let mut bytes = base().to_bytes();
     let at = string_at(&bytes, "output.weight");
     put_u64(&mut bytes, at, u64::MAX);
     let e = open(bytes);
-    assert!(
-        matches!(&e, GgufError::LengthBeyondFile { len: u64::MAX, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::LengthBeyondFile { len: u64::MAX, .. }), "{e:?}");
     assert_msg(&e, &["tensor #2 name", &format!("byte {at}")]);
 }
 
@@ -315,14 +229,7 @@ fn array_length_beyond_file() {
         matches!(&e, GgufError::LengthBeyondFile { offset, len: u64::MAX, .. } if *offset == count_at as u64),
         "{e:?}"
     );
-    assert_msg(
-        &e,
-        &[
-            "tokenizer.ggml.tokens",
-            &format!("byte {count_at}"),
-            "runs past the end",
-        ],
-    );
+    assert_msg(&e, &["tokenizer.ggml.tokens", &format!("byte {count_at}"), "runs past the end"]);
 
     // A count that fits the remaining bytes for 1-byte elements, not for strings, nor for
     // nested arrays.
@@ -334,10 +241,7 @@ fn array_length_beyond_file() {
         let count_at = value_at(&bytes, "x") + 4;
         put_u64(&mut bytes, count_at, 9);
         let e = open(bytes);
-        assert!(
-            matches!(&e, GgufError::LengthBeyondFile { len: 9, .. }),
-            "{name}: {e:?}"
-        );
+        assert!(matches!(&e, GgufError::LengthBeyondFile { len: 9, .. }), "{name}: {e:?}");
     }
 }
 
@@ -352,43 +256,31 @@ fn tensor_data_outside_file() {
             matches!(&e, GgufError::TensorOutOfBounds { name, start, .. } if name == "token_embd.weight" && *start == off),
             "{e:?}"
         );
-        assert_msg(
-            &e,
-            &[
-                "\"token_embd.weight\"",
-                &off.to_string(),
-                "outside the file",
-            ],
-        );
+        assert_msg(&e, &["\"token_embd.weight\"", &off.to_string(), "outside the file"]);
     }
 }
 
 #[test]
 fn misaligned_tensor() {
     let mut b = GgufBuilder::new();
-    b.add_tensor_raw("a", &[4], GgmlType::F32.id(), vec![0u8; 16], Some(0))
-        .add_tensor_raw("b", &[4], GgmlType::F32.id(), vec![0u8; 16], Some(36));
-    let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::MisalignedTensor { name, offset: 36, alignment: 32 } if name == "b"),
-        "{e:?}"
+    b.add_tensor_raw("a", &[4], GgmlType::F32.id(), vec![0u8; 16], Some(0)).add_tensor_raw(
+        "b",
+        &[4],
+        GgmlType::F32.id(),
+        vec![0u8; 16],
+        Some(36),
     );
+    let e = open(b.to_bytes());
+    assert!(matches!(&e, GgufError::MisalignedTensor { name, offset: 36, alignment: 32 } if name == "b"), "{e:?}");
     assert_msg(&e, &["\"b\"", "offset 36", "aligned to 32"]);
 
     // With general.alignment = 8 the same offset is still misaligned, 40 is fine.
     let mut b = GgufBuilder::new();
-    b.alignment(8)
-        .add_tensor_raw("a", &[4], GgmlType::F32.id(), vec![0u8; 16], Some(36));
+    b.alignment(8).add_tensor_raw("a", &[4], GgmlType::F32.id(), vec![0u8; 16], Some(36));
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::MisalignedTensor { alignment: 8, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::MisalignedTensor { alignment: 8, .. }), "{e:?}");
     b.tensors[0].offset = Some(40);
-    assert_eq!(
-        GgufFile::from_bytes(b.to_bytes()).unwrap().tensors[0].offset,
-        40
-    );
+    assert_eq!(GgufFile::from_bytes(b.to_bytes()).unwrap().tensors[0].offset, 40);
 }
 
 #[test]
@@ -397,32 +289,28 @@ fn bad_alignment() {
         let mut b = base();
         b.alignment(a);
         let e = open(b.to_bytes());
-        assert!(
-            matches!(e, GgufError::BadAlignment(x) if x == a as u64),
-            "{e:?}"
-        );
+        assert!(matches!(e, GgufError::BadAlignment(x) if x == a as u64), "{e:?}");
         assert_msg(&e, &["general.alignment", &a.to_string()]);
     }
     let mut b = base();
     b.set_kv("general.alignment", Value::U64(32));
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::WrongValueType { key, .. } if key == "general.alignment"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::WrongValueType { key, .. } if key == "general.alignment"), "{e:?}");
     assert_msg(&e, &["general.alignment", "u64", "u32"]);
 }
 
 #[test]
 fn overlapping_tensors() {
     let mut b = GgufBuilder::new();
-    b.add_tensor_raw("first", &[16], GgmlType::F32.id(), vec![0u8; 64], Some(0))
-        .add_tensor_raw("second", &[8], GgmlType::F32.id(), vec![0u8; 32], Some(32));
-    let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::OverlappingTensors { a, b } if a == "first" && b == "second"),
-        "{e:?}"
+    b.add_tensor_raw("first", &[16], GgmlType::F32.id(), vec![0u8; 64], Some(0)).add_tensor_raw(
+        "second",
+        &[8],
+        GgmlType::F32.id(),
+        vec![0u8; 32],
+        Some(32),
     );
+    let e = open(b.to_bytes());
+    assert!(matches!(&e, GgufError::OverlappingTensors { a, b } if a == "first" && b == "second"), "{e:?}");
     assert_msg(&e, &["\"first\"", "\"second\"", "overlap"]);
     // Touching is fine.
     b.tensors[1].offset = Some(64);
@@ -440,23 +328,12 @@ fn element_count_not_a_block_multiple() {
                 if name == "blk.0.attn_q.weight" && *row_len == dims[0]),
             "{e:?}"
         );
-        assert_msg(
-            &e,
-            &[
-                "\"blk.0.attn_q.weight\"",
-                &format!("row length {}", dims[0]),
-                "Q4_0",
-                "32",
-            ],
-        );
+        assert_msg(&e, &["\"blk.0.attn_q.weight\"", &format!("row length {}", dims[0]), "Q4_0", "32"]);
     }
     let mut b = GgufBuilder::new();
     b.add_tensor("k", &[128], GgmlType::Q4_K, vec![0u8; 144]);
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::NotBlockMultiple { block: 256, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::NotBlockMultiple { block: 256, .. }), "{e:?}");
     assert_msg(&e, &["\"k\"", "Q4_K", "256"]);
 }
 
@@ -465,19 +342,13 @@ fn bad_shapes() {
     let mut b = GgufBuilder::new();
     b.add_tensor("zero", &[4, 0], GgmlType::F32, vec![]);
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::BadShape { name, .. } if name == "zero"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::BadShape { name, .. } if name == "zero"), "{e:?}");
     assert_msg(&e, &["\"zero\"", "[4, 0]", "zero-sized"]);
 
     let mut b = GgufBuilder::new();
     b.add_tensor("huge", &[1 << 32, 1 << 32, 4], GgmlType::F32, vec![]);
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::BadShape { name, .. } if name == "huge"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::BadShape { name, .. } if name == "huge"), "{e:?}");
     assert_msg(&e, &["\"huge\"", "overflows"]);
 }
 
@@ -487,10 +358,7 @@ fn unknown_tensor_type() {
         let mut b = GgufBuilder::new();
         b.add_tensor_raw("w", &[32], id, vec![0u8; 64], None);
         let e = open(b.to_bytes());
-        assert!(
-            matches!(&e, GgufError::UnknownTensorType { name, id: x } if name == "w" && *x == id),
-            "{e:?}"
-        );
+        assert!(matches!(&e, GgufError::UnknownTensorType { name, id: x } if name == "w" && *x == id), "{e:?}");
         assert_msg(&e, &["\"w\"", &format!("unknown tensor type id {id}")]);
     }
 }
@@ -500,12 +368,7 @@ fn known_but_unsupported_type_opens() {
     // The reader accepts every type ggml defines (so `kiln inspect` can show any file); refusing
     // types kiln cannot run is the quant/model layer's job (kiln-quant: QuantError::Unsupported).
     let mut b = base();
-    b.add_tensor(
-        "blk.0.ffn_down.weight",
-        &[256, 2],
-        GgmlType::IQ2_XXS,
-        vec![0u8; 2 * 66],
-    );
+    b.add_tensor("blk.0.ffn_down.weight", &[256, 2], GgmlType::IQ2_XXS, vec![0u8; 2 * 66]);
     let g = GgufFile::from_bytes(b.to_bytes()).unwrap();
     let t = g.tensor("blk.0.ffn_down.weight").unwrap();
     assert_eq!(t.ggml_type, GgmlType::IQ2_XXS);
@@ -519,10 +382,7 @@ fn duplicate_tensor_name() {
     let mut b = base();
     b.add_f32_tensor("output_norm.weight", &[8], &[0.0; 8]);
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::DuplicateTensor(n) if n == "output_norm.weight"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::DuplicateTensor(n) if n == "output_norm.weight"), "{e:?}");
     assert_msg(&e, &["duplicate tensor name", "\"output_norm.weight\""]);
 }
 
@@ -531,48 +391,20 @@ fn duplicate_key() {
     let mut b = base();
     b.add_u32("llama.block_count", 3);
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::DuplicateKey(k) if k == "llama.block_count"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::DuplicateKey(k) if k == "llama.block_count"), "{e:?}");
     assert_msg(&e, &["duplicate metadata key", "\"llama.block_count\""]);
 }
 
 #[test]
 fn wrong_value_type_for_known_key() {
     let cases: Vec<(&str, Value, &str, &str)> = vec![
-        (
-            "llama.block_count",
-            Value::String("2".into()),
-            "unsigned integer",
-            "string",
-        ),
-        (
-            "llama.block_count",
-            Value::I32(-2),
-            "unsigned integer",
-            "i32",
-        ),
-        (
-            "llama.rope.freq_base",
-            Value::String("1e4".into()),
-            "f32 or f64",
-            "string",
-        ),
+        ("llama.block_count", Value::String("2".into()), "unsigned integer", "string"),
+        ("llama.block_count", Value::I32(-2), "unsigned integer", "i32"),
+        ("llama.rope.freq_base", Value::String("1e4".into()), "f32 or f64", "string"),
         ("general.architecture", Value::U32(1), "string", "u32"),
         ("tokenizer.ggml.add_bos_token", Value::U8(1), "bool", "u8"),
-        (
-            "tokenizer.ggml.tokens",
-            array(ValueType::I32, vec![Value::I32(1)]),
-            "array of string",
-            "array of i32",
-        ),
-        (
-            "tokenizer.ggml.scores",
-            array(ValueType::F64, vec![]),
-            "array of f32",
-            "array of f64",
-        ),
+        ("tokenizer.ggml.tokens", array(ValueType::I32, vec![Value::I32(1)]), "array of string", "array of i32"),
+        ("tokenizer.ggml.scores", array(ValueType::F64, vec![]), "array of f32", "array of f64"),
     ];
     for (key, value, expected, found) in cases {
         let mut b = base();
@@ -609,10 +441,7 @@ fn nesting_too_deep() {
     let mut b = base();
     b.add_kv("deeper", nested(kiln_gguf::MAX_ARRAY_NESTING + 1));
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::NestingTooDeep { key, max: 8 } if key == "deeper"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::NestingTooDeep { key, max: 8 } if key == "deeper"), "{e:?}");
     assert_msg(&e, &["\"deeper\"", "nested deeper than 8"]);
 
     // Hostile input: a long chain of "array of array" headers must not recurse unboundedly.
@@ -626,10 +455,7 @@ fn nesting_too_deep() {
         bytes.extend_from_slice(&1u64.to_le_bytes());
     }
     let e = open(bytes);
-    assert!(
-        matches!(&e, GgufError::NestingTooDeep { key, .. } if key == "chain"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::NestingTooDeep { key, .. } if key == "chain"), "{e:?}");
 }
 
 #[test]
@@ -637,10 +463,7 @@ fn too_many_dims() {
     let mut b = GgufBuilder::new();
     b.add_tensor("w5", &[1, 1, 1, 1, 1], GgmlType::F32, vec![0u8; 4]);
     let e = open(b.to_bytes());
-    assert!(
-        matches!(&e, GgufError::TooManyDims { name, n_dims: 5 } if name == "w5"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::TooManyDims { name, n_dims: 5 } if name == "w5"), "{e:?}");
     assert_msg(&e, &["\"w5\"", "5 dimensions", "at most 4"]);
 
     // u32::MAX dims must be refused before any dimension is read or allocated.
@@ -648,24 +471,12 @@ fn too_many_dims() {
     let at = string_at(&bytes, "output.weight") + 8 + "output.weight".len();
     bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     let e = open(bytes);
-    assert!(
-        matches!(
-            &e,
-            GgufError::TooManyDims {
-                n_dims: u32::MAX,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::TooManyDims { n_dims: u32::MAX, .. }), "{e:?}");
 
     // Four is fine.
     let mut b = GgufBuilder::new();
     b.add_tensor("w4", &[2, 1, 1, 2], GgmlType::F32, vec![0u8; 16]);
-    assert_eq!(
-        GgufFile::from_bytes(b.to_bytes()).unwrap().tensors[0].n_elements,
-        4
-    );
+    assert_eq!(GgufFile::from_bytes(b.to_bytes()).unwrap().tensors[0].n_elements, 4);
 }
 
 #[test]
@@ -678,20 +489,14 @@ fn unknown_value_type() {
         matches!(&e, GgufError::UnknownValueType { key, offset, id: 13 } if key == "llama.block_count" && *offset == tag as u64),
         "{e:?}"
     );
-    assert_msg(
-        &e,
-        &["\"llama.block_count\"", &format!("byte {tag}"), "id 13"],
-    );
+    assert_msg(&e, &["\"llama.block_count\"", &format!("byte {tag}"), "id 13"]);
 
     // The element type of an array.
     let mut bytes = base().to_bytes();
     let tag = value_at(&bytes, "tokenizer.ggml.tokens");
     bytes[tag..tag + 4].copy_from_slice(&99u32.to_le_bytes());
     let e = open(bytes);
-    assert!(
-        matches!(&e, GgufError::UnknownValueType { id: 99, offset, .. } if *offset == tag as u64),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::UnknownValueType { id: 99, offset, .. } if *offset == tag as u64), "{e:?}");
     assert_msg(&e, &["\"tokenizer.ggml.tokens\"", "id 99"]);
 }
 
@@ -703,10 +508,7 @@ fn invalid_utf8_and_bad_bool() {
     let at = value_at(&bytes, "general.name");
     bytes[at + 8] = 0xff;
     let e = open(bytes);
-    assert!(
-        matches!(&e, GgufError::InvalidUtf8 { offset, .. } if *offset == at as u64),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::InvalidUtf8 { offset, .. } if *offset == at as u64), "{e:?}");
     assert_msg(&e, &["\"general.name\"", &format!("byte {at}"), "UTF-8"]);
 
     let mut b = base();
@@ -716,14 +518,7 @@ fn invalid_utf8_and_bad_bool() {
     bytes[at] = 2;
     let e = open(bytes);
     assert!(matches!(&e, GgufError::Invalid(_)), "{e:?}");
-    assert_msg(
-        &e,
-        &[
-            "\"tokenizer.ggml.add_bos_token\"",
-            &format!("byte {at}"),
-            "bool",
-        ],
-    );
+    assert_msg(&e, &["\"tokenizer.ggml.add_bos_token\"", &format!("byte {at}"), "bool"]);
 }
 
 #[test]
@@ -744,10 +539,7 @@ fn open_missing_file() {
 fn open_directory() {
     let p = std::env::temp_dir();
     let e = GgufFile::open(&p).unwrap_err();
-    assert!(
-        matches!(&e, GgufError::Io { path, .. } if *path == p),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::Io { path, .. } if *path == p), "{e:?}");
     assert_msg(&e, &[&p.display().to_string(), "directory"]);
 }
 
@@ -758,9 +550,6 @@ fn open_empty_file_on_disk() {
     let p = dir.join("empty.gguf");
     std::fs::write(&p, b"").unwrap();
     let e = GgufFile::open(&p).unwrap_err();
-    assert!(
-        matches!(&e, GgufError::Truncated { offset: 0, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::Truncated { offset: 0, .. }), "{e:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -24,28 +24,20 @@ struct Seed {
 /// synth-tiny-Q4_0 with its full metadata (1024-token vocab, chat template…) and tensor table,
 /// but each tensor cut to a couple of rows so a case parses fast.
 fn synth_seed() -> Seed {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/synth/synth-tiny-Q4_0.gguf");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/synth/synth-tiny-Q4_0.gguf");
     let g = GgufFile::open(&p).unwrap();
     let mut b = GgufBuilder::from_file(&g);
     b.data_len = None;
     for (t, info) in b.tensors.iter_mut().zip(&g.tensors) {
         let ty = info.ggml_type;
         let row = ty.block_size() as u64;
-        t.dims = if info.dims.len() == 1 {
-            vec![row * 2]
-        } else {
-            vec![row, 2]
-        };
+        t.dims = if info.dims.len() == 1 { vec![row * 2] } else { vec![row, 2] };
         t.data.truncate(2 * ty.type_size());
         t.offset = None;
     }
     let bytes = b.to_bytes();
     GgufFile::from_bytes(bytes.clone()).expect("shrunken seed is valid");
-    Seed {
-        header_len: b.header_len() as usize,
-        bytes,
-    }
+    Seed { header_len: b.header_len() as usize, bytes }
 }
 
 /// Every value type, nested arrays, a non-default alignment and a few tensor types.
@@ -72,10 +64,7 @@ fn crafted_seed() -> Seed {
                 ValueType::Array,
                 vec![
                     array(ValueType::U32, vec![Value::U32(1), Value::U32(2)]),
-                    array(
-                        ValueType::Array,
-                        vec![array(ValueType::String, vec![Value::String("x".into())])],
-                    ),
+                    array(ValueType::Array, vec![array(ValueType::String, vec![Value::String("x".into())])]),
                 ],
             ),
         )
@@ -85,10 +74,7 @@ fn crafted_seed() -> Seed {
         .add_tensor("e", &[1, 2, 2, 1], GgmlType::F16, vec![3u8; 8]);
     let bytes = b.to_bytes();
     GgufFile::from_bytes(bytes.clone()).expect("crafted seed is valid");
-    Seed {
-        header_len: b.header_len() as usize,
-        bytes,
-    }
+    Seed { header_len: b.header_len() as usize, bytes }
 }
 
 fn seeds() -> &'static [Seed; 2] {
@@ -105,11 +91,7 @@ struct Pos {
 
 impl Pos {
     fn resolve(self, len: usize, header_len: usize) -> usize {
-        let span = if self.in_header {
-            header_len.min(len)
-        } else {
-            len
-        };
+        let span = if self.in_header { header_len.min(len) } else { len };
         if span == 0 {
             0
         } else {
@@ -174,12 +156,8 @@ fn apply(bytes: &mut Vec<u8>, header_len: usize, m: &Mutation) {
     match m {
         Mutation::FlipBit(p, bit) if len > 0 => bytes[p.resolve(len, header_len)] ^= 1 << bit,
         Mutation::SetByte(p, b) if len > 0 => bytes[p.resolve(len, header_len)] = *b,
-        Mutation::WriteU32(p, v) if len > 0 => {
-            write(bytes, p.resolve(len, header_len), &v.to_le_bytes())
-        }
-        Mutation::WriteU64(p, v) if len > 0 => {
-            write(bytes, p.resolve(len, header_len), &v.to_le_bytes())
-        }
+        Mutation::WriteU32(p, v) if len > 0 => write(bytes, p.resolve(len, header_len), &v.to_le_bytes()),
+        Mutation::WriteU64(p, v) if len > 0 => write(bytes, p.resolve(len, header_len), &v.to_le_bytes()),
         Mutation::Truncate(p) => bytes.truncate(p.resolve(len, header_len)),
         Mutation::Insert(p, b) => {
             let at = p.resolve(len, header_len);
@@ -200,13 +178,7 @@ fn exercise(g: &GgufFile) {
         assert_eq!(g.tensor(&t.name).map(|x| x.offset), Some(t.offset));
     }
     for (k, _) in &g.metadata {
-        let _ = (
-            g.get_u64(k),
-            g.get_f64(k),
-            g.get_str(k),
-            g.get_bool(k),
-            g.get_array(k),
-        );
+        let _ = (g.get_u64(k), g.get_f64(k), g.get_str(k), g.get_bool(k), g.get_array(k));
     }
     let s = inspect::Summary::new(g);
     serde_json::to_string_pretty(&s).unwrap();
@@ -218,10 +190,7 @@ fn exercise(g: &GgufFile) {
 }
 
 fn cases() -> u32 {
-    std::env::var("KILN_FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000)
+    std::env::var("KILN_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)
 }
 
 proptest! {
@@ -325,24 +294,13 @@ fn no_allocation_sized_by_untrusted_counts() {
         ("metadata count", header(0, u64::MAX), 0),
         ("tensor count", header(u64::MAX, 0), 0),
         ("bool array count", kv_array(ValueType::Bool, PAD as u64), 2),
-        (
-            "string array count",
-            kv_array(ValueType::String, (PAD / 8) as u64),
-            0xff,
-        ),
-        (
-            "nested array count",
-            kv_array(ValueType::Array, (PAD / 12) as u64),
-            0xff,
-        ),
+        ("string array count", kv_array(ValueType::String, (PAD / 8) as u64), 0xff),
+        ("nested array count", kv_array(ValueType::Array, (PAD / 12) as u64), 0xff),
     ];
     for (what, mut bytes, fill) in cases {
         bytes.resize(bytes.len() + PAD, fill);
         assert!(GgufFile::from_bytes(bytes.clone()).is_err(), "{what}");
         let largest = largest_allocation_parsing(bytes);
-        assert!(
-            largest <= LIMIT,
-            "{what}: one allocation of {largest} bytes parsing a {PAD}-byte file"
-        );
+        assert!(largest <= LIMIT, "{what}: one allocation of {largest} bytes parsing a {PAD}-byte file");
     }
 }

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use kiln_gguf::{GgufBuilder, GgufFile};
 
 fn shared(dir: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared")
-        .join(dir);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared").join(dir);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -72,20 +70,9 @@ fn write_then_open_from_disk() {
     b.write(&path).unwrap();
     let g = GgufFile::open(&path).unwrap();
     assert_eq!(g.get_u64("llama.block_count").unwrap(), Some(1));
-    assert_eq!(
-        g.get_array("tokenizer.ggml.tokens")
-            .unwrap()
-            .unwrap()
-            .items
-            .len(),
-        4
-    );
+    assert_eq!(g.get_array("tokenizer.ggml.tokens").unwrap().unwrap().items.len(), 4);
     let t = g.tensor("output_norm.weight").unwrap();
-    let vals: Vec<f32> = g
-        .tensor_data(t)
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let vals: Vec<f32> = g.tensor_data(t).chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(vals, [1.0, 2.0, 3.0, 4.0]);
     drop(g);
     std::fs::remove_dir_all(&dir).unwrap();

@@ -43,18 +43,13 @@ impl LlamaConfig {
         let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<usize, ModelError> {
             let full = key(k);
-            g.get_u64(&full)?
-                .map(|v| v as usize)
-                .ok_or(ModelError::MissingKey(full))
+            g.get_u64(&full)?.map(|v| v as usize).ok_or(ModelError::MissingKey(full))
         };
         let n_embd = req("embedding_length")?;
         let n_head = req("attention.head_count")?;
         let n_layer = req("block_count")?;
         let n_ff = req("feed_forward_length")?;
-        let n_head_kv = g
-            .get_u64(&key("attention.head_count_kv"))?
-            .map(|v| v as usize)
-            .unwrap_or(n_head);
+        let n_head_kv = g.get_u64(&key("attention.head_count_kv"))?.map(|v| v as usize).unwrap_or(n_head);
         if n_head == 0 || n_head_kv == 0 || n_embd == 0 || n_layer == 0 || n_ff == 0 {
             return Err(ModelError::BadConfig("zero-sized dimension".into()));
         }
@@ -70,14 +65,9 @@ impl LlamaConfig {
             }
         };
         if n_head % n_head_kv != 0 {
-            return Err(ModelError::BadConfig(format!(
-                "{n_head} heads is not a multiple of {n_head_kv} KV heads"
-            )));
+            return Err(ModelError::BadConfig(format!("{n_head} heads is not a multiple of {n_head_kv} KV heads")));
         }
-        let n_rot = g
-            .get_u64(&key("rope.dimension_count"))?
-            .map(|v| v as usize)
-            .unwrap_or(head_dim);
+        let n_rot = g.get_u64(&key("rope.dimension_count"))?.map(|v| v as usize).unwrap_or(head_dim);
         if n_rot > head_dim || n_rot % 2 != 0 {
             return Err(ModelError::BadConfig(format!(
                 "rope dimension {n_rot} must be even and at most the head size {head_dim}"
@@ -106,18 +96,14 @@ impl LlamaConfig {
         let rms_eps = g
             .get_f64(&key("attention.layer_norm_rms_epsilon"))?
             .ok_or_else(|| ModelError::MissingKey(key("attention.layer_norm_rms_epsilon")))?;
-        let n_ctx_train = g
-            .get_u64(&key("context_length"))?
-            .map(|v| v as usize)
-            .unwrap_or(2048);
-        let embd = g
-            .tensor("token_embd.weight")
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let n_ctx_train = g.get_u64(&key("context_length"))?.map(|v| v as usize).unwrap_or(2048);
+        let embd =
+            g.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
         let n_vocab = embd.dims.get(1).copied().unwrap_or(0) as usize;
+        // Written so that NaN fails the checks too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if n_rot == 0 || !(rope_base > 0.0) || !(rms_eps >= 0.0) || n_vocab == 0 {
-            return Err(ModelError::BadConfig(
-                "rope base, rope dimension and vocabulary must be positive".into(),
-            ));
+            return Err(ModelError::BadConfig("rope base, rope dimension and vocabulary must be positive".into()));
         }
         Ok(LlamaConfig {
             arch,

@@ -11,16 +11,9 @@ pub enum ModelError {
     #[error("missing tensor {0:?}")]
     MissingTensor(String),
     #[error("tensor {name:?}: {source}")]
-    Tensor {
-        name: String,
-        source: kiln_quant::QuantError,
-    },
+    Tensor { name: String, source: kiln_quant::QuantError },
     #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
-    BadShape {
-        name: String,
-        found: Vec<u64>,
-        expected: Vec<u64>,
-    },
+    BadShape { name: String, found: Vec<u64>, expected: Vec<u64> },
     #[error("invalid hyper-parameters: {0}")]
     BadConfig(String),
     #[error("token id {id} is out of range (vocabulary has {n_vocab} tokens)")]

@@ -31,6 +31,24 @@ pub fn forward(
     tokens: &[u32],
     precision: Precision,
     want: Logits,
+    obs: Option<&mut dyn Observer>,
+) -> Result<Vec<f32>, ModelError> {
+    // Run on a pool thread: the many short parallel sections inside then start by work stealing
+    // instead of waking the pool from outside for each one (a large cost per generated token).
+    if rayon::current_thread_index().is_none() {
+        let mut result = None;
+        rayon::scope(|_| result = Some(forward_in_pool(w, cache, tokens, precision, want, obs)));
+        return result.expect("rayon::scope runs its closure");
+    }
+    forward_in_pool(w, cache, tokens, precision, want, obs)
+}
+
+fn forward_in_pool(
+    w: &LlamaWeights,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    precision: Precision,
+    want: Logits,
     mut obs: Option<&mut dyn Observer>,
 ) -> Result<Vec<f32>, ModelError> {
     let cfg = &w.cfg;
@@ -40,16 +58,10 @@ pub fn forward(
     }
     let pos0 = cache.len;
     if pos0 + n > cache.n_ctx {
-        return Err(ModelError::ContextFull {
-            needed: pos0 + n,
-            n_ctx: cache.n_ctx,
-        });
+        return Err(ModelError::ContextFull { needed: pos0 + n, n_ctx: cache.n_ctx });
     }
     if let Some(&id) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-        return Err(ModelError::TokenOutOfRange {
-            id,
-            n_vocab: cfg.n_vocab,
-        });
+        return Err(ModelError::TokenOutOfRange { id, n_vocab: cfg.n_vocab });
     }
     let (e, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
     let mm = |m: &QMatrix, x: &[f32], out: &mut [f32]| match precision {
@@ -60,20 +72,9 @@ pub fn forward(
     // Reuse the sequence's work buffers: no allocation per generated token.
     let mut bufs = std::mem::take(&mut cache.buffers);
     bufs.resize(n, e, qd, kvd, ff);
-    let Buffers {
-        x,
-        h,
-        q,
-        k,
-        v,
-        attn,
-        proj,
-        gate,
-        up,
-    } = &mut bufs;
+    let Buffers { x, h, q, k, v, attn, proj, gate, up } = &mut bufs;
     for (t, &tok) in tokens.iter().enumerate() {
-        w.token_embd
-            .dequantize_row_into(tok as usize, &mut x[t * e..(t + 1) * e]);
+        w.token_embd.dequantize_row_into(tok as usize, &mut x[t * e..(t + 1) * e]);
     }
     emit(&mut obs, None, "token_embd", n, e, x);
 
@@ -184,16 +185,17 @@ impl Buffers {
     }
 }
 
-fn emit(obs: &mut Option<&mut dyn Observer>, layer: Option<usize>, op: &'static str, rows: usize, cols: usize, data: &[f32]) {
+fn emit(
+    obs: &mut Option<&mut dyn Observer>,
+    layer: Option<usize>,
+    op: &'static str,
+    rows: usize,
+    cols: usize,
+    data: &[f32],
+) {
     if let Some(o) = obs.as_deref_mut() {
         if o.wants(layer, op) {
-            o.observe(&Activation {
-                layer,
-                op,
-                rows,
-                cols,
-                data,
-            });
+            o.observe(&Activation { layer, op, rows, cols, data });
         }
     }
 }
@@ -305,64 +307,64 @@ fn attention(
         .for_each_init(
             || (Vec::<f64>::new(), Vec::<f64>::new(), Vec::<f32>::new()),
             |(scores64, acc, scores32), (idx, ((o, qh), wrow))| {
-            let (t, h) = (idx / n_head, idx % n_head);
-            let kh = h / group;
-            let len = pos0 + t + 1;
-            let key = |s: usize| &keys[s * kvd + kh * d..s * kvd + kh * d + d];
-            let val = |s: usize| &values[s * kvd + kh * d..s * kvd + kh * d + d];
-            match precision {
-                Precision::Exact => {
-                    scores64.clear();
-                    scores64.extend((0..len).map(|s| dot_f64(qh, key(s)) * scale));
-                    let max = scores64.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    for s in scores64.iter_mut() {
-                        *s = (*s - max).exp();
-                    }
-                    let exps = &*scores64;
-                    let sum: f64 = exps.iter().sum();
-                    acc.clear();
-                    acc.resize(d, 0.0);
-                    for (s, &p) in exps.iter().enumerate() {
-                        let p = p / sum;
-                        for (a, &vv) in acc.iter_mut().zip(val(s)) {
-                            *a += p * vv as f64;
+                let (t, h) = (idx / n_head, idx % n_head);
+                let kh = h / group;
+                let len = pos0 + t + 1;
+                let key = |s: usize| &keys[s * kvd + kh * d..s * kvd + kh * d + d];
+                let val = |s: usize| &values[s * kvd + kh * d..s * kvd + kh * d + d];
+                match precision {
+                    Precision::Exact => {
+                        scores64.clear();
+                        scores64.extend((0..len).map(|s| dot_f64(qh, key(s)) * scale));
+                        let max = scores64.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        for s in scores64.iter_mut() {
+                            *s = (*s - max).exp();
+                        }
+                        let exps = &*scores64;
+                        let sum: f64 = exps.iter().sum();
+                        acc.clear();
+                        acc.resize(d, 0.0);
+                        for (s, &p) in exps.iter().enumerate() {
+                            let p = p / sum;
+                            for (a, &vv) in acc.iter_mut().zip(val(s)) {
+                                *a += p * vv as f64;
+                            }
+                        }
+                        for (oo, a) in o.iter_mut().zip(acc.iter()) {
+                            *oo = *a as f32;
+                        }
+                        if let Some(wr) = wrow {
+                            for (wv, &p) in wr.iter_mut().zip(exps.iter()) {
+                                *wv = (p / sum) as f32;
+                            }
                         }
                     }
-                    for (oo, a) in o.iter_mut().zip(acc.iter()) {
-                        *oo = *a as f32;
-                    }
-                    if let Some(wr) = wrow {
-                        for (wv, &p) in wr.iter_mut().zip(exps.iter()) {
-                            *wv = (p / sum) as f32;
+                    Precision::Fast => {
+                        let sc = scale as f32;
+                        scores32.clear();
+                        scores32.extend((0..len).map(|s| dot_f32(qh, key(s)) * sc));
+                        let scores = scores32;
+                        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0f64;
+                        for s in scores.iter_mut() {
+                            *s = (*s - max).exp();
+                            sum += *s as f64;
+                        }
+                        let inv = (1.0 / sum) as f32;
+                        o.fill(0.0);
+                        for (s, &p) in scores.iter().enumerate() {
+                            let p = p * inv;
+                            for (a, &vv) in o.iter_mut().zip(val(s)) {
+                                *a += p * vv;
+                            }
+                        }
+                        if let Some(wr) = wrow {
+                            for (wv, &p) in wr.iter_mut().zip(scores.iter()) {
+                                *wv = p * inv;
+                            }
                         }
                     }
                 }
-                Precision::Fast => {
-                    let sc = scale as f32;
-                    scores32.clear();
-                    scores32.extend((0..len).map(|s| dot_f32(qh, key(s)) * sc));
-                    let scores = scores32;
-                    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f64;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s as f64;
-                    }
-                    let inv = (1.0 / sum) as f32;
-                    o.fill(0.0);
-                    for (s, &p) in scores.iter().enumerate() {
-                        let p = p * inv;
-                        for (a, &vv) in o.iter_mut().zip(val(s)) {
-                            *a += p * vv;
-                        }
-                    }
-                    if let Some(wr) = wrow {
-                        for (wv, &p) in wr.iter_mut().zip(scores.iter()) {
-                            *wv = p * inv;
-                        }
-                    }
-                }
-            }
             },
         );
     weights

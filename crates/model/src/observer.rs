@@ -24,7 +24,7 @@ impl Activation<'_> {
     }
 }
 
-pub trait Observer {
+pub trait Observer: Send {
     /// Whether the observer wants this activation; lets the forward pass skip building it.
     fn wants(&self, layer: Option<usize>, op: &'static str) -> bool {
         let _ = (layer, op);

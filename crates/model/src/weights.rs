@@ -33,26 +33,16 @@ impl<'a> LlamaWeights<'a> {
     pub fn load(g: &'a GgufFile) -> Result<LlamaWeights<'a>, ModelError> {
         let cfg = LlamaConfig::from_gguf(g)?;
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix<'a>, ModelError> {
-            let t = g
-                .tensor(name)
-                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            let t = g.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
             let expected = vec![cols as u64, rows as u64];
             if t.dims != expected {
-                return Err(ModelError::BadShape {
-                    name: name.to_string(),
-                    found: t.dims.clone(),
-                    expected,
-                });
+                return Err(ModelError::BadShape { name: name.to_string(), found: t.dims.clone(), expected });
             }
-            QMatrix::new(t.ggml_type, g.tensor_data(t), rows, cols).map_err(|source| ModelError::Tensor {
-                name: name.to_string(),
-                source,
-            })
+            QMatrix::new(t.ggml_type, g.tensor_data(t), rows, cols)
+                .map_err(|source| ModelError::Tensor { name: name.to_string(), source })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
-            let t = g
-                .tensor(name)
-                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            let t = g.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
             if t.dims != [len as u64] {
                 return Err(ModelError::BadShape {
                     name: name.to_string(),
@@ -61,12 +51,8 @@ impl<'a> LlamaWeights<'a> {
                 });
             }
             let mut out = vec![0f32; len];
-            kiln_quant::dequantize_row(t.ggml_type, g.tensor_data(t), &mut out).map_err(|source| {
-                ModelError::Tensor {
-                    name: name.to_string(),
-                    source,
-                }
-            })?;
+            kiln_quant::dequantize_row(t.ggml_type, g.tensor_data(t), &mut out)
+                .map_err(|source| ModelError::Tensor { name: name.to_string(), source })?;
             Ok(out)
         };
         let token_embd = matrix("token_embd.weight", cfg.n_vocab, cfg.n_embd)?;
@@ -94,15 +80,7 @@ impl<'a> LlamaWeights<'a> {
             Some(_) => Some(vector("rope_freqs.weight", cfg.n_rot / 2)?),
             None => None,
         };
-        Ok(LlamaWeights {
-            cfg,
-            token_embd,
-            layers,
-            output_norm,
-            output,
-            output_is_tied,
-            rope_freqs,
-        })
+        Ok(LlamaWeights { cfg, token_embd, layers, output_norm, output, output_is_tied, rope_freqs })
     }
 
     /// Bytes of weight data read per generated token (every matrix once, plus one embedding row).

@@ -72,19 +72,11 @@ impl ActQ8K {
 
     /// The activations this vector stands for: `d * q` per element (for tests and error bounds).
     pub fn dequantize(&self) -> Vec<f32> {
-        self.qs
-            .chunks_exact(QK_K)
-            .zip(&self.d)
-            .flat_map(|(q, &d)| q.iter().map(move |&v| d * v as f32))
-            .collect()
+        self.qs.chunks_exact(QK_K).zip(&self.d).flat_map(|(q, &d)| q.iter().map(move |&v| d * v as f32)).collect()
     }
 
     fn resize(&mut self, n: usize) {
-        assert_eq!(
-            n % QK_K,
-            0,
-            "ActQ8K: length {n} is not a multiple of {QK_K}"
-        );
+        assert_eq!(n % QK_K, 0, "ActQ8K: length {n} is not a multiple of {QK_K}");
         let nb = n / QK_K;
         self.d.clear();
         self.d.resize(nb, 0.0);
@@ -106,11 +98,8 @@ fn scale_of(amax: f32) -> (f32, f32) {
 }
 
 fn quantize_blocks_scalar(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
-    for (((xb, db), qb), sb) in x
-        .chunks_exact(QK_K)
-        .zip(d.iter_mut())
-        .zip(qs.chunks_exact_mut(QK_K))
-        .zip(bsums.chunks_exact_mut(16))
+    for (((xb, db), qb), sb) in
+        x.chunks_exact(QK_K).zip(d.iter_mut()).zip(qs.chunks_exact_mut(QK_K)).zip(bsums.chunks_exact_mut(16))
     {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let (scale, id) = scale_of(amax);

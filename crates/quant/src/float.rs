@@ -30,15 +30,7 @@ mod tests {
 
     #[test]
     fn f32_round_trip() {
-        let vals = [
-            0.0f32,
-            -0.0,
-            1.5,
-            -3.25e-20,
-            f32::MAX,
-            f32::MIN_POSITIVE,
-            f32::INFINITY,
-        ];
+        let vals = [0.0f32, -0.0, 1.5, -3.25e-20, f32::MAX, f32::MIN_POSITIVE, f32::INFINITY];
         let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = vec![0.0; vals.len()];
         dequantize_row_f32(&bytes, &mut out);
@@ -61,10 +53,7 @@ mod tests {
     #[test]
     fn bf16_is_upper_half() {
         let vals = [1.0f32, -7.5, 3.0e38, 1.0e-38];
-        let bytes: Vec<u8> = vals
-            .iter()
-            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
         let mut out = vec![0.0; vals.len()];
         dequantize_row_bf16(&bytes, &mut out);
         for (a, b) in vals.iter().zip(&out) {

@@ -6,9 +6,7 @@
 use half::f16;
 
 /// The non-linear 4-bit codebook shared by IQ4_NL and IQ4_XS.
-pub const KVALUES_IQ4NL: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-];
+pub const KVALUES_IQ4NL: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 /// Elements per block.
 pub const QK: usize = 32;
@@ -31,27 +29,16 @@ impl BlockIq4Nl {
     /// Reads a block from exactly [`BLOCK_BYTES`] bytes (any alignment).
     #[inline]
     pub fn from_bytes(b: &[u8]) -> Self {
-        assert_eq!(
-            b.len(),
-            BLOCK_BYTES,
-            "an IQ4_NL block is {BLOCK_BYTES} bytes"
-        );
+        assert_eq!(b.len(), BLOCK_BYTES, "an IQ4_NL block is {BLOCK_BYTES} bytes");
         let mut qs = [0u8; QK / 2];
         qs.copy_from_slice(&b[2..]);
-        Self {
-            d: f16::from_le_bytes([b[0], b[1]]),
-            qs,
-        }
+        Self { d: f16::from_le_bytes([b[0], b[1]]), qs }
     }
 
     /// Writes the block into exactly [`BLOCK_BYTES`] bytes.
     #[inline]
     pub fn write_bytes(&self, out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            BLOCK_BYTES,
-            "an IQ4_NL block is {BLOCK_BYTES} bytes"
-        );
+        assert_eq!(out.len(), BLOCK_BYTES, "an IQ4_NL block is {BLOCK_BYTES} bytes");
         out[..2].copy_from_slice(&self.d.to_le_bytes());
         out[2..].copy_from_slice(&self.qs);
     }
@@ -106,11 +93,7 @@ const SCALE_TRIES: i32 = 7;
 /// Panics unless `src.len()` is a multiple of 32 and `dst` holds exactly its blocks.
 pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
     assert_eq!(src.len() % QK, 0, "IQ4_NL rows are whole 32-element blocks");
-    assert_eq!(
-        dst.len(),
-        src.len() / QK * BLOCK_BYTES,
-        "IQ4_NL destination size"
-    );
+    assert_eq!(dst.len(), src.len() / QK * BLOCK_BYTES, "IQ4_NL destination size");
     for (x, out) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
         let mut amax = 0.0f32;
         let mut max = 0.0f32;
@@ -197,11 +180,7 @@ mod tests {
         let y = round_trip(x);
         for (bx, by) in x.chunks_exact(QK).zip(y.chunks_exact(QK)) {
             let amax = bx.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let sse: f64 = bx
-                .iter()
-                .zip(by)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
+            let sse: f64 = bx.iter().zip(by).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let rms = (sse / QK as f64).sqrt();
             let tol = amax as f64 * (14.0 / 127.0 + 2.0 / 1024.0) + 1e-6;
             if rms > tol {
@@ -216,11 +195,7 @@ mod tests {
         let mut y = vec![0.0f32; x.len()];
         dequantize_row(&bytes, &mut y);
         let exact: f64 = y.iter().zip(act).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let mag: f64 = y
-            .iter()
-            .zip(act)
-            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-            .sum();
+        let mag: f64 = y.iter().zip(act).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
         let got = vec_dot_unopt(&bytes, act) as f64;
         let tol = 2.0 * (x.len() as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
         assert!((got - exact).abs() <= tol, "{got} vs {exact} (tol {tol})");
@@ -261,9 +236,7 @@ mod tests {
         check_round_trip(&[0.0; QK]).unwrap();
         assert!(round_trip(&[0.0; QK]).iter().all(|v| *v == 0.0));
         // values on the codebook with a power-of-two scale come back exactly
-        let exact: Vec<f32> = (0..QK)
-            .map(|i| 0.25 * f32::from(KVALUES_IQ4NL[i % 16]))
-            .collect();
+        let exact: Vec<f32> = (0..QK).map(|i| 0.25 * f32::from(KVALUES_IQ4NL[i % 16])).collect();
         assert_eq!(round_trip(&exact), exact);
     }
 

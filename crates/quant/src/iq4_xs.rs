@@ -72,8 +72,7 @@ impl BlockIQ4XS {
 
 fn blocks(src: &[u8]) -> impl Iterator<Item = BlockIQ4XS> + '_ {
     debug_assert_eq!(src.len() % BLOCK_BYTES, 0);
-    src.chunks_exact(BLOCK_BYTES)
-        .map(|c| BlockIQ4XS::from_bytes(c.try_into().unwrap()))
+    src.chunks_exact(BLOCK_BYTES).map(|c| BlockIQ4XS::from_bytes(c.try_into().unwrap()))
 }
 
 /// Dequantizes whole blocks; lengths are checked by the caller.
@@ -87,11 +86,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// [`dequantize_row`] does, products summed in f32 in element order.
 pub fn vec_dot_unopt(row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(row.len() % BLOCK_BYTES, 0, "IQ4_XS row is not whole blocks");
-    assert_eq!(
-        row.len() / BLOCK_BYTES * QK_K,
-        x.len(),
-        "IQ4_XS row/activation length mismatch"
-    );
+    assert_eq!(row.len() / BLOCK_BYTES * QK_K, x.len(), "IQ4_XS row/activation length mismatch");
     let mut buf = [0f32; QK_K];
     let mut sum = 0f32;
     for (b, xs) in blocks(row).zip(x.chunks_exact(QK_K)) {
@@ -122,12 +117,7 @@ mod tests {
         qs[0] = 0xF0; // element 0: index 0 (-127), element 16: index 15 (113)
         qs[16] = 0x08; // element 32: index 8 (1), element 48: index 0 (-127)
         qs[127] = 0x70; // element 255 (j 7, l 31): index 7 (-10); element 239: index 0
-        let b = BlockIQ4XS {
-            d: f16::from_f32(0.5),
-            scales_h,
-            scales_l,
-            qs,
-        };
+        let b = BlockIQ4XS { d: f16::from_f32(0.5), scales_h, scales_l, qs };
         for (j, &v) in ls.iter().enumerate() {
             assert_eq!(b.scale(j), v as i8 - 32);
         }

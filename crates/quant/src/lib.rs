@@ -8,12 +8,12 @@
 pub mod act_q8;
 pub mod act_q8k;
 pub mod dot_float;
-pub mod dot_legacy;
 pub mod dot_kquant;
+pub mod dot_legacy;
 pub mod float;
-pub mod matmul;
 pub mod iq4_nl;
 pub mod iq4_xs;
+pub mod matmul;
 pub mod q2_k;
 pub mod q3_k;
 pub mod q4_0;
@@ -32,18 +32,9 @@ pub enum QuantError {
     #[error("tensor type {0} is not supported by kiln (supported: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS)")]
     Unsupported(GgmlType),
     #[error("{ty}: {n_elements} elements is not a whole number of {block}-element blocks")]
-    NotBlockMultiple {
-        ty: GgmlType,
-        n_elements: usize,
-        block: usize,
-    },
+    NotBlockMultiple { ty: GgmlType, n_elements: usize, block: usize },
     #[error("{ty}: {n_elements} elements need {expected} bytes, got {got}")]
-    WrongByteCount {
-        ty: GgmlType,
-        n_elements: usize,
-        expected: usize,
-        got: usize,
-    },
+    WrongByteCount { ty: GgmlType, n_elements: usize, expected: usize, got: usize },
 }
 
 /// Dequantizes `dst.len()` consecutive elements stored as `ty` in `src` into `dst`.
@@ -51,21 +42,12 @@ pub enum QuantError {
 /// `src` must hold exactly the bytes of those elements (`ty.bytes_for(dst.len())`).
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
     let block = ty.block_size();
-    if dst.len() % block != 0 {
-        return Err(QuantError::NotBlockMultiple {
-            ty,
-            n_elements: dst.len(),
-            block,
-        });
+    if !dst.len().is_multiple_of(block) {
+        return Err(QuantError::NotBlockMultiple { ty, n_elements: dst.len(), block });
     }
     let expected = dst.len() / block * ty.type_size();
     if src.len() != expected {
-        return Err(QuantError::WrongByteCount {
-            ty,
-            n_elements: dst.len(),
-            expected,
-            got: src.len(),
-        });
+        return Err(QuantError::WrongByteCount { ty, n_elements: dst.len(), expected, got: src.len() });
     }
     match ty {
         GgmlType::F32 => float::dequantize_row_f32(src, dst),

@@ -27,12 +27,8 @@ impl<'a> QMatrix<'a> {
         if !ty.is_supported() {
             return Err(QuantError::Unsupported(ty));
         }
-        if cols % ty.block_size() != 0 {
-            return Err(QuantError::NotBlockMultiple {
-                ty,
-                n_elements: cols,
-                block: ty.block_size(),
-            });
+        if !cols.is_multiple_of(ty.block_size()) {
+            return Err(QuantError::NotBlockMultiple { ty, n_elements: cols, block: ty.block_size() });
         }
         let row_bytes = cols / ty.block_size() * ty.type_size();
         if data.len() != row_bytes * rows {
@@ -43,13 +39,7 @@ impl<'a> QMatrix<'a> {
                 got: data.len(),
             });
         }
-        Ok(QMatrix {
-            ty,
-            data,
-            rows,
-            cols,
-            row_bytes,
-        })
+        Ok(QMatrix { ty, data, rows, cols, row_bytes })
     }
 
     pub fn row(&self, r: usize) -> &'a [u8] {
@@ -135,7 +125,17 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
         ActFormat::Q8 => {
             let mut scratch = take_scratch();
             let planes = activation_planes();
-            prepare(&mut scratch.q8, &mut scratch.residual, x, n, cols, planes, ActQ8::new, |a, x| a.quantize(x), residual_q8);
+            prepare(
+                &mut scratch.q8,
+                &mut scratch.residual,
+                x,
+                n,
+                cols,
+                planes,
+                ActQ8::new,
+                |a, x| a.quantize(x),
+                residual_q8,
+            );
             let acts = &scratch.q8[..n * planes];
             run_tiles(w, n, out, TOKEN_GROUP / planes, |row, t0, res| {
                 let k = res.len() * planes;
@@ -151,11 +151,22 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
         ActFormat::Q8K => {
             let mut scratch = take_scratch();
             let planes = activation_planes();
-            prepare(&mut scratch.q8k, &mut scratch.residual, x, n, cols, planes, ActQ8K::new, |a, x| a.quantize(x), residual_q8k);
+            prepare(
+                &mut scratch.q8k,
+                &mut scratch.residual,
+                x,
+                n,
+                cols,
+                planes,
+                ActQ8K::new,
+                |a, x| a.quantize(x),
+                residual_q8k,
+            );
             let acts = &scratch.q8k[..n * planes];
             run_tiles(w, n, out, TOKEN_GROUP / planes, |row, t0, res| {
                 let k = res.len() * planes;
-                let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &acts[(t0 * planes + i).min(n * planes - 1)]);
+                let refs: [&ActQ8K; TOKEN_GROUP] =
+                    std::array::from_fn(|i| &acts[(t0 * planes + i).min(n * planes - 1)]);
                 let mut parts = [0f32; TOKEN_GROUP];
                 crate::dot_kquant::vec_dot_q8k_x4(ty, row, &refs[..k], &mut parts[..k]);
                 for (i, r) in res.iter_mut().enumerate() {
@@ -194,20 +205,28 @@ fn prepare<A: Send>(
     if acts.len() < n * planes {
         acts.resize_with(n * planes, new);
     }
-    if planes == 1 {
-        acts[..n].par_iter_mut().zip(x.par_chunks_exact(cols)).for_each(|(a, xt)| quantize(a, xt));
+    residual.resize(n * cols, 0.0);
+    let one = |a: &mut [A], xt: &[f32], r: &mut [f32]| {
+        quantize(&mut a[0], xt);
+        if planes == 2 {
+            residual_of(&a[0], xt, r);
+            quantize(&mut a[1], r);
+        }
+    };
+    // A few vectors are quicker to quantize here than to hand to the pool.
+    if n <= TOKEN_GROUP {
+        for ((a, xt), r) in
+            acts[..n * planes].chunks_mut(planes).zip(x.chunks_exact(cols)).zip(residual.chunks_exact_mut(cols))
+        {
+            one(a, xt, r);
+        }
         return;
     }
-    residual.resize(n * cols, 0.0);
     acts[..n * planes]
         .par_chunks_mut(planes)
         .zip(x.par_chunks_exact(cols))
         .zip(residual.par_chunks_exact_mut(cols))
-        .for_each(|((a, xt), r)| {
-            quantize(&mut a[0], xt);
-            residual_of(&a[0], xt, r);
-            quantize(&mut a[1], r);
-        });
+        .for_each(|((a, xt), r)| one(a, xt, r));
 }
 
 fn residual_q8(a: &ActQ8, x: &[f32], r: &mut [f32]) {
@@ -247,14 +266,12 @@ fn run_tiles(w: &QMatrix, n: usize, out: &mut [f32], group: usize, kernel: impl 
     let rows = w.rows;
     let threads = rayon::current_num_threads().max(1);
     // Enough tasks to balance the threads; tiles of rows small enough to stay in L1 for long prompts.
-    let per = if n == 1 {
-        rows.div_ceil(threads * 8).clamp(1, 256)
-    } else {
-        rows.div_ceil(threads * 4).clamp(1, 16)
-    };
+    let per = if n == 1 { rows.div_ceil(threads * 8).clamp(1, 256) } else { rows.div_ceil(threads * 4).clamp(1, 16) };
     let n_tasks = rows.div_ceil(per);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..n_tasks).into_par_iter().for_each(|task| {
+        // Capture the whole wrapper (Send), not its raw-pointer field (edition 2021 closures).
+        #[allow(clippy::redundant_locals)]
         let ptr = ptr;
         let r0 = task * per;
         let r1 = (r0 + per).min(rows);
@@ -276,13 +293,7 @@ fn run_tiles(w: &QMatrix, n: usize, out: &mut [f32], group: usize, kernel: impl 
 }
 
 /// Runs `kernel(dequantized_row, activations, results)` over row tasks (the exact path).
-fn run_rows(
-    w: &QMatrix,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-    kernel: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
-) {
+fn run_rows(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32], kernel: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) {
     assert_eq!(x.len(), n * w.cols, "activation length");
     assert_eq!(out.len(), n * w.rows, "output length");
     let per = rows_per_task(w.rows, n);

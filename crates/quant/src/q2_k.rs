@@ -68,8 +68,7 @@ impl BlockQ2K {
 
 fn blocks(src: &[u8]) -> impl Iterator<Item = BlockQ2K> + '_ {
     debug_assert_eq!(src.len() % BLOCK_BYTES, 0);
-    src.chunks_exact(BLOCK_BYTES)
-        .map(|c| BlockQ2K::from_bytes(c.try_into().unwrap()))
+    src.chunks_exact(BLOCK_BYTES).map(|c| BlockQ2K::from_bytes(c.try_into().unwrap()))
 }
 
 /// Dequantizes whole blocks; lengths are checked by the caller.
@@ -83,11 +82,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// [`dequantize_row`] does, products summed in f32 in element order.
 pub fn vec_dot_unopt(row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(row.len() % BLOCK_BYTES, 0, "Q2_K row is not whole blocks");
-    assert_eq!(
-        row.len() / BLOCK_BYTES * QK_K,
-        x.len(),
-        "Q2_K row/activation length mismatch"
-    );
+    assert_eq!(row.len() / BLOCK_BYTES * QK_K, x.len(), "Q2_K row/activation length mismatch");
     let mut buf = [0f32; QK_K];
     let mut sum = 0f32;
     for (b, xs) in blocks(row).zip(x.chunks_exact(QK_K)) {
@@ -113,12 +108,7 @@ mod tests {
         let mut qs = [0u8; 64];
         qs[0] = 0b0000_1011; // element 0: 3, element 32: 2
         qs[63] = 0b1100_0000; // element 255 (h 1, s 3, l 31): 3
-        let b = BlockQ2K {
-            scales,
-            qs,
-            d: f16::from_f32(1.0),
-            dmin: f16::from_f32(0.5),
-        };
+        let b = BlockQ2K { scales, qs, d: f16::from_f32(1.0), dmin: f16::from_f32(0.5) };
         let mut out = vec![0f32; QK_K];
         dequantize_row(&b.to_bytes(), &mut out);
         assert_eq!(out[0], 2.0 * 3.0 - 1.5);

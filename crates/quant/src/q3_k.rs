@@ -88,8 +88,7 @@ impl BlockQ3K {
 
 fn blocks(src: &[u8]) -> impl Iterator<Item = BlockQ3K> + '_ {
     debug_assert_eq!(src.len() % BLOCK_BYTES, 0);
-    src.chunks_exact(BLOCK_BYTES)
-        .map(|c| BlockQ3K::from_bytes(c.try_into().unwrap()))
+    src.chunks_exact(BLOCK_BYTES).map(|c| BlockQ3K::from_bytes(c.try_into().unwrap()))
 }
 
 /// Dequantizes whole blocks; lengths are checked by the caller.
@@ -103,11 +102,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// [`dequantize_row`] does, products summed in f32 in element order.
 pub fn vec_dot_unopt(row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(row.len() % BLOCK_BYTES, 0, "Q3_K row is not whole blocks");
-    assert_eq!(
-        row.len() / BLOCK_BYTES * QK_K,
-        x.len(),
-        "Q3_K row/activation length mismatch"
-    );
+    assert_eq!(row.len() / BLOCK_BYTES * QK_K, x.len(), "Q3_K row/activation length mismatch");
     let mut buf = [0f32; QK_K];
     let mut sum = 0f32;
     for (b, xs) in blocks(row).zip(x.chunks_exact(QK_K)) {
@@ -145,12 +140,7 @@ mod tests {
         hmask[0] = 0b0000_0001; // element 0 high bit set (q = 3); element 32 clear (q = 2 - 4)
         qs[63] = 0b0100_0000; // element 255: low 1
         hmask[31] = 0b1000_0000; // element 255 high bit set (q = 1)
-        let b = BlockQ3K {
-            hmask,
-            qs,
-            scales: pack_scales(&sc),
-            d: f16::from_f32(0.5),
-        };
+        let b = BlockQ3K { hmask, qs, scales: pack_scales(&sc), d: f16::from_f32(0.5) };
         let mut out = vec![0f32; QK_K];
         dequantize_row(&b.to_bytes(), &mut out);
         assert_eq!(out[0], 0.5 * 3.0 * 3.0);

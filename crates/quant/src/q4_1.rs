@@ -31,21 +31,13 @@ impl BlockQ4_1 {
         assert_eq!(b.len(), BLOCK_BYTES, "a Q4_1 block is {BLOCK_BYTES} bytes");
         let mut qs = [0u8; QK / 2];
         qs.copy_from_slice(&b[4..]);
-        Self {
-            d: f16::from_le_bytes([b[0], b[1]]),
-            m: f16::from_le_bytes([b[2], b[3]]),
-            qs,
-        }
+        Self { d: f16::from_le_bytes([b[0], b[1]]), m: f16::from_le_bytes([b[2], b[3]]), qs }
     }
 
     /// Writes the block into exactly [`BLOCK_BYTES`] bytes.
     #[inline]
     pub fn write_bytes(&self, out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            BLOCK_BYTES,
-            "a Q4_1 block is {BLOCK_BYTES} bytes"
-        );
+        assert_eq!(out.len(), BLOCK_BYTES, "a Q4_1 block is {BLOCK_BYTES} bytes");
         out[..2].copy_from_slice(&self.d.to_le_bytes());
         out[2..4].copy_from_slice(&self.m.to_le_bytes());
         out[4..].copy_from_slice(&self.qs);
@@ -81,11 +73,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// Panics unless `src.len()` is a multiple of 32 and `dst` holds exactly its blocks.
 pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
     assert_eq!(src.len() % QK, 0, "Q4_1 rows are whole 32-element blocks");
-    assert_eq!(
-        dst.len(),
-        src.len() / QK * BLOCK_BYTES,
-        "Q4_1 destination size"
-    );
+    assert_eq!(dst.len(), src.len() / QK * BLOCK_BYTES, "Q4_1 destination size");
     for (x, out) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
         let min = x.iter().copied().fold(f32::MAX, f32::min);
         let max = x.iter().copied().fold(-f32::MAX, f32::max);
@@ -96,12 +84,7 @@ pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
         for (j, byte) in qs.iter_mut().enumerate() {
             *byte = q(x[j]) | (q(x[j + QK / 2]) << 4);
         }
-        BlockQ4_1 {
-            d: f16::from_f32(d),
-            m: f16::from_f32(min),
-            qs,
-        }
-        .write_bytes(out);
+        BlockQ4_1 { d: f16::from_f32(d), m: f16::from_f32(min), qs }.write_bytes(out);
     }
 }
 
@@ -153,10 +136,7 @@ mod tests {
             let min = bx.iter().copied().fold(f32::MAX, f32::min);
             let max = bx.iter().copied().fold(-f32::MAX, f32::max);
             let d = (max - min) / 15.0;
-            let tol = d * (0.5 + 16.0 / 2048.0)
-                + min.abs() / 2048.0
-                + (min.abs() + max.abs()) * 1e-6
-                + 1e-6;
+            let tol = d * (0.5 + 16.0 / 2048.0) + min.abs() / 2048.0 + (min.abs() + max.abs()) * 1e-6 + 1e-6;
             for (a, b) in bx.iter().zip(by) {
                 if (a - b).abs() > tol {
                     return Err(format!("{a} -> {b}, tolerance {tol}"));
@@ -173,11 +153,7 @@ mod tests {
         let mut y = vec![0.0f32; x.len()];
         dequantize_row(&bytes, &mut y);
         let exact: f64 = y.iter().zip(act).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let mag: f64 = y
-            .iter()
-            .zip(act)
-            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-            .sum();
+        let mag: f64 = y.iter().zip(act).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
         // the m * sum(x) split can cancel: bound its terms separately
         let blk_mag: f64 = bytes
             .chunks_exact(BLOCK_BYTES)

@@ -35,10 +35,7 @@ pub fn get_scale_min(j: usize, s: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        (
-            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
+        ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
     }
 }
 
@@ -99,8 +96,7 @@ impl BlockQ4K {
 
 fn blocks(src: &[u8]) -> impl Iterator<Item = BlockQ4K> + '_ {
     debug_assert_eq!(src.len() % BLOCK_BYTES, 0);
-    src.chunks_exact(BLOCK_BYTES)
-        .map(|c| BlockQ4K::from_bytes(c.try_into().unwrap()))
+    src.chunks_exact(BLOCK_BYTES).map(|c| BlockQ4K::from_bytes(c.try_into().unwrap()))
 }
 
 /// Dequantizes whole blocks; lengths are checked by the caller.
@@ -114,11 +110,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// [`dequantize_row`] does, products summed in f32 in element order.
 pub fn vec_dot_unopt(row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(row.len() % BLOCK_BYTES, 0, "Q4_K row is not whole blocks");
-    assert_eq!(
-        row.len() / BLOCK_BYTES * QK_K,
-        x.len(),
-        "Q4_K row/activation length mismatch"
-    );
+    assert_eq!(row.len() / BLOCK_BYTES * QK_K, x.len(), "Q4_K row/activation length mismatch");
     let mut buf = [0f32; QK_K];
     let mut sum = 0f32;
     for (b, xs) in blocks(row).zip(x.chunks_exact(QK_K)) {
@@ -135,11 +127,7 @@ pub fn vec_dot_unopt(row: &[u8], x: &[f32]) -> f32 {
 /// A simple min/max search per sub-block (no error-minimising refinement): good enough for tests and
 /// for making models, not for matching llama.cpp's output byte for byte.
 pub fn quantize_row(src: &[f32], dst: &mut Vec<u8>) {
-    assert_eq!(
-        src.len() % QK_K,
-        0,
-        "Q4_K quantize: length is not whole blocks"
-    );
+    assert_eq!(src.len() % QK_K, 0, "Q4_K quantize: length is not whole blocks");
     for x in src.chunks_exact(QK_K) {
         dst.extend_from_slice(&quantize_block(x.try_into().unwrap()).to_bytes());
     }
@@ -159,11 +147,7 @@ fn quantize_block(x: &[f32; QK_K]) -> BlockQ4K {
     }
     let max_scale = scales.iter().copied().fold(0f32, f32::max);
     let max_min = mins.iter().copied().fold(0f32, f32::max);
-    let inv_scale = if max_scale > 0.0 {
-        63.0 / max_scale
-    } else {
-        0.0
-    };
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -178,20 +162,11 @@ fn quantize_block(x: &[f32; QK_K]) -> BlockQ4K {
         let dl = d.to_f32() * ls[j] as f32;
         let ml = dmin.to_f32() * lm[j] as f32;
         for (l, &v) in sub.iter().enumerate() {
-            let q = if dl > 0.0 {
-                ((v + ml) / dl).round().clamp(0.0, 15.0) as u8
-            } else {
-                0
-            };
+            let q = if dl > 0.0 { ((v + ml) / dl).round().clamp(0.0, 15.0) as u8 } else { 0 };
             qs[32 * (j / 2) + l] |= q << (4 * (j % 2));
         }
     }
-    BlockQ4K {
-        d,
-        dmin,
-        scales: pack_scale_min(&ls, &lm),
-        qs,
-    }
+    BlockQ4K { d, dmin, scales: pack_scale_min(&ls, &lm), qs }
 }
 
 #[cfg(test)]
@@ -234,12 +209,7 @@ mod tests {
         let mut qs = [0u8; 128];
         qs[0] = 0xA7; // element 0: 7, element 32: 10
         qs[127] = 0xF0; // element 255 (sub-block 7, l = 31): 15; element 223: 0
-        let b = BlockQ4K {
-            d: f16::from_f32(1.0),
-            dmin: f16::from_f32(0.5),
-            scales: pack_scale_min(&sc, &m),
-            qs,
-        };
+        let b = BlockQ4K { d: f16::from_f32(1.0), dmin: f16::from_f32(0.5), scales: pack_scale_min(&sc, &m), qs };
         let mut out = vec![0f32; QK_K];
         dequantize_row(&b.to_bytes(), &mut out);
         assert_eq!(out[0], 2.0 * 7.0 - 1.5);
@@ -272,11 +242,7 @@ mod tests {
         assert_eq!(q.len(), 4 * BLOCK_BYTES);
         let mut y = vec![0f32; x.len()];
         dequantize_row(&q, &mut y);
-        let err = x
-            .iter()
-            .zip(&y)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // step ≈ 2/15 per sub-block; half a step plus the 6-bit scale/min rounding
         assert!(err < 0.12, "max error {err}");
         let zeros = vec![0f32; QK_K];

@@ -32,21 +32,13 @@ impl BlockQ5_0 {
         assert_eq!(b.len(), BLOCK_BYTES, "a Q5_0 block is {BLOCK_BYTES} bytes");
         let mut qs = [0u8; QK / 2];
         qs.copy_from_slice(&b[6..]);
-        Self {
-            d: f16::from_le_bytes([b[0], b[1]]),
-            qh: [b[2], b[3], b[4], b[5]],
-            qs,
-        }
+        Self { d: f16::from_le_bytes([b[0], b[1]]), qh: [b[2], b[3], b[4], b[5]], qs }
     }
 
     /// Writes the block into exactly [`BLOCK_BYTES`] bytes.
     #[inline]
     pub fn write_bytes(&self, out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            BLOCK_BYTES,
-            "a Q5_0 block is {BLOCK_BYTES} bytes"
-        );
+        assert_eq!(out.len(), BLOCK_BYTES, "a Q5_0 block is {BLOCK_BYTES} bytes");
         out[..2].copy_from_slice(&self.d.to_le_bytes());
         out[2..6].copy_from_slice(&self.qh);
         out[6..].copy_from_slice(&self.qs);
@@ -84,11 +76,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// Panics unless `src.len()` is a multiple of 32 and `dst` holds exactly its blocks.
 pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
     assert_eq!(src.len() % QK, 0, "Q5_0 rows are whole 32-element blocks");
-    assert_eq!(
-        dst.len(),
-        src.len() / QK * BLOCK_BYTES,
-        "Q5_0 destination size"
-    );
+    assert_eq!(dst.len(), src.len() / QK * BLOCK_BYTES, "Q5_0 destination size");
     for (x, out) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
         let mut amax = 0.0f32;
         let mut max = 0.0f32;
@@ -110,12 +98,7 @@ pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
             qh |= (q0 >> 4) << j;
             qh |= (q1 >> 4) << (j + QK / 2);
         }
-        BlockQ5_0 {
-            d: f16::from_f32(d),
-            qh: qh.to_le_bytes(),
-            qs,
-        }
-        .write_bytes(out);
+        BlockQ5_0 { d: f16::from_f32(d), qh: qh.to_le_bytes(), qs }.write_bytes(out);
     }
 }
 
@@ -178,11 +161,7 @@ mod tests {
         let mut y = vec![0.0f32; x.len()];
         dequantize_row(&bytes, &mut y);
         let exact: f64 = y.iter().zip(act).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let mag: f64 = y
-            .iter()
-            .zip(act)
-            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-            .sum();
+        let mag: f64 = y.iter().zip(act).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
         let got = vec_dot_unopt(&bytes, act) as f64;
         let tol = 2.0 * (x.len() as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
         assert!((got - exact).abs() <= tol, "{got} vs {exact} (tol {tol})");

@@ -45,11 +45,7 @@ impl BlockQ5_1 {
     /// Writes the block into exactly [`BLOCK_BYTES`] bytes.
     #[inline]
     pub fn write_bytes(&self, out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            BLOCK_BYTES,
-            "a Q5_1 block is {BLOCK_BYTES} bytes"
-        );
+        assert_eq!(out.len(), BLOCK_BYTES, "a Q5_1 block is {BLOCK_BYTES} bytes");
         out[..2].copy_from_slice(&self.d.to_le_bytes());
         out[2..4].copy_from_slice(&self.m.to_le_bytes());
         out[4..8].copy_from_slice(&self.qh);
@@ -89,11 +85,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// Panics unless `src.len()` is a multiple of 32 and `dst` holds exactly its blocks.
 pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
     assert_eq!(src.len() % QK, 0, "Q5_1 rows are whole 32-element blocks");
-    assert_eq!(
-        dst.len(),
-        src.len() / QK * BLOCK_BYTES,
-        "Q5_1 destination size"
-    );
+    assert_eq!(dst.len(), src.len() / QK * BLOCK_BYTES, "Q5_1 destination size");
     for (x, out) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
         let min = x.iter().copied().fold(f32::MAX, f32::min);
         let max = x.iter().copied().fold(-f32::MAX, f32::max);
@@ -109,13 +101,7 @@ pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
             qh |= (q0 >> 4) << j;
             qh |= (q1 >> 4) << (j + QK / 2);
         }
-        BlockQ5_1 {
-            d: f16::from_f32(d),
-            m: f16::from_f32(min),
-            qh: qh.to_le_bytes(),
-            qs,
-        }
-        .write_bytes(out);
+        BlockQ5_1 { d: f16::from_f32(d), m: f16::from_f32(min), qh: qh.to_le_bytes(), qs }.write_bytes(out);
     }
 }
 
@@ -167,10 +153,7 @@ mod tests {
             let min = bx.iter().copied().fold(f32::MAX, f32::min);
             let max = bx.iter().copied().fold(-f32::MAX, f32::max);
             let d = (max - min) / 31.0;
-            let tol = d * (0.5 + 32.0 / 2048.0)
-                + min.abs() / 2048.0
-                + (min.abs() + max.abs()) * 1e-6
-                + 1e-6;
+            let tol = d * (0.5 + 32.0 / 2048.0) + min.abs() / 2048.0 + (min.abs() + max.abs()) * 1e-6 + 1e-6;
             for (a, b) in bx.iter().zip(by) {
                 if (a - b).abs() > tol {
                     return Err(format!("{a} -> {b}, tolerance {tol}"));
@@ -187,11 +170,7 @@ mod tests {
         let mut y = vec![0.0f32; x.len()];
         dequantize_row(&bytes, &mut y);
         let exact: f64 = y.iter().zip(act).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let mag: f64 = y
-            .iter()
-            .zip(act)
-            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-            .sum();
+        let mag: f64 = y.iter().zip(act).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
         // the m * sum(x) split can cancel: bound its terms separately
         let blk_mag: f64 = bytes
             .chunks_exact(BLOCK_BYTES)

@@ -70,8 +70,7 @@ impl BlockQ5K {
 
 fn blocks(src: &[u8]) -> impl Iterator<Item = BlockQ5K> + '_ {
     debug_assert_eq!(src.len() % BLOCK_BYTES, 0);
-    src.chunks_exact(BLOCK_BYTES)
-        .map(|c| BlockQ5K::from_bytes(c.try_into().unwrap()))
+    src.chunks_exact(BLOCK_BYTES).map(|c| BlockQ5K::from_bytes(c.try_into().unwrap()))
 }
 
 /// Dequantizes whole blocks; lengths are checked by the caller.
@@ -85,11 +84,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// [`dequantize_row`] does, products summed in f32 in element order.
 pub fn vec_dot_unopt(row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(row.len() % BLOCK_BYTES, 0, "Q5_K row is not whole blocks");
-    assert_eq!(
-        row.len() / BLOCK_BYTES * QK_K,
-        x.len(),
-        "Q5_K row/activation length mismatch"
-    );
+    assert_eq!(row.len() / BLOCK_BYTES * QK_K, x.len(), "Q5_K row/activation length mismatch");
     let mut buf = [0f32; QK_K];
     let mut sum = 0f32;
     for (b, xs) in blocks(row).zip(x.chunks_exact(QK_K)) {
@@ -122,13 +117,7 @@ mod tests {
         qs[0] = 0xA7; // element 0: low 7, element 32: low 10
         qh[0] = 0b1000_0010; // element 32 (sub-block 1) and element 224 (sub-block 7) get +16
         qs[96] = 0x30; // element 224: low 3
-        let b = BlockQ5K {
-            d: f16::from_f32(1.0),
-            dmin: f16::from_f32(0.5),
-            scales: pack_scale_min(&sc, &m),
-            qh,
-            qs,
-        };
+        let b = BlockQ5K { d: f16::from_f32(1.0), dmin: f16::from_f32(0.5), scales: pack_scale_min(&sc, &m), qh, qs };
         let mut out = vec![0f32; QK_K];
         dequantize_row(&b.to_bytes(), &mut out);
         assert_eq!(out[0], 2.0 * 7.0 - 1.5);

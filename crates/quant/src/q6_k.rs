@@ -76,8 +76,7 @@ impl BlockQ6K {
 
 fn blocks(src: &[u8]) -> impl Iterator<Item = BlockQ6K> + '_ {
     debug_assert_eq!(src.len() % BLOCK_BYTES, 0);
-    src.chunks_exact(BLOCK_BYTES)
-        .map(|c| BlockQ6K::from_bytes(c.try_into().unwrap()))
+    src.chunks_exact(BLOCK_BYTES).map(|c| BlockQ6K::from_bytes(c.try_into().unwrap()))
 }
 
 /// Dequantizes whole blocks; lengths are checked by the caller.
@@ -91,11 +90,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// [`dequantize_row`] does, products summed in f32 in element order.
 pub fn vec_dot_unopt(row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(row.len() % BLOCK_BYTES, 0, "Q6_K row is not whole blocks");
-    assert_eq!(
-        row.len() / BLOCK_BYTES * QK_K,
-        x.len(),
-        "Q6_K row/activation length mismatch"
-    );
+    assert_eq!(row.len() / BLOCK_BYTES * QK_K, x.len(), "Q6_K row/activation length mismatch");
     let mut buf = [0f32; QK_K];
     let mut sum = 0f32;
     for (b, xs) in blocks(row).zip(x.chunks_exact(QK_K)) {
@@ -112,11 +107,7 @@ pub fn vec_dot_unopt(row: &[u8], x: &[f32]) -> f32 {
 /// A simple absmax search per group (no error-minimising refinement): good enough for tests and for
 /// making models, not for matching llama.cpp's output byte for byte.
 pub fn quantize_row(src: &[f32], dst: &mut Vec<u8>) {
-    assert_eq!(
-        src.len() % QK_K,
-        0,
-        "Q6_K quantize: length is not whole blocks"
-    );
+    assert_eq!(src.len() % QK_K, 0, "Q6_K quantize: length is not whole blocks");
     for x in src.chunks_exact(QK_K) {
         dst.extend_from_slice(&quantize_block(x.try_into().unwrap()).to_bytes());
     }
@@ -124,9 +115,7 @@ pub fn quantize_row(src: &[f32], dst: &mut Vec<u8>) {
 
 /// The value of largest magnitude (with its sign), 0 for an empty or all-zero slice.
 fn signed_absmax(x: &[f32]) -> f32 {
-    x.iter()
-        .copied()
-        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m })
+    x.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m })
 }
 
 fn quantize_block(x: &[f32; QK_K]) -> BlockQ6K {
@@ -137,11 +126,7 @@ fn quantize_block(x: &[f32; QK_K]) -> BlockQ6K {
     }
     let max_scale = signed_absmax(&group_scales);
     let d = f16::from_f32(max_scale / -128.0);
-    let inv = if max_scale != 0.0 {
-        -128.0 / max_scale
-    } else {
-        0.0
-    };
+    let inv = if max_scale != 0.0 { -128.0 / max_scale } else { 0.0 };
     let mut scales = [0i8; 16];
     for (q, &s) in scales.iter_mut().zip(&group_scales) {
         *q = (inv * s).round().clamp(-128.0, 127.0) as i8;
@@ -150,11 +135,7 @@ fn quantize_block(x: &[f32; QK_K]) -> BlockQ6K {
     let mut qh = [0u8; 64];
     for (e, &v) in x.iter().enumerate() {
         let dl = d.to_f32() * scales[e / 16] as f32;
-        let q = if dl != 0.0 {
-            (v / dl).round().clamp(-32.0, 31.0) as i32 + 32
-        } else {
-            32
-        } as u8;
+        let q = if dl != 0.0 { (v / dl).round().clamp(-32.0, 31.0) as i32 + 32 } else { 32 } as u8;
         let (h, r) = (e / 128, e % 128);
         ql[64 * h + r % 64] |= (q & 0x0F) << (4 * (r / 64));
         qh[32 * h + r % 32] |= (q >> 4) << (2 * (r / 32));
@@ -179,12 +160,7 @@ mod tests {
         qh[0] = 0b0000_1110; // element 0: high 2 (q = 42), element 32: high 3 (q = 48)
         ql[127] = 0xF0; // element 255 (h 1, r 127): low 15 (nibble 1 of byte 64 + 63)
         qh[63] = 0b0100_0000; // element 255: high 1 -> q = 31
-        let b = BlockQ6K {
-            ql,
-            qh,
-            scales,
-            d: f16::from_f32(0.25),
-        };
+        let b = BlockQ6K { ql, qh, scales, d: f16::from_f32(0.25) };
         let mut out = vec![0f32; QK_K];
         dequantize_row(&b.to_bytes(), &mut out);
         assert_eq!(out[0], 0.75 * 10.0);
@@ -219,18 +195,11 @@ mod tests {
         assert_eq!(q.len(), 4 * BLOCK_BYTES);
         let mut y = vec![0f32; x.len()];
         dequantize_row(&q, &mut y);
-        let err = x
-            .iter()
-            .zip(&y)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // step ≈ 1/32 per group; half a step plus the 8-bit scale rounding
         assert!(err < 0.03, "max error {err}");
         for (e, (a, b)) in x.iter().zip(&y).enumerate() {
-            assert!(
-                a.signum() == b.signum() || b.abs() < 0.03,
-                "element {e}: {a} -> {b}"
-            );
+            assert!(a.signum() == b.signum() || b.abs() < 0.03, "element {e}: {a} -> {b}");
         }
         let zeros = vec![0f32; QK_K];
         let mut q = Vec::new();

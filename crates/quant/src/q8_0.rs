@@ -29,20 +29,13 @@ impl BlockQ8_0 {
         for (q, &byte) in qs.iter_mut().zip(&b[2..]) {
             *q = byte as i8;
         }
-        Self {
-            d: f16::from_le_bytes([b[0], b[1]]),
-            qs,
-        }
+        Self { d: f16::from_le_bytes([b[0], b[1]]), qs }
     }
 
     /// Writes the block into exactly [`BLOCK_BYTES`] bytes.
     #[inline]
     pub fn write_bytes(&self, out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            BLOCK_BYTES,
-            "a Q8_0 block is {BLOCK_BYTES} bytes"
-        );
+        assert_eq!(out.len(), BLOCK_BYTES, "a Q8_0 block is {BLOCK_BYTES} bytes");
         out[..2].copy_from_slice(&self.d.to_le_bytes());
         for (byte, &q) in out[2..].iter_mut().zip(&self.qs) {
             *byte = q as u8;
@@ -67,11 +60,7 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// Panics unless `src.len()` is a multiple of 32 and `dst` holds exactly its blocks.
 pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
     assert_eq!(src.len() % QK, 0, "Q8_0 rows are whole 32-element blocks");
-    assert_eq!(
-        dst.len(),
-        src.len() / QK * BLOCK_BYTES,
-        "Q8_0 destination size"
-    );
+    assert_eq!(dst.len(), src.len() / QK * BLOCK_BYTES, "Q8_0 destination size");
     for (x, out) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -80,11 +69,7 @@ pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
         for (q, &v) in qs.iter_mut().zip(x) {
             *q = (v * id).round().clamp(-127.0, 127.0) as i8;
         }
-        BlockQ8_0 {
-            d: f16::from_f32(d),
-            qs,
-        }
-        .write_bytes(out);
+        BlockQ8_0 { d: f16::from_f32(d), qs }.write_bytes(out);
     }
 }
 
@@ -147,11 +132,7 @@ mod tests {
         let mut y = vec![0.0f32; x.len()];
         dequantize_row(&bytes, &mut y);
         let exact: f64 = y.iter().zip(act).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let mag: f64 = y
-            .iter()
-            .zip(act)
-            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-            .sum();
+        let mag: f64 = y.iter().zip(act).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
         let got = vec_dot_unopt(&bytes, act) as f64;
         let tol = 2.0 * (x.len() as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
         assert!((got - exact).abs() <= tol, "{got} vs {exact} (tol {tol})");
@@ -180,9 +161,7 @@ mod tests {
         check_round_trip(&[0.0; QK]).unwrap();
         assert!(round_trip(&[0.0; QK]).iter().all(|v| *v == 0.0));
         // a block of integers with amax 127 is exact
-        let ints: Vec<f32> = (0..QK)
-            .map(|i| (i as f32 * 8.0 - 127.0).max(-127.0))
-            .collect();
+        let ints: Vec<f32> = (0..QK).map(|i| (i as f32 * 8.0 - 127.0).max(-127.0)).collect();
         assert_eq!(round_trip(&ints), ints);
     }
 

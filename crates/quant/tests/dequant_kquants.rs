@@ -22,12 +22,8 @@ fn index() -> serde_json::Value {
 
 fn check_type(type_name: &str) {
     let index = index();
-    let cases: Vec<&serde_json::Value> = index["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .filter(|c| c["type"] == type_name)
-        .collect();
+    let cases: Vec<&serde_json::Value> =
+        index["cases"].as_array().expect("cases").iter().filter(|c| c["type"] == type_name).collect();
     assert!(!cases.is_empty(), "no fixture for {type_name}");
     for case in cases {
         let model = shared().join(case["model"].as_str().unwrap());
@@ -35,21 +31,12 @@ fn check_type(type_name: &str) {
         let g = GgufFile::open(&model).unwrap_or_else(|e| panic!("open {}: {e}", model.display()));
         let t = g.tensor(name).expect("tensor in model");
         assert_eq!(t.ggml_type, GgmlType::from_name(type_name).unwrap());
-        let shape: Vec<usize> = case["shape_rows_cols"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let shape: Vec<usize> =
+            case["shape_rows_cols"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert_eq!(shape, [t.n_rows(), t.row_len()]);
         let data = g.tensor_data(t);
         let values = std::fs::read(fixtures().join(case["values"].as_str().unwrap())).unwrap();
-        let rows: Vec<usize> = case["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let rows: Vec<usize> = case["rows"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         let cols = t.row_len();
         assert_eq!(values.len(), rows.len() * cols * 4);
         let mut out = vec![0f32; cols];
@@ -67,10 +54,7 @@ fn check_type(type_name: &str) {
                     mismatches += 1;
                 }
             }
-            assert_eq!(
-                mismatches, 0,
-                "{type_name} row {r}: {mismatches} values differ"
-            );
+            assert_eq!(mismatches, 0, "{type_name} row {r}: {mismatches} values differ");
         }
     }
 }
@@ -125,9 +109,6 @@ fn mixed_model_kquant_tensors_are_finite() {
         seen.push(t.ggml_type.name());
     }
     for ty in TYPES {
-        assert!(
-            seen.contains(&ty),
-            "mixed model has no 2-D {ty} tensor (saw {seen:?})"
-        );
+        assert!(seen.contains(&ty), "mixed model has no 2-D {ty} tensor (saw {seen:?})");
     }
 }

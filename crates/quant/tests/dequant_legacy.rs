@@ -20,10 +20,9 @@ fn shared_dir() -> PathBuf {
 fn check_type(type_name: &str) {
     let shared = shared_dir();
     let fixtures = shared.join("fixtures/dequant");
-    let index: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixtures.join("index.json")).expect("read index.json"),
-    )
-    .expect("parse index.json");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("index.json")).expect("read index.json"))
+            .expect("parse index.json");
     let cases: Vec<&serde_json::Value> = index["cases"]
         .as_array()
         .expect("index.json: cases[]")
@@ -35,23 +34,15 @@ fn check_type(type_name: &str) {
     for case in cases {
         let model = shared.join(case["model"].as_str().expect("model"));
         let tensor_name = case["tensor"].as_str().expect("tensor");
-        let rows: Vec<usize> = case["rows"]
-            .as_array()
-            .expect("rows")
-            .iter()
-            .map(|r| r.as_u64().expect("row index") as usize)
-            .collect();
-        let values_bytes = std::fs::read(fixtures.join(case["values"].as_str().expect("values")))
-            .expect("read values file");
-        let want: Vec<f32> = values_bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let rows: Vec<usize> =
+            case["rows"].as_array().expect("rows").iter().map(|r| r.as_u64().expect("row index") as usize).collect();
+        let values_bytes =
+            std::fs::read(fixtures.join(case["values"].as_str().expect("values"))).expect("read values file");
+        let want: Vec<f32> =
+            values_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
 
         let g = GgufFile::open(&model).unwrap_or_else(|e| panic!("open {}: {e}", model.display()));
-        let t = g
-            .tensor(tensor_name)
-            .unwrap_or_else(|| panic!("{tensor_name} not in {}", model.display()));
+        let t = g.tensor(tensor_name).unwrap_or_else(|| panic!("{tensor_name} not in {}", model.display()));
         assert_eq!(t.ggml_type.name(), type_name, "tensor type");
         let cols = t.row_len();
         if let Some(shape) = case["shape_rows_cols"].as_array() {
@@ -129,23 +120,14 @@ fn unsupported_type_is_an_error() {
         let n = ty.block_size();
         let src = vec![0u8; ty.type_size()];
         let mut dst = vec![0.0f32; n];
-        assert_eq!(
-            dequantize_row(ty, &src, &mut dst),
-            Err(QuantError::Unsupported(ty))
-        );
+        assert_eq!(dequantize_row(ty, &src, &mut dst), Err(QuantError::Unsupported(ty)));
     }
 }
 
 #[test]
 fn wrong_lengths_are_errors() {
     let mut dst = vec![0.0f32; 33];
-    assert!(matches!(
-        dequantize_row(GgmlType::Q4_0, &[0u8; 36], &mut dst),
-        Err(QuantError::NotBlockMultiple { .. })
-    ));
+    assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0u8; 36], &mut dst), Err(QuantError::NotBlockMultiple { .. })));
     let mut dst = vec![0.0f32; 32];
-    assert!(matches!(
-        dequantize_row(GgmlType::Q4_0, &[0u8; 17], &mut dst),
-        Err(QuantError::WrongByteCount { .. })
-    ));
+    assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0u8; 17], &mut dst), Err(QuantError::WrongByteCount { .. })));
 }

@@ -15,20 +15,14 @@ use kiln_gguf::{GgmlType, GgufFile};
 use kiln_quant::act_q8k::ActQ8K;
 use kiln_quant::dequantize_row;
 use kiln_quant::dot_kquant::{
-    available_isas, is_supported, vec_dot_q8k, vec_dot_q8k_isa, vec_dot_q8k_unopt,
-    vec_dot_q8k_unopt_with_magnitude, vec_dot_q8k_x4_isa, Isa,
+    available_isas, is_supported, vec_dot_q8k, vec_dot_q8k_isa, vec_dot_q8k_unopt, vec_dot_q8k_unopt_with_magnitude,
+    vec_dot_q8k_x4_isa, Isa,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
-const TYPES: [GgmlType; 6] = [
-    GgmlType::Q2_K,
-    GgmlType::Q3_K,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-    GgmlType::IQ4_XS,
-];
+const TYPES: [GgmlType; 6] =
+    [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS];
 
 const LENGTHS: [usize; 4] = [256, 768, 256 * 11, 4096 + 256];
 
@@ -129,11 +123,7 @@ fn check_row(ty: GgmlType, row: &[u8], x: &[f32], what: &str) {
     let mut w = vec![0f32; x.len()];
     dequantize_row(ty, row, &mut w).unwrap();
     let exact: f64 = w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
-    let abs_wx: f64 = w
-        .iter()
-        .zip(x)
-        .map(|(&a, &b)| (a as f64 * b as f64).abs())
-        .sum();
+    let abs_wx: f64 = w.iter().zip(x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
     let act_err: f64 = w
         .chunks_exact(256)
         .zip(&act.d)
@@ -170,9 +160,7 @@ fn extreme_rows_all_levels() {
         for fill in [0x00u8, 0xFF, 0x55, 0xAA, 0x80, 0x7F] {
             let row = extreme_row(ty, 768, fill);
             // Saturated activations: every |a| = 127 with random signs, and all equal signs.
-            let signs: Vec<f32> = (0..768)
-                .map(|_| if rng.gen::<bool>() { 1.0 } else { -1.0 })
-                .collect();
+            let signs: Vec<f32> = (0..768).map(|_| if rng.gen::<bool>() { 1.0 } else { -1.0 }).collect();
             check_row(ty, &row, &signs, &format!("extreme {fill:#x} ±1"));
             check_row(ty, &row, &[1.0; 768], &format!("extreme {fill:#x} +1"));
             check_row(ty, &row, &[-1.0; 768], &format!("extreme {fill:#x} -1"));
@@ -207,12 +195,7 @@ fn x4_matches_single() {
                     for (j, &o) in out.iter().enumerate() {
                         let single = vec_dot_q8k_isa(isa, ty, &row, &acts[j]);
                         // Same instructions in the same order: identical.
-                        assert_eq!(
-                            o.to_bits(),
-                            single.to_bits(),
-                            "{ty:?} {} k={k} j={j}",
-                            isa.name()
-                        );
+                        assert_eq!(o.to_bits(), single.to_bits(), "{ty:?} {} k={k} j={j}", isa.name());
                     }
                 }
             }
@@ -265,10 +248,7 @@ fn act_simd_matches_scalar() {
                     assert!((v - db * q).abs() <= db * 0.5001 + 1e-30);
                 }
                 for g in 0..16 {
-                    let s: i32 = a.qs[256 * blk + 16 * g..256 * blk + 16 * g + 16]
-                        .iter()
-                        .map(|&q| q as i32)
-                        .sum();
+                    let s: i32 = a.qs[256 * blk + 16 * g..256 * blk + 16 * g + 16].iter().map(|&q| q as i32).sum();
                     assert_eq!(s, a.bsums[16 * blk + g] as i32);
                 }
             }
@@ -282,11 +262,7 @@ fn act_simd_matches_scalar() {
 
 fn synth_path(ty: &str) -> std::path::PathBuf {
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for base in [
-        manifest.join("../../../shared"),
-        manifest.join("../../shared"),
-        "/work/shared".into(),
-    ] {
+    for base in [manifest.join("../../../shared"), manifest.join("../../shared"), "/work/shared".into()] {
         let p = base.join(format!("models/synth/synth-tiny-{ty}.gguf"));
         if p.exists() {
             return p;
@@ -320,17 +296,12 @@ fn real_rows_of_synth_models() {
 #[test]
 #[ignore]
 fn bench_matvec_4096() {
-    let rows: usize = std::env::var("KILN_BENCH_ROWS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4096);
+    let rows: usize = std::env::var("KILN_BENCH_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(4096);
     let cols = 4096usize;
     let mut rng = StdRng::seed_from_u64(1);
     let x = random_x(&mut rng, cols);
     let act = quantize(&x);
-    let acts4: Vec<ActQ8K> = (0..4)
-        .map(|_| quantize(&random_x(&mut rng, cols)))
-        .collect();
+    let acts4: Vec<ActQ8K> = (0..4).map(|_| quantize(&random_x(&mut rng, cols))).collect();
     let refs: Vec<&ActQ8K> = acts4.iter().collect();
     let types: Vec<GgmlType> = match std::env::var("KILN_BENCH_TYPES") {
         Ok(s) => s.split(',').filter_map(GgmlType::from_name).collect(),

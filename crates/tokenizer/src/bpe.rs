@@ -132,13 +132,7 @@ impl Bpe {
         let mut ranks = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
             // Split at the first space after the first byte, like llama.cpp.
-            let Some(pos) = m
-                .as_bytes()
-                .iter()
-                .skip(1)
-                .position(|&b| b == b' ')
-                .map(|p| p + 1)
-            else {
+            let Some(pos) = m.as_bytes().iter().skip(1).position(|&b| b == b' ').map(|p| p + 1) else {
                 continue;
             };
             let (left, right) = (&m[..pos], &m[pos + 1..]);
@@ -158,14 +152,7 @@ impl Bpe {
         for (b, slot) in ascii_token.iter_mut().enumerate() {
             *slot = vocab.id(&(b as u8 as char).to_string());
         }
-        Bpe {
-            pre,
-            ignore_merges,
-            n_vocab,
-            ranks,
-            byte_piece,
-            ascii_token,
-        }
+        Bpe { pre, ignore_merges, n_vocab, ranks, byte_piece, ascii_token }
     }
 
     pub fn tokenize(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<()> {

@@ -11,10 +11,7 @@ impl Tokenizer {
         if (id as usize) < self.vocab.len() {
             Ok(id as usize)
         } else {
-            Err(TokenizerError::IdOutOfRange {
-                id,
-                n_vocab: self.vocab.len(),
-            })
+            Err(TokenizerError::IdOutOfRange { id, n_vocab: self.vocab.len() })
         }
     }
 
@@ -100,8 +97,7 @@ pub(crate) fn clean_up_spaces(t: &mut Vec<u8>) {
         if i > 0 && t[i - 1] == b' ' && x == b'\'' && i + 1 < t.len() {
             let x1 = t[i + 1];
             let x2 = t.get(i + 2).copied();
-            let drop = matches!(x1, b's' | b'm')
-                || matches!((x1, x2), (b'r', Some(b'e')) | (b'v', Some(b'e')));
+            let drop = matches!(x1, b's' | b'm') || matches!((x1, x2), (b'r', Some(b'e')) | (b'v', Some(b'e')));
             if drop {
                 out.pop();
             }
@@ -120,11 +116,7 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub(crate) fn new(tok: &'a Tokenizer) -> StreamDecoder<'a> {
-        StreamDecoder {
-            tok,
-            pending: Vec::new(),
-            first: true,
-        }
+        StreamDecoder { tok, pending: Vec::new(), first: true }
     }
 
     /// Adds token `id`; returns the text that is now complete (possibly empty). Byte sequences
@@ -187,10 +179,7 @@ mod tests {
     fn clean_spaces_like_llama_cpp() {
         assert_eq!(clean("Hello , world !"), "Hello, world!");
         assert_eq!(clean("a ' b"), "a'b");
-        assert_eq!(
-            clean("it 's we 're I 'm they 've"),
-            "it's we're I'm they've"
-        );
+        assert_eq!(clean("it 's we 're I 'm they 've"), "it's we're I'm they've");
         assert_eq!(clean("don 't we 'll"), "don 't we 'll");
         assert_eq!(clean(" ' ' "), "'' ");
     }

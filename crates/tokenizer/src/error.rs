@@ -8,18 +8,10 @@ pub enum TokenizerError {
     MissingKey(String),
     /// A metadata key has the wrong type.
     #[error("metadata key {key} has type {found}, expected {expected}")]
-    WrongType {
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongType { key: String, expected: &'static str, found: String },
     /// A per-token array is shorter than the vocabulary.
     #[error("metadata key {key} has {found} entries, but the vocabulary has {n_vocab} tokens")]
-    LengthMismatch {
-        key: String,
-        found: usize,
-        n_vocab: usize,
-    },
+    LengthMismatch { key: String, found: usize, n_vocab: usize },
     /// `tokenizer.ggml.model` names a tokenizer kiln does not implement.
     #[error("unknown tokenizer model {0:?} in tokenizer.ggml.model (kiln supports \"llama\" and \"gpt2\")")]
     UnknownModel(String),
@@ -28,10 +20,7 @@ pub enum TokenizerError {
     EmptyVocab,
     /// The model asks for a BOS/EOS token that it does not define.
     #[error("{flag_key} is true, but {id_key} is not set")]
-    MissingSpecialToken {
-        flag_key: &'static str,
-        id_key: &'static str,
-    },
+    MissingSpecialToken { flag_key: &'static str, id_key: &'static str },
     /// A token id outside the vocabulary.
     #[error("token id {id} is out of range (the vocabulary has {n_vocab} tokens)")]
     IdOutOfRange { id: u32, n_vocab: usize },

@@ -98,20 +98,14 @@ impl Tokenizer {
             other => return Err(TokenizerError::UnknownModel(other.to_string())),
         };
 
-        let tokens = meta
-            .str_array(KEY_TOKENS)?
-            .ok_or_else(|| TokenizerError::MissingKey(KEY_TOKENS.into()))?;
+        let tokens = meta.str_array(KEY_TOKENS)?.ok_or_else(|| TokenizerError::MissingKey(KEY_TOKENS.into()))?;
         let n = tokens.len();
         if n == 0 {
             return Err(TokenizerError::EmptyVocab);
         }
         let check_len = |key: &str, found: usize| {
             if found < n {
-                Err(TokenizerError::LengthMismatch {
-                    key: key.to_string(),
-                    found,
-                    n_vocab: n,
-                })
+                Err(TokenizerError::LengthMismatch { key: key.to_string(), found, n_vocab: n })
             } else {
                 Ok(())
             }
@@ -144,11 +138,7 @@ impl Tokenizer {
                 })
                 .collect(),
         };
-        let mut vocab = Vocab::new(
-            tokens.iter().map(|s| s.to_string()).collect(),
-            scores,
-            kinds,
-        );
+        let mut vocab = Vocab::new(tokens.iter().map(|s| s.to_string()).collect(), scores, kinds);
 
         let mut ids = SpecialIds::default();
         let (model, mut add_bos, mut add_space_prefix, clean_spaces) = if is_spm {
@@ -157,20 +147,13 @@ impl Tokenizer {
             ids.unk = Some(0);
             (ModelKind::Spm, true, true, false)
         } else {
-            let merges = meta
-                .str_array(KEY_MERGES)?
-                .ok_or_else(|| TokenizerError::MissingKey(KEY_MERGES.into()))?;
+            let merges = meta.str_array(KEY_MERGES)?.ok_or_else(|| TokenizerError::MissingKey(KEY_MERGES.into()))?;
             let pre = PreConfig::for_name(meta.str(KEY_PRE)?);
             let pretok = PreTokenizer::new(&pre.patterns)?;
             let bpe = Bpe::new(&vocab, &merges, pretok, pre.ignore_merges);
             ids.bos = if pre.no_bos { None } else { Some(11) };
             ids.eos = Some(11);
-            (
-                ModelKind::Bpe(Box::new(bpe)),
-                pre.add_bos,
-                false,
-                pre.clean_spaces,
-            )
+            (ModelKind::Bpe(Box::new(bpe)), pre.add_bos, false, pre.clean_spaces)
         };
         if let Some(v) = meta.bool(KEY_ADD_SPACE_PREFIX)? {
             add_space_prefix = v;
@@ -205,9 +188,7 @@ impl Tokenizer {
                 if v < n as u64 {
                     *slot(&mut ids) = Some(v as u32);
                 } else {
-                    tracing::warn!(
-                        "{key} = {v} is outside the vocabulary ({n} tokens); ignoring it"
-                    );
+                    tracing::warn!("{key} = {v} is outside the vocabulary ({n} tokens); ignoring it");
                 }
             }
         }
@@ -217,25 +198,15 @@ impl Tokenizer {
         }
         let add_eos = meta.bool(KEY_ADD_EOS)?.unwrap_or(false);
         if add_bos && ids.bos.is_none() {
-            return Err(TokenizerError::MissingSpecialToken {
-                flag_key: KEY_ADD_BOS,
-                id_key: KEY_BOS,
-            });
+            return Err(TokenizerError::MissingSpecialToken { flag_key: KEY_ADD_BOS, id_key: KEY_BOS });
         }
         if add_eos && ids.eos.is_none() {
-            return Err(TokenizerError::MissingSpecialToken {
-                flag_key: KEY_ADD_EOS,
-                id_key: KEY_EOS,
-            });
+            return Err(TokenizerError::MissingSpecialToken { flag_key: KEY_ADD_EOS, id_key: KEY_EOS });
         }
 
         let eog = vocab.finish_specials(&mut ids);
         let specials = vocab.special_cache();
-        let byte_tokens = if is_spm {
-            spm::byte_tokens(&vocab, ids.unk)
-        } else {
-            [None; 256]
-        };
+        let byte_tokens = if is_spm { spm::byte_tokens(&vocab, ids.unk) } else { [None; 256] };
         Ok(Tokenizer {
             vocab,
             model,

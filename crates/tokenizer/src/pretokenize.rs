@@ -41,13 +41,8 @@ impl PreConfig {
     /// The configuration for a `tokenizer.ggml.pre` name (`None`: the key is absent).
     pub fn for_name(pre: Option<&str>) -> PreConfig {
         let s = |v: &[&str]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
-        let mut c = PreConfig {
-            patterns: s(&[GPT2]),
-            ignore_merges: false,
-            add_bos: false,
-            clean_spaces: true,
-            no_bos: false,
-        };
+        let mut c =
+            PreConfig { patterns: s(&[GPT2]), ignore_merges: false, add_bos: false, clean_spaces: true, no_bos: false };
         let default = || s(&[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]);
         let Some(pre) = pre else {
             tracing::warn!("tokenizer.ggml.pre is missing; using the 'default' pre-tokenizer (quality may suffer)");
@@ -56,8 +51,7 @@ impl PreConfig {
         };
         match pre {
             "default" => c.patterns = default(),
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
-            | "midm-2.0" | "lfm2" => {
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => {
                 c.patterns = vec![llama3_like(r"\p{N}{1,3}")];
                 c.ignore_merges = true;
                 c.add_bos = true;
@@ -101,9 +95,8 @@ impl PreConfig {
                 c.patterns = s(&[r"\p{N}", GPT2]);
                 c.clean_spaces = false;
             }
-            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es"
-            | "jina-v2-de" | "a.x-4.0" | "mellum" | "jina-v1-en" | "jina-v2-code"
-            | "roberta-bpe" | "mpt" | "olmo" | "jais" | "exaone4" => {}
+            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0"
+            | "mellum" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "exaone4" => {}
             "trillion" | "granite-docling" => c.clean_spaces = false,
             "qwen2" | "deepseek-r1-qwen" | "hunyuan" => {
                 c.patterns = vec![llama3_like(r"\p{N}")];
@@ -143,9 +136,7 @@ impl PreConfig {
                 c.clean_spaces = false;
             }
             other => {
-                tracing::warn!(
-                    "unknown pre-tokenizer {other:?} (tokenizer.ggml.pre); using the GPT-2 split"
-                );
+                tracing::warn!("unknown pre-tokenizer {other:?} (tokenizer.ggml.pre); using the GPT-2 split");
             }
         }
         c
@@ -162,12 +153,7 @@ impl PreTokenizer {
     pub fn new(patterns: &[String]) -> Result<PreTokenizer> {
         let regexes = patterns
             .iter()
-            .map(|p| {
-                Regex::new(p).map_err(|e| TokenizerError::Regex {
-                    pattern: p.clone(),
-                    message: e.to_string(),
-                })
-            })
+            .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex { pattern: p.clone(), message: e.to_string() }))
             .collect::<Result<Vec<_>>>()?;
         Ok(PreTokenizer { regexes })
     }
@@ -214,11 +200,7 @@ mod tests {
     fn words(pre: &str, text: &str) -> Vec<String> {
         let c = PreConfig::for_name(Some(pre));
         let p = PreTokenizer::new(&c.patterns).unwrap();
-        p.split(text)
-            .unwrap()
-            .into_iter()
-            .map(|(a, b)| text[a..b].to_string())
-            .collect()
+        p.split(text).unwrap().into_iter().map(|(a, b)| text[a..b].to_string()).collect()
     }
 
     #[test]
@@ -249,19 +231,13 @@ mod tests {
     fn gpt2_split() {
         assert_eq!(
             words("gpt-2", "Hello, y'all!  How   are\tyou 123?\n"),
-            [
-                "Hello", ",", " y", "'", "all", "!", " ", " How", "  ", " are", "\t", "you",
-                " 123", "?", "\n"
-            ]
+            ["Hello", ",", " y", "'", "all", "!", " ", " How", "  ", " are", "\t", "you", " 123", "?", "\n"]
         );
     }
 
     #[test]
     fn smollm_splits_digits() {
-        assert_eq!(
-            words("smollm", "a 2024 b"),
-            ["a", " ", "2", "0", "2", "4", " b"]
-        );
+        assert_eq!(words("smollm", "a 2024 b"), ["a", " ", "2", "0", "2", "4", " b"]);
     }
 
     #[test]

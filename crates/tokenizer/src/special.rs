@@ -13,12 +13,7 @@ pub(crate) enum Fragment {
 /// Splits `text` at occurrences of the texts of `specials` (longest first, as given). Control and
 /// unknown tokens are only matched when `parse_special`; user-defined tokens always are, as in
 /// llama.cpp.
-pub(crate) fn partition(
-    vocab: &Vocab,
-    specials: &[u32],
-    text: &str,
-    parse_special: bool,
-) -> Vec<Fragment> {
+pub(crate) fn partition(vocab: &Vocab, specials: &[u32], text: &str, parse_special: bool) -> Vec<Fragment> {
     if text.is_empty() {
         return Vec::new();
     }

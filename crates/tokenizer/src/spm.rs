@@ -38,9 +38,7 @@ impl PartialOrd for Bigram {
 impl Ord for Bigram {
     /// Higher score first; among equal scores the leftmost pair.
     fn cmp(&self, o: &Self) -> Ordering {
-        self.score
-            .total_cmp(&o.score)
-            .then_with(|| o.left.cmp(&self.left))
+        self.score.total_cmp(&o.score).then_with(|| o.left.cmp(&self.left))
     }
 }
 
@@ -50,36 +48,20 @@ pub(crate) fn byte_tokens(vocab: &Vocab, unk: Option<u32>) -> [Option<u32>; 256]
     for (b, slot) in t.iter_mut().enumerate() {
         *slot = vocab
             .id(&format!("<0x{b:02X}>"))
-            .or_else(|| {
-                if b < 128 {
-                    vocab.id(&(b as u8 as char).to_string())
-                } else {
-                    None
-                }
-            })
+            .or_else(|| if b < 128 { vocab.id(&(b as u8 as char).to_string()) } else { None })
             .or(unk);
     }
     t
 }
 
 /// Tokenizes `text` (spaces already escaped to `▁`) and appends the ids to `out`.
-pub(crate) fn tokenize(
-    vocab: &Vocab,
-    byte_tokens: &[Option<u32>; 256],
-    text: &str,
-    out: &mut Vec<u32>,
-) -> Result<()> {
+pub(crate) fn tokenize(vocab: &Vocab, byte_tokens: &[Option<u32>; 256], text: &str, out: &mut Vec<u32>) -> Result<()> {
     if text.is_empty() {
         return Ok(());
     }
     let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
     for (i, (start, c)) in text.char_indices().enumerate() {
-        symbols.push(Symbol {
-            start: start as u32,
-            len: c.len_utf8() as u32,
-            prev: i as i32 - 1,
-            next: i as i32 + 1,
-        });
+        symbols.push(Symbol { start: start as u32, len: c.len_utf8() as u32, prev: i as i32 - 1, next: i as i32 + 1 });
     }
     if let Some(last) = symbols.last_mut() {
         last.next = -1;

@@ -32,10 +32,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -43,16 +40,10 @@ impl ChatMessage {
 pub enum TemplateError {
     /// The template does not parse.
     #[error("chat template syntax error{}: {message}", at_line(*line))]
-    Syntax {
-        line: Option<usize>,
-        message: String,
-    },
+    Syntax { line: Option<usize>, message: String },
     /// The template parsed but failed while rendering (unknown filter, bad operation, ...).
     #[error("chat template render error{}: {message}", at_line(*line))]
-    Render {
-        line: Option<usize>,
-        message: String,
-    },
+    Render { line: Option<usize>, message: String },
     /// The template called `raise_exception(message)`, e.g. on roles it does not support.
     #[error("chat template raised an exception: {0}")]
     Raised(String),
@@ -94,10 +85,7 @@ impl TemplateError {
             (ErrorKind::SyntaxError, Some(d)) => d.to_owned(),
             _ => describe(&err),
         };
-        TemplateError::Syntax {
-            line: err.line(),
-            message,
-        }
+        TemplateError::Syntax { line: err.line(), message }
     }
 
     fn render(err: Error) -> Self {
@@ -108,10 +96,7 @@ impl TemplateError {
             }
             source = e.source();
         }
-        TemplateError::Render {
-            line: err.line(),
-            message: describe(&err),
-        }
+        TemplateError::Render { line: err.line(), message: describe(&err) }
     }
 }
 
@@ -146,8 +131,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
-            .map_err(TemplateError::syntax)?;
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned()).map_err(TemplateError::syntax)?;
         Ok(ChatTemplate {
             env,
             source: source.to_owned(),
@@ -157,15 +141,8 @@ impl ChatTemplate {
     }
 
     /// The template stored under `tokenizer.chat_template`, or `None` when the file has none.
-    pub fn from_gguf(
-        g: &kiln_gguf::GgufFile,
-        bos_token: &str,
-        eos_token: &str,
-    ) -> Result<Option<Self>, TemplateError> {
-        match g
-            .get_str(CHAT_TEMPLATE_KEY)
-            .map_err(TemplateError::Metadata)?
-        {
+    pub fn from_gguf(g: &kiln_gguf::GgufFile, bos_token: &str, eos_token: &str) -> Result<Option<Self>, TemplateError> {
+        match g.get_str(CHAT_TEMPLATE_KEY).map_err(TemplateError::Metadata)? {
             None => Ok(None),
             Some(src) => Self::new(src, bos_token, eos_token).map(Some),
         }
@@ -173,19 +150,9 @@ impl ChatTemplate {
 
     /// Renders the conversation; with `add_generation_prompt` the template appends the header
     /// that opens the assistant's turn.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, TemplateError> {
-        let messages: Vec<Value> = messages
-            .iter()
-            .map(|m| Value::from_object(MessageValue::new(m)))
-            .collect();
-        let tmpl = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(TemplateError::render)?;
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        let messages: Vec<Value> = messages.iter().map(|m| Value::from_object(MessageValue::new(m))).collect();
+        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(TemplateError::render)?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -220,10 +187,7 @@ struct MessageValue {
 
 impl MessageValue {
     fn new(m: &ChatMessage) -> Self {
-        MessageValue {
-            role: Value::from(m.role.as_str()),
-            content: Value::from(m.content.as_str()),
-        }
+        MessageValue { role: Value::from(m.role.as_str()), content: Value::from(m.content.as_str()) }
     }
 }
 
@@ -252,10 +216,7 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
 
 /// `strftime_now(format)`: the current time (UTC) formatted like Python's `strftime`.
 fn strftime_now(format: &str) -> Result<String, Error> {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime(format, secs)
 }
 
@@ -273,15 +234,7 @@ const MONTHS: [&str; 12] = [
     "November",
     "December",
 ];
-const WEEKDAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// Formats `unix_secs` (UTC) with the common `strftime` directives; `%-d` style (no padding) is
 /// accepted as glibc does.
@@ -349,10 +302,7 @@ fn strftime(format: &str, unix_secs: i64) -> Result<String, Error> {
             other => {
                 return Err(Error::new(
                     ErrorKind::InvalidOperation,
-                    format!(
-                        "strftime_now: unsupported directive %{}",
-                        other.map(String::from).unwrap_or_default()
-                    ),
+                    format!("strftime_now: unsupported directive %{}", other.map(String::from).unwrap_or_default()),
                 ))
             }
         }
@@ -397,12 +347,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) => match (v.as_i64(), v.as_str()) {
             (Some(n), _) => Some(" ".repeat(n.max(0) as usize)),
             (None, Some(s)) => Some(s.to_owned()),
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    "tojson: indent must be an integer or a string",
-                ))
-            }
+            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
         },
     };
     let mut w = JsonWriter {
@@ -433,16 +378,13 @@ impl JsonWriter {
     }
 
     fn item_separator(&mut self) {
-        self.out
-            .push_str(if self.indent.is_some() { "," } else { ", " });
+        self.out.push_str(if self.indent.is_some() { "," } else { ", " });
     }
 
     fn value(&mut self, v: &Value, depth: usize) -> Result<(), Error> {
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
-            ValueKind::Bool => self
-                .out
-                .push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Bool => self.out.push_str(if v.is_true() { "true" } else { "false" }),
             ValueKind::Number => {
                 if v.is_integer() {
                     let _ = write!(self.out, "{v}");
@@ -523,8 +465,7 @@ impl JsonWriter {
         if f.is_nan() {
             self.out.push_str("NaN");
         } else if f.is_infinite() {
-            self.out
-                .push_str(if f > 0.0 { "Infinity" } else { "-Infinity" });
+            self.out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" });
         } else if f != 0.0 && (f.abs() >= 1e16 || f.abs() < 1e-4) {
             let s = format!("{f:e}");
             let (mant, exp) = s.split_once('e').unwrap_or((&s, "0"));
@@ -581,15 +522,9 @@ mod tests {
     fn strftime_known_dates() {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let t = 1_709_211_909;
-        assert_eq!(
-            strftime("%Y-%m-%d %H:%M:%S", t).unwrap(),
-            "2024-02-29 13:05:09"
-        );
+        assert_eq!(strftime("%Y-%m-%d %H:%M:%S", t).unwrap(), "2024-02-29 13:05:09");
         assert_eq!(strftime("%d %b %Y", t).unwrap(), "29 Feb 2024");
-        assert_eq!(
-            strftime("%A %B %-d, %y %j", t).unwrap(),
-            "Thursday February 29, 24 060"
-        );
+        assert_eq!(strftime("%A %B %-d, %y %j", t).unwrap(), "Thursday February 29, 24 060");
         assert_eq!(strftime("%I %p %a %%", t).unwrap(), "01 PM Thu %");
         assert_eq!(strftime("%Y-%m-%d", 0).unwrap(), "1970-01-01");
         assert_eq!(strftime("%Y-%m-%d %a", -86_400).unwrap(), "1969-12-31 Wed");
@@ -607,12 +542,7 @@ mod tests {
             (123456.0, "123456.0"),
         ];
         for (f, want) in cases {
-            let mut w = JsonWriter {
-                out: String::new(),
-                indent: None,
-                ensure_ascii: false,
-                sort_keys: false,
-            };
+            let mut w = JsonWriter { out: String::new(), indent: None, ensure_ascii: false, sort_keys: false };
             w.float(f);
             assert_eq!(w.out, want, "{f}");
         }

@@ -47,55 +47,38 @@ fn type_name(v: &Value) -> String {
 
 impl<'a, F: Fn(&str) -> Option<&'a Value>> Meta<'a, F> {
     fn wrong(key: &str, expected: &'static str, v: &Value) -> TokenizerError {
-        TokenizerError::WrongType {
-            key: key.to_string(),
-            expected,
-            found: type_name(v),
-        }
+        TokenizerError::WrongType { key: key.to_string(), expected, found: type_name(v) }
     }
 
     pub fn str(&self, key: &str) -> Result<Option<&'a str>> {
         match (self.get)(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| Self::wrong(key, "string", v)),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| Self::wrong(key, "string", v)),
         }
     }
 
     pub fn req_str(&self, key: &str) -> Result<&'a str> {
-        self.str(key)?
-            .ok_or_else(|| TokenizerError::MissingKey(key.to_string()))
+        self.str(key)?.ok_or_else(|| TokenizerError::MissingKey(key.to_string()))
     }
 
     pub fn bool(&self, key: &str) -> Result<Option<bool>> {
         match (self.get)(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| Self::wrong(key, "bool", v)),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| Self::wrong(key, "bool", v)),
         }
     }
 
     pub fn u64(&self, key: &str) -> Result<Option<u64>> {
         match (self.get)(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| Self::wrong(key, "unsigned integer", v)),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| Self::wrong(key, "unsigned integer", v)),
         }
     }
 
     fn array(&self, key: &str, expected: &'static str) -> Result<Option<&'a [Value]>> {
         match (self.get)(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .map(|a| Some(a.items.as_slice()))
-                .ok_or_else(|| Self::wrong(key, expected, v)),
+            Some(v) => v.as_array().map(|a| Some(a.items.as_slice())).ok_or_else(|| Self::wrong(key, expected, v)),
         }
     }
 
@@ -105,10 +88,7 @@ impl<'a, F: Fn(&str) -> Option<&'a Value>> Meta<'a, F> {
         };
         items
             .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| Self::wrong(key, "array of string", v))
-            })
+            .map(|v| v.as_str().ok_or_else(|| Self::wrong(key, "array of string", v)))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -123,10 +103,7 @@ impl<'a, F: Fn(&str) -> Option<&'a Value>> Meta<'a, F> {
             .map(|v| match v {
                 Value::F32(x) => Ok(*x),
                 Value::F64(x) => Ok(*x as f32),
-                _ => v
-                    .as_i64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| Self::wrong(key, "array of f32", v)),
+                _ => v.as_i64().map(|x| x as f32).ok_or_else(|| Self::wrong(key, "array of f32", v)),
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
@@ -138,10 +115,7 @@ impl<'a, F: Fn(&str) -> Option<&'a Value>> Meta<'a, F> {
         };
         items
             .iter()
-            .map(|v| {
-                v.as_i64()
-                    .ok_or_else(|| Self::wrong(key, "array of i32", v))
-            })
+            .map(|v| v.as_i64().ok_or_else(|| Self::wrong(key, "array of i32", v)))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -167,12 +141,7 @@ impl Vocab {
                 tracing::warn!("duplicate token {t:?} with ids {prev} and {i}; using {i}");
             }
         }
-        Vocab {
-            texts,
-            scores,
-            kinds,
-            token_to_id,
-        }
+        Vocab { texts, scores, kinds, token_to_id }
     }
 
     pub fn len(&self) -> usize {
@@ -230,13 +199,7 @@ const FIM_MID_NAMES: &[&str] = &[
     "<|middle|>",
 ];
 const FIM_PAD_NAMES: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
-const FIM_REP_NAMES: &[&str] = &[
-    "<|fim_repo|>",
-    "<|repo_name|>",
-    "<fim-repo>",
-    "<REPO>",
-    "<reponame>",
-];
+const FIM_REP_NAMES: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
 const FIM_SEP_NAMES: &[&str] = &["<|file_sep|>"];
 const EOG_NAMES: &[&str] = &[
     "<|eot_id|>",
@@ -347,8 +310,7 @@ impl Vocab {
         eog.extend(ids.eom);
 
         // Harmony-style vocabularies: "<|end|>" ends a message, not the generation.
-        let has =
-            |eog: &BTreeSet<u32>, name: &str| self.id(name).is_some_and(|id| eog.contains(&id));
+        let has = |eog: &BTreeSet<u32>, name: &str| self.id(name).is_some_and(|id| eog.contains(&id));
         let (ret, call, calls, flush, tool_response) = (
             has(&eog, "<|return|>"),
             has(&eog, "<|call|>"),
@@ -377,10 +339,7 @@ impl Vocab {
     pub fn special_cache(&self) -> Vec<u32> {
         let mut v: Vec<u32> = (0..self.len() as u32)
             .filter(|&id| {
-                matches!(
-                    self.kinds[id as usize],
-                    TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown
-                )
+                matches!(self.kinds[id as usize], TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown)
             })
             .collect();
         v.sort_by_key(|&id| std::cmp::Reverse(self.texts[id as usize].len()));

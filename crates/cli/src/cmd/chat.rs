@@ -53,10 +53,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
     }
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: s.clone(),
-        });
+        messages.push(ChatMessage { role: "system".into(), content: s.clone() });
     }
     eprintln!("kiln chat — {} ({HELP})", model.path.display());
     let stdin = std::io::stdin();
@@ -104,30 +101,23 @@ pub fn main(a: Args) -> Result<ExitCode> {
             p.extend(model.tokenizer.encode(input, add_special, false)?);
             p
         } else {
-            messages.push(ChatMessage {
-                role: "user".into(),
-                content: input.to_string(),
-            });
-            let text = model
-                .template
-                .as_ref()
-                .context("no chat template")?
-                .render(&messages, true)?;
+            messages.push(ChatMessage { role: "user".into(), content: input.to_string() });
+            let text = model.template.as_ref().context("no chat template")?.render(&messages, true)?;
             common::encode_rendered(&model, &text)?
         };
         if prompt.len() >= n_ctx {
-            eprintln!("kiln: the conversation ({} tokens) fills the context ({n_ctx}); /reset to start over", prompt.len());
+            eprintln!(
+                "kiln: the conversation ({} tokens) fills the context ({n_ctx}); /reset to start over",
+                prompt.len()
+            );
             if !raw {
                 messages.pop();
             }
             continue;
         }
         interrupted.store(false, Ordering::SeqCst);
-        let opts = GenerateOptions {
-            max_tokens: a.n_predict.min(n_ctx - prompt.len()),
-            stop: Vec::new(),
-            stop_at_eog: true,
-        };
+        let opts =
+            GenerateOptions { max_tokens: a.n_predict.min(n_ctx - prompt.len()), stop: Vec::new(), stop_at_eog: true };
         let mut stdout = std::io::stdout().lock();
         let result = session.generate(&prompt, &opts, &mut sampler, |t| {
             let _ = stdout.write_all(t.as_bytes());
@@ -139,10 +129,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
         match result {
             Ok(g) => {
                 if !raw {
-                    messages.push(ChatMessage {
-                        role: "assistant".into(),
-                        content: g.text.clone(),
-                    });
+                    messages.push(ChatMessage { role: "assistant".into(), content: g.text.clone() });
                 }
                 if g.stop_reason == kiln_engine::StopReason::Cancelled {
                     eprintln!("(stopped)");

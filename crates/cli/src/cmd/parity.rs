@@ -32,8 +32,8 @@ pub fn main(a: Args) -> Result<ExitCode> {
             continue;
         }
         let fixture = parity::load_fixture(&f)?;
-        let Some(model_path) = parity::resolve_model(&dir, &fixture.model, true)
-            .with_context(|| format!("fetching {}", fixture.model))?
+        let Some(model_path) =
+            parity::resolve_model(&dir, &fixture.model, true).with_context(|| format!("fetching {}", fixture.model))?
         else {
             skipped.push(fixture.model.clone());
             continue;

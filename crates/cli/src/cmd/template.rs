@@ -31,12 +31,10 @@ pub fn main(a: Args) -> Result<ExitCode> {
     let messages: Vec<ChatMessage> = match &a.messages {
         Some(f) => {
             let s = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            serde_json::from_str(&s).with_context(|| format!("{}: expected a JSON array of {{role, content}}", f.display()))?
+            serde_json::from_str(&s)
+                .with_context(|| format!("{}: expected a JSON array of {{role, content}}", f.display()))?
         }
-        None => vec![ChatMessage {
-            role: "user".into(),
-            content: "Hello!".into(),
-        }],
+        None => vec![ChatMessage { role: "user".into(), content: "Hello!".into() }],
     };
     print!("{}", t.render(&messages, !a.no_generation_prompt)?);
     Ok(ExitCode::SUCCESS)

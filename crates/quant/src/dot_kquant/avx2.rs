@@ -157,25 +157,14 @@ fn scale_masks() -> ScaleMasks {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn scales_per32(s: __m128i, m: &ScaleMasks) -> ScaleSrc<'_> {
     let b = _mm256_broadcastsi128_si256(s);
-    ScaleSrc {
-        src: [b, b],
-        masks: &m.per32,
-        lazy: true,
-    }
+    ScaleSrc { src: [b, b], masks: &m.per32, lazy: true }
 }
 
 /// Scale sources for 16 scales per 16 elements, given as i16 groups 0..8 in `lo` and 8..16 in `hi`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn scales_per16(lo: __m128i, hi: __m128i, m: &ScaleMasks) -> ScaleSrc<'_> {
-    ScaleSrc {
-        src: [
-            _mm256_broadcastsi128_si256(lo),
-            _mm256_broadcastsi128_si256(hi),
-        ],
-        masks: &m.per16,
-        lazy: false,
-    }
+    ScaleSrc { src: [_mm256_broadcastsi128_si256(lo), _mm256_broadcastsi128_si256(hi)], masks: &m.per16, lazy: false }
 }
 
 /// The scale vectors of a block: none kept for one activation vector (built inside [`dot_u8`]),
@@ -193,21 +182,12 @@ fn prepare<const N: usize>(sv: &ScaleSrc<'_>) -> [__m256i; 8] {
 /// `Σ_c vpmaddwd(vpmaddubsw(w[c], a[c]), s[c])` over the 8 chunks of 32 of one super-block, 8 × i32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_u8<const N: usize>(
-    w: &[__m256i; 8],
-    sv: &ScaleSrc<'_>,
-    pre: &[__m256i; 8],
-    q8: *const u8,
-) -> __m256i {
+unsafe fn dot_u8<const N: usize>(w: &[__m256i; 8], sv: &ScaleSrc<'_>, pre: &[__m256i; 8], q8: *const u8) -> __m256i {
     let mut acc = [_mm256_setzero_si256(); 2];
     for c in 0..8 {
         // SAFETY: the caller guarantees 256 readable activation bytes at `q8`.
         let a = unsafe { load(q8.add(32 * c)) };
-        let sc = if sv.precomputed::<N>() {
-            pre[c]
-        } else {
-            sv.get(c)
-        };
+        let sc = if sv.precomputed::<N>() { pre[c] } else { sv.get(c) };
         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w[c], a), sc);
         acc[c % 2] = _mm256_add_epi32(acc[c % 2], p);
     }
@@ -229,11 +209,7 @@ unsafe fn dot_i8<const N: usize>(
         // SAFETY: the caller guarantees 256 readable activation bytes at `q8`.
         let a = unsafe { load(q8.add(32 * c)) };
         let p = _mm256_maddubs_epi16(wa[c], _mm256_sign_epi8(a, w[c]));
-        let sc = if sv.precomputed::<N>() {
-            pre[c]
-        } else {
-            sv.get(c)
-        };
+        let sc = if sv.precomputed::<N>() { pre[c] } else { sv.get(c) };
         acc[c % 2] = _mm256_add_epi32(acc[c % 2], _mm256_madd_epi16(p, sc));
     }
     _mm256_add_epi32(acc[0], acc[1])
@@ -244,21 +220,13 @@ unsafe fn dot_i8<const N: usize>(
 unsafe fn act_block(a: &ActQ8K, i: usize) -> (*const u8, *const u8, f32) {
     // SAFETY: the caller guarantees `i` < the number of super-blocks of `a`.
     unsafe {
-        (
-            a.qs.as_ptr().add(QK_K * i) as *const u8,
-            a.bsums.as_ptr().add(16 * i) as *const u8,
-            *a.d.get_unchecked(i),
-        )
+        (a.qs.as_ptr().add(QK_K * i) as *const u8, a.bsums.as_ptr().add(16 * i) as *const u8, *a.d.get_unchecked(i))
     }
 }
 
 /// Q4_K (and Q5_K with `FIVE`): 8 sub-blocks of 32, 6-bit scales and mins.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k<const N: usize, const FIVE: bool>(
-    row: &[u8],
-    acts: &[&ActQ8K; N],
-    out: &mut [f32; N],
-) {
+unsafe fn q4k<const N: usize, const FIVE: bool>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N]) {
     let bs = if FIVE { 176 } else { 144 };
     let nb = row.len() / bs;
     let masks = scale_masks();
@@ -310,8 +278,7 @@ unsafe fn q4k<const N: usize, const FIVE: bool>(
                 let sumi = dot_u8::<N>(&w, &s, &pre, q8);
                 acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(sumi), acc[n]);
                 let pm = _mm256_madd_epi16(mins, load(bsums));
-                accm[n] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(dmin * da), _mm256_cvtepi32_ps(pm), accm[n]);
+                accm[n] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * da), _mm256_cvtepi32_ps(pm), accm[n]);
             }
         }
     }
@@ -336,11 +303,7 @@ unsafe fn q6k<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N
             let b = row.as_ptr().add(i * BS);
             let d = f16_at(b.add(208));
             let sc8 = load128(b.add(192));
-            let s = scales_per16(
-                _mm_cvtepi8_epi16(sc8),
-                _mm_cvtepi8_epi16(_mm_srli_si128(sc8, 8)),
-                &masks,
-            );
+            let s = scales_per16(_mm_cvtepi8_epi16(sc8), _mm_cvtepi8_epi16(_mm_srli_si128(sc8, 8)), &masks);
             let sc16 = _mm256_cvtepi8_epi16(sc8);
             let mut w = [_mm256_setzero_si256(); 8];
             for h in 0..2 {
@@ -397,23 +360,14 @@ unsafe fn q3k<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N
             let lo = s0 as u64 | ((s1 as u64) << 32);
             let hi = s2 as u64 | ((s3 as u64) << 32);
             let sc8 = _mm_sub_epi8(_mm_set_epi64x(hi as i64, lo as i64), _mm_set1_epi8(32));
-            let s = scales_per16(
-                _mm_cvtepi8_epi16(sc8),
-                _mm_cvtepi8_epi16(_mm_srli_si128(sc8, 8)),
-                &masks,
-            );
+            let s = scales_per16(_mm_cvtepi8_epi16(sc8), _mm_cvtepi8_epi16(_mm_srli_si128(sc8, 8)), &masks);
             let sc16 = _mm256_cvtepi8_epi16(sc8);
 
             let mut h = load(b);
             let mut w = [_mm256_setzero_si256(); 8];
             for hh in 0..2 {
                 let q = load(b.add(32 + 32 * hh));
-                let lows = [
-                    q,
-                    _mm256_srli_epi16(q, 2),
-                    _mm256_srli_epi16(q, 4),
-                    _mm256_srli_epi16(q, 6),
-                ];
+                let lows = [q, _mm256_srli_epi16(q, 2), _mm256_srli_epi16(q, 4), _mm256_srli_epi16(q, 6)];
                 for (s_, l) in lows.into_iter().enumerate() {
                     // Bit c = 4·hh + s_ of each hmask byte, moved to bit 2.
                     let bit = _mm256_and_si256(_mm256_slli_epi16(h, 2), m04);
@@ -456,11 +410,7 @@ unsafe fn q2k<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N
             let raw = load128(b);
             let sc8 = _mm_and_si128(raw, m4);
             let mins16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
-            let s = scales_per16(
-                _mm_cvtepu8_epi16(sc8),
-                _mm_cvtepu8_epi16(_mm_srli_si128(sc8, 8)),
-                &masks,
-            );
+            let s = scales_per16(_mm_cvtepu8_epi16(sc8), _mm_cvtepu8_epi16(_mm_srli_si128(sc8, 8)), &masks);
             let mut w = [_mm256_setzero_si256(); 8];
             for hh in 0..2 {
                 let q = load(b.add(16 + 32 * hh));
@@ -475,8 +425,7 @@ unsafe fn q2k<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N
                 let dot = dot_u8::<N>(&w, &s, &pre, q8);
                 acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(dot), acc[n]);
                 let pm = _mm256_madd_epi16(mins16, load(bsums));
-                accm[n] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(dmin * da), _mm256_cvtepi32_ps(pm), accm[n]);
+                accm[n] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * da), _mm256_cvtepi32_ps(pm), accm[n]);
             }
         }
     }
@@ -493,8 +442,7 @@ unsafe fn iq4xs<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32;
     let masks = scale_masks();
     let m4 = _mm256_set1_epi8(0x0F);
     // SAFETY: KVALUES_IQ4NL is 16 bytes.
-    let table =
-        _mm256_broadcastsi128_si256(unsafe { load128(KVALUES_IQ4NL.as_ptr() as *const u8) });
+    let table = _mm256_broadcastsi128_si256(unsafe { load128(KVALUES_IQ4NL.as_ptr() as *const u8) });
     let mut acc = [_mm256_setzero_ps(); N];
     for i in 0..nb {
         // SAFETY: block `i` lies inside `row`; d at 0, scales_h at 2, scales_l 4 bytes at 4, qs 128
@@ -512,10 +460,7 @@ unsafe fn iq4xs<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32;
             lo = (lo | (lo << 16)) & 0x0000_FFFF_0000_FFFF;
             lo = (lo | (lo << 8)) & 0x00FF_00FF_00FF_00FF;
             lo = (lo | (lo << 4)) & 0x0F0F_0F0F_0F0F_0F0F;
-            let ls = _mm_sub_epi16(
-                _mm_cvtepu8_epi16(_mm_cvtsi64_si128((lo | (hi << 4)) as i64)),
-                _mm_set1_epi16(32),
-            );
+            let ls = _mm_sub_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((lo | (hi << 4)) as i64)), _mm_set1_epi16(32));
             let s = scales_per32(ls, &masks);
             let mut w = [_mm256_setzero_si256(); 8];
             for (j, wj) in w.iter_mut().enumerate() {

@@ -68,10 +68,7 @@ impl Isa {
 pub fn detected_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
             return Isa::Avx2;
         }
     }
@@ -81,20 +78,14 @@ pub fn detected_isa() -> Isa {
 /// Every level that can run here, lowest first (for tests and benchmarks).
 pub fn available_isas() -> Vec<Isa> {
     let best = detected_isa();
-    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|&i| i <= best)
-        .collect()
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best).collect()
 }
 
 fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         let best = detected_isa();
-        match std::env::var("KILN_ISA")
-            .ok()
-            .and_then(|s| Isa::from_name(&s))
-        {
+        match std::env::var("KILN_ISA").ok().and_then(|s| Isa::from_name(&s)) {
             Some(forced) => forced.min(best),
             None => best,
         }
@@ -108,42 +99,22 @@ pub fn active_isa() -> &'static str {
 
 /// Whether `ty` has kernels here.
 pub fn is_supported(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q2_K
-            | GgmlType::Q3_K
-            | GgmlType::Q4_K
-            | GgmlType::Q5_K
-            | GgmlType::Q6_K
-            | GgmlType::IQ4_XS
-    )
+    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::IQ4_XS)
 }
 
 /// Checks the geometry of a call; returns the number of super-blocks.
 fn check(ty: GgmlType, row: &[u8], n: usize) -> usize {
     assert!(is_supported(ty), "dot_kquant: {ty:?} is not supported");
     let ts = ty.type_size();
-    assert_eq!(
-        row.len() % ts,
-        0,
-        "dot_kquant: {ty:?} row of {} bytes is not whole blocks",
-        row.len()
-    );
+    assert_eq!(row.len() % ts, 0, "dot_kquant: {ty:?} row of {} bytes is not whole blocks", row.len());
     let nb = row.len() / ts;
-    assert_eq!(
-        nb * QK_K,
-        n,
-        "dot_kquant: {ty:?} row of {nb} blocks vs {n} activations"
-    );
+    assert_eq!(nb * QK_K, n, "dot_kquant: {ty:?} row of {nb} blocks vs {n} activations");
     nb
 }
 
 fn check_act(act: &ActQ8K) {
     let nb = act.d.len();
-    assert!(
-        act.qs.len() == nb * QK_K && act.bsums.len() == nb * 16,
-        "dot_kquant: malformed ActQ8K"
-    );
+    assert!(act.qs.len() == nb * QK_K && act.bsums.len() == nb * 16, "dot_kquant: malformed ActQ8K");
 }
 
 /// Dot product of one `ty` row (whole super-blocks, any alignment) with quantized activations of the
@@ -163,11 +134,7 @@ pub fn vec_dot_q8k_isa(isa: Isa, ty: GgmlType, row: &[u8], act: &ActQ8K) -> f32 
 }
 
 fn assert_available(isa: Isa) {
-    assert!(
-        isa <= detected_isa(),
-        "dot_kquant: {} is not available on this CPU",
-        isa.name()
-    );
+    assert!(isa <= detected_isa(), "dot_kquant: {} is not available on this CPU", isa.name());
 }
 
 /// One dot product; the geometry is checked and `isa` runs on this CPU.
@@ -194,16 +161,8 @@ pub fn vec_dot_q8k_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32
 
 /// [`vec_dot_q8k_x4`] with an explicit level; panics if this CPU cannot run `isa`.
 pub fn vec_dot_q8k_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
-    assert!(
-        (1..=4).contains(&acts.len()),
-        "dot_kquant: 1 to 4 activation vectors, got {}",
-        acts.len()
-    );
-    assert_eq!(
-        acts.len(),
-        out.len(),
-        "dot_kquant: acts/out length mismatch"
-    );
+    assert!((1..=4).contains(&acts.len()), "dot_kquant: 1 to 4 activation vectors, got {}", acts.len());
+    assert_eq!(acts.len(), out.len(), "dot_kquant: acts/out length mismatch");
     for a in acts {
         check_act(a);
         check(ty, row, a.len());
@@ -315,11 +274,7 @@ fn decode(ty: GgmlType, b: &[u8]) -> Decoded {
         GgmlType::Q4_K | GgmlType::Q5_K => {
             let mut o = Decoded::new(32, le16(b, 0), le16(b, 2));
             let scales: &[u8; 12] = b[4..16].try_into().unwrap();
-            let (qh, qs) = if ty == GgmlType::Q5_K {
-                (Some(&b[16..48]), &b[48..176])
-            } else {
-                (None, &b[16..144])
-            };
+            let (qh, qs) = if ty == GgmlType::Q5_K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
             for j in 0..8 {
                 let (sc, m) = q4_k::get_scale_min(j, scales);
                 o.sc[j] = sc as i32;
@@ -376,21 +331,13 @@ fn scalar_dot(ty: GgmlType, row: &[u8], act: &ActQ8K, mag: &mut Option<f64>) -> 
         let da = act.d[i];
         let (mut isum, mut msum) = (0i32, 0i32);
         let (mut iabs, mut mabs) = (0i64, 0i64);
-        for (g, (qg, ag)) in
-            w.q.chunks_exact(w.group)
-                .zip(a.chunks_exact(w.group))
-                .enumerate()
-        {
+        for (g, (qg, ag)) in w.q.chunks_exact(w.group).zip(a.chunks_exact(w.group)).enumerate() {
             let dot: i32 = qg.iter().zip(ag).map(|(&q, &x)| q as i32 * x as i32).sum();
             let asum: i32 = ag.iter().map(|&x| x as i32).sum();
             isum += w.sc[g] * dot;
             msum += w.m[g] * asum;
             if mag.is_some() {
-                let dabs: i64 = qg
-                    .iter()
-                    .zip(ag)
-                    .map(|(&q, &x)| ((q as i64).abs() + w.off) * (x as i64).abs())
-                    .sum();
+                let dabs: i64 = qg.iter().zip(ag).map(|(&q, &x)| ((q as i64).abs() + w.off) * (x as i64).abs()).sum();
                 iabs += w.sc[g].abs() as i64 * dabs;
                 mabs += (w.m[g] as i64 * asum as i64).abs();
             }
