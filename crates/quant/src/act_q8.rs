@@ -107,10 +107,7 @@ impl ActQ8 {
     /// Whether the padded buffers have the lengths the element count implies.
     pub(crate) fn is_well_formed(&self) -> bool {
         let nbp = self.n_blocks().div_ceil(GROUP) * GROUP;
-        self.n == self.n_blocks() * QK
-            && self.d.len() == nbp
-            && self.qs.len() == nbp * QK
-            && self.sums.len() == nbp
+        self.n == self.n_blocks() * QK && self.d.len() == nbp && self.qs.len() == nbp * QK && self.sums.len() == nbp
     }
 
     /// Quantizes `x` (a multiple of 32 values), reusing this vector's capacity (no allocation when
@@ -203,12 +200,8 @@ unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], sums: &mut [i32
         let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for b in 0..nb {
             let p = x.as_ptr().add(QK * b);
-            let v = [
-                _mm256_loadu_ps(p),
-                _mm256_loadu_ps(p.add(8)),
-                _mm256_loadu_ps(p.add(16)),
-                _mm256_loadu_ps(p.add(24)),
-            ];
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
             let m01 = _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask));
             let m23 = _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask));
             let m = _mm256_max_ps(m01, m23);
@@ -234,14 +227,8 @@ unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], sums: &mut [i32
             let w23 = _mm256_packs_epi32(r[2], r[3]);
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), perm);
             let q = qs.as_mut_ptr();
-            _mm_storeu_si128(
-                q.add(half_offset(b, 0)) as *mut __m128i,
-                _mm256_castsi256_si128(bytes),
-            );
-            _mm_storeu_si128(
-                q.add(half_offset(b, 1)) as *mut __m128i,
-                _mm256_extracti128_si256(bytes, 1),
-            );
+            _mm_storeu_si128(q.add(half_offset(b, 0)) as *mut __m128i, _mm256_castsi256_si128(bytes));
+            _mm_storeu_si128(q.add(half_offset(b, 1)) as *mut __m128i, _mm256_extracti128_si256(bytes, 1));
         }
     }
 }

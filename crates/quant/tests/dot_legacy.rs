@@ -450,3 +450,43 @@ fn bench_matvec() {
         }
     }
 }
+
+/// Matvec over SmolLM2-135M shapes (rows × cols) as `matmul` calls it: one `vec_dot_q8_x4` per
+/// weight row with k = 1, 2 (generation: two activation planes) or 4 vectors. Reports ns per row
+/// and GB/s of weight bytes. Run with
+/// `cargo test -p kiln-quant --release --test dot_legacy -- --ignored --nocapture bench_short`.
+#[test]
+#[ignore]
+fn bench_short_rows() {
+    use std::hint::black_box;
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(7);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0] {
+        for (rows, cols) in [(576usize, 576usize), (1536, 576), (576, 1536)] {
+            let w = random_row(&mut rng, ty, rows * cols);
+            let rb = cols / 32 * ty.type_size();
+            let acts: Vec<ActQ8> = (0..4).map(|_| quantized(&random_act(&mut rng, cols))).collect();
+            let refs: Vec<&ActQ8> = acts.iter().collect();
+            let mut line = format!("{:>6} {rows:>5}x{cols:<5}", format!("{ty:?}"));
+            for k in [1usize, 2, 4] {
+                let mut out = vec![0f32; rows * 4];
+                let reps = 400;
+                let mut best = f64::INFINITY;
+                for _ in 0..reps {
+                    let t = Instant::now();
+                    for (r, o) in w.chunks_exact(rb).zip(out.chunks_exact_mut(4)) {
+                        vec_dot_q8_x4(ty, r, black_box(&refs[..k]), &mut o[..k]);
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                black_box(&out);
+                line += &format!(
+                    " | k={k}: {:6.1} ns/row {:5.2} GB/s",
+                    best * 1e9 / rows as f64,
+                    w.len() as f64 / best / 1e9
+                );
+            }
+            eprintln!("{line}");
+        }
+    }
+}

@@ -15,8 +15,10 @@
 //! `16 · Σa` from the precomputed sums), so each lane holds exactly the oracle's `Σ w a`; it is
 //! converted to f32 and multiplied into the accumulator with the four scales `d · da` (F16C
 //! converts the four f16 scales at once). Q4_1/Q5_1 add `(m · da) · Σa` into a second accumulator.
-//! The activations are zero-padded to whole groups of four; a partial last group of weights is
-//! copied into a zero-padded stack buffer and run through the same code.
+//! The activations are zero-padded to whole groups of four; a partial last group of 1..=3 weight
+//! blocks runs through the same code specialised on the number of blocks present (the missing
+//! ones unpack as zero bytes and get zero scales, exactly as zero-padded weights would), reading
+//! nothing past the row.
 
 use std::arch::x86_64::*;
 
@@ -24,35 +26,25 @@ use super::{block_bytes, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
 use crate::act_q8::{ActQ8, GROUP, QK};
 use crate::iq4_nl::KVALUES_IQ4NL;
 
-/// Dot products of `row` (format code `t`) with each of `acts` into `out`.
+/// A kernel for one format and one number of activation vectors: `out[k] = row · acts[k]`.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C. `row` must be whole blocks of format `t`, every activation
-/// vector well formed with exactly that many blocks, and `out.len() == acts.len()` in `1..=4`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn vec_dot_multi(t: u8, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
-    macro_rules! by_k {
-        ($t:ident) => {
-            // SAFETY: forwarded from this function's contract.
-            unsafe {
-                match acts.len() {
-                    1 => dot::<$t, 1>(row, acts, out),
-                    2 => dot::<$t, 2>(row, acts, out),
-                    3 => dot::<$t, 3>(row, acts, out),
-                    _ => dot::<$t, 4>(row, acts, out),
-                }
-            }
-        };
-    }
-    match t {
-        T_Q4_0 => by_k!(T_Q4_0),
-        T_Q4_1 => by_k!(T_Q4_1),
-        T_Q5_0 => by_k!(T_Q5_0),
-        T_Q5_1 => by_k!(T_Q5_1),
-        T_Q8_0 => by_k!(T_Q8_0),
-        _ => by_k!(T_IQ4_NL),
-    }
+/// The CPU must have AVX2, FMA and F16C. `row` must be whole blocks of the kernel's format, every
+/// activation vector well formed ([`ActQ8::is_well_formed`]) with exactly that many blocks, and
+/// `acts.len() == out.len() ==` the kernel's `K`.
+pub(super) type DotFn = unsafe fn(&[u8], &[&ActQ8], &mut [f32]);
+
+macro_rules! by_k {
+    ($t:ident) => {
+        [dot::<$t, 1>, dot::<$t, 2>, dot::<$t, 3>, dot::<$t, 4>]
+    };
 }
+
+/// The kernels, indexed `[format code][K - 1]` (the codes are 0..=5 in the order of the table).
+pub(super) const KERNELS: [[DotFn; 4]; 6] =
+    [by_k!(T_Q4_0), by_k!(T_Q4_1), by_k!(T_Q5_0), by_k!(T_Q5_1), by_k!(T_Q8_0), by_k!(T_IQ4_NL)];
+
+const _: () = assert!(T_Q4_0 == 0 && T_Q4_1 == 1 && T_Q5_0 == 2 && T_Q5_1 == 3 && T_Q8_0 == 4 && T_IQ4_NL == 5);
 
 /// Activation pointers of one group of four blocks, for each of the `K` vectors.
 struct ActPtrs<const K: usize> {
@@ -61,79 +53,82 @@ struct ActPtrs<const K: usize> {
     sums: [*const i32; K],
 }
 
+impl<const K: usize> ActPtrs<K> {
+    /// The pointers of group `g`.
+    ///
+    /// # Safety
+    /// `self` points to group 0 of storage holding more than `g` whole groups.
+    #[inline(always)]
+    unsafe fn at(&self, g: usize) -> ActPtrs<K> {
+        // SAFETY: the offsets stay inside the storage (the caller's contract).
+        unsafe {
+            ActPtrs {
+                qs: std::array::from_fn(|k| self.qs[k].add(GROUP * QK * g)),
+                d: std::array::from_fn(|k| self.d[k].add(GROUP * g)),
+                sums: std::array::from_fn(|k| self.sums[k].add(GROUP * g)),
+            }
+        }
+    }
+}
+
 /// # Safety
-/// As [`vec_dot_multi`], with `acts.len() == K`.
+/// As [`DotFn`], with `acts.len() == out.len() == K`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot<const T: u8, const K: usize>(row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
     let bs = block_bytes(T);
     let nb = row.len() / bs;
-    let ng = nb.div_ceil(GROUP);
     let full = nb / GROUP;
-    let raw: [_; K] = std::array::from_fn(|k| acts[k].raw());
-    for r in &raw {
-        // the padded storage covers `ng` whole groups (a well-formed ActQ8 of `nb` blocks).
-        assert!(r.0.len() >= ng * GROUP && r.1.len() >= ng * GROUP * QK && r.2.len() >= ng * GROUP);
-    }
-    let ptrs = |g: usize| ActPtrs::<K> {
-        // SAFETY: `g < ng` and the storage holds `ng` whole groups (asserted above), so each
-        // offset is inside its slice.
-        qs: std::array::from_fn(|k| unsafe { raw[k].1.as_ptr().add(GROUP * QK * g) }),
-        d: std::array::from_fn(|k| unsafe { raw[k].0.as_ptr().add(GROUP * g) }),
-        sums: std::array::from_fn(|k| unsafe { raw[k].2.as_ptr().add(GROUP * g) }),
+    let rem = nb % GROUP;
+    debug_assert!(acts.len() == K && out.len() == K);
+    let base = ActPtrs::<K> {
+        qs: std::array::from_fn(|k| acts[k].raw().1.as_ptr()),
+        d: std::array::from_fn(|k| acts[k].raw().0.as_ptr()),
+        sums: std::array::from_fn(|k| acts[k].raw().2.as_ptr()),
     };
     // two sets of accumulators, for two groups in flight per iteration
     let mut acc = [_mm_setzero_ps(); K];
     let mut accm = [_mm_setzero_ps(); K];
     let mut acc2 = [_mm_setzero_ps(); K];
     let mut accm2 = [_mm_setzero_ps(); K];
+    let w0 = row.as_ptr();
     let mut g = 0;
+    // SAFETY (all blocks below): a well-formed ActQ8 of `nb` blocks stores `nb.div_ceil(4)` whole
+    // groups, zero-padded; groups `g < full` lie wholly inside `row`, and the last group (`full`
+    // when `rem > 0`) reads only its `rem` blocks of `row`.
     while g + 2 <= full {
-        // SAFETY: groups `g, g + 1 < nb / 4` cover blocks `4g .. 4g + 8`, all inside `row`; the
-        // activation pointers cover the same groups of the padded storage.
         unsafe {
-            let w = row.as_ptr().add(GROUP * bs * g);
-            group4::<T, K>(w, &ptrs(g), &mut acc, &mut accm);
-            group4::<T, K>(w.add(GROUP * bs), &ptrs(g + 1), &mut acc2, &mut accm2);
+            let w = w0.add(GROUP * bs * g);
+            group::<T, K, 4>(w, &base.at(g), &mut acc, &mut accm);
+            group::<T, K, 4>(w.add(GROUP * bs), &base.at(g + 1), &mut acc2, &mut accm2);
         }
         g += 2;
     }
     if g < full {
-        // SAFETY: as above, for the one group `g < nb / 4` left.
-        unsafe {
-            group4::<T, K>(
-                row.as_ptr().add(GROUP * bs * g),
-                &ptrs(g),
-                &mut acc,
-                &mut accm,
-            )
-        };
+        unsafe { group::<T, K, 4>(w0.add(GROUP * bs * g), &base.at(g), &mut acc, &mut accm) };
     }
-    if full < ng {
-        // The last 1..=3 blocks, zero-padded to a group. The activations' padding blocks are all
-        // zero (scale, quants, sums), so the padding adds exact zeros.
-        let rem = nb - GROUP * full;
-        let mut wb = [0u8; GROUP * 34];
-        wb[..rem * bs].copy_from_slice(&row[GROUP * full * bs..]);
-        // SAFETY: the stack buffer holds four whole blocks; the activation group `full < ng` is
-        // inside the padded storage.
-        unsafe { group4::<T, K>(wb.as_ptr(), &ptrs(full), &mut acc, &mut accm) };
+    // The last 1..=3 blocks: the missing blocks count as zero weights with zero scales, against the
+    // activations' zero padding (scale, quants, sums), so they add exact zeros.
+    let wt = unsafe { w0.add(GROUP * bs * full) };
+    match rem {
+        0 => {}
+        1 => unsafe { group::<T, K, 1>(wt, &base.at(full), &mut acc, &mut accm) },
+        2 => unsafe { group::<T, K, 2>(wt, &base.at(full), &mut acc, &mut accm) },
+        _ => unsafe { group::<T, K, 3>(wt, &base.at(full), &mut acc, &mut accm) },
     }
     for k in 0..K {
-        out[k] = hsum(_mm_add_ps(
-            _mm_add_ps(acc[k], acc2[k]),
-            _mm_add_ps(accm[k], accm2[k]),
-        ));
+        out[k] = hsum(_mm_add_ps(_mm_add_ps(acc[k], acc2[k]), _mm_add_ps(accm[k], accm2[k])));
     }
 }
 
-/// Four blocks starting at `w` against the group of four activation blocks at `a`.
+/// The first `R` (1..=4) blocks starting at `w` against the group of four activation blocks at `a`
+/// (blocks `R..4` count as zero weights with zero scales).
 ///
 /// # Safety
-/// AVX2/FMA/F16C; `w` points to four whole blocks of format `T`; each `a.qs[k]` to 128 readable
+/// AVX2/FMA/F16C; `w` points to `R` whole blocks of format `T`; each `a.qs[k]` to 128 readable
 /// quants (pair-interleaved), each `a.d[k]` and `a.sums[k]` to four readable values.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group4<const T: u8, const K: usize>(
+unsafe fn group<const T: u8, const K: usize, const R: usize>(
     w: *const u8,
     a: &ActPtrs<K>,
     acc: &mut [__m128; K],
@@ -142,14 +137,21 @@ unsafe fn group4<const T: u8, const K: usize>(
     let bs = block_bytes(T);
     let has_m = T == T_Q4_1 || T == T_Q5_1;
     let signed = T == T_Q8_0 || T == T_IQ4_NL;
-    // SAFETY: every read stays inside the four blocks at `w` (offsets `j · bs + 0 .. bs`) and the
-    // activation ranges of the contract; all loads are unaligned.
+    // blocks present in pair 1 (pair 0 always has at least one)
+    let pairs = if R > 2 { 2 } else { 1 };
+    // SAFETY: every read stays inside the `R` blocks at `w` (offsets `j · bs + 0 .. bs`, `j < R`)
+    // and the activation ranges of the contract; all loads are unaligned.
     unsafe {
         // [pair][half]: the unsigned operand (quants, or |w|) and, for signed formats, the sign.
         let mut wu = [[_mm256_setzero_si256(); 2]; 2];
         let mut ws = [[_mm256_setzero_si256(); 2]; 2];
-        for p in 0..2 {
-            let v = unpack_pair::<T>(w.add(2 * p * bs), w.add((2 * p + 1) * bs));
+        for p in 0..pairs {
+            let pa = w.add(2 * p * bs);
+            let v = if R >= 2 * p + 2 {
+                unpack::<T, true>(pa, pa.add(bs))
+            } else {
+                unpack::<T, false>(pa, pa)
+            };
             for h in 0..2 {
                 if signed {
                     wu[p][h] = _mm256_abs_epi8(v[h]);
@@ -162,27 +164,30 @@ unsafe fn group4<const T: u8, const K: usize>(
         let (dw, mw) = if has_m {
             let x = _mm_setr_epi32(
                 rd32(w) as i32,
-                rd32(w.add(bs)) as i32,
-                rd32(w.add(2 * bs)) as i32,
-                rd32(w.add(3 * bs)) as i32,
+                if R > 1 { rd32(w.add(bs)) as i32 } else { 0 },
+                if R > 2 { rd32(w.add(2 * bs)) as i32 } else { 0 },
+                if R > 3 { rd32(w.add(3 * bs)) as i32 } else { 0 },
             );
-            let x = _mm_shuffle_epi8(
-                x,
-                _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15),
-            );
+            let x = _mm_shuffle_epi8(x, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
             (_mm_cvtph_ps(x), _mm_cvtph_ps(_mm_unpackhi_epi64(x, x)))
         } else {
-            let h = u64::from(rd16(w))
-                | u64::from(rd16(w.add(bs))) << 16
-                | u64::from(rd16(w.add(2 * bs))) << 32
-                | u64::from(rd16(w.add(3 * bs))) << 48;
+            let mut h = u64::from(rd16(w));
+            if R > 1 {
+                h |= u64::from(rd16(w.add(bs))) << 16;
+            }
+            if R > 2 {
+                h |= u64::from(rd16(w.add(2 * bs))) << 32;
+            }
+            if R > 3 {
+                h |= u64::from(rd16(w.add(3 * bs))) << 48;
+            }
             (_mm_cvtph_ps(_mm_cvtsi64_si128(h as i64)), _mm_setzero_ps())
         };
         let ones = _mm256_set1_epi16(1);
         for k in 0..K {
             let q = a.qs[k];
             let mut pr = [_mm256_setzero_si256(); 2];
-            for p in 0..2 {
+            for p in 0..pairs {
                 let a0 = _mm256_loadu_si256(q.add(64 * p) as *const __m256i);
                 let a1 = _mm256_loadu_si256(q.add(64 * p + 32) as *const __m256i);
                 pr[p] = if signed {
@@ -190,10 +195,7 @@ unsafe fn group4<const T: u8, const K: usize>(
                     let m1 = _mm256_maddubs_epi16(wu[p][1], _mm256_sign_epi8(a1, ws[p][1]));
                     _mm256_add_epi32(_mm256_madd_epi16(m0, ones), _mm256_madd_epi16(m1, ones))
                 } else {
-                    let m = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(wu[p][0], a0),
-                        _mm256_maddubs_epi16(wu[p][1], a1),
-                    );
+                    let m = _mm256_add_epi16(_mm256_maddubs_epi16(wu[p][0], a0), _mm256_maddubs_epi16(wu[p][1], a1));
                     _mm256_madd_epi16(m, ones)
                 };
             }
@@ -236,19 +238,25 @@ unsafe fn rd32(p: *const u8) -> u32 {
 /// AVX2; `pa` and `pb` must each point to 16 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles_pair(pa: *const u8, pb: *const u8) -> [__m256i; 2] {
-    // SAFETY: the caller guarantees 16 readable bytes at each pointer; the loads are unaligned.
-    let x = unsafe {
-        _mm256_set_m128i(
-            _mm_loadu_si128(pb as *const __m128i),
-            _mm_loadu_si128(pa as *const __m128i),
-        )
-    };
+unsafe fn nibbles_pair<const B: bool>(pa: *const u8, pb: *const u8) -> [__m256i; 2] {
+    // SAFETY: the caller guarantees 16 readable bytes at each pointer read; the loads are unaligned.
+    let x = unsafe { load_pair::<B>(pa, pb) };
     let m = _mm256_set1_epi8(0x0f);
-    [
-        _mm256_and_si256(x, m),
-        _mm256_and_si256(_mm256_srli_epi16(x, 4), m),
-    ]
+    [_mm256_and_si256(x, m), _mm256_and_si256(_mm256_srli_epi16(x, 4), m)]
+}
+
+/// 16 bytes at `pa` in the low lane and, if `B`, 16 bytes at `pb` in the high lane (else zeros).
+///
+/// # Safety
+/// AVX2; `pa` (and `pb` if `B`) must point to 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_pair<const B: bool>(pa: *const u8, pb: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the loads are unaligned.
+    unsafe {
+        let hi = if B { _mm_loadu_si128(pb as *const __m128i) } else { _mm_setzero_si128() };
+        _mm256_set_m128i(hi, _mm_loadu_si128(pa as *const __m128i))
+    }
 }
 
 /// The fifth bits of blocks `A`, `B` (`qh` words) as `0x10` bytes in the pair-interleaved order.
@@ -259,12 +267,10 @@ fn fifth_bits_pair(qa: u32, qb: u32) -> [__m256i; 2] {
     // byte j of the low half of A comes from qh byte j / 8 of A (bytes 0, 1 of the 64-bit word),
     // of B from bytes 4, 5; the high halves from bytes 2, 3 and 6, 7.
     let spread_lo = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5,
-        5, 5,
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,
     );
     let spread_hi = _mm256_setr_epi8(
-        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7,
-        7, 7,
+        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7,
     );
     let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let bit = _mm256_set1_epi8(0x10);
@@ -276,47 +282,33 @@ fn fifth_bits_pair(qa: u32, qb: u32) -> [__m256i; 2] {
 }
 
 /// Blocks `A` (at `pa`) and `B` (at `pb`) unpacked to two 256-bit vectors in the pair-interleaved
-/// order: unsigned quants, or the signed weights of Q8_0 / IQ4_NL.
+/// order: unsigned quants, or the signed weights of Q8_0 / IQ4_NL. Without `B`, `pb` is not read
+/// and block `B` unpacks as if all its bytes were zero.
 ///
 /// # Safety
-/// AVX2; `pa` and `pb` must each point to one whole block of format `T`.
+/// AVX2; `pa` (and `pb` if `B`) must point to one whole block of format `T`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack_pair<const T: u8>(pa: *const u8, pb: *const u8) -> [__m256i; 2] {
+unsafe fn unpack<const T: u8, const B: bool>(pa: *const u8, pb: *const u8) -> [__m256i; 2] {
     // SAFETY: every offset read is inside the block layout of `T` (see the format files).
     unsafe {
-        let with_fifth = |n: [__m256i; 2], h: [__m256i; 2]| {
-            [_mm256_or_si256(n[0], h[0]), _mm256_or_si256(n[1], h[1])]
-        };
+        let with_fifth = |n: [__m256i; 2], h: [__m256i; 2]| [_mm256_or_si256(n[0], h[0]), _mm256_or_si256(n[1], h[1])];
         match T {
-            T_Q4_0 => nibbles_pair(pa.add(2), pb.add(2)),
-            T_Q4_1 => nibbles_pair(pa.add(4), pb.add(4)),
+            T_Q4_0 => nibbles_pair::<B>(pa.add(2), pb.add(2)),
+            T_Q4_1 => nibbles_pair::<B>(pa.add(4), pb.add(4)),
             T_Q5_0 => with_fifth(
-                nibbles_pair(pa.add(6), pb.add(6)),
-                fifth_bits_pair(rd32(pa.add(2)), rd32(pb.add(2))),
+                nibbles_pair::<B>(pa.add(6), pb.add(6)),
+                fifth_bits_pair(rd32(pa.add(2)), if B { rd32(pb.add(2)) } else { 0 }),
             ),
             T_Q5_1 => with_fifth(
-                nibbles_pair(pa.add(8), pb.add(8)),
-                fifth_bits_pair(rd32(pa.add(4)), rd32(pb.add(4))),
+                nibbles_pair::<B>(pa.add(8), pb.add(8)),
+                fifth_bits_pair(rd32(pa.add(4)), if B { rd32(pb.add(4)) } else { 0 }),
             ),
-            T_Q8_0 => {
-                let half = |o: usize| {
-                    _mm256_set_m128i(
-                        _mm_loadu_si128(pb.add(o) as *const __m128i),
-                        _mm_loadu_si128(pa.add(o) as *const __m128i),
-                    )
-                };
-                [half(2), half(18)]
-            }
+            T_Q8_0 => [load_pair::<B>(pa.add(2), pb.add(2)), load_pair::<B>(pa.add(18), pb.add(18))],
             _ => {
-                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                    KVALUES_IQ4NL.as_ptr() as *const __m128i
-                ));
-                let n = nibbles_pair(pa.add(2), pb.add(2));
-                [
-                    _mm256_shuffle_epi8(table, n[0]),
-                    _mm256_shuffle_epi8(table, n[1]),
-                ]
+                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i));
+                let n = nibbles_pair::<B>(pa.add(2), pb.add(2));
+                [_mm256_shuffle_epi8(table, n[0]), _mm256_shuffle_epi8(table, n[1])]
             }
         }
     }
@@ -328,10 +320,7 @@ unsafe fn unpack_pair<const T: u8>(pa: *const u8, pb: *const u8) -> [__m256i; 2]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn reduce_pairs(p01: __m256i, p23: __m256i) -> __m128i {
     // low lane: [b0 0+2, b2 0+2, b0 1+3, b2 1+3], high lane the same for b1, b3
-    let t = _mm256_add_epi32(
-        _mm256_unpacklo_epi32(p01, p23),
-        _mm256_unpackhi_epi32(p01, p23),
-    );
+    let t = _mm256_add_epi32(_mm256_unpacklo_epi32(p01, p23), _mm256_unpackhi_epi32(p01, p23));
     // low lane: [b0, b2, b0, b2], high lane [b1, b3, b1, b3]
     let u = _mm256_add_epi32(t, _mm256_shuffle_epi32(t, 0b01_00_11_10));
     _mm_unpacklo_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1))

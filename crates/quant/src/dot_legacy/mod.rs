@@ -68,10 +68,7 @@ pub fn detected_isa() -> Isa {
     *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 return Isa::Avx2;
             }
         }
@@ -82,20 +79,14 @@ pub fn detected_isa() -> Isa {
 /// Every level that can run here, lowest first (for tests and benchmarks).
 pub fn available_isas() -> Vec<Isa> {
     let best = detected_isa();
-    [Isa::Scalar, Isa::Avx2]
-        .into_iter()
-        .filter(|&i| i <= best)
-        .collect()
+    [Isa::Scalar, Isa::Avx2].into_iter().filter(|&i| i <= best).collect()
 }
 
 fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         let best = detected_isa();
-        match std::env::var("KILN_ISA")
-            .ok()
-            .and_then(|s| Isa::from_name(&s))
-        {
+        match std::env::var("KILN_ISA").ok().and_then(|s| Isa::from_name(&s)) {
             Some(forced) => forced.min(best),
             None => best,
         }
@@ -153,28 +144,36 @@ fn check(ty: GgmlType, row: &[u8], act: &ActQ8) -> u8 {
     let Some(t) = code_of(ty) else {
         panic!("dot_legacy: {ty:?} is not supported");
     };
-    assert!(act.is_well_formed(), "dot_legacy: malformed ActQ8");
-    let bs = block_bytes(t);
-    assert_eq!(
-        row.len() % bs,
-        0,
-        "dot_legacy: {ty:?} row of {} bytes is not whole blocks",
-        row.len()
-    );
-    let nb = row.len() / bs;
-    assert_eq!(
-        nb,
-        act.n_blocks(),
-        "dot_legacy: {ty:?} row of {nb} blocks vs {} activations",
-        act.len()
-    );
+    check_t(t, ty, row, act);
     t
+}
+
+#[inline(always)]
+fn check_t(t: u8, ty: GgmlType, row: &[u8], act: &ActQ8) {
+    let bs = block_bytes(t);
+    let nb = row.len() / bs;
+    if !(act.is_well_formed() && row.len() % bs == 0 && nb == act.n_blocks()) {
+        geometry_panic(ty, row, act, bs);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn geometry_panic(ty: GgmlType, row: &[u8], act: &ActQ8, bs: usize) -> ! {
+    assert!(act.is_well_formed(), "dot_legacy: malformed ActQ8");
+    assert_eq!(row.len() % bs, 0, "dot_legacy: {ty:?} row of {} bytes is not whole blocks", row.len());
+    let nb = row.len() / bs;
+    assert_eq!(nb, act.n_blocks(), "dot_legacy: {ty:?} row of {nb} blocks vs {} activations", act.len());
+    unreachable!()
 }
 
 /// Dot product of one `ty` row (whole blocks, any alignment) with quantized activations of the same
 /// length, with the kernel of [`active_isa`].
+#[inline]
 pub fn vec_dot_q8(ty: GgmlType, row: &[u8], act: &ActQ8) -> f32 {
-    vec_dot_q8_isa(isa(), ty, row, act)
+    let mut out = [0f32];
+    vec_dot_q8_x4(ty, row, &[act], &mut out);
+    out[0]
 }
 
 /// [`vec_dot_q8`] with an explicit level; panics if this CPU cannot run `isa`.
@@ -184,47 +183,68 @@ pub fn vec_dot_q8_isa(isa: Isa, ty: GgmlType, row: &[u8], act: &ActQ8) -> f32 {
     out[0]
 }
 
+/// A kernel: `out[k] = row · acts[k]`; safe to call once the geometry is checked and, for SIMD
+/// kernels, the level is available (see `avx2::DotFn`).
+type DotFn = unsafe fn(&[u8], &[&ActQ8], &mut [f32]);
+
+fn scalar_k<const T: u8>(row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+    for (o, a) in out.iter_mut().zip(acts) {
+        *o = scalar_dot(T, row, a, &mut None);
+    }
+}
+
+const SCALAR_KERNELS: [[DotFn; 4]; 6] = {
+    const fn row<const T: u8>() -> [DotFn; 4] {
+        [scalar_k::<T>, scalar_k::<T>, scalar_k::<T>, scalar_k::<T>]
+    }
+    [row::<T_Q4_0>(), row::<T_Q4_1>(), row::<T_Q5_0>(), row::<T_Q5_1>(), row::<T_Q8_0>(), row::<T_IQ4_NL>()]
+};
+
+/// The kernel table of a level (indexed `[format code][K - 1]`); the level must run here.
+fn kernels(isa: Isa) -> &'static [[DotFn; 4]; 6] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => &avx2::KERNELS,
+        _ => &SCALAR_KERNELS,
+    }
+}
+
+/// The kernel table of [`active_isa`], resolved once.
+#[inline]
+fn active_kernels() -> &'static [[DotFn; 4]; 6] {
+    static ACTIVE: OnceLock<&'static [[DotFn; 4]; 6]> = OnceLock::new();
+    ACTIVE.get_or_init(|| kernels(isa()))
+}
+
+/// Checks a call's geometry and runs `table`'s kernel.
+#[inline(always)]
+fn run(table: &[[DotFn; 4]; 6], ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+    let k = acts.len();
+    assert!((1..=4).contains(&k), "dot_legacy: 1 to 4 activation vectors, got {k}");
+    assert_eq!(k, out.len(), "dot_legacy: acts/out length mismatch");
+    let Some(t) = code_of(ty) else {
+        panic!("dot_legacy: {ty:?} is not supported");
+    };
+    for a in acts {
+        check_t(t, ty, row, a);
+    }
+    // SAFETY: the table's level runs on this CPU (the callers' contract); the row is whole blocks
+    // of format `t`, every activation vector is well formed with exactly as many blocks, and
+    // `acts.len() == out.len() == k` (checked above).
+    unsafe { table[usize::from(t)][k - 1](row, acts, out) }
+}
+
 /// Dot products of one row with 1 to 4 activation vectors (`out[k]` for `acts[k]`), unpacking each
 /// weight block once for all of them.
+#[inline]
 pub fn vec_dot_q8_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
-    vec_dot_q8_x4_isa(isa(), ty, row, acts, out)
+    run(active_kernels(), ty, row, acts, out)
 }
 
 /// [`vec_dot_q8_x4`] with an explicit level; panics if this CPU cannot run `isa`.
 pub fn vec_dot_q8_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
-    assert!(
-        (1..=4).contains(&acts.len()),
-        "dot_legacy: 1 to 4 activation vectors, got {}",
-        acts.len()
-    );
-    assert_eq!(
-        acts.len(),
-        out.len(),
-        "dot_legacy: acts/out length mismatch"
-    );
-    let mut t = 0;
-    for a in acts {
-        t = check(ty, row, a);
-    }
-    assert!(
-        isa <= detected_isa(),
-        "dot_legacy: {} is not available on this CPU",
-        isa.name()
-    );
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
-            // SAFETY: `detected_isa` found AVX2, FMA and F16C at run time; the row is whole
-            // blocks of format `t` and every activation vector is well formed with exactly as
-            // many blocks (checked above).
-            unsafe { avx2::vec_dot_multi(t, row, acts, out) }
-        }
-        _ => {
-            for (o, a) in out.iter_mut().zip(acts) {
-                *o = scalar_dot(t, row, a, &mut None);
-            }
-        }
-    }
+    assert!(isa <= detected_isa(), "dot_legacy: {} is not available on this CPU", isa.name());
+    run(kernels(isa), ty, row, acts, out)
 }
 
 /// Scalar oracle: integer sums per block, then `(d·da)·Σ w a (+ (m·da)·Σ a)` in f32, blocks summed
@@ -349,19 +369,7 @@ mod tests {
             // q = 3, m = -1: 32 * (0.5 * 3 - 1)
             (GgmlType::Q4_1, block(0.5, Some(-1.0), &[0x33; 16]), 16.0),
             // low nibbles 0, all fifth bits set -> q = 16 -> w = 0
-            (
-                GgmlType::Q5_0,
-                block(
-                    2.0,
-                    None,
-                    &[0xff; 4]
-                        .iter()
-                        .chain(&[0u8; 16])
-                        .copied()
-                        .collect::<Vec<_>>(),
-                ),
-                0.0,
-            ),
+            (GgmlType::Q5_0, block(2.0, None, &[0xff; 4].iter().chain(&[0u8; 16]).copied().collect::<Vec<_>>()), 0.0),
             // q = 31 everywhere, m = 1: 32 * (31 + 1)
             (GgmlType::Q5_1, block(1.0, Some(1.0), &[0xff; 20]), 1024.0),
             // q = -128: 32 * -128 * 0.25
