@@ -20,6 +20,8 @@ pub struct QMatrix<'a> {
     pub rows: usize,
     pub cols: usize,
     row_bytes: usize,
+    /// 8-bit activation planes for the default path's quantized products (1 or 2; see [`matmul`]).
+    pub act_planes: usize,
 }
 
 impl<'a> QMatrix<'a> {
@@ -39,7 +41,15 @@ impl<'a> QMatrix<'a> {
                 got: data.len(),
             });
         }
-        Ok(QMatrix { ty, data, rows, cols, row_bytes })
+        Ok(QMatrix { ty, data, rows, cols, row_bytes,
+            act_planes: activation_planes(),
+        })
+    }
+
+    /// The same matrix with `planes` (1 or 2) activation planes on the default path.
+    pub fn with_act_planes(mut self, planes: usize) -> Self {
+        self.act_planes = planes.clamp(1, 2);
+        self
     }
 
     pub fn row(&self, r: usize) -> &'a [u8] {
@@ -124,7 +134,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
         }),
         ActFormat::Q8 => {
             let mut scratch = take_scratch();
-            let planes = activation_planes();
+            let planes = w.act_planes;
             prepare(
                 &mut scratch.q8,
                 &mut scratch.residual,
@@ -150,7 +160,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
         }
         ActFormat::Q8K => {
             let mut scratch = take_scratch();
-            let planes = activation_planes();
+            let planes = w.act_planes;
             prepare(
                 &mut scratch.q8k,
                 &mut scratch.residual,
@@ -181,7 +191,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
 /// 8-bit planes per activation vector: 1 = x ≈ d·q (llama.cpp's choice); 2 = x ≈ d·q + d'·q',
 /// where the second plane quantizes the first one's rounding error (≈ 15-bit activations, twice
 /// the integer work).
-fn activation_planes() -> usize {
+pub fn activation_planes() -> usize {
     static PLANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *PLANES.get_or_init(|| match std::env::var("KILN_ACT").as_deref() {
         Ok("q8") => 1,
