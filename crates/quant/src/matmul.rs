@@ -41,9 +41,7 @@ impl<'a> QMatrix<'a> {
                 got: data.len(),
             });
         }
-        Ok(QMatrix { ty, data, rows, cols, row_bytes,
-            act_planes: activation_planes(),
-        })
+        Ok(QMatrix { ty, data, rows, cols, row_bytes, act_planes: activation_planes() })
     }
 
     /// The same matrix with `planes` (1 or 2) activation planes on the default path.

@@ -22,14 +22,8 @@ use kiln_quant::dot_legacy::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const TYPES: [GgmlType; 6] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::IQ4_NL,
-];
+const TYPES: [GgmlType; 6] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL];
 
 const LENGTHS: [usize; 4] = [32, 96, 32 * 17, 4096 + 32];
 
@@ -87,13 +81,7 @@ fn supported_types() {
     for ty in TYPES {
         assert!(is_supported(ty), "{ty:?}");
     }
-    for ty in [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-        GgmlType::IQ4_XS,
-    ] {
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::IQ4_XS] {
         assert!(!is_supported(ty), "{ty:?}");
     }
     assert!(["scalar", "avx2", "avx512"].contains(&active_isa()));
@@ -160,9 +148,7 @@ fn multi_matches_single_dots() {
     for ty in TYPES {
         for n in LENGTHS {
             let row = random_row(&mut rng, ty, n);
-            let acts: Vec<ActQ8> = (0..4)
-                .map(|_| quantized(&random_act(&mut rng, n)))
-                .collect();
+            let acts: Vec<ActQ8> = (0..4).map(|_| quantized(&random_act(&mut rng, n))).collect();
             for isa in available_isas() {
                 for k in 1..=4 {
                     let refs: Vec<&ActQ8> = acts[..k].iter().collect();
@@ -189,9 +175,7 @@ fn multi_matches_single_dots() {
 fn extreme_blocks_do_not_saturate() {
     let n = 32 * 7;
     // activations: +-1 so every quant is +-127
-    let x: Vec<f32> = (0..n)
-        .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
-        .collect();
+    let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
     let xs: Vec<f32> = (0..n).map(|_| 1.0).collect();
     for ty in TYPES {
         let bs = ty.type_size();
@@ -210,11 +194,7 @@ fn extreme_blocks_do_not_saturate() {
                 // integers times 1/127)
                 let mut w = vec![0f32; n];
                 kiln_quant::dequantize_row(ty, &row, &mut w).unwrap();
-                let exact: f64 = w
-                    .iter()
-                    .zip(act.dequantize())
-                    .map(|(&a, b)| f64::from(a) * f64::from(b))
-                    .sum();
+                let exact: f64 = w.iter().zip(act.dequantize()).map(|(&a, b)| f64::from(a) * f64::from(b)).sum();
                 assert!((f64::from(oracle) - exact).abs() <= acc_tol(7, mag));
                 for isa in available_isas() {
                     let got = vec_dot_q8_isa(isa, ty, &row, &act);
@@ -242,16 +222,8 @@ fn close_to_exact_dot() {
                 let act = quantized(&x);
                 let mut w = vec![0f32; n];
                 kiln_quant::dequantize_row(ty, &row, &mut w).unwrap();
-                let exact: f64 = w
-                    .iter()
-                    .zip(&x)
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                    .sum();
-                let mag_wx: f64 = w
-                    .iter()
-                    .zip(&x)
-                    .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
-                    .sum();
+                let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                let mag_wx: f64 = w.iter().zip(&x).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
                 let mut quant_bound = 0f64;
                 for (wb, &da) in w.chunks_exact(32).zip(act.d()) {
                     let sw: f64 = wb.iter().map(|&v| f64::from(v).abs()).sum();
@@ -286,10 +258,7 @@ fn act_simd_matches_scalar() {
             x[0] = 127.0 * scale;
             x[1] = 0.5 * scale;
             if n > 32 {
-                x[32..64]
-                    .iter_mut()
-                    .enumerate()
-                    .for_each(|(i, v)| *v = i as f32 - 15.5);
+                x[32..64].iter_mut().enumerate().for_each(|(i, v)| *v = i as f32 - 15.5);
             }
             a.quantize(&x);
             b.quantize_scalar(&x);
@@ -343,11 +312,7 @@ fn kiln_isa_forces_level() {
             .env("KILN_ISA_EXPECT", expect)
             .output()
             .unwrap();
-        assert!(
-            st.status.success(),
-            "KILN_ISA={forced}: {}",
-            String::from_utf8_lossy(&st.stdout)
-        );
+        assert!(st.status.success(), "KILN_ISA={forced}: {}", String::from_utf8_lossy(&st.stdout));
     }
 }
 
@@ -359,16 +324,11 @@ fn kiln_isa_forces_level() {
 fn bench_matvec() {
     use std::hint::black_box;
     use std::time::Instant;
-    let rows: usize = std::env::var("BENCH_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4096);
+    let rows: usize = std::env::var("BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
     let cols = 4096;
     let mut rng = StdRng::seed_from_u64(1);
     let x = random_act(&mut rng, cols);
-    let acts: Vec<ActQ8> = (0..4)
-        .map(|_| quantized(&random_act(&mut rng, cols)))
-        .collect();
+    let acts: Vec<ActQ8> = (0..4).map(|_| quantized(&random_act(&mut rng, cols))).collect();
     let act = &acts[0];
     {
         let mut a = ActQ8::new();
@@ -383,19 +343,12 @@ fn bench_matvec() {
             a.quantize_scalar(black_box(&x));
         }
         let sc = t.elapsed().as_secs_f64() / reps as f64;
-        eprintln!(
-            "ActQ8::quantize 4096: simd {:.2} us, scalar {:.2} us",
-            simd * 1e6,
-            sc * 1e6
-        );
+        eprintln!("ActQ8::quantize 4096: simd {:.2} us, scalar {:.2} us", simd * 1e6, sc * 1e6);
     }
     {
         // baseline: plain read bandwidth over a Q4_0-sized buffer
         let buf = random_row(&mut rng, GgmlType::Q4_0, rows * cols);
-        let words: Vec<u64> = buf
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let words: Vec<u64> = buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
         let mut best = f64::INFINITY;
         for _ in 0..10 * 4096 / rows {
             let t = Instant::now();
@@ -403,11 +356,7 @@ fn bench_matvec() {
             black_box(s);
             best = best.min(t.elapsed().as_secs_f64());
         }
-        eprintln!(
-            "read bandwidth ({} MB): {:.2} GB/s",
-            buf.len() >> 20,
-            buf.len() as f64 / best / 1e9
-        );
+        eprintln!("read bandwidth ({} MB): {:.2} GB/s", buf.len() >> 20, buf.len() as f64 / best / 1e9);
     }
     for ty in TYPES {
         let w = random_row(&mut rng, ty, rows * cols);
@@ -415,11 +364,7 @@ fn bench_matvec() {
         let mut out = vec![0f32; rows * 4];
         for isa in available_isas() {
             let mut best = f64::INFINITY;
-            let reps = if isa == Isa::Scalar {
-                2
-            } else {
-                10 * 4096 / rows
-            };
+            let reps = if isa == Isa::Scalar { 2 } else { 10 * 4096 / rows };
             for _ in 0..reps {
                 let t = Instant::now();
                 for (r, o) in w.chunks_exact(rb).zip(out.iter_mut()) {

@@ -147,11 +147,7 @@ unsafe fn group<const T: u8, const K: usize, const R: usize>(
         let mut ws = [[_mm256_setzero_si256(); 2]; 2];
         for p in 0..pairs {
             let pa = w.add(2 * p * bs);
-            let v = if R >= 2 * p + 2 {
-                unpack::<T, true>(pa, pa.add(bs))
-            } else {
-                unpack::<T, false>(pa, pa)
-            };
+            let v = if R >= 2 * p + 2 { unpack::<T, true>(pa, pa.add(bs)) } else { unpack::<T, false>(pa, pa) };
             for h in 0..2 {
                 if signed {
                     wu[p][h] = _mm256_abs_epi8(v[h]);

@@ -152,7 +152,7 @@ fn check(ty: GgmlType, row: &[u8], act: &ActQ8) -> u8 {
 fn check_t(t: u8, ty: GgmlType, row: &[u8], act: &ActQ8) {
     let bs = block_bytes(t);
     let nb = row.len() / bs;
-    if !(act.is_well_formed() && row.len() % bs == 0 && nb == act.n_blocks()) {
+    if !(act.is_well_formed() && row.len().is_multiple_of(bs) && nb == act.n_blocks()) {
         geometry_panic(ty, row, act, bs);
     }
 }
