@@ -128,10 +128,6 @@ pub fn rel_l2(ours: &[f64], truth: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
-fn argmax(x: &[f32]) -> u32 {
-    crate::sampler::argmax(x)
-}
-
 /// Runs every case of `fixture` (whose files live in `dir`) on `model`.
 pub fn check_model(model: &Model, fixture: &Fixture, dir: &Path) -> Result<ModelReport> {
     let n_vocab = model.weights.cfg.n_vocab;
@@ -193,7 +189,7 @@ pub fn check_model(model: &Model, fixture: &Fixture, dir: &Path) -> Result<Model
                 stats.max_rel_l2 = stats.max_rel_l2.max(r);
                 let abs = top.iter().map(|x| (ours[x.0 as usize] as f64 - x.1).abs()).fold(0.0, f64::max);
                 stats.max_abs_top20 = stats.max_abs_top20.max(abs);
-                let am = argmax(ours);
+                let am = crate::sampler::argmax(ours);
                 if am == truth_best {
                     stats.top1_agree += 1;
                 } else if !near_tie {

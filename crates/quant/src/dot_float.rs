@@ -3,33 +3,9 @@
 //! The activations stay f32: for float weights the conversion is exact and cheap, so there is no
 //! reason to give up accuracy. Sums are f32 FMA lanes, reduced pairwise at the end.
 
-use std::sync::OnceLock;
-
 use kiln_gguf::GgmlType;
 
-/// Instruction sets these kernels can use, best first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    Avx2,
-    Scalar,
-}
-
-fn isa() -> Isa {
-    static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        let forced = std::env::var("KILN_ISA").unwrap_or_default();
-        if forced == "scalar" {
-            return Isa::Scalar;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Scalar
-    })
-}
+use crate::isa::{isa, Isa};
 
 pub fn is_supported(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
@@ -47,9 +23,9 @@ pub fn vec_dot_f32(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(row.len(), x.len() * width, "row bytes vs activation length");
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returned Avx2 only after detecting AVX2, FMA and F16C at run time;
+        // SAFETY: `isa()` returns Avx2 or above only after detecting AVX2, FMA and F16C at run time;
         // the lengths were checked above.
-        Isa::Avx2 => unsafe { avx2::vec_dot(ty, row, x) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::vec_dot(ty, row, x) },
         _ => vec_dot_f32_unopt(ty, row, x),
     }
 }

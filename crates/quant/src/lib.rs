@@ -13,6 +13,7 @@ pub mod dot_legacy;
 pub mod float;
 pub mod iq4_nl;
 pub mod iq4_xs;
+pub mod isa;
 pub mod matmul;
 pub mod q2_k;
 pub mod q3_k;

@@ -31,76 +31,12 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
-/// Instruction-set levels of the kernels, lowest first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Isa {
-    /// Portable integer code (the oracle's arithmetic).
-    Scalar,
-    /// x86-64 AVX2 + FMA + F16C.
-    Avx2,
-    /// x86-64 AVX-512 (not built yet: requests for it use AVX2).
-    Avx512,
-}
-
-impl Isa {
-    /// Lower-case name, as `KILN_ISA` spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Scalar => "scalar",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512 => "avx512",
-        }
-    }
-
-    fn from_name(s: &str) -> Option<Isa> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "scalar" => Some(Isa::Scalar),
-            "avx2" => Some(Isa::Avx2),
-            "avx512" => Some(Isa::Avx512),
-            _ => None,
-        }
-    }
-}
-
-/// The best level this CPU can run among the built kernels.
-pub fn detected_isa() -> Isa {
-    static DETECTED: OnceLock<Isa> = OnceLock::new();
-    *DETECTED.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Scalar
-    })
-}
-
-/// Every level that can run here, lowest first (for tests and benchmarks).
-pub fn available_isas() -> Vec<Isa> {
-    let best = detected_isa();
-    [Isa::Scalar, Isa::Avx2].into_iter().filter(|&i| i <= best).collect()
-}
-
-fn isa() -> Isa {
-    static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        let best = detected_isa();
-        match std::env::var("KILN_ISA").ok().and_then(|s| Isa::from_name(&s)) {
-            Some(forced) => forced.min(best),
-            None => best,
-        }
-    })
-}
+use crate::isa::isa;
+pub use crate::isa::{active_isa, available_isas, detected_isa, Isa};
 
 /// Whether the active level (after `KILN_ISA`) has AVX2 + FMA + F16C (used by [`ActQ8::quantize`]).
 pub(crate) fn simd_available() -> bool {
     isa() >= Isa::Avx2
-}
-
-/// Name of the level used by [`vec_dot_q8`]: `"scalar"` or `"avx2"` (`"avx512"` once built).
-pub fn active_isa() -> &'static str {
-    isa().name()
 }
 
 /// Whether `ty` has kernels here.
