@@ -3,7 +3,7 @@
 use kiln_quant::matmul::{self, dot_f32, dot_f64, QMatrix};
 use rayon::prelude::*;
 
-use crate::{Activation, KvCache, LlamaWeights, ModelError, Observer, RopeScaling};
+use crate::{Activation, Fault, KvCache, LlamaWeights, ModelError, Observer, RopeScaling};
 
 /// Which arithmetic the forward pass uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,87 +33,155 @@ pub fn forward(
     want: Logits,
     obs: Option<&mut dyn Observer>,
 ) -> Result<Vec<f32>, ModelError> {
-    // Run on a pool thread: the many short parallel sections inside then start by work stealing
-    // instead of waking the pool from outside for each one (a large cost per generated token).
-    if rayon::current_thread_index().is_none() {
-        let mut result = None;
-        rayon::scope(|_| result = Some(forward_in_pool(w, cache, tokens, precision, want, obs)));
-        return result.expect("rayon::scope runs its closure");
-    }
-    forward_in_pool(w, cache, tokens, precision, want, obs)
+    forward_faulty(w, cache, tokens, precision, want, obs, None)
 }
 
-fn forward_in_pool(
+/// [`forward`] with a deliberate bug injected, for testing the diagnostics.
+#[doc(hidden)]
+pub fn forward_faulty(
     w: &LlamaWeights,
     cache: &mut KvCache,
     tokens: &[u32],
     precision: Precision,
     want: Logits,
-    mut obs: Option<&mut dyn Observer>,
+    obs: Option<&mut dyn Observer>,
+    fault: Option<Fault>,
 ) -> Result<Vec<f32>, ModelError> {
+    // The sequence's own buffers: no allocation per generated token.
+    let mut ws = std::mem::take(&mut cache.buffers);
+    let mut steps = [SeqStep { cache, tokens, want }];
+    let result = run_in_pool(|| forward_steps(w, &mut steps, precision, &mut ws, obs, fault));
+    steps[0].cache.buffers = ws;
+    Ok(result?.pop().unwrap_or_default())
+}
+
+/// One sequence's share of a batched forward step: its cache, the tokens to append, which logits
+/// it wants.
+pub struct SeqStep<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub want: Logits,
+}
+
+/// Runs several sequences in one pass: every matmul runs over all their tokens stacked, RoPE and
+/// attention per sequence over its own cache. Returns one logits vector per step, in order.
+/// Each sequence's results are bit-identical to running it alone: every row of every operation is
+/// computed independently of the others. All steps are checked before anything runs, so on error
+/// no cache is modified.
+pub fn forward_batch(
+    w: &LlamaWeights,
+    steps: &mut [SeqStep<'_>],
+    precision: Precision,
+    ws: &mut Workspace,
+    obs: Option<&mut dyn Observer>,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    run_in_pool(|| forward_steps(w, steps, precision, ws, obs, None))
+}
+
+/// Runs `f` on a pool thread: the many short parallel sections inside then start by work stealing
+/// instead of waking the pool from outside for each one (a large cost per generated token).
+fn run_in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut result = None;
+    rayon::scope(|_| result = Some(f()));
+    result.expect("rayon::scope runs its closure")
+}
+
+fn forward_steps(
+    w: &LlamaWeights,
+    steps: &mut [SeqStep<'_>],
+    precision: Precision,
+    ws: &mut Workspace,
+    mut obs: Option<&mut dyn Observer>,
+    fault: Option<Fault>,
+) -> Result<Vec<Vec<f32>>, ModelError> {
     let cfg = &w.cfg;
-    let n = tokens.len();
+    for s in steps.iter() {
+        let needed = s.cache.len + s.tokens.len();
+        if needed > s.cache.n_ctx {
+            return Err(ModelError::ContextFull { needed, n_ctx: s.cache.n_ctx });
+        }
+        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+            return Err(ModelError::TokenOutOfRange { id, n_vocab: cfg.n_vocab });
+        }
+    }
+    // Row ranges of each step in the stacked batch; empty steps take no rows and get no logits.
+    let mut spans = Vec::with_capacity(steps.len());
+    let mut n = 0;
+    for s in steps.iter() {
+        spans.push(n..n + s.tokens.len());
+        n += s.tokens.len();
+    }
     if n == 0 {
-        return Ok(Vec::new());
-    }
-    let pos0 = cache.len;
-    if pos0 + n > cache.n_ctx {
-        return Err(ModelError::ContextFull { needed: pos0 + n, n_ctx: cache.n_ctx });
-    }
-    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-        return Err(ModelError::TokenOutOfRange { id, n_vocab: cfg.n_vocab });
+        return Ok(vec![Vec::new(); steps.len()]);
     }
     let (e, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
     let mm = |m: &QMatrix, x: &[f32], out: &mut [f32]| match precision {
         Precision::Exact => matmul::matmul_exact(m, x, x.len() / m.cols, out),
         Precision::Fast => matmul::matmul(m, x, x.len() / m.cols, out),
     };
+    let rms_eps = if fault == Some(Fault::NoRmsEps) { 0.0 } else { cfg.rms_eps };
 
-    // Reuse the sequence's work buffers: no allocation per generated token.
-    let mut bufs = std::mem::take(&mut cache.buffers);
-    bufs.resize(n, e, qd, kvd, ff);
-    let Buffers { x, h, q, k, v, attn, proj, gate, up } = &mut bufs;
-    for (t, &tok) in tokens.iter().enumerate() {
-        w.token_embd.dequantize_row_into(tok as usize, &mut x[t * e..(t + 1) * e]);
+    ws.resize(n, e, qd, kvd, ff);
+    let Workspace { x, h, q, k, v, attn, proj, gate, up } = ws;
+    for (s, span) in steps.iter().zip(&spans) {
+        for (&tok, xr) in s.tokens.iter().zip(x[span.start * e..span.end * e].chunks_exact_mut(e)) {
+            w.token_embd.dequantize_row_into(tok as usize, xr);
+        }
     }
     emit(&mut obs, None, "token_embd", n, e, x);
 
-    let rope = RopeTable::new(w, pos0, n);
+    let pairing = if fault == Some(Fault::RopePairing) { RopePairing::Halves } else { RopePairing::Adjacent };
+    let ropes: Vec<RopeTable> = steps.iter().map(|s| RopeTable::new(w, s.cache.len, s.tokens.len(), pairing)).collect();
+    // Attention weights are reported only for a single sequence (rows of one causal triangle).
+    let single = steps.len() == 1;
 
     for (l, lw) in w.layers.iter().enumerate() {
         let li = Some(l);
-        rms_norm(x, &lw.attn_norm, cfg.rms_eps, h);
+        rms_norm(x, &lw.attn_norm, rms_eps, h);
         emit(&mut obs, li, "attn_norm", n, e, h);
 
-        mm(&lw.wq, h, q);
+        if l == 0 && fault == Some(Fault::F16Matmul) {
+            let rounded: Vec<f32> = h.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            mm(&lw.wq, &rounded, q);
+        } else {
+            mm(&lw.wq, h, q);
+        }
         mm(&lw.wk, h, k);
         mm(&lw.wv, h, v);
         emit(&mut obs, li, "q", n, qd, q);
         emit(&mut obs, li, "k", n, kvd, k);
         emit(&mut obs, li, "v", n, kvd, v);
-        rope.apply(q, cfg.head_dim);
-        rope.apply(k, cfg.head_dim);
+        for (rope, span) in ropes.iter().zip(&spans) {
+            rope.apply(&mut q[span.start * qd..span.end * qd], cfg.head_dim);
+            rope.apply(&mut k[span.start * kvd..span.end * kvd], cfg.head_dim);
+        }
         emit(&mut obs, li, "q_rope", n, qd, q);
         emit(&mut obs, li, "k_rope", n, kvd, k);
 
-        cache.keys[l][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(k);
-        cache.values[l][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(v);
+        for (s, span) in steps.iter_mut().zip(&spans) {
+            let p0 = s.cache.len;
+            let rows = p0 * kvd..(p0 + span.len()) * kvd;
+            s.cache.keys[l][rows.clone()].copy_from_slice(&k[span.start * kvd..span.end * kvd]);
+            s.cache.values[l][rows].copy_from_slice(&v[span.start * kvd..span.end * kvd]);
+        }
 
-        let want_weights = obs.as_ref().is_some_and(|o| o.wants(li, "kq_soft_max"));
-        let weights = attention(
-            cfg.n_head,
-            cfg.n_head_kv,
-            cfg.head_dim,
-            pos0,
-            q,
-            &cache.keys[l],
-            &cache.values[l],
-            precision,
-            want_weights,
-            attn,
-        );
+        let want_weights = single && obs.as_ref().is_some_and(|o| o.wants(li, "kq_soft_max"));
+        let seqs: Vec<AttnSeq> = steps
+            .iter()
+            .zip(&spans)
+            .map(|(s, span)| AttnSeq {
+                rows: span.clone(),
+                pos0: s.cache.len,
+                keys: &s.cache.keys[l],
+                values: &s.cache.values[l],
+            })
+            .collect();
+        let weights = attention(cfg.n_head, cfg.n_head_kv, cfg.head_dim, &seqs, q, precision, want_weights, attn);
         if let Some(wts) = &weights {
-            emit(&mut obs, li, "kq_soft_max", n * cfg.n_head, pos0 + n, wts);
+            emit(&mut obs, li, "kq_soft_max", n * cfg.n_head, seqs[0].pos0 + n, wts);
         }
         emit(&mut obs, li, "attn_out", n, qd, attn);
 
@@ -122,7 +190,7 @@ fn forward_in_pool(
         add_in_place(x, proj);
         emit(&mut obs, li, "attn_residual", n, e, x);
 
-        rms_norm(x, &lw.ffn_norm, cfg.rms_eps, h);
+        rms_norm(x, &lw.ffn_norm, rms_eps, h);
         emit(&mut obs, li, "ffn_norm", n, e, h);
         mm(&lw.w_gate, h, gate);
         mm(&lw.w_up, h, up);
@@ -135,27 +203,67 @@ fn forward_in_pool(
         add_in_place(x, proj);
         emit(&mut obs, li, "ffn_residual", n, e, x);
     }
-    cache.len = pos0 + n;
+    for (s, span) in steps.iter_mut().zip(&spans) {
+        s.cache.len += span.len();
+    }
 
-    let rows = match want {
-        Logits::All => 0..n,
-        Logits::Last => n - 1..n,
-    };
-    let n_out = rows.len();
-    let xs = &x[rows.start * e..rows.end * e];
+    // The rows whose logits are wanted, stacked, through one output matmul.
+    let out_rows: Vec<std::ops::Range<usize>> = steps
+        .iter()
+        .zip(&spans)
+        .map(|(s, span)| match s.want {
+            _ if span.is_empty() => span.clone(),
+            Logits::All => span.clone(),
+            Logits::Last => span.end - 1..span.end,
+        })
+        .collect();
+    let n_out: usize = out_rows.iter().map(|r| r.len()).sum();
+    let mut xs = Vec::with_capacity(n_out * e);
+    for r in &out_rows {
+        xs.extend_from_slice(&x[r.start * e..r.end * e]);
+    }
     let mut hn = vec![0f32; n_out * e];
-    rms_norm(xs, &w.output_norm, cfg.rms_eps, &mut hn);
+    rms_norm(&xs, &w.output_norm, rms_eps, &mut hn);
     emit(&mut obs, None, "output_norm", n_out, e, &hn);
-    let mut logits = vec![0f32; n_out * cfg.n_vocab];
-    mm(&w.output, &hn, &mut logits);
-    emit(&mut obs, None, "logits", n_out, cfg.n_vocab, &logits);
-    cache.buffers = bufs;
-    Ok(logits)
+    let nv = cfg.n_vocab;
+    let mut logits = vec![0f32; n_out * nv];
+    if fault == Some(Fault::TransposedLmHead) {
+        transposed_head(&w.output, &hn, &mut logits);
+    } else {
+        mm(&w.output, &hn, &mut logits);
+    }
+    emit(&mut obs, None, "logits", n_out, nv, &logits);
+    let mut result = Vec::with_capacity(steps.len());
+    let mut at = 0;
+    for r in &out_rows {
+        result.push(logits[at * nv..(at + r.len()) * nv].to_vec());
+        at += r.len();
+    }
+    Ok(result)
 }
 
-/// Activation buffers of one forward call, kept in the [`KvCache`] between calls.
+/// The LM head read with the wrong layout (`[n_embd, n_vocab]` instead of `[n_vocab, n_embd]`):
+/// the classic bug this fault reproduces.
+fn transposed_head(m: &QMatrix, hn: &[f32], out: &mut [f32]) {
+    let (nv, e) = (m.rows, m.cols);
+    let mut flat = vec![0f32; nv * e];
+    for (r, row) in flat.chunks_exact_mut(e).enumerate() {
+        m.dequantize_row_into(r, row);
+    }
+    for (ht, ot) in hn.chunks_exact(e).zip(out.chunks_exact_mut(nv)) {
+        ot.fill(0.0);
+        for (i, &hv) in ht.iter().enumerate() {
+            for (o, &wv) in ot.iter_mut().zip(&flat[i * nv..(i + 1) * nv]) {
+                *o += hv * wv;
+            }
+        }
+    }
+}
+
+/// Activation buffers of a forward call, reused between calls: a sequence's own live in its
+/// [`KvCache`]; batched callers keep one for [`forward_batch`].
 #[derive(Default, Debug)]
-pub struct Buffers {
+pub struct Workspace {
     x: Vec<f32>,
     h: Vec<f32>,
     q: Vec<f32>,
@@ -167,7 +275,7 @@ pub struct Buffers {
     up: Vec<f32>,
 }
 
-impl Buffers {
+impl Workspace {
     fn resize(&mut self, n: usize, e: usize, qd: usize, kvd: usize, ff: usize) {
         for (buf, len) in [
             (&mut self.x, n * e),
@@ -226,15 +334,25 @@ fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Rotation angles for the batch's positions, computed in f64 once per forward call.
+/// Which dimensions RoPE rotates together.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RopePairing {
+    /// (x[2i], x[2i+1]): GGUF Llama weights are permuted for this "normal" pairing at conversion.
+    Adjacent,
+    /// (x[i], x[i + n_rot/2]): NeoX style; only reached through [`Fault::RopePairing`] for Llama.
+    Halves,
+}
+
+/// Rotation angles for one sequence's positions, computed in f64 once per forward call.
 struct RopeTable {
     /// `[n_tokens][n_rot / 2]` (cos, sin) pairs.
     cos_sin: Vec<(f32, f32)>,
     half: usize,
+    pairing: RopePairing,
 }
 
 impl RopeTable {
-    fn new(w: &LlamaWeights, pos0: usize, n: usize) -> RopeTable {
+    fn new(w: &LlamaWeights, pos0: usize, n: usize, pairing: RopePairing) -> RopeTable {
         let cfg = &w.cfg;
         let half = cfg.n_rot / 2;
         let scale = match cfg.rope_scaling {
@@ -253,47 +371,66 @@ impl RopeTable {
                 cos_sin.push((c as f32, s as f32));
             }
         }
-        RopeTable { cos_sin, half }
+        RopeTable { cos_sin, half, pairing }
     }
 
-    /// Rotates adjacent pairs (x[2i], x[2i+1]) of the first `n_rot` dims of every head
-    /// (GGUF Llama weights are permuted for this "normal" pairing at conversion).
+    /// Rotates the pairs of the first `n_rot` dims of every head of every token in `x`.
     fn apply(&self, x: &mut [f32], head_dim: usize) {
-        let n = self.cos_sin.len() / self.half.max(1);
+        if self.half == 0 || x.is_empty() {
+            return;
+        }
+        let n = self.cos_sin.len() / self.half;
         let row = x.len() / n;
         for (t, xr) in x.chunks_exact_mut(row).enumerate() {
             let cs = &self.cos_sin[t * self.half..(t + 1) * self.half];
             for head in xr.chunks_exact_mut(head_dim) {
                 for (i, &(c, s)) in cs.iter().enumerate() {
-                    let (a, b) = (head[2 * i] as f64, head[2 * i + 1] as f64);
+                    let (ia, ib) = match self.pairing {
+                        RopePairing::Adjacent => (2 * i, 2 * i + 1),
+                        RopePairing::Halves => (i, i + self.half),
+                    };
+                    let (a, b) = (head[ia] as f64, head[ib] as f64);
                     let (c, s) = (c as f64, s as f64);
-                    head[2 * i] = (a * c - b * s) as f32;
-                    head[2 * i + 1] = (a * s + b * c) as f32;
+                    head[ia] = (a * c - b * s) as f32;
+                    head[ib] = (a * s + b * c) as f32;
                 }
             }
         }
     }
 }
 
-/// Causal multi-head attention of `n` queries at positions `pos0..` over the cache.
-/// Returns the softmax weights `[n * n_head, pos0 + n]` when asked (zeros past each causal limit).
+/// One sequence's view for attention: its rows in the stacked batch and its cached keys/values
+/// (already holding this step's positions).
+struct AttnSeq<'a> {
+    rows: std::ops::Range<usize>,
+    pos0: usize,
+    keys: &'a [f32],
+    values: &'a [f32],
+}
+
+/// Causal multi-head attention of each sequence's queries over its own cache.
+/// Returns the softmax weights `[n * n_head, pos0 + n]` of a single sequence when asked (zeros past
+/// each causal limit).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     n_head: usize,
     n_head_kv: usize,
     d: usize,
-    pos0: usize,
+    seqs: &[AttnSeq],
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
     precision: Precision,
     want_weights: bool,
     out: &mut [f32],
 ) -> Option<Vec<f32>> {
     let kvd = n_head_kv * d;
     let group = n_head / n_head_kv;
-    let n_ctx = pos0 + q.len() / (n_head * d);
     let scale = 1.0 / (d as f64).sqrt();
+    // Which sequence each stacked token row belongs to.
+    let mut seq_of_row = Vec::with_capacity(q.len() / (n_head * d));
+    for (i, s) in seqs.iter().enumerate() {
+        seq_of_row.extend(std::iter::repeat_n(i, s.rows.len()));
+    }
+    let n_ctx = seqs.first().map_or(0, |s| s.pos0 + s.rows.len());
     let mut weights = want_weights.then(|| vec![0f32; q.len() / d * n_ctx]);
     let wchunks: Vec<Option<&mut [f32]>> = match weights.as_mut() {
         Some(wv) => wv.chunks_mut(n_ctx).map(Some).collect(),
@@ -307,9 +444,11 @@ fn attention(
         .for_each_init(
             || (Vec::<f64>::new(), Vec::<f64>::new(), Vec::<f32>::new()),
             |(scores64, acc, scores32), (idx, ((o, qh), wrow))| {
-                let (t, h) = (idx / n_head, idx % n_head);
+                let (row, h) = (idx / n_head, idx % n_head);
+                let seq = &seqs[seq_of_row[row]];
+                let (keys, values) = (seq.keys, seq.values);
                 let kh = h / group;
-                let len = pos0 + t + 1;
+                let len = seq.pos0 + (row - seq.rows.start) + 1;
                 let key = |s: usize| &keys[s * kvd + kh * d..s * kvd + kh * d + d];
                 let val = |s: usize| &values[s * kvd + kh * d..s * kvd + kh * d + d];
                 match precision {

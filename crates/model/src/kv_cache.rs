@@ -1,6 +1,6 @@
 //! Per-layer key and value cache, f32, laid out `[position][kv_head * head_dim]`.
 
-use crate::forward::Buffers;
+use crate::forward::Workspace;
 use crate::LlamaConfig;
 
 pub struct KvCache {
@@ -12,7 +12,7 @@ pub struct KvCache {
     /// Positions filled so far.
     pub len: usize,
     /// The forward pass's work buffers for this sequence, reused from call to call.
-    pub(crate) buffers: Buffers,
+    pub(crate) buffers: Workspace,
 }
 
 impl KvCache {
@@ -25,7 +25,7 @@ impl KvCache {
             keys: (0..cfg.n_layer).map(|_| vec![0f32; n_ctx * kv_dim]).collect(),
             values: (0..cfg.n_layer).map(|_| vec![0f32; n_ctx * kv_dim]).collect(),
             len: 0,
-            buffers: Buffers::default(),
+            buffers: Workspace::default(),
         }
     }
 

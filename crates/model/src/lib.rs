@@ -4,6 +4,7 @@
 
 mod config;
 mod error;
+mod fault;
 mod forward;
 mod kv_cache;
 mod observer;
@@ -11,7 +12,8 @@ mod weights;
 
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
 pub use error::ModelError;
-pub use forward::{forward, Logits, Precision};
+pub use fault::Fault;
+pub use forward::{forward, forward_batch, forward_faulty, Logits, Precision, SeqStep, Workspace};
 pub use kv_cache::KvCache;
 pub use observer::{Activation, Observer};
 pub use weights::{LayerWeights, LlamaWeights};
