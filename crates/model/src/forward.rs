@@ -118,10 +118,10 @@ fn forward_steps(
         return Ok(vec![Vec::new(); steps.len()]);
     }
     let (e, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
-    let mm = |m: &QMatrix, x: &[f32], out: &mut [f32]| match precision {
-        Precision::Exact => matmul::matmul_exact(m, x, x.len() / m.cols, out),
-        Precision::Fast => matmul::matmul(m, x, x.len() / m.cols, out),
-    };
+    // Each step's rows take the kernel its token count calls for (f32 matrix-matrix for prompts,
+    // 8-bit dot kernels for generation), so batching never changes a sequence's results.
+    let row_segments = segments(spans.iter().cloned());
+    let mm = |m: &QMatrix, x: &[f32], out: &mut [f32]| matmul_segments(m, x, out, &row_segments, precision);
     let rms_eps = if fault == Some(Fault::NoRmsEps) { 0.0 } else { cfg.rms_eps };
 
     ws.resize(n, e, qd, kvd, ff);
@@ -230,7 +230,12 @@ fn forward_steps(
     if fault == Some(Fault::TransposedLmHead) {
         transposed_head(&w.output, &hn, &mut logits);
     } else {
-        mm(&w.output, &hn, &mut logits);
+        let mut at = 0;
+        let out_segments = segments(out_rows.iter().map(|r| {
+            at += r.len();
+            at - r.len()..at
+        }));
+        matmul_segments(&w.output, &hn, &mut logits, &out_segments, precision);
     }
     emit(&mut obs, None, "logits", n_out, nv, &logits);
     let mut result = Vec::with_capacity(steps.len());
@@ -240,6 +245,43 @@ fn forward_steps(
         at += r.len();
     }
     Ok(result)
+}
+
+/// Consecutive row ranges of the stacked batch that take the same default-path kernel: `(rows,
+/// prompt)`, where `prompt` marks a step long enough for the matrix-matrix path.
+fn segments(spans: impl Iterator<Item = std::ops::Range<usize>>) -> Vec<(std::ops::Range<usize>, bool)> {
+    let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+    for span in spans.filter(|s| !s.is_empty()) {
+        let prompt = matmul::uses_gemm(span.len());
+        match out.last_mut() {
+            Some((last, p)) if *p == prompt && last.end == span.start => last.end = span.end,
+            _ => out.push((span, prompt)),
+        }
+    }
+    out
+}
+
+/// `out = x · mᵀ` over the stacked rows, segment by segment.
+fn matmul_segments(
+    m: &QMatrix,
+    x: &[f32],
+    out: &mut [f32],
+    segments: &[(std::ops::Range<usize>, bool)],
+    precision: Precision,
+) {
+    let (k, r) = (m.cols, m.rows);
+    if precision == Precision::Exact {
+        return matmul::matmul_exact(m, x, x.len() / k, out);
+    }
+    for (rows, prompt) in segments {
+        let xs = &x[rows.start * k..rows.end * k];
+        let os = &mut out[rows.start * r..rows.end * r];
+        if *prompt {
+            matmul::matmul(m, xs, rows.len(), os);
+        } else {
+            matmul::matmul_dot(m, xs, rows.len(), os);
+        }
+    }
 }
 
 /// The LM head read with the wrong layout (`[n_embd, n_vocab]` instead of `[n_vocab, n_embd]`):

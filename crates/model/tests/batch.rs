@@ -28,7 +28,8 @@ fn batched_sequences_match_sequences_run_alone() {
         let file = GgufFile::open(synth(name)).expect("open synth model");
         let w = LlamaWeights::load(&file).expect("load weights");
         let vocab = w.cfg.n_vocab;
-        let prompts = [tokens(1, 7, vocab), tokens(2, 3, vocab), tokens(3, 1, vocab)];
+        // 20 tokens take the prompt (matrix-matrix) kernels, the others the generation ones.
+        let prompts = [tokens(1, 20, vocab), tokens(2, 3, vocab), tokens(3, 1, vocab)];
         let next = [tokens(4, 2, vocab), tokens(5, 2, vocab), tokens(6, 2, vocab)];
         for precision in [Precision::Fast, Precision::Exact] {
             // Alone: prompt (all logits), then two single-token steps.

@@ -115,10 +115,29 @@ fn return_scratch(s: Scratch) {
     SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner()).push(s);
 }
 
-/// The default path: same result layout as [`matmul_exact`]. Quantized weights are multiplied
-/// with 8-bit activation blocks by the SIMD kernels (integer products, f32 block sums); float
-/// weights with f32 activations.
+/// The default path: same result layout as [`matmul_exact`]. From [`gemm::MIN_TOKENS`] tokens
+/// (prompts) the weights are dequantized panel by panel and multiplied in f32 ([`gemm`]); fewer
+/// tokens (generation) go through [`matmul_dot`].
+///
+/// [`gemm::MIN_TOKENS`]: crate::gemm::MIN_TOKENS
+/// [`gemm`]: crate::gemm
 pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+    if n >= crate::gemm::MIN_TOKENS && crate::gemm::available() {
+        crate::gemm::gemm(w, x, n, out);
+    } else {
+        matmul_dot(w, x, n, out);
+    }
+}
+
+/// Whether [`matmul`] takes the matrix-matrix path for a call of `n` tokens.
+pub fn uses_gemm(n: usize) -> bool {
+    n >= crate::gemm::MIN_TOKENS && crate::gemm::available()
+}
+
+/// The generation kernels: quantized weights are multiplied with 8-bit activation blocks by the
+/// SIMD dot kernels (integer products, f32 block sums); float weights with f32 activations. Each
+/// token's result is independent of the others in the call.
+pub fn matmul_dot(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
     assert_eq!(x.len(), n * w.cols, "activation length");
     assert_eq!(out.len(), n * w.rows, "output length");
     let ty = w.ty;

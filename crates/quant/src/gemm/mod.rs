@@ -1,0 +1,183 @@
+//! Prompt processing as f32 matrix-matrix products: each panel of [`NR`] weight rows is
+//! dequantized once per call (exactly, by the format's `dequantize_row`) and then multiplied with
+//! every token's f32 activations by a register-blocked kernel ([`MR`] tokens × [`NR`] rows).
+//!
+//! Why f32 rather than 8-bit activations for prompts: on AVX2 two FMA ports give 16 f32
+//! multiply-adds per cycle, about what llama.cpp's 8-bit kernels reach in practice, while the
+//! result is far more accurate (exact weights, unquantized activations). The dequantization is
+//! paid once per panel and shared by all the prompt's tokens, which is why this path only runs
+//! from [`MIN_TOKENS`] tokens up; generation keeps the 8-bit dot kernels.
+//!
+//! Each output is one FMA chain over `k = 0..cols` in order, whatever tile or batch it is computed
+//! in: a token's results do not depend on the other tokens of the call.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::isa::{isa, Isa};
+use crate::matmul::QMatrix;
+
+/// Weight rows per panel (two 8-lane vectors).
+pub const NR: usize = 16;
+/// Tokens per kernel tile: 6 × 2 accumulators + 2 weight vectors + 1 broadcast fit the 16 AVX2
+/// registers.
+pub const MR: usize = 6;
+/// Fewest tokens for which dequantizing the panels pays off (measured with `kiln bench`).
+pub const MIN_TOKENS: usize = 16;
+
+/// Whether this CPU runs the f32 matrix-matrix path (`KILN_GEMM=off` turns it off, for comparisons).
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| isa() >= Isa::Avx2 && std::env::var("KILN_GEMM").as_deref() != Ok("off"))
+}
+
+/// Dequantizes weight rows `r0 .. r0 + NR` (zeros past the last row) into `panel`, k-major:
+/// `panel[k * NR + j] = w[r0 + j, k]`. `row` is scratch of `w.cols` values.
+pub fn pack_panel(w: &QMatrix, r0: usize, row: &mut [f32], panel: &mut [f32]) {
+    let cols = w.cols;
+    debug_assert!(row.len() == cols && panel.len() == cols * NR);
+    for j in 0..NR {
+        let r = r0 + j;
+        if r < w.rows {
+            w.dequantize_row_into(r, row);
+            for (k, &v) in row.iter().enumerate() {
+                panel[k * NR + j] = v;
+            }
+        } else {
+            for k in 0..cols {
+                panel[k * NR + j] = 0.0;
+            }
+        }
+    }
+}
+
+/// The portable kernel, and the oracle of the SIMD one: `c[t * ldc + j] = Σ_k a[t * lda + k] ·
+/// panel[k * NR + j]` for `t < m` tokens and `j < nvalid` rows, each a fused multiply-add chain in
+/// ascending `k` (so the SIMD kernel's FMAs give bit-identical results).
+pub fn tile_scalar(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32], ldc: usize, nvalid: usize) {
+    let k = panel.len() / NR;
+    for t in 0..m {
+        let at = &a[t * lda..t * lda + k];
+        for j in 0..nvalid {
+            let mut acc = 0f32;
+            for (kk, &av) in at.iter().enumerate() {
+                acc = av.mul_add(panel[kk * NR + j], acc);
+            }
+            c[t * ldc + j] = acc;
+        }
+    }
+}
+
+/// One tile with the best kernel this CPU has.
+fn tile(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32], ldc: usize, nvalid: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa() >= Isa::Avx2 {
+            avx2::tile(a, lda, m, panel, c, ldc, nvalid);
+            return;
+        }
+    }
+    tile_scalar(a, lda, m, panel, c, ldc, nvalid);
+}
+
+thread_local! {
+    /// Per-thread panel and row scratch, reused across calls (no allocation per panel).
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The output matrix shared by the panel tasks, each writing its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges (weight rows) of the output; it outlives them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// `out[t * rows + r] = Σ_c w[r, c] · x[t * cols + c]` for `n` tokens, panel by panel on the pool.
+pub fn gemm(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+    let (rows, cols) = (w.rows, w.cols);
+    assert_eq!(x.len(), n * cols, "activation length");
+    assert_eq!(out.len(), n * rows, "output length");
+    let ptr = OutPtr(out.as_mut_ptr());
+    let out_len = out.len();
+    (0..rows.div_ceil(NR)).into_par_iter().for_each(|p| {
+        #[allow(clippy::redundant_locals)]
+        let ptr = ptr;
+        let r0 = p * NR;
+        let nvalid = (rows - r0).min(NR);
+        SCRATCH.with(|s| {
+            let (row, panel) = &mut *s.borrow_mut();
+            row.resize(cols, 0.0);
+            panel.resize(cols * NR, 0.0);
+            pack_panel(w, r0, row, panel);
+            let mut t0 = 0;
+            while t0 < n {
+                let m = (n - t0).min(MR);
+                // SAFETY: this task alone writes columns r0 .. r0 + nvalid of rows t0 .. t0 + m of
+                // `out` ([n, rows]); the slice starts inside `out` and spans at most to its end.
+                let c = unsafe {
+                    let start = t0 * rows + r0;
+                    std::slice::from_raw_parts_mut(ptr.0.add(start), out_len - start)
+                };
+                tile(&x[t0 * cols..], cols, m, panel, c, rows, nvalid);
+                t0 += m;
+            }
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_gguf::GgmlType;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    #[test]
+    fn simd_tile_matches_scalar_oracle_bit_for_bit() {
+        let mut seed = 7;
+        for k in [1usize, 7, 32, 257] {
+            let panel: Vec<f32> = (0..k * NR).map(|_| lcg(&mut seed)).collect();
+            for m in 1..=MR {
+                let lda = k + 3;
+                let a: Vec<f32> = (0..m * lda).map(|_| lcg(&mut seed)).collect();
+                for nvalid in [1, 5, 8, 9, NR] {
+                    let ldc = NR + 2;
+                    let mut want = vec![0f32; m * ldc];
+                    let mut got = vec![0f32; m * ldc];
+                    tile_scalar(&a, lda, m, &panel, &mut want, ldc, nvalid);
+                    tile(&a, lda, m, &panel, &mut got, ldc, nvalid);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "k={k} m={m} nvalid={nvalid}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_exact_products_of_dequantized_weights() {
+        let mut seed = 11;
+        for (rows, cols, n) in [(1usize, 32usize, 1usize), (17, 64, 7), (40, 96, 13), (16, 32, 6)] {
+            let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+            let bytes: Vec<u8> = wf.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let w = QMatrix::new(GgmlType::F32, &bytes, rows, cols).expect("matrix");
+            let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
+            let mut out = vec![f32::NAN; n * rows];
+            gemm(&w, &x, n, &mut out);
+            for t in 0..n {
+                for r in 0..rows {
+                    let exact: f64 = (0..cols).map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
+                    let got = out[t * rows + r] as f64;
+                    assert!((got - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "t={t} r={r}: {got} vs {exact}");
+                }
+            }
+        }
+    }
+}
