@@ -121,7 +121,7 @@ fn forward_steps(
     // Each step's rows take the kernel its token count calls for (f32 matrix-matrix for prompts,
     // 8-bit dot kernels for generation), so batching never changes a sequence's results.
     let row_segments = segments(spans.iter().cloned());
-    let mm = |m: &QMatrix, x: &[f32], out: &mut [f32]| matmul_segments(m, x, out, &row_segments, precision);
+    let mm = |jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32]| matmul_segments(jobs, x, &row_segments, precision);
     let rms_eps = if fault == Some(Fault::NoRmsEps) { 0.0 } else { cfg.rms_eps };
 
     ws.resize(n, e, qd, kvd, ff);
@@ -145,12 +145,11 @@ fn forward_steps(
 
         if l == 0 && fault == Some(Fault::F16Matmul) {
             let rounded: Vec<f32> = h.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
-            mm(&lw.wq, &rounded, q);
+            mm(&mut [(&lw.wq, q)], &rounded);
+            mm(&mut [(&lw.wk, k), (&lw.wv, v)], h);
         } else {
-            mm(&lw.wq, h, q);
+            mm(&mut [(&lw.wq, q), (&lw.wk, k), (&lw.wv, v)], h);
         }
-        mm(&lw.wk, h, k);
-        mm(&lw.wv, h, v);
         emit(&mut obs, li, "q", n, qd, q);
         emit(&mut obs, li, "k", n, kvd, k);
         emit(&mut obs, li, "v", n, kvd, v);
@@ -185,20 +184,19 @@ fn forward_steps(
         }
         emit(&mut obs, li, "attn_out", n, qd, attn);
 
-        mm(&lw.wo, attn, proj);
+        mm(&mut [(&lw.wo, proj)], attn);
         emit(&mut obs, li, "attn_proj", n, e, proj);
         add_in_place(x, proj);
         emit(&mut obs, li, "attn_residual", n, e, x);
 
         rms_norm(x, &lw.ffn_norm, rms_eps, h);
         emit(&mut obs, li, "ffn_norm", n, e, h);
-        mm(&lw.w_gate, h, gate);
-        mm(&lw.w_up, h, up);
+        mm(&mut [(&lw.w_gate, gate), (&lw.w_up, up)], h);
         emit(&mut obs, li, "ffn_gate", n, ff, gate);
         emit(&mut obs, li, "ffn_up", n, ff, up);
         swiglu_in_place(gate, up);
         emit(&mut obs, li, "ffn_swiglu", n, ff, gate);
-        mm(&lw.w_down, gate, proj);
+        mm(&mut [(&lw.w_down, proj)], gate);
         emit(&mut obs, li, "ffn_down", n, e, proj);
         add_in_place(x, proj);
         emit(&mut obs, li, "ffn_residual", n, e, x);
@@ -235,7 +233,7 @@ fn forward_steps(
             at += r.len();
             at - r.len()..at
         }));
-        matmul_segments(&w.output, &hn, &mut logits, &out_segments, precision);
+        matmul_segments(&mut [(&w.output, &mut logits)], &hn, &out_segments, precision);
     }
     emit(&mut obs, None, "logits", n_out, nv, &logits);
     let mut result = Vec::with_capacity(steps.len());
@@ -261,25 +259,29 @@ fn segments(spans: impl Iterator<Item = std::ops::Range<usize>>) -> Vec<(std::op
     out
 }
 
-/// `out = x · mᵀ` over the stacked rows, segment by segment.
+/// `out_j = x · m_jᵀ` for each job over the stacked rows, segment by segment; the matrices of
+/// one call share the activations (quantized once) and one parallel section.
 fn matmul_segments(
-    m: &QMatrix,
+    jobs: &mut [(&QMatrix, &mut [f32])],
     x: &[f32],
-    out: &mut [f32],
     segments: &[(std::ops::Range<usize>, bool)],
     precision: Precision,
 ) {
-    let (k, r) = (m.cols, m.rows);
+    let Some(k) = jobs.first().map(|(m, _)| m.cols) else { return };
     if precision == Precision::Exact {
-        return matmul::matmul_exact(m, x, x.len() / k, out);
+        for (m, out) in jobs.iter_mut() {
+            matmul::matmul_exact(m, x, x.len() / k, out);
+        }
+        return;
     }
     for (rows, prompt) in segments {
         let xs = &x[rows.start * k..rows.end * k];
-        let os = &mut out[rows.start * r..rows.end * r];
+        let mut sub: Vec<(&QMatrix, &mut [f32])> =
+            jobs.iter_mut().map(|(m, out)| (*m, &mut out[rows.start * m.rows..rows.end * m.rows])).collect();
         if *prompt {
-            matmul::matmul(m, xs, rows.len(), os);
+            matmul::matmul_many(&mut sub, xs, rows.len());
         } else {
-            matmul::matmul_dot(m, xs, rows.len(), os);
+            matmul::matmul_dot_many(&mut sub, xs, rows.len());
         }
     }
 }

@@ -122,10 +122,16 @@ fn return_scratch(s: Scratch) {
 /// [`gemm::MIN_TOKENS`]: crate::gemm::MIN_TOKENS
 /// [`gemm`]: crate::gemm
 pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
-    if n >= crate::gemm::MIN_TOKENS && crate::gemm::available() {
-        crate::gemm::gemm(w, x, n, out);
+    matmul_many(&mut [(w, out)], x, n);
+}
+
+/// Several products of the same activations (`out_j = x · w_jᵀ`, e.g. the q, k and v
+/// projections) in one parallel section, the activations quantized once.
+pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
+    if uses_gemm(n) {
+        crate::gemm::gemm_many(jobs, x, n);
     } else {
-        matmul_dot(w, x, n, out);
+        matmul_dot_many(jobs, x, n);
     }
 }
 
@@ -138,71 +144,99 @@ pub fn uses_gemm(n: usize) -> bool {
 /// SIMD dot kernels (integer products, f32 block sums); float weights with f32 activations. Each
 /// token's result is independent of the others in the call.
 pub fn matmul_dot(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
-    assert_eq!(x.len(), n * w.cols, "activation length");
-    assert_eq!(out.len(), n * w.rows, "output length");
-    let ty = w.ty;
-    let cols = w.cols;
-    match act_format(ty) {
-        ActFormat::F32 => run_tiles(w, n, out, TOKEN_GROUP, |row, t0, res| {
-            for (i, r) in res.iter_mut().enumerate() {
-                let t = t0 + i;
-                *r = crate::dot_float::vec_dot_f32(ty, row, &x[t * cols..(t + 1) * cols]);
-            }
-        }),
-        ActFormat::Q8 => {
-            let mut scratch = take_scratch();
-            let planes = w.act_planes;
-            prepare(
-                &mut scratch.q8,
-                &mut scratch.residual,
-                x,
-                n,
-                cols,
-                planes,
-                ActQ8::new,
-                |a, x| a.quantize(x),
-                residual_q8,
-            );
-            let acts = &scratch.q8[..n * planes];
-            run_tiles(w, n, out, TOKEN_GROUP / planes, |row, t0, res| {
+    matmul_dot_many(&mut [(w, out)], x, n);
+}
+
+/// [`matmul_dot`] for several matrices sharing the activations.
+pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
+    let Some(cols) = jobs.first().map(|(w, _)| w.cols) else { return };
+    for (w, out) in jobs.iter() {
+        assert_eq!(w.cols, cols, "fused matrices share the activations");
+        assert_eq!(x.len(), n * cols, "activation length");
+        assert_eq!(out.len(), n * w.rows, "output length");
+    }
+    let planes = jobs[0].0.act_planes;
+    if jobs.iter().any(|(w, _)| w.act_planes != planes) {
+        for (w, out) in jobs.iter_mut() {
+            matmul_dot_many(&mut [(*w, &mut **out)], x, n);
+        }
+        return;
+    }
+    let needs = |f: ActFormat| jobs.iter().any(|(w, _)| act_format(w.ty) == f);
+    let mut scratch = take_scratch();
+    if needs(ActFormat::Q8) {
+        prepare(
+            &mut scratch.q8,
+            &mut scratch.residual,
+            x,
+            n,
+            cols,
+            planes,
+            ActQ8::new,
+            |a, x| a.quantize(x),
+            residual_q8,
+        );
+    }
+    if needs(ActFormat::Q8K) {
+        prepare(
+            &mut scratch.q8k,
+            &mut scratch.residual,
+            x,
+            n,
+            cols,
+            planes,
+            ActQ8K::new,
+            |a, x| a.quantize(x),
+            residual_q8k,
+        );
+    }
+    let (q8, q8k) = (&scratch.q8[..], &scratch.q8k[..]);
+
+    // Tasks of rows over all the matrices: enough to balance the threads, tiles of rows small
+    // enough to stay in L1 while the token groups stream past.
+    let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
+    let threads = rayon::current_num_threads().max(1);
+    let per = if n == 1 {
+        total_rows.div_ceil(threads * 8).clamp(1, 256)
+    } else {
+        total_rows.div_ceil(threads * 4).clamp(1, 16)
+    };
+    let mut tasks = Vec::new();
+    for (j, (w, _)) in jobs.iter().enumerate() {
+        tasks.extend((0..w.rows).step_by(per).map(|r0| (j, r0, (r0 + per).min(w.rows))));
+    }
+    let outs: Vec<(QMatrix, OutPtr)> = jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()))).collect();
+    tasks.into_par_iter().for_each(|(j, r0, r1)| {
+        let (w, ptr) = (&outs[j].0, outs[j].1);
+        let ty = w.ty;
+        match act_format(ty) {
+            ActFormat::F32 => tile_rows(w, n, r0..r1, ptr, TOKEN_GROUP, |row, t0, res| {
+                for (i, r) in res.iter_mut().enumerate() {
+                    let t = t0 + i;
+                    *r = crate::dot_float::vec_dot_f32(ty, row, &x[t * cols..(t + 1) * cols]);
+                }
+            }),
+            ActFormat::Q8 => tile_rows(w, n, r0..r1, ptr, TOKEN_GROUP / planes, |row, t0, res| {
                 let k = res.len() * planes;
-                let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &acts[(t0 * planes + i).min(n * planes - 1)]);
+                let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
                 let mut parts = [0f32; TOKEN_GROUP];
                 crate::dot_legacy::vec_dot_q8_x4(ty, row, &refs[..k], &mut parts[..k]);
                 for (i, r) in res.iter_mut().enumerate() {
                     *r = parts[i * planes..(i + 1) * planes].iter().sum();
                 }
-            });
-            return_scratch(scratch);
-        }
-        ActFormat::Q8K => {
-            let mut scratch = take_scratch();
-            let planes = w.act_planes;
-            prepare(
-                &mut scratch.q8k,
-                &mut scratch.residual,
-                x,
-                n,
-                cols,
-                planes,
-                ActQ8K::new,
-                |a, x| a.quantize(x),
-                residual_q8k,
-            );
-            let acts = &scratch.q8k[..n * planes];
-            run_tiles(w, n, out, TOKEN_GROUP / planes, |row, t0, res| {
+            }),
+            ActFormat::Q8K => tile_rows(w, n, r0..r1, ptr, TOKEN_GROUP / planes, |row, t0, res| {
                 let k = res.len() * planes;
-                let refs: [&ActQ8K; TOKEN_GROUP] =
-                    std::array::from_fn(|i| &acts[(t0 * planes + i).min(n * planes - 1)]);
+                let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);
                 let mut parts = [0f32; TOKEN_GROUP];
                 crate::dot_kquant::vec_dot_q8k_x4(ty, row, &refs[..k], &mut parts[..k]);
                 for (i, r) in res.iter_mut().enumerate() {
                     *r = parts[i * planes..(i + 1) * planes].iter().sum();
                 }
-            });
-            return_scratch(scratch);
+            }),
         }
-    }
+    });
+    return_scratch(scratch);
 }
 
 /// 8-bit planes per activation vector: 1 = x ≈ d·q (llama.cpp's choice); 2 = x ≈ d·q + d'·q',
@@ -278,45 +312,41 @@ fn residual_q8k(a: &ActQ8K, x: &[f32], r: &mut [f32]) {
 /// Tokens whose activations meet each weight row at once (the kernels' `_x4` width).
 const TOKEN_GROUP: usize = 4;
 
-/// The output matrix shared by the tasks of [`run_tiles`], each writing its own rows.
+/// An output matrix shared by the row tasks of [`matmul_dot_many`], each writing its own rows.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint row ranges of the output (see `run_tiles`); the pointer outlives them.
+// SAFETY: tasks write disjoint row ranges of each output (see `tile_rows`); the outputs outlive
+// the tasks.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
-/// Splits the rows into tasks run on the thread pool. Each task walks its rows for every group of
-/// up to [`TOKEN_GROUP`] tokens, so a tile of weight rows stays in L1 while the activations stream;
-/// `kernel(row, t0, res)` fills `res[i]` = row · activation `t0 + i`.
-fn run_tiles(w: &QMatrix, n: usize, out: &mut [f32], group: usize, kernel: impl Fn(&[u8], usize, &mut [f32]) + Sync) {
-    let rows = w.rows;
-    let threads = rayon::current_num_threads().max(1);
-    // Enough tasks to balance the threads; tiles of rows small enough to stay in L1 for long prompts.
-    let per = if n == 1 { rows.div_ceil(threads * 8).clamp(1, 256) } else { rows.div_ceil(threads * 4).clamp(1, 16) };
-    let n_tasks = rows.div_ceil(per);
-    let ptr = OutPtr(out.as_mut_ptr());
-    (0..n_tasks).into_par_iter().for_each(|task| {
-        // Capture the whole wrapper (Send), not its raw-pointer field (edition 2021 closures).
-        #[allow(clippy::redundant_locals)]
-        let ptr = ptr;
-        let r0 = task * per;
-        let r1 = (r0 + per).min(rows);
-        let mut res = [0f32; TOKEN_GROUP];
-        let mut t0 = 0;
-        while t0 < n {
-            let g = (n - t0).min(group);
-            for r in r0..r1 {
-                kernel(w.row(r), t0, &mut res[..g]);
-                for (i, &v) in res[..g].iter().enumerate() {
-                    // SAFETY: (t0 + i) < n and r < rows, so the index is inside `out`
-                    // (n * rows long); no other task writes row r.
-                    unsafe { *ptr.0.add((t0 + i) * rows + r) = v };
-                }
+/// Weight rows `rows` of `w` against every group of up to `group` tokens, so the tile of weight
+/// rows stays in L1 while the activations stream; `kernel(row, t0, res)` fills `res[i]` = row ·
+/// activation `t0 + i`, written to `out[(t0 + i) * w.rows + r]`.
+fn tile_rows(
+    w: &QMatrix,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    out: OutPtr,
+    group: usize,
+    kernel: impl Fn(&[u8], usize, &mut [f32]),
+) {
+    assert!(rows.end <= w.rows);
+    let mut res = [0f32; TOKEN_GROUP];
+    let mut t0 = 0;
+    while t0 < n {
+        let g = (n - t0).min(group);
+        for r in rows.clone() {
+            kernel(w.row(r), t0, &mut res[..g]);
+            for (i, &v) in res[..g].iter().enumerate() {
+                // SAFETY: (t0 + i) < n and r < w.rows, so the index is inside the output
+                // (n * w.rows long, checked by the caller); no other task writes row r.
+                unsafe { *out.0.add((t0 + i) * w.rows + r) = v };
             }
-            t0 += g;
         }
-    });
+        t0 += g;
+    }
 }
 
 /// Runs `kernel(dequantized_row, activations, results)` over row tasks (the exact path).

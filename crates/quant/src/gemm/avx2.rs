@@ -65,3 +65,55 @@ unsafe fn kernel<const M: usize>(
         }
     }
 }
+
+/// `panel[k * NR + j] = rows[j * ld + k]` for `j < NR`, `k < kc` (a multiple of 8), by 8 × 8 tiles.
+pub(super) fn transpose_into(rows: &[f32], ld: usize, kc: usize, panel: &mut [f32]) {
+    assert!(kc.is_multiple_of(8) && kc <= ld && rows.len() >= (NR - 1) * ld + kc && panel.len() >= kc * NR);
+    // SAFETY: AVX2 was detected by the caller (`super::transpose_into`); the asserts bound every
+    // read (`j * ld + k < rows.len()`) and write (`k * NR + j < panel.len()`).
+    unsafe { transpose_avx2(rows.as_ptr(), ld, kc, panel.as_mut_ptr()) }
+}
+
+/// # Safety
+/// AVX2; `rows` readable for `NR` rows of `kc` at stride `ld`, `panel` writable for `kc * NR`.
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_avx2(rows: *const f32, ld: usize, kc: usize, panel: *mut f32) {
+    // SAFETY (whole body): offsets stay inside the regions of the contract.
+    unsafe {
+        for jb in (0..NR).step_by(8) {
+            for k in (0..kc).step_by(8) {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows.add((jb + i) * ld + k)));
+                // Standard 8 × 8 transpose: interleave pairs, then quads, then 128-bit halves.
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let out = [
+                    _mm256_permute2f128_ps::<0x20>(s0, s4),
+                    _mm256_permute2f128_ps::<0x20>(s1, s5),
+                    _mm256_permute2f128_ps::<0x20>(s2, s6),
+                    _mm256_permute2f128_ps::<0x20>(s3, s7),
+                    _mm256_permute2f128_ps::<0x31>(s0, s4),
+                    _mm256_permute2f128_ps::<0x31>(s1, s5),
+                    _mm256_permute2f128_ps::<0x31>(s2, s6),
+                    _mm256_permute2f128_ps::<0x31>(s3, s7),
+                ];
+                for (i, v) in out.iter().enumerate() {
+                    _mm256_storeu_ps(panel.add((k + i) * NR + jb), *v);
+                }
+            }
+        }
+    }
+}

@@ -35,22 +35,45 @@ pub fn available() -> bool {
     *ON.get_or_init(|| isa() >= Isa::Avx2 && std::env::var("KILN_GEMM").as_deref() != Ok("off"))
 }
 
+/// Columns dequantized at a time while packing: a multiple of every block size (32, 256), and
+/// `NR` rows of it (16 KiB) stay in L1 for the transpose.
+const KC: usize = 256;
+
 /// Dequantizes weight rows `r0 .. r0 + NR` (zeros past the last row) into `panel`, k-major:
-/// `panel[k * NR + j] = w[r0 + j, k]`. `row` is scratch of `w.cols` values.
-pub fn pack_panel(w: &QMatrix, r0: usize, row: &mut [f32], panel: &mut [f32]) {
+/// `panel[k * NR + j] = w[r0 + j, k]`. `rows_buf` is scratch of `NR * KC` values.
+pub fn pack_panel(w: &QMatrix, r0: usize, rows_buf: &mut [f32], panel: &mut [f32]) {
     let cols = w.cols;
-    debug_assert!(row.len() == cols && panel.len() == cols * NR);
-    for j in 0..NR {
-        let r = r0 + j;
-        if r < w.rows {
-            w.dequantize_row_into(r, row);
-            for (k, &v) in row.iter().enumerate() {
-                panel[k * NR + j] = v;
+    debug_assert!(rows_buf.len() == NR * KC && panel.len() == cols * NR);
+    let (bs, ts) = (w.ty.block_size(), w.ty.type_size());
+    let mut c0 = 0;
+    while c0 < cols {
+        let kc = (cols - c0).min(KC);
+        for j in 0..NR {
+            let dst = &mut rows_buf[j * KC..j * KC + kc];
+            if r0 + j < w.rows {
+                let src = &w.row(r0 + j)[c0 / bs * ts..(c0 + kc) / bs * ts];
+                crate::dequantize_row(w.ty, src, dst).expect("geometry validated in QMatrix::new");
+            } else {
+                dst.fill(0.0);
             }
-        } else {
-            for k in 0..cols {
-                panel[k * NR + j] = 0.0;
-            }
+        }
+        transpose_into(rows_buf, kc, &mut panel[c0 * NR..(c0 + kc) * NR]);
+        c0 += kc;
+    }
+}
+
+/// `panel[k * NR + j] = rows[j * KC + k]` for `k < kc` (a multiple of 8 when SIMD runs).
+fn transpose_into(rows: &[f32], kc: usize, panel: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa() >= Isa::Avx2 && kc.is_multiple_of(8) {
+            avx2::transpose_into(rows, KC, kc, panel);
+            return;
+        }
+    }
+    for k in 0..kc {
+        for j in 0..NR {
+            panel[k * NR + j] = rows[j * KC + k];
         }
     }
 }
@@ -99,26 +122,35 @@ unsafe impl Sync for OutPtr {}
 
 /// `out[t * rows + r] = Σ_c w[r, c] · x[t * cols + c]` for `n` tokens, panel by panel on the pool.
 pub fn gemm(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
-    assert_eq!(x.len(), n * cols, "activation length");
-    assert_eq!(out.len(), n * rows, "output length");
-    let ptr = OutPtr(out.as_mut_ptr());
-    let out_len = out.len();
-    (0..rows.div_ceil(NR)).into_par_iter().for_each(|p| {
-        #[allow(clippy::redundant_locals)]
-        let ptr = ptr;
-        let r0 = p * NR;
+    gemm_many(&mut [(w, out)], x, n);
+}
+
+/// [`gemm`] for several matrices sharing the activations, their panels in one parallel section.
+pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
+    let Some(cols) = jobs.first().map(|(w, _)| w.cols) else { return };
+    for (w, out) in jobs.iter() {
+        assert_eq!(w.cols, cols, "fused matrices share the activations");
+        assert_eq!(x.len(), n * cols, "activation length");
+        assert_eq!(out.len(), n * w.rows, "output length");
+    }
+    let outs: Vec<(QMatrix, OutPtr, usize)> =
+        jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()), out.len())).collect();
+    let panels: Vec<(usize, usize)> =
+        outs.iter().enumerate().flat_map(|(j, (w, _, _))| (0..w.rows).step_by(NR).map(move |r0| (j, r0))).collect();
+    panels.into_par_iter().for_each(|(j, r0)| {
+        let (w, ptr, out_len) = (&outs[j].0, outs[j].1, outs[j].2);
+        let rows = w.rows;
         let nvalid = (rows - r0).min(NR);
         SCRATCH.with(|s| {
-            let (row, panel) = &mut *s.borrow_mut();
-            row.resize(cols, 0.0);
+            let (buf, panel) = &mut *s.borrow_mut();
+            buf.resize(NR * KC, 0.0);
             panel.resize(cols * NR, 0.0);
-            pack_panel(w, r0, row, panel);
+            pack_panel(w, r0, buf, panel);
             let mut t0 = 0;
             while t0 < n {
                 let m = (n - t0).min(MR);
                 // SAFETY: this task alone writes columns r0 .. r0 + nvalid of rows t0 .. t0 + m of
-                // `out` ([n, rows]); the slice starts inside `out` and spans at most to its end.
+                // output j ([n, rows], `out_len` long); the slice starts inside it and ends at its end.
                 let c = unsafe {
                     let start = t0 * rows + r0;
                     std::slice::from_raw_parts_mut(ptr.0.add(start), out_len - start)
@@ -156,6 +188,30 @@ mod tests {
                     tile(&a, lda, m, &panel, &mut got, ldc, nvalid);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "k={k} m={m} nvalid={nvalid}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_panel_holds_the_dequantized_rows_k_major() {
+        let mut seed = 3;
+        // 300 columns: one whole 256-column chunk and a 44-column remainder (not a multiple of 8
+        // for the SIMD transpose: exercises the scalar one too); 21 rows: a partial second panel.
+        for cols in [64usize, 300, 512] {
+            let rows = 21;
+            let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+            let bytes: Vec<u8> = wf.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let w = QMatrix::new(GgmlType::F32, &bytes, rows, cols).expect("matrix");
+            let mut buf = vec![0f32; NR * KC];
+            let mut panel = vec![f32::NAN; cols * NR];
+            for r0 in [0, NR] {
+                pack_panel(&w, r0, &mut buf, &mut panel);
+                for k in 0..cols {
+                    for j in 0..NR {
+                        let want = if r0 + j < rows { wf[(r0 + j) * cols + k] } else { 0.0 };
+                        assert_eq!(panel[k * NR + j].to_bits(), want.to_bits(), "cols={cols} r0={r0} k={k} j={j}");
+                    }
                 }
             }
         }
