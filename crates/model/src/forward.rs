@@ -3,6 +3,7 @@
 use kiln_quant::matmul::{self, dot_f32, dot_f64, QMatrix};
 use rayon::prelude::*;
 
+use crate::attention_prompt::attention_prompt;
 use crate::{Activation, Fault, KvCache, LlamaWeights, ModelError, Observer, RopeScaling};
 
 /// Which arithmetic the forward pass uses.
@@ -176,9 +177,24 @@ fn forward_steps(
                 pos0: s.cache.len,
                 keys: &s.cache.keys[l],
                 values: &s.cache.values[l],
+                prompt: precision == Precision::Fast && matmul::uses_gemm(span.len()),
             })
             .collect();
-        let weights = attention(cfg.n_head, cfg.n_head_kv, cfg.head_dim, &seqs, q, precision, want_weights, attn);
+        let mut weights = attention(cfg.n_head, cfg.n_head_kv, cfg.head_dim, &seqs, q, precision, want_weights, attn);
+        for sq in seqs.iter().filter(|sq| sq.prompt) {
+            let w = attention_prompt(
+                cfg.n_head,
+                cfg.n_head_kv,
+                cfg.head_dim,
+                sq.pos0,
+                &q[sq.rows.start * qd..sq.rows.end * qd],
+                sq.keys,
+                sq.values,
+                want_weights,
+                &mut attn[sq.rows.start * qd..sq.rows.end * qd],
+            );
+            weights = weights.or(w);
+        }
         if let Some(wts) = &weights {
             emit(&mut obs, li, "kq_soft_max", n * cfg.n_head, seqs[0].pos0 + n, wts);
         }
@@ -450,6 +466,8 @@ struct AttnSeq<'a> {
     pos0: usize,
     keys: &'a [f32],
     values: &'a [f32],
+    /// Whether the sequence's queries go through [`attention_prompt`] instead.
+    prompt: bool,
 }
 
 /// Causal multi-head attention of each sequence's queries over its own cache.
@@ -475,6 +493,9 @@ fn attention(
         seq_of_row.extend(std::iter::repeat_n(i, s.rows.len()));
     }
     let n_ctx = seqs.first().map_or(0, |s| s.pos0 + s.rows.len());
+    if seqs.iter().all(|s| s.prompt) {
+        return None;
+    }
     let mut weights = want_weights.then(|| vec![0f32; q.len() / d * n_ctx]);
     let wchunks: Vec<Option<&mut [f32]>> = match weights.as_mut() {
         Some(wv) => wv.chunks_mut(n_ctx).map(Some).collect(),
@@ -490,6 +511,9 @@ fn attention(
             |(scores64, acc, scores32), (idx, ((o, qh), wrow))| {
                 let (row, h) = (idx / n_head, idx % n_head);
                 let seq = &seqs[seq_of_row[row]];
+                if seq.prompt {
+                    return;
+                }
                 let (keys, values) = (seq.keys, seq.values);
                 let kh = h / group;
                 let len = seq.pos0 + (row - seq.rows.start) + 1;

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: GGUF file → [`LlamaConfig`] + [`LlamaWeights`] → [`forward`] → logits.
 
+mod attention_prompt;
 mod config;
 mod error;
 mod fault;

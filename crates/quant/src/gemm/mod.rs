@@ -95,8 +95,9 @@ pub fn tile_scalar(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32]
     }
 }
 
-/// One tile with the best kernel this CPU has.
-fn tile(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32], ldc: usize, nvalid: usize) {
+/// One tile with the best kernel this CPU has (also used by prompt attention, with keys or
+/// values as the panel).
+pub fn tile(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32], ldc: usize, nvalid: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if isa() >= Isa::Avx2 {

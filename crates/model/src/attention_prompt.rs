@@ -1,0 +1,188 @@
+//! Attention for a prompt (many queries of one sequence at once) on the default path, as two
+//! matrix products per head: scores `Q·Kᵀ` and output `P·V` run through the f32 matrix-matrix
+//! kernel of [`kiln_quant::gemm`], with keys and values packed into its panel layout once per task
+//! and shared by all the task's queries. Each query's result is a function of that query alone
+//! (fixed summation orders), so it does not depend on how the prompt is split or batched.
+
+use kiln_quant::gemm::{self, MR, NR};
+use rayon::prelude::*;
+
+/// Queries per task: enough to amortise packing keys and values, few enough to balance the pool.
+const QUERIES_PER_TASK: usize = 8 * MR;
+
+/// Causal attention of the `n` queries `q` (`[n, n_head * d]`, positions `pos0 ..`) over `keys`
+/// and `values` (`[pos, n_head_kv * d]`, already holding the prompt's own positions). Writes
+/// `out` (`[n, n_head * d]`); returns the softmax weights `[n * n_head, pos0 + n]` when asked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_prompt(
+    n_head: usize,
+    n_head_kv: usize,
+    d: usize,
+    pos0: usize,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    want_weights: bool,
+    out: &mut [f32],
+) -> Option<Vec<f32>> {
+    let (qd, kvd) = (n_head * d, n_head_kv * d);
+    let n = q.len() / qd;
+    let group = n_head / n_head_kv;
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let tasks: Vec<(usize, usize)> =
+        (0..n_head).flat_map(|h| (0..n).step_by(QUERIES_PER_TASK).map(move |t0| (h, t0))).collect();
+    let results: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map(|(h, t0)| {
+            let t1 = (t0 + QUERIES_PER_TASK).min(n);
+            let m = t1 - t0;
+            let kh = h / group;
+            // Keys a query of this task may see: up to the last query's position.
+            let len = pos0 + t1;
+            let ld = len.div_ceil(NR) * NR;
+            let mut probs = vec![0f32; m * ld];
+            let mut panel = vec![0f32; d.max(len) * NR];
+            // Scores: for each block of NR keys, the panel holds them k-major (k = head dim).
+            for s0 in (0..len).step_by(NR) {
+                let nk = (len - s0).min(NR);
+                let p = &mut panel[..d * NR];
+                for j in 0..d {
+                    for s in 0..NR {
+                        p[j * NR + s] = if s < nk { keys[(s0 + s) * kvd + kh * d + j] } else { 0.0 };
+                    }
+                }
+                for tt in (0..m).step_by(MR) {
+                    let mr = (m - tt).min(MR);
+                    let a = &q[(t0 + tt) * qd + h * d..];
+                    gemm::tile(a, qd, mr, p, &mut probs[tt * ld + s0..], ld, nk);
+                }
+            }
+            // Softmax over each query's causal keys; the rest of its row becomes exact zeros.
+            for (i, row) in probs.chunks_exact_mut(ld).enumerate() {
+                let visible = pos0 + t0 + i + 1;
+                let (seen, unseen) = row.split_at_mut(visible);
+                unseen.fill(0.0);
+                let max = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
+                let mut sum = 0f64;
+                for v in seen.iter_mut() {
+                    *v = (*v * scale - max).exp();
+                    sum += *v as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                for v in seen.iter_mut() {
+                    *v *= inv;
+                }
+            }
+            // Output: for each block of NR head dims, the panel holds the values k-major (k = key).
+            let mut o = vec![0f32; m * d];
+            for j0 in (0..d).step_by(NR) {
+                let nj = (d - j0).min(NR);
+                let p = &mut panel[..len * NR];
+                for s in 0..len {
+                    let v = &values[s * kvd + kh * d + j0..];
+                    for j in 0..NR {
+                        p[s * NR + j] = if j < nj { v[j] } else { 0.0 };
+                    }
+                }
+                for tt in (0..m).step_by(MR) {
+                    let mr = (m - tt).min(MR);
+                    gemm::tile(&probs[tt * ld..], ld, mr, p, &mut o[tt * d + j0..], d, nj);
+                }
+            }
+            let weights = if want_weights { probs } else { Vec::new() };
+            (h, t0, o, weights)
+        })
+        .collect();
+    let n_ctx = pos0 + n;
+    let mut weights = want_weights.then(|| vec![0f32; n * n_head * n_ctx]);
+    for (h, t0, o, probs) in results {
+        let m = o.len() / d;
+        for i in 0..m {
+            out[(t0 + i) * qd + h * d..(t0 + i) * qd + (h + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
+        }
+        if let Some(w) = weights.as_mut() {
+            let ld = probs.len() / m;
+            for i in 0..m {
+                let row = (t0 + i) * n_head + h;
+                let take = ld.min(n_ctx);
+                w[row * n_ctx..row * n_ctx + take].copy_from_slice(&probs[i * ld..i * ld + take]);
+            }
+        }
+    }
+    weights
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    }
+
+    /// Causal attention in f64, one query and head at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        n_head: usize,
+        n_head_kv: usize,
+        d: usize,
+        pos0: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (qd, kvd) = (n_head * d, n_head_kv * d);
+        let n = q.len() / qd;
+        let n_ctx = pos0 + n;
+        let mut out = vec![0f64; n * qd];
+        let mut weights = vec![0f64; n * n_head * n_ctx];
+        for t in 0..n {
+            for h in 0..n_head {
+                let kh = h / (n_head / n_head_kv);
+                let len = pos0 + t + 1;
+                let scores: Vec<f64> = (0..len)
+                    .map(|s| {
+                        (0..d).map(|j| q[t * qd + h * d + j] as f64 * k[s * kvd + kh * d + j] as f64).sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for s in 0..len {
+                    let p = e[s] / sum;
+                    weights[(t * n_head + h) * n_ctx + s] = p;
+                    for j in 0..d {
+                        out[t * qd + h * d + j] += p * v[s * kvd + kh * d + j] as f64;
+                    }
+                }
+            }
+        }
+        (out, weights)
+    }
+
+    #[test]
+    fn matches_f64_attention_with_gqa_offsets_and_partial_tiles() {
+        let mut seed = 5;
+        for (n_head, n_head_kv, d, pos0, n) in [(4, 2, 64, 0, 19), (3, 1, 24, 7, 53), (2, 2, 16, 0, 1)] {
+            let (qd, kvd) = (n_head * d, n_head_kv * d);
+            let q: Vec<f32> = (0..n * qd).map(|_| lcg(&mut seed)).collect();
+            let k: Vec<f32> = (0..(pos0 + n) * kvd).map(|_| lcg(&mut seed)).collect();
+            let v: Vec<f32> = (0..(pos0 + n) * kvd).map(|_| lcg(&mut seed)).collect();
+            let mut out = vec![f32::NAN; n * qd];
+            let weights = attention_prompt(n_head, n_head_kv, d, pos0, &q, &k, &v, true, &mut out).expect("weights");
+            let (want_out, want_w) = naive(n_head, n_head_kv, d, pos0, &q, &k, &v);
+            for (i, (&g, &w)) in out.iter().zip(&want_out).enumerate() {
+                assert!((g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "out[{i}]: {g} vs {w}");
+            }
+            assert_eq!(weights.len(), want_w.len());
+            for (i, (&g, &w)) in weights.iter().zip(&want_w).enumerate() {
+                assert!((g as f64 - w).abs() <= 1e-6, "weight[{i}]: {g} vs {w}");
+                if w == 0.0 {
+                    assert_eq!(g, 0.0, "weight[{i}] past the causal limit");
+                }
+            }
+        }
+    }
+}
