@@ -29,6 +29,35 @@ pub(crate) fn attention_prompt(
     let n = q.len() / qd;
     let group = n_head / n_head_kv;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let n_keys = pos0 + n;
+    let kblocks = n_keys.div_ceil(NR);
+    let dblocks = d.div_ceil(NR);
+    // Keys and values of each kv head in the kernel's panel layout, packed once and shared by the
+    // head group's queries: keys k-major over the head dim per block of NR keys, values k-major
+    // over the keys per block of NR head dims (zeros past the ends).
+    let packed: Vec<(Vec<f32>, Vec<f32>)> = (0..n_head_kv)
+        .into_par_iter()
+        .map(|kh| {
+            let mut kp = vec![0f32; kblocks * d * NR];
+            for (b, block) in kp.chunks_exact_mut(d * NR).enumerate() {
+                for s in 0..NR.min(n_keys - b * NR) {
+                    let key = &keys[(b * NR + s) * kvd + kh * d..][..d];
+                    for (j, &kv) in key.iter().enumerate() {
+                        block[j * NR + s] = kv;
+                    }
+                }
+            }
+            let mut vp = vec![0f32; dblocks * n_keys * NR];
+            for (jb, block) in vp.chunks_exact_mut(n_keys * NR).enumerate() {
+                let j0 = jb * NR;
+                let nj = (d - j0).min(NR);
+                for (s, dst) in block.chunks_exact_mut(NR).enumerate() {
+                    dst[..nj].copy_from_slice(&values[s * kvd + kh * d + j0..][..nj]);
+                }
+            }
+            (kp, vp)
+        })
+        .collect();
     let tasks: Vec<(usize, usize)> =
         (0..n_head).flat_map(|h| (0..n).step_by(QUERIES_PER_TASK).map(move |t0| (h, t0))).collect();
     let results: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = tasks
@@ -36,25 +65,18 @@ pub(crate) fn attention_prompt(
         .map(|(h, t0)| {
             let t1 = (t0 + QUERIES_PER_TASK).min(n);
             let m = t1 - t0;
-            let kh = h / group;
+            let (kp, vp) = &packed[h / group];
             // Keys a query of this task may see: up to the last query's position.
             let len = pos0 + t1;
             let ld = len.div_ceil(NR) * NR;
             let mut probs = vec![0f32; m * ld];
-            let mut panel = vec![0f32; d.max(len) * NR];
-            // Scores: for each block of NR keys, the panel holds them k-major (k = head dim).
             for s0 in (0..len).step_by(NR) {
                 let nk = (len - s0).min(NR);
-                let p = &mut panel[..d * NR];
-                for j in 0..d {
-                    for s in 0..NR {
-                        p[j * NR + s] = if s < nk { keys[(s0 + s) * kvd + kh * d + j] } else { 0.0 };
-                    }
-                }
+                let panel = &kp[s0 / NR * d * NR..][..d * NR];
                 for tt in (0..m).step_by(MR) {
                     let mr = (m - tt).min(MR);
                     let a = &q[(t0 + tt) * qd + h * d..];
-                    gemm::tile(a, qd, mr, p, &mut probs[tt * ld + s0..], ld, nk);
+                    gemm::tile(a, qd, mr, panel, &mut probs[tt * ld + s0..], ld, nk);
                 }
             }
             // Softmax over each query's causal keys; the rest of its row becomes exact zeros.
@@ -73,20 +95,13 @@ pub(crate) fn attention_prompt(
                     *v *= inv;
                 }
             }
-            // Output: for each block of NR head dims, the panel holds the values k-major (k = key).
             let mut o = vec![0f32; m * d];
             for j0 in (0..d).step_by(NR) {
                 let nj = (d - j0).min(NR);
-                let p = &mut panel[..len * NR];
-                for s in 0..len {
-                    let v = &values[s * kvd + kh * d + j0..];
-                    for j in 0..NR {
-                        p[s * NR + j] = if j < nj { v[j] } else { 0.0 };
-                    }
-                }
+                let panel = &vp[j0 / NR * n_keys * NR..][..len * NR];
                 for tt in (0..m).step_by(MR) {
                     let mr = (m - tt).min(MR);
-                    gemm::tile(&probs[tt * ld..], ld, mr, p, &mut o[tt * d + j0..], d, nj);
+                    gemm::tile(&probs[tt * ld..], ld, mr, panel, &mut o[tt * d + j0..], d, nj);
                 }
             }
             let weights = if want_weights { probs } else { Vec::new() };

@@ -210,7 +210,7 @@ fn forward_steps(
         mm(&mut [(&lw.w_gate, gate), (&lw.w_up, up)], h);
         emit(&mut obs, li, "ffn_gate", n, ff, gate);
         emit(&mut obs, li, "ffn_up", n, ff, up);
-        swiglu_in_place(gate, up);
+        swiglu_in_place(gate, up, precision);
         emit(&mut obs, li, "ffn_swiglu", n, ff, gate);
         mm(&mut [(&lw.w_down, proj)], gate);
         emit(&mut obs, li, "ffn_down", n, e, proj);
@@ -386,11 +386,21 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `gate = silu(gate) * up`.
-fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        let gv = *g as f64;
-        *g = (gv / (1.0 + (-gv).exp()) * u as f64) as f32;
+/// `gate = silu(gate) * up`: in f64 on the exact path, in f32 (with a correctly rounded-ish
+/// `expf`, a few ulp) on the default path, where f64 `exp` costs more than the products around it.
+fn swiglu_in_place(gate: &mut [f32], up: &[f32], precision: Precision) {
+    match precision {
+        Precision::Exact => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                let gv = *g as f64;
+                *g = (gv / (1.0 + (-gv).exp()) * u as f64) as f32;
+            }
+        }
+        Precision::Fast => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        }
     }
 }
 
