@@ -117,3 +117,70 @@ unsafe fn transpose_avx2(rows: *const f32, ld: usize, kc: usize, panel: *mut f32
         }
     }
 }
+
+/// Dequantizes whole blocks of Q4_0, Q4_1 or Q8_0 (`src` exactly the blocks of `dst`) with the
+/// same f32 operations as the formats' scalar `dequantize_row` (a product, plus the offset for
+/// Q4_1 as a separate rounding), so the results are bit-identical. Returns `false` for other types.
+pub(super) fn dequantize_row(ty: kiln_gguf::GgmlType, src: &[u8], dst: &mut [f32]) -> bool {
+    use kiln_gguf::GgmlType as T;
+    let (bs, code) = match ty {
+        T::Q4_0 => (crate::q4_0::BLOCK_BYTES, 0),
+        T::Q4_1 => (crate::q4_1::BLOCK_BYTES, 1),
+        T::Q8_0 => (crate::q8_0::BLOCK_BYTES, 2),
+        _ => return false,
+    };
+    assert!(src.len().is_multiple_of(bs) && dst.len() == src.len() / bs * 32, "whole blocks");
+    // SAFETY: AVX2 and F16C were detected by the caller (`super::pack_panel` dispatch); the assert
+    // sizes every block read (`bs` bytes) and write (32 values).
+    unsafe {
+        match code {
+            0 => dequant_blocks::<0>(src, dst),
+            1 => dequant_blocks::<1>(src, dst),
+            _ => dequant_blocks::<2>(src, dst),
+        }
+    }
+    true
+}
+
+/// # Safety
+/// AVX2 + F16C; `src` holds `dst.len() / 32` whole blocks of the format `C` (0 Q4_0, 1 Q4_1, 2 Q8_0).
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dequant_blocks<const C: u8>(src: &[u8], dst: &mut [f32]) {
+    let bs = match C {
+        0 => crate::q4_0::BLOCK_BYTES,
+        1 => crate::q4_1::BLOCK_BYTES,
+        _ => crate::q8_0::BLOCK_BYTES,
+    };
+    let half_to_f32 = |b: &[u8]| -> f32 { half::f16::from_le_bytes([b[0], b[1]]).to_f32() };
+    for (blk, out) in src.chunks_exact(bs).zip(dst.chunks_exact_mut(32)) {
+        let d = _mm256_set1_ps(half_to_f32(&blk[0..2]));
+        // SAFETY (block): the loads read 16 or 32 bytes inside `blk`; the stores write 32 floats
+        // of `out`.
+        unsafe {
+            let o = out.as_mut_ptr();
+            if C == 2 {
+                for i in 0..4 {
+                    let q8 = _mm_loadl_epi64(blk.as_ptr().add(2 + 8 * i) as *const __m128i);
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+                    _mm256_storeu_ps(o.add(8 * i), _mm256_mul_ps(d, v));
+                }
+                continue;
+            }
+            let qoff = if C == 1 { 4 } else { 2 };
+            let qs = _mm_loadu_si128(blk.as_ptr().add(qoff) as *const __m128i);
+            let mask = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
+            let off = _mm256_set1_epi32(if C == 0 { 8 } else { 0 });
+            let m = _mm256_set1_ps(if C == 1 { half_to_f32(&blk[2..4]) } else { 0.0 });
+            for (i, nib) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)].into_iter().enumerate() {
+                let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), off);
+                let mut v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+                if C == 1 {
+                    v = _mm256_add_ps(v, m);
+                }
+                _mm256_storeu_ps(o.add(8 * i), v);
+            }
+        }
+    }
+}

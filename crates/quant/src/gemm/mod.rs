@@ -52,7 +52,9 @@ pub fn pack_panel(w: &QMatrix, r0: usize, rows_buf: &mut [f32], panel: &mut [f32
             let dst = &mut rows_buf[j * KC..j * KC + kc];
             if r0 + j < w.rows {
                 let src = &w.row(r0 + j)[c0 / bs * ts..(c0 + kc) / bs * ts];
-                crate::dequantize_row(w.ty, src, dst).expect("geometry validated in QMatrix::new");
+                if !dequantize_fast(w.ty, src, dst) {
+                    crate::dequantize_row(w.ty, src, dst).expect("geometry validated in QMatrix::new");
+                }
             } else {
                 dst.fill(0.0);
             }
@@ -60,6 +62,18 @@ pub fn pack_panel(w: &QMatrix, r0: usize, rows_buf: &mut [f32], panel: &mut [f32
         transpose_into(rows_buf, kc, &mut panel[c0 * NR..(c0 + kc) * NR]);
         c0 += kc;
     }
+}
+
+/// The SIMD twin of `dequantize_row` where one exists (bit-identical); `false` otherwise.
+fn dequantize_fast(ty: kiln_gguf::GgmlType, src: &[u8], dst: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa() >= Isa::Avx2 {
+            return avx2::dequantize_row(ty, src, dst);
+        }
+    }
+    let _ = (ty, src, dst);
+    false
 }
 
 /// `panel[k * NR + j] = rows[j * KC + k]` for `k < kc` (a multiple of 8 when SIMD runs).
@@ -214,6 +228,31 @@ mod tests {
                         assert_eq!(panel[k * NR + j].to_bits(), want.to_bits(), "cols={cols} r0={r0} k={k} j={j}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dequantization_is_bit_identical_to_the_formats() {
+        let mut seed = 1u64;
+        for (ty, bs) in [(GgmlType::Q4_0, 18usize), (GgmlType::Q4_1, 20), (GgmlType::Q8_0, 34)] {
+            for nb in [1usize, 3, 8] {
+                let mut src: Vec<u8> = (0..nb * bs).map(|_| (lcg(&mut seed) * 512.0) as i32 as u8).collect();
+                // Finite f16 scales (and mins) of either sign.
+                for b in 0..nb {
+                    for off in [0, 2] {
+                        let v = half::f16::from_f32(lcg(&mut seed) * 0.1).to_le_bytes();
+                        src[b * bs + off..b * bs + off + 2].copy_from_slice(&v);
+                    }
+                }
+                let mut want = vec![0f32; nb * 32];
+                let mut got = vec![f32::NAN; nb * 32];
+                crate::dequantize_row(ty, &src, &mut want).expect("dequantize");
+                if !dequantize_fast(ty, &src, &mut got) {
+                    continue;
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{ty:?} {nb} blocks");
             }
         }
     }
