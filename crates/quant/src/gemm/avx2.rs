@@ -127,6 +127,13 @@ pub(super) fn dequantize_row(ty: kiln_gguf::GgmlType, src: &[u8], dst: &mut [f32
         T::Q4_0 => (crate::q4_0::BLOCK_BYTES, 0),
         T::Q4_1 => (crate::q4_1::BLOCK_BYTES, 1),
         T::Q8_0 => (crate::q8_0::BLOCK_BYTES, 2),
+        T::Q4_K => {
+            let bs = crate::q4_k::BLOCK_BYTES;
+            assert!(src.len().is_multiple_of(bs) && dst.len() == src.len() / bs * 256, "whole blocks");
+            // SAFETY: AVX2 was detected by the caller; the assert sizes every block read and write.
+            unsafe { dequant_q4_k(src, dst) };
+            return true;
+        }
         _ => return false,
     };
     assert!(src.len().is_multiple_of(bs) && dst.len() == src.len() / bs * 32, "whole blocks");
@@ -180,6 +187,36 @@ unsafe fn dequant_blocks<const C: u8>(src: &[u8], dst: &mut [f32]) {
                     v = _mm256_add_ps(v, m);
                 }
                 _mm256_storeu_ps(o.add(8 * i), v);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2; `src` holds `dst.len() / 256` whole Q4_K blocks.
+#[target_feature(enable = "avx2")]
+unsafe fn dequant_q4_k(src: &[u8], dst: &mut [f32]) {
+    let h = |b: &[u8]| -> f32 { half::f16::from_le_bytes([b[0], b[1]]).to_f32() };
+    for (blk, out) in src.chunks_exact(crate::q4_k::BLOCK_BYTES).zip(dst.chunks_exact_mut(256)) {
+        let (d, dmin) = (h(&blk[0..2]), h(&blk[2..4]));
+        let scales: &[u8; 12] = blk[4..16].try_into().expect("12 scale bytes");
+        let qs = &blk[16..144];
+        for j in 0..8 {
+            let (sc, m) = crate::q4_k::get_scale_min(j, scales);
+            // The scalar path's roundings: `dl * q - ml` with `dl = d * sc`, `ml = dmin * m`.
+            let dl = _mm256_set1_ps(d * sc as f32);
+            let ml = _mm256_set1_ps(dmin * m as f32);
+            // SAFETY (block): reads 32 bytes of `qs`, writes 32 floats of `out`.
+            unsafe {
+                let q = _mm256_loadu_si256(qs.as_ptr().add(32 * (j / 2)) as *const __m256i);
+                let q = if j % 2 == 1 { _mm256_srli_epi16::<4>(q) } else { q };
+                let q = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
+                let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                let o = out.as_mut_ptr().add(32 * j);
+                for (i, part) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)].into_iter().enumerate() {
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+                    _mm256_storeu_ps(o.add(8 * i), _mm256_sub_ps(_mm256_mul_ps(dl, v), ml));
+                }
             }
         }
     }

@@ -255,6 +255,24 @@ mod tests {
                 assert_eq!(bits(&got), bits(&want), "{ty:?} {nb} blocks");
             }
         }
+        // Q4_K: random bytes with finite f16 d and dmin.
+        for nb in [1usize, 3] {
+            let bs = 144;
+            let mut src: Vec<u8> = (0..nb * bs).map(|_| (lcg(&mut seed) * 512.0) as i32 as u8).collect();
+            for b in 0..nb {
+                for off in [0, 2] {
+                    let v = half::f16::from_f32(lcg(&mut seed) * 0.01).to_le_bytes();
+                    src[b * bs + off..b * bs + off + 2].copy_from_slice(&v);
+                }
+            }
+            let mut want = vec![0f32; nb * 256];
+            let mut got = vec![f32::NAN; nb * 256];
+            crate::dequantize_row(GgmlType::Q4_K, &src, &mut want).expect("dequantize");
+            if dequantize_fast(GgmlType::Q4_K, &src, &mut got) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "Q4_K {nb} blocks");
+            }
+        }
     }
 
     #[test]
