@@ -216,23 +216,13 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
                     *r = crate::dot_float::vec_dot_f32(ty, row, &x[t * cols..(t + 1) * cols]);
                 }
             }),
-            ActFormat::Q8 => tile_rows(w, n, r0..r1, ptr, TOKEN_GROUP / planes, |row, t0, res| {
-                let k = res.len() * planes;
+            ActFormat::Q8 => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
                 let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
-                let mut parts = [0f32; TOKEN_GROUP];
-                crate::dot_legacy::vec_dot_q8_x4(ty, row, &refs[..k], &mut parts[..k]);
-                for (i, r) in res.iter_mut().enumerate() {
-                    *r = parts[i * planes..(i + 1) * planes].iter().sum();
-                }
+                crate::dot_legacy::vec_dot_q8_rows(ty, data, w.row_bytes, &refs[..k], parts);
             }),
-            ActFormat::Q8K => tile_rows(w, n, r0..r1, ptr, TOKEN_GROUP / planes, |row, t0, res| {
-                let k = res.len() * planes;
+            ActFormat::Q8K => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
                 let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);
-                let mut parts = [0f32; TOKEN_GROUP];
-                crate::dot_kquant::vec_dot_q8k_x4(ty, row, &refs[..k], &mut parts[..k]);
-                for (i, r) in res.iter_mut().enumerate() {
-                    *r = parts[i * planes..(i + 1) * planes].iter().sum();
-                }
+                crate::dot_kquant::vec_dot_q8k_rows(ty, data, w.row_bytes, &refs[..k], parts);
             }),
         }
     });
@@ -320,6 +310,47 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
+
+/// Rows handled per call of a rows kernel in [`rows_by_groups`] (bounds its stack buffer).
+const ROW_CHUNK: usize = 64;
+
+/// Weight rows `rows` of `w` against every group of tokens whose `planes` activation planes fit
+/// the kernels' four vectors: `kernel(rows_data, t0, k, parts)` fills `parts[r * k + i]` with row
+/// `r` · activation vector `t0 * planes + i` (`k = tokens * planes`); the planes of each token are
+/// summed into `out[t * w.rows + r]`.
+fn rows_by_groups(
+    w: &QMatrix,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    out: OutPtr,
+    planes: usize,
+    kernel: impl Fn(&[u8], usize, usize, &mut [f32]),
+) {
+    assert!(rows.end <= w.rows);
+    let group = TOKEN_GROUP / planes;
+    let mut parts = [0f32; ROW_CHUNK * TOKEN_GROUP];
+    let mut t0 = 0;
+    while t0 < n {
+        let g = (n - t0).min(group);
+        let k = g * planes;
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r1 = (r0 + ROW_CHUNK).min(rows.end);
+            let parts = &mut parts[..(r1 - r0) * k];
+            kernel(&w.data[r0 * w.row_bytes..r1 * w.row_bytes], t0, k, parts);
+            for (r, p) in (r0..r1).zip(parts.chunks_exact(k)) {
+                for i in 0..g {
+                    let v: f32 = p[i * planes..(i + 1) * planes].iter().sum();
+                    // SAFETY: (t0 + i) < n and r < w.rows, so the index is inside the output
+                    // (n * w.rows long, checked by the caller); no other task writes row r.
+                    unsafe { *out.0.add((t0 + i) * w.rows + r) = v };
+                }
+            }
+            r0 = r1;
+        }
+        t0 += g;
+    }
+}
 
 /// Weight rows `rows` of `w` against every group of up to `group` tokens, so the tile of weight
 /// rows stays in L1 while the activations stream; `kernel(row, t0, res)` fills `res[i]` = row ·
@@ -443,6 +474,59 @@ mod tests {
                 let want: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
                 assert_eq!(exact[t * rows + r], want as f32);
                 assert!((fast[t * rows + r] as f64 - want).abs() <= 1e-5 * want.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn rows_kernels_match_the_one_row_kernels_bit_for_bit() {
+        let cols = 512;
+        let n_rows = 70; // more than one ROW_CHUNK
+        let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let wf: Vec<f32> = (0..n_rows * cols).map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0).collect();
+        let mut q8_0 = vec![0u8; n_rows * cols / 32 * crate::q8_0::BLOCK_BYTES];
+        crate::q8_0::quantize_row(&wf, &mut q8_0);
+        let mut q4_k = Vec::new();
+        crate::q4_k::quantize_row(&wf, &mut q4_k);
+        let acts: Vec<ActQ8> = x
+            .chunks_exact(cols)
+            .map(|xt| {
+                let mut a = ActQ8::new();
+                a.quantize(xt);
+                a
+            })
+            .collect();
+        let acts_k: Vec<ActQ8K> = x
+            .chunks_exact(cols)
+            .map(|xt| {
+                let mut a = ActQ8K::new();
+                a.quantize(xt);
+                a
+            })
+            .collect();
+        for k in 1..=3 {
+            let refs: Vec<&ActQ8> = acts[..k].iter().collect();
+            let rb = q8_0.len() / n_rows;
+            let mut rows_out = vec![0f32; n_rows * k];
+            crate::dot_legacy::vec_dot_q8_rows(GgmlType::Q8_0, &q8_0, rb, &refs, &mut rows_out);
+            for (r, got) in rows_out.chunks_exact(k).enumerate() {
+                let mut want = vec![0f32; k];
+                crate::dot_legacy::vec_dot_q8_x4(GgmlType::Q8_0, &q8_0[r * rb..(r + 1) * rb], &refs, &mut want);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
+            let refs: Vec<&ActQ8K> = acts_k[..k].iter().collect();
+            let rb = q4_k.len() / n_rows;
+            crate::dot_kquant::vec_dot_q8k_rows(GgmlType::Q4_K, &q4_k, rb, &refs, &mut rows_out);
+            for (r, got) in rows_out.chunks_exact(k).enumerate() {
+                let mut want = vec![0f32; k];
+                crate::dot_kquant::vec_dot_q8k_x4(GgmlType::Q4_K, &q4_k[r * rb..(r + 1) * rb], &refs, &mut want);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
             }
         }
     }

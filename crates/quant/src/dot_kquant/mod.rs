@@ -97,6 +97,40 @@ pub fn vec_dot_q8k_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32
     vec_dot_q8k_x4_isa(isa(), ty, row, acts, out)
 }
 
+/// Dot products of consecutive rows (`data`, `row_bytes` each) with 1 to 4 activation vectors:
+/// `out[r * acts.len() + k]` = row `r` · `acts[k]`, with one geometry check for all the rows.
+pub fn vec_dot_q8k_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&ActQ8K], out: &mut [f32]) {
+    let k = acts.len();
+    assert!((1..=4).contains(&k), "dot_kquant: 1 to 4 activation vectors, got {k}");
+    assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_kquant: data is not whole rows");
+    let n_rows = data.len() / row_bytes;
+    assert_eq!(out.len(), n_rows * k, "dot_kquant: output length");
+    if n_rows == 0 {
+        return;
+    }
+    for a in acts {
+        check_act(a);
+        check(ty, &data[..row_bytes], a.len());
+    }
+    let level = isa();
+    for (row, o) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)) {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => {
+                // SAFETY: `isa()` never exceeds the detected level (AVX2, FMA and F16C found at
+                // run time); each row has the checked geometry and every activation vector
+                // exactly as many super-blocks.
+                unsafe { avx2::vec_dot_multi(ty, row, acts, o) }
+            }
+            _ => {
+                for (v, a) in o.iter_mut().zip(acts) {
+                    *v = scalar_dot(ty, row, a, &mut None);
+                }
+            }
+        }
+    }
+}
+
 /// [`vec_dot_q8k_x4`] with an explicit level; panics if this CPU cannot run `isa`.
 pub fn vec_dot_q8k_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
     assert!((1..=4).contains(&acts.len()), "dot_kquant: 1 to 4 activation vectors, got {}", acts.len());

@@ -177,6 +177,33 @@ pub fn vec_dot_q8_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32])
     run(active_kernels(), ty, row, acts, out)
 }
 
+/// Dot products of consecutive rows (`data`, `row_bytes` each) with 1 to 4 activation vectors:
+/// `out[r * acts.len() + k]` = row `r` · `acts[k]`. One geometry check and one kernel lookup for
+/// all the rows (per-row overhead matters for small matrices in generation).
+pub fn vec_dot_q8_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&ActQ8], out: &mut [f32]) {
+    let k = acts.len();
+    assert!((1..=4).contains(&k), "dot_legacy: 1 to 4 activation vectors, got {k}");
+    assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_legacy: data is not whole rows");
+    let n_rows = data.len() / row_bytes;
+    assert_eq!(out.len(), n_rows * k, "dot_legacy: output length");
+    let Some(t) = code_of(ty) else {
+        panic!("dot_legacy: {ty:?} is not supported");
+    };
+    if n_rows == 0 {
+        return;
+    }
+    for a in acts {
+        check_t(t, ty, &data[..row_bytes], a);
+    }
+    let f = active_kernels()[usize::from(t)][k - 1];
+    for (row, o) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)) {
+        // SAFETY: the active level runs on this CPU; every row has the geometry checked above
+        // (same length as the first), every activation vector is well formed with exactly its
+        // blocks, and `acts.len() == o.len() == k`.
+        unsafe { f(row, acts, o) }
+    }
+}
+
 /// [`vec_dot_q8_x4`] with an explicit level; panics if this CPU cannot run `isa`.
 pub fn vec_dot_q8_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
     assert!(isa <= detected_isa(), "dot_legacy: {} is not available on this CPU", isa.name());
