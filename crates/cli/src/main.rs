@@ -28,6 +28,13 @@ enum Command {
     Parity(cmd::parity::Args),
     /// Show a GGUF file's metadata, hyper-parameters and tensors.
     Inspect(cmd::inspect::Args),
+    /// Write every named activation of a forward pass as .npy files, or print their statistics.
+    Dump(cmd::dump::Args),
+    /// Find the first activation where the default path (or another engine's dump) departs from
+    /// the exact path; exits 3 when one is found.
+    Diff(cmd::diff::Args),
+    /// Perplexity over a text (llama-perplexity's chunks); KL divergence against saved logits.
+    Perplexity(cmd::perplexity::Args),
     /// Tokenize text with a model's tokenizer.
     Tokenize(cmd::tokenize::Args),
     /// Render a chat prompt with a model's chat template.
@@ -61,6 +68,9 @@ fn main() -> ExitCode {
         Command::Parity(a) => cmd::parity::main(a),
         Command::Bench(a) => cmd::bench::main(a),
         Command::Inspect(a) => cmd::inspect::main(a),
+        Command::Dump(a) => cmd::dump::main(a),
+        Command::Diff(a) => cmd::diff::main(a),
+        Command::Perplexity(a) => cmd::perplexity::main(a),
         Command::Tokenize(a) => cmd::tokenize::main(a),
         Command::Template(a) => cmd::template::main(a),
     };

@@ -2,6 +2,7 @@
 //! generation, parity checks against the float64 reference fixtures, and the default model.
 
 pub mod default_model;
+pub mod diagnose;
 mod loaded;
 pub mod parity;
 pub mod sampler;

@@ -1,8 +1,11 @@
 pub mod bench;
 pub mod chat;
+pub mod diff;
+pub mod dump;
 pub mod inspect;
 pub mod logits;
 pub mod parity;
+pub mod perplexity;
 pub mod run;
 pub mod template;
 pub mod tokenize;
