@@ -70,3 +70,18 @@ pub fn isa() -> Isa {
 pub fn active_isa() -> &'static str {
     isa().name()
 }
+
+/// Hints the CPU to bring `bytes` (if any) into cache; a no-op where no hint exists.
+#[inline(always)]
+pub fn prefetch(bytes: Option<&[u8]>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(b) = bytes {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for off in (0..b.len()).step_by(64) {
+            // SAFETY: prefetching is a hint that never faults; the address is inside `b` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().add(off) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}

@@ -113,7 +113,9 @@ pub fn vec_dot_q8k_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&Ac
         check(ty, &data[..row_bytes], a.len());
     }
     let level = isa();
-    for (row, o) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)) {
+    for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
+        // Generation streams each weight row once from memory: ask for the rows ahead early.
+        crate::isa::prefetch(data.get((i + 2) * row_bytes..(i + 3) * row_bytes));
         match level {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512 => {

@@ -177,6 +177,9 @@ pub fn vec_dot_q8_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32])
     run(active_kernels(), ty, row, acts, out)
 }
 
+/// Rows ahead of the one computed whose bytes [`vec_dot_q8_rows`] prefetches.
+const PREFETCH_ROWS: usize = 2;
+
 /// Dot products of consecutive rows (`data`, `row_bytes` each) with 1 to 4 activation vectors:
 /// `out[r * acts.len() + k]` = row `r` · `acts[k]`. One geometry check and one kernel lookup for
 /// all the rows (per-row overhead matters for small matrices in generation).
@@ -196,7 +199,9 @@ pub fn vec_dot_q8_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&Act
         check_t(t, ty, &data[..row_bytes], a);
     }
     let f = active_kernels()[usize::from(t)][k - 1];
-    for (row, o) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)) {
+    for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
+        // Generation streams each weight row once from memory: ask for the rows ahead early.
+        crate::isa::prefetch(data.get((i + PREFETCH_ROWS) * row_bytes..(i + PREFETCH_ROWS + 1) * row_bytes));
         // SAFETY: the active level runs on this CPU; every row has the geometry checked above
         // (same length as the first), every activation vector is well formed with exactly its
         // blocks, and `acts.len() == o.len() == k`.
