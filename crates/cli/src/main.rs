@@ -35,6 +35,8 @@ enum Command {
     Diff(cmd::diff::Args),
     /// Perplexity over a text (llama-perplexity's chunks); KL divergence against saved logits.
     Perplexity(cmd::perplexity::Args),
+    /// OpenAI-compatible HTTP server with continuous batching.
+    Serve(cmd::serve::Args),
     /// Tokenize text with a model's tokenizer.
     Tokenize(cmd::tokenize::Args),
     /// Render a chat prompt with a model's chat template.
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Dump(a) => cmd::dump::main(a),
         Command::Diff(a) => cmd::diff::main(a),
         Command::Perplexity(a) => cmd::perplexity::main(a),
+        Command::Serve(a) => cmd::serve::main(a),
         Command::Tokenize(a) => cmd::tokenize::main(a),
         Command::Template(a) => cmd::template::main(a),
     };

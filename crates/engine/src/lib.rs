@@ -6,6 +6,7 @@ pub mod diagnose;
 mod loaded;
 pub mod parity;
 pub mod sampler;
+pub mod scheduler;
 mod session;
 
 pub use loaded::Model;

@@ -7,5 +7,6 @@ pub mod logits;
 pub mod parity;
 pub mod perplexity;
 pub mod run;
+pub mod serve;
 pub mod template;
 pub mod tokenize;
