@@ -532,6 +532,38 @@ mod tests {
     }
 
     #[test]
+    fn fused_products_equal_separate_ones_bit_for_bit() {
+        // Mixed formats (as in Q4_K_M files: q/k in Q4_K, v in Q6_K...), both regimes.
+        let cols = 256;
+        let wf: Vec<f32> = (0..40 * cols).map(|i| ((i * 29 % 97) as f32 - 48.0) / 40.0).collect();
+        let mut q8_0 = vec![0u8; 40 * cols / 32 * crate::q8_0::BLOCK_BYTES];
+        crate::q8_0::quantize_row(&wf, &mut q8_0);
+        let mut q4_k = Vec::new();
+        crate::q4_k::quantize_row(&wf[..24 * cols], &mut q4_k);
+        let f32s: Vec<u8> = wf[..9 * cols].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mats = [
+            QMatrix::new(GgmlType::Q8_0, &q8_0, 40, cols).unwrap(),
+            QMatrix::new(GgmlType::Q4_K, &q4_k, 24, cols).unwrap(),
+            QMatrix::new(GgmlType::F32, &f32s, 9, cols).unwrap(),
+        ];
+        for n in [1usize, 3, 5, crate::gemm::MIN_TOKENS + 3] {
+            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 41 % 83) as f32 - 41.0) / 20.0).collect();
+            let mut separate: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
+            for (m, out) in mats.iter().zip(separate.iter_mut()) {
+                matmul(m, &x, n, out);
+            }
+            let mut fused: Vec<Vec<f32>> = mats.iter().map(|m| vec![f32::NAN; n * m.rows]).collect();
+            let mut jobs: Vec<(&QMatrix, &mut [f32])> =
+                mats.iter().zip(fused.iter_mut()).map(|(m, o)| (m, o.as_mut_slice())).collect();
+            matmul_many(&mut jobs, &x, n);
+            for (a, b) in separate.iter().zip(&fused) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(a), bits(b), "n={n}");
+            }
+        }
+    }
+
+    #[test]
     fn rejects_unsupported_and_bad_geometry() {
         assert_eq!(
             QMatrix::new(GgmlType::IQ2_XXS, &[], 0, 256).unwrap_err(),
