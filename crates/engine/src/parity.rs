@@ -128,8 +128,44 @@ pub fn rel_l2(ours: &[f64], truth: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
+/// Where the default path runs in a parity check: the CPU (the model's own sessions), or another
+/// backend computing the same function (`kiln parity --backend cuda`). The exact path, the
+/// reference, always runs on the CPU.
+pub trait DefaultPath {
+    /// Logits `[tokens.len(), n_vocab]` at every position of `tokens` from an empty sequence: in
+    /// one batch, or (`per_token`) one token per call through the KV cache.
+    fn logits(&mut self, tokens: &[u32], per_token: bool) -> Result<Vec<f32>>;
+}
+
+/// The CPU default path.
+pub struct CpuDefault<'a>(pub &'a Model);
+
+impl DefaultPath for CpuDefault<'_> {
+    fn logits(&mut self, tokens: &[u32], per_token: bool) -> Result<Vec<f32>> {
+        let mut s = Session::new(self.0, tokens.len(), Precision::Fast);
+        if !per_token {
+            return s.eval(tokens, Logits::All);
+        }
+        let mut all = Vec::with_capacity(tokens.len() * self.0.weights.cfg.n_vocab);
+        for &t in tokens {
+            all.extend(s.eval(&[t], Logits::Last)?);
+        }
+        Ok(all)
+    }
+}
+
 /// Runs every case of `fixture` (whose files live in `dir`) on `model`.
 pub fn check_model(model: &Model, fixture: &Fixture, dir: &Path) -> Result<ModelReport> {
+    check_model_with(model, fixture, dir, &mut CpuDefault(model))
+}
+
+/// As [`check_model`], with the default path computed by `default_path`.
+pub fn check_model_with(
+    model: &Model,
+    fixture: &Fixture,
+    dir: &Path,
+    default_path: &mut dyn DefaultPath,
+) -> Result<ModelReport> {
     let n_vocab = model.weights.cfg.n_vocab;
     if n_vocab != fixture.n_vocab {
         bail!("{}: model has {} tokens, fixture {}", fixture.model, n_vocab, fixture.n_vocab);
@@ -154,16 +190,12 @@ pub fn check_model(model: &Model, fixture: &Fixture, dir: &Path) -> Result<Model
             s.eval(&tokens, Logits::All)
         };
         let le = run(Precision::Exact)?;
-        let ld = run(Precision::Fast)?;
+        let ld = default_path.logits(&tokens, false)?;
         // The default path again, one token per call through the KV cache (generation's shape).
-        let ls = {
-            let mut s = Session::new(model, n_pos, Precision::Fast);
-            let mut all = Vec::with_capacity(n_pos * n_vocab);
-            for &t in &tokens {
-                all.extend(s.eval(&[t], Logits::Last)?);
-            }
-            all
-        };
+        let ls = default_path.logits(&tokens, true)?;
+        if ld.len() != n_pos * n_vocab || ls.len() != n_pos * n_vocab {
+            bail!("{} {}: the default path returned logits of the wrong size", fixture.model, case.name);
+        }
         let mut full: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
         for (p, files) in &case.full_logits {
             let p: usize = p.parse().with_context(|| format!("full_logits position {p:?}"))?;

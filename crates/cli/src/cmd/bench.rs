@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use kiln_engine::{Model, Session};
 use kiln_model::{Logits, Precision};
 
+use crate::cmd::parity::Backend;
 use crate::common;
 
 #[derive(clap::Args)]
@@ -33,6 +34,34 @@ pub struct Args {
     /// One JSON object per test instead of the markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Where the forward pass runs.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+}
+
+/// A sequence on the chosen backend.
+enum Runner<'m> {
+    Cpu(Session<'m>),
+    #[cfg(feature = "cuda")]
+    Cuda(kiln_cuda::CudaSession<'m>),
+}
+
+impl Runner<'_> {
+    fn reset(&mut self) {
+        match self {
+            Runner::Cpu(s) => s.reset(),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(s) => s.reset(),
+        }
+    }
+
+    fn eval(&mut self, tokens: &[u32]) -> Result<()> {
+        match self {
+            Runner::Cpu(s) => s.eval(tokens, Logits::Last).map(|_| ()),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(s) => s.eval(tokens, Logits::Last).map(|_| ()),
+        }
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -57,11 +86,37 @@ pub fn main(a: Args) -> Result<ExitCode> {
         bail!("nothing to run: -p and -n are both 0");
     }
     common::set_threads(a.threads)?;
+    a.backend.check()?;
+    if a.exact && a.backend != Backend::Cpu {
+        bail!("--exact runs on the CPU only");
+    }
     let threads = rayon::current_num_threads();
     let model = common::load_model(&a.model)?;
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
     let n_ctx = a.n_prompt.max(a.n_gen).max(1);
-    let mut session = Session::new(&model, n_ctx, precision);
+    #[cfg(feature = "cuda")]
+    let gpu = match a.backend {
+        Backend::Cuda => {
+            let dev = kiln_cuda::Device::open(0)?;
+            eprintln!(
+                "kiln: CUDA device {} (sm_{}{}), kernels compiled in {:.0} ms, cuBLAS {}",
+                dev.name,
+                dev.capability.0,
+                dev.capability.1,
+                dev.compile_ms,
+                if dev.has_cublas() { "found" } else { "missing (batches run through the mat-vec kernels)" }
+            );
+            Some(kiln_cuda::CudaModel::upload(dev, &model.weights)?)
+        }
+        Backend::Cpu => None,
+    };
+    #[cfg(feature = "cuda")]
+    let mut session = match &gpu {
+        Some(g) => Runner::Cuda(kiln_cuda::CudaSession::new(g, n_ctx)?),
+        None => Runner::Cpu(Session::new(&model, n_ctx, precision)),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let mut session = Runner::Cpu(Session::new(&model, n_ctx, precision));
     // Token ids spread over the vocabulary, skipping the first ones (often control tokens).
     let n_vocab = model.weights.cfg.n_vocab as u32;
     let token = |i: usize| 3 + (i as u32 * 7919) % (n_vocab - 3);
@@ -70,29 +125,45 @@ pub fn main(a: Args) -> Result<ExitCode> {
     if a.n_prompt > 0 {
         let prompt: Vec<u32> = (0..a.n_prompt).map(token).collect();
         session.reset();
-        session.eval(&prompt[..a.n_prompt.min(16)], Logits::Last)?; // warm-up
+        session.eval(&prompt[..a.n_prompt.min(16)])?; // warm-up
+        session.reset();
+        session.eval(&prompt)?; // warm-up of the batched path (cuBLAS picks its kernels here)
         let samples = repeat(a.repetitions, || {
             session.reset();
             let t0 = Instant::now();
-            session.eval(&prompt, Logits::Last)?;
+            session.eval(&prompt)?;
             Ok(a.n_prompt as f64 / t0.elapsed().as_secs_f64())
         })?;
         results.push(result(&model, &a, threads, format!("pp{}", a.n_prompt), a.n_prompt, samples));
     }
     if a.n_gen > 0 {
         session.reset();
-        session.eval(&[token(0)], Logits::Last)?; // warm-up
+        session.eval(&[token(0)])?; // warm-up: loads the kernels…
+        session.eval(&[token(1)])?; // …and captures the CUDA graph
         let samples = repeat(a.repetitions, || {
             session.reset();
             let t0 = Instant::now();
             for i in 0..a.n_gen {
-                session.eval(&[token(i)], Logits::Last)?;
+                session.eval(&[token(i)])?;
             }
             Ok(a.n_gen as f64 / t0.elapsed().as_secs_f64())
         })?;
         results.push(result(&model, &a, threads, format!("tg{}", a.n_gen), a.n_gen, samples));
     }
 
+    if a.backend == Backend::Cuda {
+        let bpt = model.weights.bytes_per_token();
+        for r in results.iter().filter(|r| r.test.starts_with("tg")) {
+            eprintln!(
+                "kiln: {}: {:.1} MB of weights per token x {:.1} t/s = {:.0} GB/s = {:.1}% of 3.35 TB/s",
+                r.test,
+                bpt as f64 / 1e6,
+                r.avg_ts,
+                bpt as f64 * r.avg_ts / 1e9,
+                100.0 * bpt as f64 * r.avg_ts / 3.35e12
+            );
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
@@ -129,7 +200,11 @@ fn result(model: &Model, a: &Args, threads: usize, test: String, n_tokens: usize
         model: model.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         size_bytes: g.tensors.iter().map(|t| t.n_bytes).sum(),
         params: g.tensors.iter().map(|t| t.n_elements).sum(),
-        path: if a.exact { "exact" } else { "default" },
+        path: match (a.backend, a.exact) {
+            (Backend::Cuda, _) => "cuda",
+            (Backend::Cpu, true) => "exact",
+            (Backend::Cpu, false) => "default",
+        },
         threads,
         test,
         n_tokens,

@@ -19,10 +19,68 @@ pub struct Args {
     pub json: bool,
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+    /// Where the default path runs (the exact reference always runs on the CPU).
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+}
+
+/// `--backend`: the CPU, or the CUDA backend (builds with `--features cuda`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Cpu,
+    Cuda,
+}
+
+impl Backend {
+    /// Fails with one line when this build or machine cannot run the backend.
+    pub fn check(self) -> Result<()> {
+        match self {
+            Backend::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => kiln_cuda::probe().map(|_| ()),
+            #[cfg(not(feature = "cuda"))]
+            Backend::Cuda => {
+                anyhow::bail!("--backend cuda: this kiln was built without CUDA (rebuild with --features cuda)")
+            }
+        }
+    }
+}
+
+/// The default path on the GPU: a fresh CUDA session per sequence.
+#[cfg(feature = "cuda")]
+struct CudaDefault<'a>(&'a kiln_cuda::CudaModel);
+
+#[cfg(feature = "cuda")]
+impl parity::DefaultPath for CudaDefault<'_> {
+    fn logits(&mut self, tokens: &[u32], per_token: bool) -> Result<Vec<f32>> {
+        use kiln_model::Logits;
+        let mut s = kiln_cuda::CudaSession::new(self.0, tokens.len())?;
+        if !per_token {
+            return s.eval(tokens, Logits::All);
+        }
+        let mut all = Vec::with_capacity(tokens.len() * self.0.cfg.n_vocab);
+        for &t in tokens {
+            all.extend(s.eval(&[t], Logits::Last)?);
+        }
+        Ok(all)
+    }
 }
 
 pub fn main(a: Args) -> Result<ExitCode> {
     common::set_threads(a.threads)?;
+    a.backend.check()?;
+    #[cfg(feature = "cuda")]
+    let mut device = match a.backend {
+        Backend::Cuda => {
+            let d = kiln_cuda::Device::open(0)?;
+            eprintln!(
+                "kiln: CUDA device {} (sm_{}{}), kernels compiled in {:.0} ms",
+                d.name, d.capability.0, d.capability.1, d.compile_ms
+            );
+            Some(d)
+        }
+        Backend::Cpu => None,
+    };
     let dir = common::default_fixture_dir(&a.dir)?;
     let mut reports = Vec::new();
     let mut skipped = Vec::new();
@@ -40,6 +98,17 @@ pub fn main(a: Args) -> Result<ExitCode> {
         };
         let model = Model::load(&model_path)?;
         let t0 = std::time::Instant::now();
+        #[cfg(feature = "cuda")]
+        let report = match device.take() {
+            Some(dev) => {
+                let gpu = kiln_cuda::CudaModel::upload(dev, &model.weights)?;
+                let r = parity::check_model_with(&model, &fixture, &dir, &mut CudaDefault(&gpu));
+                device = Some(gpu.dev);
+                r?
+            }
+            None => parity::check_model(&model, &fixture, &dir)?,
+        };
+        #[cfg(not(feature = "cuda"))]
         let report = parity::check_model(&model, &fixture, &dir)?;
         eprintln!(
             "kiln: {} — {} cases, {} positions, {:.1} s: {}",

@@ -1,0 +1,513 @@
+// kiln's CUDA kernels, compiled at start-up with NVRTC (no CUDA headers: f16 conversions are
+// inline PTX). Semantics follow crates/model/src/forward.rs (the CPU default path); where the CPU
+// sums in f64 (RMSNorm, SwiGLU, RoPE rotation, the softmax denominator) these kernels do too.
+//
+// Weights stay in their GGUF block formats. Every format is decoded by one function, deq8<T>,
+// that produces 8 consecutive weights starting at element e0 (a multiple of 8) of a row, so the
+// matrix-vector kernel, the dequantize-to-f16 kernel (batched prompts, cuBLAS) and the embedding
+// lookup share one decoder per type.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long usize;
+
+// GGML type ids (gguf ggml_type), used as template arguments.
+#define T_F32 0
+#define T_F16 1
+#define T_Q4_0 2
+#define T_Q4_1 3
+#define T_Q5_0 6
+#define T_Q5_1 7
+#define T_Q8_0 8
+#define T_Q2_K 10
+#define T_Q3_K 11
+#define T_Q4_K 12
+#define T_Q5_K 13
+#define T_Q6_K 14
+#define T_IQ4_NL 20
+#define T_IQ4_XS 23
+#define T_BF16 30
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Loads of little-endian fields at the alignment the block layout guarantees.
+__device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
+__device__ __forceinline__ u32 ld32_a2(const u8* p) { return (u32)ld16(p) | ((u32)ld16(p + 2) << 16); }
+__device__ __forceinline__ u32 ld32_a4(const u8* p) { return *(const u32*)p; }
+__device__ __forceinline__ uint2 ld64_a2(const u8* p) { return make_uint2(ld32_a2(p), ld32_a2(p + 4)); }
+__device__ __forceinline__ uint2 ld64_a4(const u8* p) { return make_uint2(ld32_a4(p), ld32_a4(p + 4)); }
+__device__ __forceinline__ uint2 ld64_a8(const u8* p) { return *(const uint2*)p; }
+__device__ __forceinline__ u32 byte_at(uint2 v, int k) { return ((k < 4 ? v.x : v.y) >> (8 * (k & 3))) & 0xFF; }
+
+// IQ4_NL's 16 non-linear levels, packed as int8 bytes for __byte_perm lookups.
+__device__ __forceinline__ int iq4_level(u32 nib) {
+    // {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113}
+    const u32 t0 = 0xBFAD9881u, t1 = 0xF6EADDCFu, t2 = 0x26190D01u, t3 = 0x71594535u;
+    u32 b = nib < 8 ? __byte_perm(t0, t1, nib) : __byte_perm(t2, t3, nib - 8);
+    return (int)(signed char)(b & 0xFF);
+}
+
+// Q4_K / Q5_K 6-bit scale and min of sub-block j (0..8) from the 12 packed bytes at s.
+__device__ __forceinline__ void scale_min_k4(int j, const u8* s, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// 8 consecutive weights of a row, elements e0..e0+8 (e0 % 8 == 0).
+template <int T>
+__device__ __forceinline__ void deq8(const u8* __restrict__ row, int e0, float* w) {
+    if constexpr (T == T_F32) {
+        float4 a = *(const float4*)(row + 4 * (usize)e0);
+        float4 b = *(const float4*)(row + 4 * (usize)e0 + 16);
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+        w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+    } else if constexpr (T == T_F16 || T == T_BF16) {
+        uint4 v = *(const uint4*)(row + 2 * (usize)e0);
+        u32 p[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            if constexpr (T == T_F16) {
+                w[2 * k] = h2f((u16)(p[k] & 0xFFFF));
+                w[2 * k + 1] = h2f((u16)(p[k] >> 16));
+            } else {
+                w[2 * k] = bf2f((u16)(p[k] & 0xFFFF));
+                w[2 * k + 1] = bf2f((u16)(p[k] >> 16));
+            }
+        }
+    } else if constexpr (T == T_Q4_0 || T == T_IQ4_NL) {
+        const u8* b = row + (usize)(e0 >> 5) * 18;
+        int i = e0 & 31;
+        float d = h2f(ld16(b));
+        uint2 q = ld64_a2(b + 2 + (i & 15));
+        int sh = (i >> 4) * 4;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            u32 nib = (byte_at(q, k) >> sh) & 15;
+            if constexpr (T == T_Q4_0) {
+                w[k] = d * (float)((int)nib - 8);
+            } else {
+                w[k] = d * (float)iq4_level(nib);
+            }
+        }
+    } else if constexpr (T == T_Q4_1) {
+        const u8* b = row + (usize)(e0 >> 5) * 20;
+        int i = e0 & 31;
+        float d = h2f(ld16(b)), m = h2f(ld16(b + 2));
+        uint2 q = ld64_a4(b + 4 + (i & 15));
+        int sh = (i >> 4) * 4;
+#pragma unroll
+        for (int k = 0; k < 8; k++) w[k] = d * (float)((byte_at(q, k) >> sh) & 15) + m;
+    } else if constexpr (T == T_Q5_0) {
+        const u8* b = row + (usize)(e0 >> 5) * 22;
+        int i = e0 & 31;
+        float d = h2f(ld16(b));
+        u32 qh = ld32_a2(b + 2);
+        uint2 q = ld64_a2(b + 6 + (i & 15));
+        int sh = (i >> 4) * 4;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int v = (int)(((byte_at(q, k) >> sh) & 15) | (((qh >> (i + k)) & 1) << 4)) - 16;
+            w[k] = d * (float)v;
+        }
+    } else if constexpr (T == T_Q5_1) {
+        const u8* b = row + (usize)(e0 >> 5) * 24;
+        int i = e0 & 31;
+        float d = h2f(ld16(b)), m = h2f(ld16(b + 2));
+        u32 qh = ld32_a4(b + 4);
+        uint2 q = ld64_a8(b + 8 + (i & 15));
+        int sh = (i >> 4) * 4;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            u32 v = ((byte_at(q, k) >> sh) & 15) | (((qh >> (i + k)) & 1) << 4);
+            w[k] = d * (float)v + m;
+        }
+    } else if constexpr (T == T_Q8_0) {
+        const u8* b = row + (usize)(e0 >> 5) * 34;
+        int i = e0 & 31;
+        float d = h2f(ld16(b));
+        uint2 q = ld64_a2(b + 2 + i);
+#pragma unroll
+        for (int k = 0; k < 8; k++) w[k] = d * (float)(signed char)byte_at(q, k);
+    } else if constexpr (T == T_Q2_K) {
+        const u8* b = row + (usize)(e0 >> 8) * 84;
+        int ie = e0 & 255, g = ie >> 4;
+        u32 sc = b[g];
+        float d = h2f(ld16(b + 80)), dmin = h2f(ld16(b + 82));
+        float dl = d * (float)(sc & 15), ml = dmin * (float)(sc >> 4);
+        int shift = 2 * ((g & 7) >> 1);
+        int start = 32 * (ie >> 7) + 16 * (g & 1) + (ie & 15);
+        uint2 q = ld64_a4(b + 16 + start);
+#pragma unroll
+        for (int k = 0; k < 8; k++) w[k] = dl * (float)((byte_at(q, k) >> shift) & 3) - ml;
+    } else if constexpr (T == T_Q3_K) {
+        const u8* b = row + (usize)(e0 >> 8) * 110;
+        int ie = e0 & 255, g = ie >> 4;
+        float d = h2f(ld16(b + 108));
+        const u8* s = b + 96;
+        int lo = g < 8 ? (s[g] & 15) : (s[g - 8] >> 4);
+        int hi = (s[8 + (g & 3)] >> (2 * (g >> 2))) & 3;
+        float dl = d * (float)((lo | (hi << 4)) - 32);
+        int shift = 2 * ((g & 7) >> 1), hbit = g >> 1;
+        int start = 16 * (g & 1) + (ie & 15);
+        uint2 q = ld64_a2(b + 32 + 32 * (g >> 3) + start);
+        uint2 hm = ld64_a2(b + start);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int v = (int)((byte_at(q, k) >> shift) & 3) - (((byte_at(hm, k) >> hbit) & 1) ? 0 : 4);
+            w[k] = dl * (float)v;
+        }
+    } else if constexpr (T == T_Q4_K || T == T_Q5_K) {
+        const int bytes = T == T_Q4_K ? 144 : 176;
+        const u8* b = row + (usize)(e0 >> 8) * bytes;
+        int ie = e0 & 255, j = ie >> 5;
+        int sc, m;
+        scale_min_k4(j, b + 4, &sc, &m);
+        float d = h2f(ld16(b)), dmin = h2f(ld16(b + 2));
+        float dl = d * (float)sc, ml = dmin * (float)m;
+        int sh = 4 * (j & 1);
+        if constexpr (T == T_Q4_K) {
+            uint2 q = ld64_a8(b + 16 + 32 * (j >> 1) + (ie & 31));
+#pragma unroll
+            for (int k = 0; k < 8; k++) w[k] = dl * (float)((byte_at(q, k) >> sh) & 15) - ml;
+        } else {
+            uint2 q = ld64_a8(b + 48 + 32 * (j >> 1) + (ie & 31));
+            uint2 qh = ld64_a8(b + 16 + (ie & 31));
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                u32 v = ((byte_at(q, k) >> sh) & 15) | (((byte_at(qh, k) >> j) & 1) << 4);
+                w[k] = dl * (float)v - ml;
+            }
+        }
+    } else if constexpr (T == T_Q6_K) {
+        const u8* b = row + (usize)(e0 >> 8) * 210;
+        int ie = e0 & 255, n = ie >> 7, r = ie & 127, jj = r >> 5, l = r & 31;
+        float d = h2f(ld16(b + 208));
+        float dl = d * (float)(signed char)b[192 + 8 * n + 2 * jj + (l >> 4)];
+        uint2 ql = ld64_a2(b + 64 * n + 32 * (jj & 1) + l);
+        uint2 qh = ld64_a2(b + 128 + 32 * n + l);
+        int sh = 4 * (jj >> 1), hs = 2 * jj;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int v = (int)(((byte_at(ql, k) >> sh) & 15) | (((byte_at(qh, k) >> hs) & 3) << 4)) - 32;
+            w[k] = dl * (float)v;
+        }
+    } else if constexpr (T == T_IQ4_XS) {
+        const u8* b = row + (usize)(e0 >> 8) * 136;
+        int ie = e0 & 255, j = ie >> 5, r = ie & 31;
+        float d = h2f(ld16(b));
+        u32 sh_bits = ld16(b + 2);
+        int ls = ((b[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | (((sh_bits >> (2 * j)) & 3) << 4);
+        float dl = d * (float)(ls - 32);
+        uint2 q = ld64_a8(b + 8 + 16 * j + (r & 15));
+        int sh = 4 * (r >> 4);
+#pragma unroll
+        for (int k = 0; k < 8; k++) w[k] = dl * (float)iq4_level((byte_at(q, k) >> sh) & 15);
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Rows per warp in the matrix-vector kernel. Measured on an H100 (TinyLlama Q4_0 tg128): 4 rows
+// per warp reuse each activation load but leave 4x fewer warps to hide memory latency, and decode
+// fell from 544 to 450 t/s; one row per warp is the faster shape here.
+#define MV_ROWS 1
+
+// y[t * ldy + r] (+)= Σ_c W[r, c] · x[t * ldx + c]: each warp computes MV_ROWS rows, token
+// t = blockIdx.y. Each lane decodes 8 weights per row and step and reads the matching 8
+// activations as two float4 loads (a warp's activation reads are one contiguous 1 KiB span).
+// With SWIGLU, x is silu(gate) * up computed on the fly from rows [gate | up] of width 2 * cols
+// (kept for experiments, not used: every row's warp recomputes the whole silu vector, and decode
+// was slower with it, 177 -> 110 t/s on the 7B shape together with deeper unrolling).
+template <int T, bool SWIGLU>
+__device__ __forceinline__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, const float* __restrict__ x,
+                                            float* __restrict__ y, int rows, int cols, int ldx, int ldy, int acc) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int r0 = (blockIdx.x * (blockDim.x >> 5) + warp) * MV_ROWS;
+    if (r0 >= rows) return;
+    const u8* rp[MV_ROWS];
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) rp[j] = W + (usize)min(r0 + j, rows - 1) * row_bytes;
+    const float* xt = x + (usize)blockIdx.y * ldx;
+    float sum[MV_ROWS];
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) sum[j] = 0.f;
+    // Unrolled 4 deep (measured on the H100: 8 deep was slower, 544 -> 494 t/s TinyLlama Q4_0 tg128
+    // and 177 -> 110 t/s on the 7B shape).
+#pragma unroll 4
+    for (int e0 = lane * 8; e0 < cols; e0 += 256) {
+        float xv[8];
+        float4 a = *(const float4*)(xt + e0);
+        float4 b = *(const float4*)(xt + e0 + 4);
+        xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
+        xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+        if constexpr (SWIGLU) {
+            float4 c = *(const float4*)(xt + cols + e0);
+            float4 d = *(const float4*)(xt + cols + e0 + 4);
+            float up[8] = {c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+#pragma unroll
+            for (int k = 0; k < 8; k++) xv[k] = xv[k] / (1.f + expf(-xv[k])) * up[k];
+        }
+#pragma unroll
+        for (int j = 0; j < MV_ROWS; j++) {
+            float w[8];
+            deq8<T>(rp[j], e0, w);
+            float s = 0.f;
+#pragma unroll
+            for (int k = 0; k < 8; k++) s += w[k] * xv[k];
+            sum[j] += s;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) {
+        float v = warp_sum(sum[j]);
+        if (lane == 0 && r0 + j < rows) {
+            float* o = y + (usize)blockIdx.y * ldy + r0 + j;
+            *o = acc ? *o + v : v;
+        }
+    }
+}
+
+// out[r * cols + c] = f16(W[r, c]) for the batched (cuBLAS) path.
+template <int T>
+__device__ __forceinline__ void dequant_f16_impl(const u8* __restrict__ W, long long row_bytes, u16* __restrict__ out,
+                                                 int rows, int cols) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int per_row = cols >> 3;
+    if (idx >= (long long)rows * per_row) return;
+    int r = (int)(idx / per_row), e0 = (int)(idx % per_row) * 8;
+    float w[8];
+    deq8<T>(W + (usize)r * row_bytes, e0, w);
+    uint4 v;
+    v.x = (u32)f2h(w[0]) | ((u32)f2h(w[1]) << 16);
+    v.y = (u32)f2h(w[2]) | ((u32)f2h(w[3]) << 16);
+    v.z = (u32)f2h(w[4]) | ((u32)f2h(w[5]) << 16);
+    v.w = (u32)f2h(w[6]) | ((u32)f2h(w[7]) << 16);
+    *(uint4*)(out + (usize)r * cols + e0) = v;
+}
+
+// out[t * cols ..] = row tokens[t] of W, dequantized (the embedding lookup). Block t.
+template <int T>
+__device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, long long row_bytes, const int* __restrict__ toks,
+                                              float* __restrict__ out, int cols) {
+    int t = blockIdx.x;
+    const u8* row = W + (usize)toks[t] * row_bytes;
+    for (int e0 = threadIdx.x * 8; e0 < cols; e0 += blockDim.x * 8) {
+        float w[8];
+        deq8<T>(row, e0, w);
+#pragma unroll
+        for (int k = 0; k < 8; k++) out[(usize)t * cols + e0 + k] = w[k];
+    }
+}
+
+#define KILN_TYPE_KERNELS(name, T)                                                                                    \
+    extern "C" __global__ void matvec_##name(const u8* W, long long rb, const float* x, float* y, int rows, int cols,   \
+                                             int ldx, int ldy, int acc) {                                              \
+        matvec_impl<T, false>(W, rb, x, y, rows, cols, ldx, ldy, acc);                                                 \
+    }                                                                                                                  \
+    extern "C" __global__ void matvec_swiglu_##name(const u8* W, long long rb, const float* x, float* y, int rows,    \
+                                                    int cols, int ldx, int ldy, int acc) {                            \
+        matvec_impl<T, true>(W, rb, x, y, rows, cols, ldx, ldy, acc);                                                  \
+    }                                                                                                                  \
+    extern "C" __global__ void dequant_f16_##name(const u8* W, long long rb, u16* out, int rows, int cols) {           \
+        dequant_f16_impl<T>(W, rb, out, rows, cols);                                                                   \
+    }                                                                                                                  \
+    extern "C" __global__ void get_rows_##name(const u8* W, long long rb, const int* toks, float* out, int cols) {     \
+        get_rows_impl<T>(W, rb, toks, out, cols);                                                                      \
+    }
+
+KILN_TYPE_KERNELS(f32, T_F32)
+KILN_TYPE_KERNELS(f16, T_F16)
+KILN_TYPE_KERNELS(bf16, T_BF16)
+KILN_TYPE_KERNELS(q4_0, T_Q4_0)
+KILN_TYPE_KERNELS(q4_1, T_Q4_1)
+KILN_TYPE_KERNELS(q5_0, T_Q5_0)
+KILN_TYPE_KERNELS(q5_1, T_Q5_1)
+KILN_TYPE_KERNELS(q8_0, T_Q8_0)
+KILN_TYPE_KERNELS(q2_k, T_Q2_K)
+KILN_TYPE_KERNELS(q3_k, T_Q3_K)
+KILN_TYPE_KERNELS(q4_k, T_Q4_K)
+KILN_TYPE_KERNELS(q5_k, T_Q5_K)
+KILN_TYPE_KERNELS(q6_k, T_Q6_K)
+KILN_TYPE_KERNELS(iq4_nl, T_IQ4_NL)
+KILN_TYPE_KERNELS(iq4_xs, T_IQ4_XS)
+
+// out = x / sqrt(mean(x²) + eps) * g, one block per row; the mean in f64 as on the CPU.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g, float* __restrict__ out,
+                                    int e, double eps) {
+    __shared__ double part[32];
+    const float* xr = x + (usize)blockIdx.x * e;
+    float* orow = out + (usize)blockIdx.x * e;
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < e; i += blockDim.x) ss += (double)xr[i] * (double)xr[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    if (lane == 0) part[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        ss = lane < nw ? part[lane] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) part[0] = ss;
+    }
+    __syncthreads();
+    double scale = 1.0 / sqrt(part[0] / (double)e + eps);
+    for (int i = threadIdx.x; i < e; i += blockDim.x) orow[i] = (float)(((double)xr[i] * scale) * (double)g[i]);
+}
+
+// x ≈ hi + lo as two f16 planes (lo = the rounding error of hi), for f16 tensor-core products
+// that keep ~22 bits of each activation; lo is skipped when null.
+extern "C" __global__ void split_f16(const float* __restrict__ x, u16* __restrict__ hi, u16* __restrict__ lo, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = x[i];
+    u16 h = f2h(v);
+    hi[i] = h;
+    if (lo) lo[i] = f2h(v - h2f(h));
+}
+
+// RoPE on q and k of each token (adjacent pairs of the first n_rot dims of every head, angles
+// from the f32 table cs[pos][i] = (cos, sin) computed in f64 on the host), then k and v are
+// stored into the caches at position meta[0] + t. Block t; qkv rows are [q | k | v].
+extern "C" __global__ void rope_kv(float* __restrict__ qkv, int stride, const float2* __restrict__ cs,
+                                   const int* __restrict__ meta, float* __restrict__ kc, float* __restrict__ vc,
+                                   int n_head, int n_head_kv, int d, int half, int kv_stride) {
+    int t = blockIdx.x;
+    int pos = meta[0] + t;
+    float* q = qkv + (usize)t * stride;
+    int qd = n_head * d, kvd = n_head_kv * d;
+    float* k = q + qd;
+    const float* v = k + kvd;
+    const float2* c = cs + (usize)pos * half;
+    for (int idx = threadIdx.x; idx < n_head * half; idx += blockDim.x) {
+        int h = idx / half, i = idx % half;
+        float2 a = c[i];
+        double x0 = q[h * d + 2 * i], x1 = q[h * d + 2 * i + 1], cc = a.x, ss = a.y;
+        q[h * d + 2 * i] = (float)(x0 * cc - x1 * ss);
+        q[h * d + 2 * i + 1] = (float)(x0 * ss + x1 * cc);
+    }
+    float* kd = kc + (usize)pos * kv_stride;
+    float* vd = vc + (usize)pos * kv_stride;
+    for (int idx = threadIdx.x; idx < kvd; idx += blockDim.x) {
+        int h = idx / d, j = idx % d;
+        float out;
+        if (j < 2 * half) {
+            int i = j >> 1;
+            float2 a = c[i];
+            double x0 = k[h * d + 2 * i], x1 = k[h * d + 2 * i + 1], cc = a.x, ss = a.y;
+            out = (j & 1) ? (float)(x0 * ss + x1 * cc) : (float)(x0 * cc - x1 * ss);
+        } else {
+            out = k[idx];
+        }
+        kd[idx] = out;
+        vd[idx] = v[idx];
+    }
+}
+
+// Causal attention of token t (blockIdx.y) and head h (blockIdx.x) over cache positions
+// 0 ..= meta[0] + t. Scores: one thread per position (16-byte loads of its key row, independent
+// across threads, so the loads of a block are all in flight at once); softmax with the
+// denominator summed in f64 (as the CPU's default path); values: threads split as
+// (position slice, 4-dim column), each accumulating a float4, then summed over the slices.
+// Shared memory: red[4 * blockDim] | q[d] | scores[len].
+extern "C" __global__ void attention(const float* __restrict__ qkv, int stride, const float* __restrict__ kc,
+                                     const float* __restrict__ vc, float* __restrict__ out, const int* __restrict__ meta,
+                                     int n_head, int n_head_kv, int d, int kv_stride, float scale) {
+    extern __shared__ float sm[];
+    __shared__ double dred[32];
+    __shared__ float fred[32];
+    int h = blockIdx.x, t = blockIdx.y;
+    int len = meta[0] + t + 1;
+    int kh = h / (n_head / n_head_kv);
+    float4* red = (float4*)sm;
+    float* qs = sm + 4 * blockDim.x;
+    float* sc = qs + d;
+    const float* q = qkv + (usize)t * stride + h * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = q[i];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    int nq = d >> 2;
+    const float4* q4 = (const float4*)qs;
+    for (int s = threadIdx.x; s < len; s += blockDim.x) {
+        const float4* kr = (const float4*)(kc + (usize)s * kv_stride + kh * d);
+        float p = 0.f;
+        for (int i = 0; i < nq; i++) {
+            float4 a = kr[i], b = q4[i];
+            p += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+        }
+        sc[s] = p * scale;
+    }
+    __syncthreads();
+    float mx = __int_as_float(0xff800000);
+    for (int s = threadIdx.x; s < len; s += blockDim.x) mx = fmaxf(mx, sc[s]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) fred[warp] = mx;
+    __syncthreads();
+    mx = fred[0];
+    for (int i = 1; i < nw; i++) mx = fmaxf(mx, fred[i]);
+    double sum = 0.0;
+    for (int s = threadIdx.x; s < len; s += blockDim.x) {
+        float e = expf(sc[s] - mx);
+        sc[s] = e;
+        sum += (double)e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) dred[warp] = sum;
+    __syncthreads();
+    sum = 0.0;
+    for (int i = 0; i < nw; i++) sum += dred[i];
+    float inv = (float)(1.0 / sum);
+    int parts = blockDim.x / nq;
+    int c4 = threadIdx.x % nq, part = threadIdx.x / nq;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (part < parts) {
+        const float* vb = vc + kh * d;
+        for (int s = part; s < len; s += parts) {
+            float p = sc[s] * inv;
+            float4 v = ((const float4*)(vb + (usize)s * kv_stride))[c4];
+            a.x += p * v.x;
+            a.y += p * v.y;
+            a.z += p * v.z;
+            a.w += p * v.w;
+        }
+    }
+    red[threadIdx.x] = a;
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float* rf = (const float*)red;
+        float o = 0.f;
+        for (int p = 0; p < parts; p++) o += rf[4 * (p * nq + (i >> 2)) + (i & 3)];
+        out[(usize)t * n_head * d + h * d + i] = o;
+    }
+}
+
+// out[t][i] = silu(gate) * up, from rows [gate | up] of width 2·ff; in f64 as on the CPU.
+extern "C" __global__ void swiglu(const float* __restrict__ gu, float* __restrict__ out, int ff, int n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n * ff) return;
+    int t = (int)(i / ff), j = (int)(i % ff);
+    double g = gu[(usize)t * 2 * ff + j], u = gu[(usize)t * 2 * ff + ff + j];
+    out[i] = (float)(g / (1.0 + exp(-g)) * u);
+}
