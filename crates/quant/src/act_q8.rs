@@ -134,6 +134,44 @@ impl ActQ8 {
         quantize_blocks_scalar(x, &mut self.d, &mut self.qs, &mut self.sums);
     }
 
+    /// Quantizes the rounding error of `first` (the quantization of `x`) as a second plane with the
+    /// fixed scale `d / 256` per block, so that `x ≈ (d / 256) · (256 q + q')`: one exact integer
+    /// activation per element, which lets the two-plane kernels add both planes' integer sums
+    /// before the single conversion to f32. The error `x - d q` is at most `d / 2` (plus f32
+    /// rounding), so `q'` stays within ±128; it is clamped to ±127 (the signed kernels move weight
+    /// signs onto the activations, and `-(-128)` does not fit in a byte). The result: every
+    /// element within `d / 512` of `x`, or `1.5 d / 256` in the rare clamped case.
+    pub fn quantize_residual(&mut self, first: &ActQ8, x: &[f32]) {
+        assert_eq!(x.len(), first.len(), "ActQ8: residual of a different length");
+        self.resize(x.len());
+        for (b, xb) in x.chunks_exact(QK).enumerate() {
+            let d = first.d[b];
+            if d == 0.0 {
+                self.d[b] = 0.0;
+                self.sums[b] = 0;
+                for h in 0..2 {
+                    let o = half_offset(b, h);
+                    self.qs[o..o + 16].fill(0);
+                }
+                continue;
+            }
+            let q1 = first.block_quants(b);
+            let m = 256.0 / d;
+            let mut q2 = [0i8; QK];
+            for ((q, &v), &qi) in q2.iter_mut().zip(xb).zip(&q1) {
+                let r = v - d * f32::from(qi);
+                *q = round_small(r * m).clamp(-127.0, 127.0) as i8;
+            }
+            for h in 0..2 {
+                let o = half_offset(b, h);
+                self.qs[o..o + 16].copy_from_slice(&q2[16 * h..16 * h + 16]);
+            }
+            let s: i32 = q2.iter().map(|&q| i32::from(q)).sum();
+            self.d[b] = d / 256.0;
+            self.sums[b] = s;
+        }
+    }
+
     /// Sets the length for `n` elements and zeroes the padding blocks.
     fn resize(&mut self, n: usize) {
         assert_eq!(n % QK, 0, "ActQ8: length {n} is not a multiple of {QK}");
@@ -154,6 +192,17 @@ impl ActQ8 {
             }
         }
     }
+}
+
+/// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22` (larger values come out
+/// large and are clamped by the caller): adding and subtracting `1.5 · 2^23` leaves no fraction
+/// bits, and IEEE addition rounds ties to even. Plain arithmetic, so it vectorizes (the library
+/// call `rintf` does not on baseline x86-64).
+#[inline(always)]
+pub(crate) fn round_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let v = v.clamp(-4_000_000.0, 4_000_000.0);
+    (v + MAGIC) - MAGIC
 }
 
 /// The scale and the multiplier of a block whose largest magnitude is `amax`.

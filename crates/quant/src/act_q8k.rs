@@ -70,6 +70,27 @@ impl ActQ8K {
         quantize_blocks_scalar(x, &mut self.d, &mut self.qs, &mut self.bsums);
     }
 
+    /// Quantizes the rounding error of `first` (the quantization of `x`) as a second plane with the
+    /// fixed scale `d / 256` per super-block, so that `x ≈ (d / 256) · (256 q + q')` (the same
+    /// scheme as [`crate::act_q8::ActQ8::quantize_residual`], which explains the clamp to ±127).
+    pub fn quantize_residual(&mut self, first: &ActQ8K, x: &[f32]) {
+        assert_eq!(x.len(), first.len(), "ActQ8K: residual of a different length");
+        self.resize(x.len());
+        for (b, xb) in x.chunks_exact(QK_K).enumerate() {
+            let d = first.d[b];
+            let qb = &mut self.qs[b * QK_K..(b + 1) * QK_K];
+            if d != 0.0 {
+                let m = 256.0 / d;
+                for ((q, &v), &q1) in qb.iter_mut().zip(xb).zip(&first.qs[b * QK_K..(b + 1) * QK_K]) {
+                    let r = v - d * f32::from(q1);
+                    *q = crate::act_q8::round_small(r * m).clamp(-127.0, 127.0) as i8;
+                }
+            }
+            self.d[b] = d / 256.0;
+            fill_bsums(qb, &mut self.bsums[16 * b..16 * b + 16]);
+        }
+    }
+
     /// The activations this vector stands for: `d * q` per element (for tests and error bounds).
     pub fn dequantize(&self) -> Vec<f32> {
         self.qs.chunks_exact(QK_K).zip(&self.d).flat_map(|(q, &d)| q.iter().map(move |&v| d * v as f32)).collect()

@@ -102,7 +102,6 @@ pub fn act_format(ty: GgmlType) -> ActFormat {
 struct Scratch {
     q8: Vec<ActQ8>,
     q8k: Vec<ActQ8K>,
-    residual: Vec<f32>,
 }
 
 static SCRATCH_POOL: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
@@ -167,27 +166,25 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
     if needs(ActFormat::Q8) {
         prepare(
             &mut scratch.q8,
-            &mut scratch.residual,
             x,
             n,
             cols,
             planes,
             ActQ8::new,
             |a, x| a.quantize(x),
-            residual_q8,
+            |first, second, x| second.quantize_residual(first, x),
         );
     }
     if needs(ActFormat::Q8K) {
         prepare(
             &mut scratch.q8k,
-            &mut scratch.residual,
             x,
             n,
             cols,
             planes,
             ActQ8K::new,
             |a, x| a.quantize(x),
-            residual_q8k,
+            |first, second, x| second.quantize_residual(first, x),
         );
     }
     let (q8, q8k) = (&scratch.q8[..], &scratch.q8k[..]);
@@ -218,11 +215,15 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
             }),
             ActFormat::Q8 => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
                 let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
-                crate::dot_legacy::vec_dot_q8_rows(ty, data, w.row_bytes, &refs[..k], parts);
+                crate::dot_legacy::vec_dot_q8_rows_planes(ty, data, w.row_bytes, &refs[..k], planes, parts);
             }),
             ActFormat::Q8K => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
                 let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);
-                crate::dot_kquant::vec_dot_q8k_rows(ty, data, w.row_bytes, &refs[..k], parts);
+                if planes == 2 {
+                    crate::dot_kquant::vec_dot_q8k_rows_planes(ty, data, w.row_bytes, &refs[..k], parts);
+                } else {
+                    crate::dot_kquant::vec_dot_q8k_rows(ty, data, w.row_bytes, &refs[..k], parts);
+                }
             }),
         }
     });
@@ -231,7 +232,8 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
 
 /// 8-bit planes per activation vector: 1 = x ≈ d·q (llama.cpp's choice); 2 = x ≈ d·q + d'·q',
 /// where the second plane quantizes the first one's rounding error (≈ 15-bit activations, twice
-/// the integer work).
+/// the multiplies; for the legacy formats with `d' = d / 256`, so both planes' integer sums are
+/// added before one conversion and one scale per block).
 pub fn activation_planes() -> usize {
     static PLANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *PLANES.get_or_init(|| match std::env::var("KILN_ACT").as_deref() {
@@ -244,59 +246,32 @@ pub fn activation_planes() -> usize {
 #[allow(clippy::too_many_arguments)]
 fn prepare<A: Send>(
     acts: &mut Vec<A>,
-    residual: &mut Vec<f32>,
     x: &[f32],
     n: usize,
     cols: usize,
     planes: usize,
     new: fn() -> A,
     quantize: impl Fn(&mut A, &[f32]) + Sync,
-    residual_of: impl Fn(&A, &[f32], &mut [f32]) + Sync,
+    second_plane: impl Fn(&A, &mut A, &[f32]) + Sync,
 ) {
     if acts.len() < n * planes {
         acts.resize_with(n * planes, new);
     }
-    residual.resize(n * cols, 0.0);
-    let one = |a: &mut [A], xt: &[f32], r: &mut [f32]| {
+    let one = |a: &mut [A], xt: &[f32]| {
         quantize(&mut a[0], xt);
         if planes == 2 {
-            residual_of(&a[0], xt, r);
-            quantize(&mut a[1], r);
+            let (first, second) = a.split_at_mut(1);
+            second_plane(&first[0], &mut second[0], xt);
         }
     };
     // A few vectors are quicker to quantize here than to hand to the pool.
     if n <= TOKEN_GROUP {
-        for ((a, xt), r) in
-            acts[..n * planes].chunks_mut(planes).zip(x.chunks_exact(cols)).zip(residual.chunks_exact_mut(cols))
-        {
-            one(a, xt, r);
+        for (a, xt) in acts[..n * planes].chunks_mut(planes).zip(x.chunks_exact(cols)) {
+            one(a, xt);
         }
         return;
     }
-    acts[..n * planes]
-        .par_chunks_mut(planes)
-        .zip(x.par_chunks_exact(cols))
-        .zip(residual.par_chunks_exact_mut(cols))
-        .for_each(|((a, xt), r)| one(a, xt, r));
-}
-
-fn residual_q8(a: &ActQ8, x: &[f32], r: &mut [f32]) {
-    for (b, (xb, rb)) in x.chunks_exact(32).zip(r.chunks_exact_mut(32)).enumerate() {
-        let q = a.block_quants(b);
-        let d = a.d()[b];
-        for ((ri, &xi), &qi) in rb.iter_mut().zip(xb).zip(&q) {
-            *ri = xi - d * qi as f32;
-        }
-    }
-}
-
-fn residual_q8k(a: &ActQ8K, x: &[f32], r: &mut [f32]) {
-    for (b, (xb, rb)) in x.chunks_exact(256).zip(r.chunks_exact_mut(256)).enumerate() {
-        let d = a.d[b];
-        for ((ri, &xi), &qi) in rb.iter_mut().zip(xb).zip(&a.qs[b * 256..(b + 1) * 256]) {
-            *ri = xi - d * qi as f32;
-        }
-    }
+    acts[..n * planes].par_chunks_mut(planes).zip(x.par_chunks_exact(cols)).for_each(|(a, xt)| one(a, xt));
 }
 
 /// Tokens whose activations meet each weight row at once (the kernels' `_x4` width).
@@ -315,9 +290,9 @@ unsafe impl Sync for OutPtr {}
 const ROW_CHUNK: usize = 64;
 
 /// Weight rows `rows` of `w` against every group of tokens whose `planes` activation planes fit
-/// the kernels' four vectors: `kernel(rows_data, t0, k, parts)` fills `parts[r * k + i]` with row
-/// `r` · activation vector `t0 * planes + i` (`k = tokens * planes`); the planes of each token are
-/// summed into `out[t * w.rows + r]`.
+/// the kernels' four vectors: `kernel(rows_data, t0, k, parts)` gets the `k = tokens * planes`
+/// activation vectors from `t0 * planes` and fills `parts[r * tokens + i]` with row `r` · token
+/// `t0 + i` (the kernel combines the planes), written to `out[(t0 + i) * w.rows + r]`.
 fn rows_by_groups(
     w: &QMatrix,
     n: usize,
@@ -336,11 +311,10 @@ fn rows_by_groups(
         let mut r0 = rows.start;
         while r0 < rows.end {
             let r1 = (r0 + ROW_CHUNK).min(rows.end);
-            let parts = &mut parts[..(r1 - r0) * k];
+            let parts = &mut parts[..(r1 - r0) * g];
             kernel(&w.data[r0 * w.row_bytes..r1 * w.row_bytes], t0, k, parts);
-            for (r, p) in (r0..r1).zip(parts.chunks_exact(k)) {
-                for i in 0..g {
-                    let v: f32 = p[i * planes..(i + 1) * planes].iter().sum();
+            for (r, p) in (r0..r1).zip(parts.chunks_exact(g)) {
+                for (i, &v) in p.iter().enumerate() {
                     // SAFETY: (t0 + i) < n and r < w.rows, so the index is inside the output
                     // (n * w.rows long, checked by the caller); no other task writes row r.
                     unsafe { *out.0.add((t0 + i) * w.rows + r) = v };

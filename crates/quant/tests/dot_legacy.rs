@@ -396,8 +396,8 @@ fn bench_matvec() {
     }
 }
 
-/// Matvec over SmolLM2-135M shapes (rows × cols) as `matmul` calls it: one `vec_dot_q8_x4` per
-/// weight row with k = 1, 2 (generation: two activation planes) or 4 vectors. Reports ns per row
+/// Matvec over SmolLM2-135M shapes (rows × cols): one `vec_dot_q8_x4` per weight row with k = 1,
+/// 2 or 4 one-plane vectors (the two-plane kernels have their own bench in `dot_legacy_planes`). Reports ns per row
 /// and GB/s of weight bytes. Run with
 /// `cargo test -p kiln-quant --release --test dot_legacy -- --ignored --nocapture bench_short`.
 #[test]

@@ -287,6 +287,120 @@ unsafe fn q4k<const N: usize, const FIVE: bool>(row: &[u8], acts: &[&ActQ8K; N],
     }
 }
 
+/// Whether `ty` has a two-plane kernel ([`vec_dot_planes`]).
+pub(super) fn has_planes_kernel(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K)
+}
+
+/// Two-plane activations of 1 or 2 tokens: `out[t]` = row · (`acts[2t]`, `acts[2t + 1]`), the
+/// second plane the residual plane of the first (scale `d / 256`). Per super-block both planes'
+/// scaled integer sums are formed lane by lane, the first shifted left by 8 and added to the second
+/// (each lane of the first is at most `8 · 63 · 4 · 31 · 127 < 2^23`, so the sum stays below
+/// `2^31`), then converted and scaled once by `d · d′`; the mins likewise from both planes' bsums.
+///
+/// # Safety
+/// As [`vec_dot_multi`], with `acts.len() == 2 · out.len()`, `out.len()` 1 or 2, and `ty` one of
+/// [`has_planes_kernel`].
+pub(super) unsafe fn vec_dot_planes(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        match (ty, out.len()) {
+            (GgmlType::Q4_K, 1) => q4k_planes::<1, false>(row, acts, out),
+            (GgmlType::Q4_K, 2) => q4k_planes::<2, false>(row, acts, out),
+            (GgmlType::Q5_K, 1) => q4k_planes::<1, true>(row, acts, out),
+            (GgmlType::Q5_K, 2) => q4k_planes::<2, true>(row, acts, out),
+            (other, n) => unreachable!("{other:?} × {n}"),
+        }
+    }
+}
+
+/// [`dot_u8`] for the two planes at `q1`, `q2` at once (the scale vectors built once for both):
+/// `(Σ_c first) << 8 + Σ_c second`, 8 × i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_u8_planes<const N: usize>(
+    w: &[__m256i; 8],
+    sv: &ScaleSrc<'_>,
+    pre: &[__m256i; 8],
+    q1: *const u8,
+    q2: *const u8,
+) -> __m256i {
+    let mut acc1 = [_mm256_setzero_si256(); 2];
+    let mut acc2 = [_mm256_setzero_si256(); 2];
+    for c in 0..8 {
+        // SAFETY: the caller guarantees 256 readable activation bytes at `q1` and at `q2`.
+        let (a1, a2) = unsafe { (load(q1.add(32 * c)), load(q2.add(32 * c))) };
+        let sc = if sv.precomputed::<N>() { pre[c] } else { sv.get(c) };
+        acc1[c % 2] = _mm256_add_epi32(acc1[c % 2], _mm256_madd_epi16(_mm256_maddubs_epi16(w[c], a1), sc));
+        acc2[c % 2] = _mm256_add_epi32(acc2[c % 2], _mm256_madd_epi16(_mm256_maddubs_epi16(w[c], a2), sc));
+    }
+    let first = _mm256_add_epi32(acc1[0], acc1[1]);
+    _mm256_add_epi32(_mm256_slli_epi32(first, 8), _mm256_add_epi32(acc2[0], acc2[1]))
+}
+
+/// Q4_K / Q5_K against `NT` two-plane activations (see [`vec_dot_planes`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_planes<const NT: usize, const FIVE: bool>(row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+    let bs = if FIVE { 176 } else { 144 };
+    let nb = row.len() / bs;
+    let masks = scale_masks();
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m10 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let mut accm = [_mm256_setzero_ps(); NT];
+    for i in 0..nb {
+        // SAFETY: as in `q4k`: block `i` lies inside `row`, every activation vector has `nb`
+        // super-blocks; all loads are unaligned and stay within those bounds.
+        unsafe {
+            let b = row.as_ptr().add(i * bs);
+            let d = f16_at(b);
+            let dmin = f16_at(b.add(2));
+            let (u0, u1, u2) = (u32_at(b.add(4)), u32_at(b.add(8)), u32_at(b.add(12)));
+            const L6: u32 = 0x3f3f_3f3f;
+            const L4: u32 = 0x0f0f_0f0f;
+            const H2: u32 = 0x0303_0303;
+            let sc_hi = (u2 & L4) | (((u0 >> 6) & H2) << 4);
+            let mn_hi = ((u2 >> 4) & L4) | (((u1 >> 6) & H2) << 4);
+            let sc = (u0 & L6) as u64 | ((sc_hi as u64) << 32);
+            let mn = (u1 & L6) as u64 | ((mn_hi as u64) << 32);
+            let s = scales_per32(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)), &masks);
+            let mn8 = _mm_cvtsi64_si128(mn as i64);
+            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+
+            let qs = b.add(if FIVE { 48 } else { 16 });
+            let mut w = [_mm256_setzero_si256(); 8];
+            for k in 0..4 {
+                let q = load(qs.add(32 * k));
+                w[2 * k] = _mm256_and_si256(q, m4);
+                w[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            }
+            if FIVE {
+                let mut h = load(b.add(16));
+                for wj in w.iter_mut() {
+                    let bit = _mm256_and_si256(_mm256_slli_epi16(h, 4), m10);
+                    *wj = _mm256_or_si256(*wj, bit);
+                    h = _mm256_srli_epi16(h, 1);
+                }
+            }
+            let pre = prepare::<NT>(&s);
+            for t in 0..NT {
+                let (q1, bsums1, _) = act_block(acts[2 * t], i);
+                let (q2, bsums2, da2) = act_block(acts[2 * t + 1], i);
+                let sumi = dot_u8_planes::<NT>(&w, &s, &pre, q1, q2);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * da2), _mm256_cvtepi32_ps(sumi), acc[t]);
+                let pm = _mm256_add_epi32(
+                    _mm256_slli_epi32(_mm256_madd_epi16(mins, load(bsums1)), 8),
+                    _mm256_madd_epi16(mins, load(bsums2)),
+                );
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * da2), _mm256_cvtepi32_ps(pm), accm[t]);
+            }
+        }
+    }
+    for t in 0..NT {
+        out[t] = hsum_ps(acc[t]) - hsum_ps(accm[t]);
+    }
+}
+
 /// Q6_K: 16 groups of 16, quants 0..64 biased by 32, signed 8-bit scales.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6k<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N]) {

@@ -87,7 +87,7 @@ fn dot_one(isa: Isa, ty: GgmlType, row: &[u8], act: &ActQ8K) -> f32 {
             unsafe { avx2::vec_dot_multi(ty, row, &[act], &mut out) };
             out[0]
         }
-        _ => scalar_dot(ty, row, act, &mut None),
+        _ => scalar_dot(ty, row, &[act], &mut None),
     }
 }
 
@@ -126,10 +126,115 @@ pub fn vec_dot_q8k_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&Ac
             }
             _ => {
                 for (v, a) in o.iter_mut().zip(acts) {
-                    *v = scalar_dot(ty, row, a, &mut None);
+                    *v = scalar_dot(ty, row, &[a], &mut None);
                 }
             }
         }
+    }
+}
+
+/// Dot products of one row with 1 or 2 activations given as two planes each: `acts[2k]` the
+/// quantized activation ([`ActQ8K::quantize`]), `acts[2k + 1]` its residual plane
+/// ([`ActQ8K::quantize_residual`], scale `d / 256`); `out[k]` = row · `d′ (256 a + a′)`. Q4_K and
+/// Q5_K have fused kernels (both planes' integer sums added before one conversion per
+/// super-block); the other formats sum the two planes' dot products.
+pub fn vec_dot_q8k_planes(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+    vec_dot_q8k_planes_isa(isa(), ty, row, acts, out)
+}
+
+/// [`vec_dot_q8k_planes`] with an explicit level; panics if this CPU cannot run `isa`.
+pub fn vec_dot_q8k_planes_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+    let k = out.len();
+    assert!((1..=2).contains(&k) && acts.len() == 2 * k, "dot_kquant: 1 or 2 two-plane activations");
+    for a in acts {
+        check_act(a);
+        check(ty, row, a.len());
+    }
+    check_planes(acts);
+    assert_available(isa);
+    planes_unchecked(isa, ty, row, acts, out);
+}
+
+/// Checks that every second plane is the residual plane of its first one (scales `d / 256`).
+fn check_planes(acts: &[&ActQ8K]) {
+    for pair in acts.chunks_exact(2) {
+        let ok = pair[0].len() == pair[1].len() && pair[0].d.iter().zip(&pair[1].d).all(|(&d1, &d2)| d2 == d1 / 256.0);
+        assert!(ok, "dot_kquant: second plane is not the residual plane of the first");
+    }
+}
+
+/// [`vec_dot_q8k_planes`] once the geometry and the planes are checked and `isa` is available.
+#[inline]
+fn planes_unchecked(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            if avx2::has_planes_kernel(ty) {
+                // SAFETY: AVX2, FMA and F16C were detected; geometry and planes are checked,
+                // `acts.len() == 2 · out.len()` with `out.len()` 1 or 2.
+                unsafe { avx2::vec_dot_planes(ty, row, acts, out) }
+            } else {
+                let mut both = [0f32; 4];
+                let both = &mut both[..acts.len()];
+                // SAFETY: as above, 2 or 4 activation vectors.
+                unsafe { avx2::vec_dot_multi(ty, row, acts, both) };
+                for (o, p) in out.iter_mut().zip(both.chunks_exact(2)) {
+                    *o = p[0] + p[1];
+                }
+            }
+        }
+        _ => {
+            for (o, p) in out.iter_mut().zip(acts.chunks_exact(2)) {
+                *o = scalar_dot(ty, row, p, &mut None);
+            }
+        }
+    }
+}
+
+/// Scalar oracle of [`vec_dot_q8k_planes`]: per super-block the exact integer sums over the
+/// activations `256 a + a′`, then scaled by the second plane's `d′` as in [`vec_dot_q8k_unopt`].
+pub fn vec_dot_q8k_planes_unopt(ty: GgmlType, row: &[u8], first: &ActQ8K, second: &ActQ8K) -> f32 {
+    vec_dot_q8k_planes_unopt_with_magnitude(ty, row, first, second).0
+}
+
+/// [`vec_dot_q8k_planes_unopt`] and the magnitude bound of [`vec_dot_q8k_unopt_with_magnitude`].
+#[doc(hidden)]
+pub fn vec_dot_q8k_planes_unopt_with_magnitude(
+    ty: GgmlType,
+    row: &[u8],
+    first: &ActQ8K,
+    second: &ActQ8K,
+) -> (f32, f64) {
+    for a in [first, second] {
+        check_act(a);
+        check(ty, row, a.len());
+    }
+    check_planes(&[first, second]);
+    let mut mag = Some(0f64);
+    let v = scalar_dot(ty, row, &[first, second], &mut mag);
+    (v, mag.unwrap())
+}
+
+/// Dot products of consecutive rows with two-plane activations (see [`vec_dot_q8k_planes`]):
+/// `out[r * k + i]` = row `r` · activation `i`, `k = acts.len() / 2` (1 or 2).
+pub fn vec_dot_q8k_rows_planes(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&ActQ8K], out: &mut [f32]) {
+    let k = acts.len() / 2;
+    assert!((1..=2).contains(&k) && acts.len() == 2 * k, "dot_kquant: 1 or 2 two-plane activations");
+    assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_kquant: data is not whole rows");
+    let n_rows = data.len() / row_bytes;
+    assert_eq!(out.len(), n_rows * k, "dot_kquant: output length");
+    if n_rows == 0 {
+        return;
+    }
+    for a in acts {
+        check_act(a);
+        check(ty, &data[..row_bytes], a.len());
+    }
+    check_planes(acts);
+    let level = isa();
+    for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
+        crate::isa::prefetch(data.get((i + 2) * row_bytes..(i + 3) * row_bytes));
+        planes_unchecked(level, ty, row, acts, o);
     }
 }
 
@@ -151,7 +256,7 @@ pub fn vec_dot_q8k_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], 
         }
         _ => {
             for (o, a) in out.iter_mut().zip(acts) {
-                *o = scalar_dot(ty, row, a, &mut None);
+                *o = scalar_dot(ty, row, &[a], &mut None);
             }
         }
     }
@@ -161,7 +266,7 @@ pub fn vec_dot_q8k_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], 
 pub fn vec_dot_q8k_unopt(ty: GgmlType, row: &[u8], act: &ActQ8K) -> f32 {
     check_act(act);
     check(ty, row, act.len());
-    scalar_dot(ty, row, act, &mut None)
+    scalar_dot(ty, row, &[act], &mut None)
 }
 
 /// [`vec_dot_q8k_unopt`] and a bound on the magnitude of every partial sum a kernel may form in
@@ -173,7 +278,7 @@ pub fn vec_dot_q8k_unopt_with_magnitude(ty: GgmlType, row: &[u8], act: &ActQ8K) 
     check_act(act);
     check(ty, row, act.len());
     let mut mag = Some(0f64);
-    let v = scalar_dot(ty, row, act, &mut mag);
+    let v = scalar_dot(ty, row, &[act], &mut mag);
     (v, mag.unwrap())
 }
 
@@ -296,24 +401,34 @@ fn decode(ty: GgmlType, b: &[u8]) -> Decoded {
     }
 }
 
-fn scalar_dot(ty: GgmlType, row: &[u8], act: &ActQ8K, mag: &mut Option<f64>) -> f32 {
+/// One plane (`planes = [a]`): quants `a` under `da`. Two planes (`[a, a′]`, the second the
+/// residual plane of the first): the integer activations `256 a + a′` under the second plane's
+/// `da / 256` (sums in i64: a super-block's total can pass `2^31`).
+fn scalar_dot(ty: GgmlType, row: &[u8], planes: &[&ActQ8K], mag: &mut Option<f64>) -> f32 {
     let ts = ty.type_size();
     let mut sum = 0f32;
+    let last = planes[planes.len() - 1];
+    let mut a = [0i64; QK_K];
     for (i, b) in row.chunks_exact(ts).enumerate() {
         let w = decode(ty, b);
-        let a = &act.qs[QK_K * i..QK_K * (i + 1)];
-        let da = act.d[i];
-        let (mut isum, mut msum) = (0i32, 0i32);
+        for (j, v) in a.iter_mut().enumerate() {
+            *v = i64::from(planes[0].qs[QK_K * i + j]);
+            if let Some(second) = planes.get(1) {
+                *v = 256 * *v + i64::from(second.qs[QK_K * i + j]);
+            }
+        }
+        let da = last.d[i];
+        let (mut isum, mut msum) = (0i64, 0i64);
         let (mut iabs, mut mabs) = (0i64, 0i64);
         for (g, (qg, ag)) in w.q.chunks_exact(w.group).zip(a.chunks_exact(w.group)).enumerate() {
-            let dot: i32 = qg.iter().zip(ag).map(|(&q, &x)| q as i32 * x as i32).sum();
-            let asum: i32 = ag.iter().map(|&x| x as i32).sum();
-            isum += w.sc[g] * dot;
-            msum += w.m[g] * asum;
+            let dot: i64 = qg.iter().zip(ag).map(|(&q, &x)| q as i64 * x).sum();
+            let asum: i64 = ag.iter().sum();
+            isum += w.sc[g] as i64 * dot;
+            msum += w.m[g] as i64 * asum;
             if mag.is_some() {
-                let dabs: i64 = qg.iter().zip(ag).map(|(&q, &x)| ((q as i64).abs() + w.off) * (x as i64).abs()).sum();
+                let dabs: i64 = qg.iter().zip(ag).map(|(&q, &x)| ((q as i64).abs() + w.off) * x.abs()).sum();
                 iabs += w.sc[g].abs() as i64 * dabs;
-                mabs += (w.m[g] as i64 * asum as i64).abs();
+                mabs += (w.m[g] as i64 * asum).abs();
             }
         }
         let (dd, dm) = (w.d * da, w.dmin * da);

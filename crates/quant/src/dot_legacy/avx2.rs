@@ -26,40 +26,53 @@ use super::{block_bytes, T_IQ4_NL, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0};
 use crate::act_q8::{ActQ8, GROUP, QK};
 use crate::iq4_nl::KVALUES_IQ4NL;
 
-/// A kernel for one format and one number of activation vectors: `out[k] = row · acts[k]`.
+/// A kernel for one format, `K` activations and `P` planes each: `out[k] = row · acts[k P .. k P +
+/// P]` (see [`super::vec_dot_q8_planes`] for what two planes mean).
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C. `row` must be whole blocks of the kernel's format, every
-/// activation vector well formed ([`ActQ8::is_well_formed`]) with exactly that many blocks, and
-/// `acts.len() == out.len() ==` the kernel's `K`.
+/// activation vector well formed ([`ActQ8::is_well_formed`]) with exactly that many blocks,
+/// `acts.len() == K · P` and `out.len() == K`; with two planes, each second plane's scales are
+/// its first plane's divided by 256 ([`ActQ8::quantize_residual`]).
 pub(super) type DotFn = unsafe fn(&[u8], &[&ActQ8], &mut [f32]);
 
 macro_rules! by_k {
     ($t:ident) => {
-        [dot::<$t, 1>, dot::<$t, 2>, dot::<$t, 3>, dot::<$t, 4>]
+        [dot::<$t, 1, 1, 1>, dot::<$t, 2, 1, 2>, dot::<$t, 3, 1, 3>, dot::<$t, 4, 1, 4>]
     };
 }
 
-/// The kernels, indexed `[format code][K - 1]` (the codes are 0..=5 in the order of the table).
+macro_rules! by_k2 {
+    ($t:ident) => {
+        [dot::<$t, 1, 2, 2>, dot::<$t, 2, 2, 4>]
+    };
+}
+
+/// The one-plane kernels, indexed `[format code][K - 1]` (the codes are 0..=5 in the order of the
+/// table).
 pub(super) const KERNELS: [[DotFn; 4]; 6] =
     [by_k!(T_Q4_0), by_k!(T_Q4_1), by_k!(T_Q5_0), by_k!(T_Q5_1), by_k!(T_Q8_0), by_k!(T_IQ4_NL)];
 
+/// The two-plane kernels, indexed `[format code][K - 1]`.
+pub(super) const KERNELS2: [[DotFn; 2]; 6] =
+    [by_k2!(T_Q4_0), by_k2!(T_Q4_1), by_k2!(T_Q5_0), by_k2!(T_Q5_1), by_k2!(T_Q8_0), by_k2!(T_IQ4_NL)];
+
 const _: () = assert!(T_Q4_0 == 0 && T_Q4_1 == 1 && T_Q5_0 == 2 && T_Q5_1 == 3 && T_Q8_0 == 4 && T_IQ4_NL == 5);
 
-/// Activation pointers of one group of four blocks, for each of the `K` vectors.
-struct ActPtrs<const K: usize> {
-    qs: [*const i8; K],
-    d: [*const f32; K],
-    sums: [*const i32; K],
+/// Activation pointers of one group of four blocks, for each of the `N` activation vectors.
+struct ActPtrs<const N: usize> {
+    qs: [*const i8; N],
+    d: [*const f32; N],
+    sums: [*const i32; N],
 }
 
-impl<const K: usize> ActPtrs<K> {
+impl<const N: usize> ActPtrs<N> {
     /// The pointers of group `g`.
     ///
     /// # Safety
     /// `self` points to group 0 of storage holding more than `g` whole groups.
     #[inline(always)]
-    unsafe fn at(&self, g: usize) -> ActPtrs<K> {
+    unsafe fn at(&self, g: usize) -> ActPtrs<N> {
         // SAFETY: the offsets stay inside the storage (the caller's contract).
         unsafe {
             ActPtrs {
@@ -72,18 +85,22 @@ impl<const K: usize> ActPtrs<K> {
 }
 
 /// # Safety
-/// As [`DotFn`], with `acts.len() == out.len() == K`.
+/// As [`DotFn`], with `acts.len() == N == K · P` and `out.len() == K`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot<const T: u8, const K: usize>(row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+unsafe fn dot<const T: u8, const K: usize, const P: usize, const N: usize>(
+    row: &[u8],
+    acts: &[&ActQ8],
+    out: &mut [f32],
+) {
     let bs = block_bytes(T);
     let nb = row.len() / bs;
     let full = nb / GROUP;
     let rem = nb % GROUP;
-    debug_assert!(acts.len() == K && out.len() == K);
-    let base = ActPtrs::<K> {
-        qs: std::array::from_fn(|k| acts[k].raw().1.as_ptr()),
-        d: std::array::from_fn(|k| acts[k].raw().0.as_ptr()),
-        sums: std::array::from_fn(|k| acts[k].raw().2.as_ptr()),
+    debug_assert!(acts.len() == N && N == K * P && out.len() == K);
+    let base = ActPtrs::<N> {
+        qs: std::array::from_fn(|i| acts[i].raw().1.as_ptr()),
+        d: std::array::from_fn(|i| acts[i].raw().0.as_ptr()),
+        sums: std::array::from_fn(|i| acts[i].raw().2.as_ptr()),
     };
     // two sets of accumulators, for two groups in flight per iteration
     let mut acc = [_mm_setzero_ps(); K];
@@ -98,22 +115,22 @@ unsafe fn dot<const T: u8, const K: usize>(row: &[u8], acts: &[&ActQ8], out: &mu
     while g + 2 <= full {
         unsafe {
             let w = w0.add(GROUP * bs * g);
-            group::<T, K, 4>(w, &base.at(g), &mut acc, &mut accm);
-            group::<T, K, 4>(w.add(GROUP * bs), &base.at(g + 1), &mut acc2, &mut accm2);
+            group::<T, K, P, N, 4>(w, &base.at(g), &mut acc, &mut accm);
+            group::<T, K, P, N, 4>(w.add(GROUP * bs), &base.at(g + 1), &mut acc2, &mut accm2);
         }
         g += 2;
     }
     if g < full {
-        unsafe { group::<T, K, 4>(w0.add(GROUP * bs * g), &base.at(g), &mut acc, &mut accm) };
+        unsafe { group::<T, K, P, N, 4>(w0.add(GROUP * bs * g), &base.at(g), &mut acc, &mut accm) };
     }
     // The last 1..=3 blocks: the missing blocks count as zero weights with zero scales, against the
     // activations' zero padding (scale, quants, sums), so they add exact zeros.
     let wt = unsafe { w0.add(GROUP * bs * full) };
     match rem {
         0 => {}
-        1 => unsafe { group::<T, K, 1>(wt, &base.at(full), &mut acc, &mut accm) },
-        2 => unsafe { group::<T, K, 2>(wt, &base.at(full), &mut acc, &mut accm) },
-        _ => unsafe { group::<T, K, 3>(wt, &base.at(full), &mut acc, &mut accm) },
+        1 => unsafe { group::<T, K, P, N, 1>(wt, &base.at(full), &mut acc, &mut accm) },
+        2 => unsafe { group::<T, K, P, N, 2>(wt, &base.at(full), &mut acc, &mut accm) },
+        _ => unsafe { group::<T, K, P, N, 3>(wt, &base.at(full), &mut acc, &mut accm) },
     }
     for k in 0..K {
         out[k] = hsum(_mm_add_ps(_mm_add_ps(acc[k], acc2[k]), _mm_add_ps(accm[k], accm2[k])));
@@ -121,16 +138,21 @@ unsafe fn dot<const T: u8, const K: usize>(row: &[u8], acts: &[&ActQ8], out: &mu
 }
 
 /// The first `R` (1..=4) blocks starting at `w` against the group of four activation blocks at `a`
-/// (blocks `R..4` count as zero weights with zero scales).
+/// (blocks `R..4` count as zero weights with zero scales), for `K` activations of `P` planes.
+///
+/// With two planes the first plane's integer sums are scaled by 256 in the widening `vpmaddwd`
+/// (a multiply by 256 instead of 1) and added to the second's: per block `Σ w (256 a + a')`, an
+/// exact integer (at most `32 · 128 · 32639 < 2^31`), converted and scaled once with the second
+/// plane's `d / 256`.
 ///
 /// # Safety
-/// AVX2/FMA/F16C; `w` points to `R` whole blocks of format `T`; each `a.qs[k]` to 128 readable
-/// quants (pair-interleaved), each `a.d[k]` and `a.sums[k]` to four readable values.
+/// AVX2/FMA/F16C; `w` points to `R` whole blocks of format `T`; each `a.qs[i]` to 128 readable
+/// quants (pair-interleaved), each `a.d[i]` and `a.sums[i]` to four readable values.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group<const T: u8, const K: usize, const R: usize>(
+unsafe fn group<const T: u8, const K: usize, const P: usize, const N: usize, const R: usize>(
     w: *const u8,
-    a: &ActPtrs<K>,
+    a: &ActPtrs<N>,
     acc: &mut [__m128; K],
     accm: &mut [__m128; K],
 ) {
@@ -180,29 +202,38 @@ unsafe fn group<const T: u8, const K: usize, const R: usize>(
             (_mm_cvtph_ps(_mm_cvtsi64_si128(h as i64)), _mm_setzero_ps())
         };
         let ones = _mm256_set1_epi16(1);
+        let c256 = _mm256_set1_epi16(256);
         for k in 0..K {
-            let q = a.qs[k];
             let mut pr = [_mm256_setzero_si256(); 2];
             for p in 0..pairs {
-                let a0 = _mm256_loadu_si256(q.add(64 * p) as *const __m256i);
-                let a1 = _mm256_loadu_si256(q.add(64 * p + 32) as *const __m256i);
-                pr[p] = if signed {
-                    let m0 = _mm256_maddubs_epi16(wu[p][0], _mm256_sign_epi8(a0, ws[p][0]));
-                    let m1 = _mm256_maddubs_epi16(wu[p][1], _mm256_sign_epi8(a1, ws[p][1]));
-                    _mm256_add_epi32(_mm256_madd_epi16(m0, ones), _mm256_madd_epi16(m1, ones))
-                } else {
-                    let m = _mm256_add_epi16(_mm256_maddubs_epi16(wu[p][0], a0), _mm256_maddubs_epi16(wu[p][1], a1));
-                    _mm256_madd_epi16(m, ones)
-                };
+                for pl in 0..P {
+                    let q = a.qs[k * P + pl];
+                    let widen = if P == 2 && pl == 0 { c256 } else { ones };
+                    let a0 = _mm256_loadu_si256(q.add(64 * p) as *const __m256i);
+                    let a1 = _mm256_loadu_si256(q.add(64 * p + 32) as *const __m256i);
+                    let v = if signed {
+                        let m0 = _mm256_maddubs_epi16(wu[p][0], _mm256_sign_epi8(a0, ws[p][0]));
+                        let m1 = _mm256_maddubs_epi16(wu[p][1], _mm256_sign_epi8(a1, ws[p][1]));
+                        _mm256_add_epi32(_mm256_madd_epi16(m0, widen), _mm256_madd_epi16(m1, widen))
+                    } else {
+                        let m =
+                            _mm256_add_epi16(_mm256_maddubs_epi16(wu[p][0], a0), _mm256_maddubs_epi16(wu[p][1], a1));
+                        _mm256_madd_epi16(m, widen)
+                    };
+                    pr[p] = if pl == 0 { v } else { _mm256_add_epi32(pr[p], v) };
+                }
             }
             let mut isum = reduce_pairs(pr[0], pr[1]);
-            let sv = _mm_loadu_si128(a.sums[k] as *const __m128i);
+            let mut sv = _mm_loadu_si128(a.sums[k * P] as *const __m128i);
+            if P == 2 {
+                sv = _mm_add_epi32(_mm_slli_epi32(sv, 8), _mm_loadu_si128(a.sums[k * P + 1] as *const __m128i));
+            }
             if T == T_Q4_0 {
                 isum = _mm_sub_epi32(isum, _mm_slli_epi32(sv, 3));
             } else if T == T_Q5_0 {
                 isum = _mm_sub_epi32(isum, _mm_slli_epi32(sv, 4));
             }
-            let da = _mm_loadu_ps(a.d[k]);
+            let da = _mm_loadu_ps(a.d[k * P + P - 1]);
             acc[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(dw, da), acc[k]);
             if has_m {
                 accm[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(sv), _mm_mul_ps(mw, da), accm[k]);

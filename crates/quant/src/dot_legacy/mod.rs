@@ -17,6 +17,12 @@
 //! Q4_0/Q5_0 offsets are folded in as `- 8 Σa` / `- 16 Σa` in integers); only the order of the f32
 //! accumulation differs.
 //!
+//! Two-plane activations ([`vec_dot_q8_planes`], the default path's generation products): the
+//! quantized vector `a` and the plane `a′` of its rounding error at the fixed scale `da / 256`
+//! ([`ActQ8::quantize_residual`]) stand for the integers `256 a + a′` under one scale, so a block
+//! contributes `(d · da′) Σ w (256 a + a′) + (m · da′) Σ (256 a + a′)`, still two exact integer sums;
+//! [`vec_dot_q8_planes_unopt`] is its oracle.
+//!
 //! The kernel is picked once per process: the best one the CPU runs (runtime detection), or a
 //! lower one forced by the environment variable `KILN_ISA=scalar|avx2|avx512` (a level the CPU
 //! lacks, or that is not built, falls back to the best one below it). The AVX-512 level is not
@@ -125,7 +131,51 @@ type DotFn = unsafe fn(&[u8], &[&ActQ8], &mut [f32]);
 
 fn scalar_k<const T: u8>(row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
     for (o, a) in out.iter_mut().zip(acts) {
+        *o = scalar_dot(T, row, &[a], &mut None);
+    }
+}
+
+fn scalar_k2<const T: u8>(row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+    for (o, a) in out.iter_mut().zip(acts.chunks_exact(2)) {
         *o = scalar_dot(T, row, a, &mut None);
+    }
+}
+
+const SCALAR_KERNELS2: [[DotFn; 2]; 6] = {
+    const fn row<const T: u8>() -> [DotFn; 2] {
+        [scalar_k2::<T>, scalar_k2::<T>]
+    }
+    [row::<T_Q4_0>(), row::<T_Q4_1>(), row::<T_Q5_0>(), row::<T_Q5_1>(), row::<T_Q8_0>(), row::<T_IQ4_NL>()]
+};
+
+/// The two-plane kernel table of a level (indexed `[format code][K - 1]`); the level must run
+/// here.
+fn kernels2(isa: Isa) -> &'static [[DotFn; 2]; 6] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => &avx2::KERNELS2,
+        _ => &SCALAR_KERNELS2,
+    }
+}
+
+/// The kernel for `k` activations of `planes` planes at `isa` (the active one when `None`).
+fn kernel_for(isa: Option<Isa>, t: u8, k: usize, planes: usize) -> DotFn {
+    static ACTIVE2: OnceLock<&'static [[DotFn; 2]; 6]> = OnceLock::new();
+    match (planes, isa) {
+        (1, None) => active_kernels()[usize::from(t)][k - 1],
+        (1, Some(i)) => kernels(i)[usize::from(t)][k - 1],
+        (_, None) => ACTIVE2.get_or_init(|| kernels2(self::isa()))[usize::from(t)][k - 1],
+        (_, Some(i)) => kernels2(i)[usize::from(t)][k - 1],
+    }
+}
+
+/// Checks that every second plane is the residual plane of its first one: same length, scales
+/// `d / 256` (what [`ActQ8::quantize_residual`] makes and the two-plane kernels rely on).
+fn check_planes(acts: &[&ActQ8]) {
+    for pair in acts.chunks_exact(2) {
+        let ok =
+            pair[0].len() == pair[1].len() && pair[0].d().iter().zip(pair[1].d()).all(|(&d1, &d2)| d2 == d1 / 256.0);
+        assert!(ok, "dot_legacy: second plane is not the residual plane of the first");
     }
 }
 
@@ -180,12 +230,79 @@ pub fn vec_dot_q8_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32])
 /// Rows ahead of the one computed whose bytes [`vec_dot_q8_rows`] prefetches.
 const PREFETCH_ROWS: usize = 2;
 
+/// Dot products of one row with 1 or 2 activations given as two planes each, `first` (the
+/// quantized activation, [`ActQ8::quantize`]) and `second` (its rounding error,
+/// [`ActQ8::quantize_residual`]): `out[k]` = row · `(acts[2k], acts[2k + 1])`, computed per block
+/// as `(d·d′)·Σ w (256 a + a′)` (+ `(m·d′)·Σ (256 a + a′)`) with exact integer sums, where `d′ =
+/// da / 256` is the second plane's scale. About 15-bit activations for one conversion and one
+/// scale multiply per block.
+pub fn vec_dot_q8_planes(ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+    vec_dot_q8_planes_at(None, ty, row, acts, out)
+}
+
+/// [`vec_dot_q8_planes`] with an explicit level; panics if this CPU cannot run `isa`.
+pub fn vec_dot_q8_planes_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+    assert!(isa <= detected_isa(), "dot_legacy: {} is not available on this CPU", isa.name());
+    vec_dot_q8_planes_at(Some(isa), ty, row, acts, out)
+}
+
+fn vec_dot_q8_planes_at(isa: Option<Isa>, ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
+    let k = out.len();
+    assert!((1..=2).contains(&k) && acts.len() == 2 * k, "dot_legacy: 1 or 2 two-plane activations");
+    let Some(t) = code_of(ty) else {
+        panic!("dot_legacy: {ty:?} is not supported");
+    };
+    for a in acts {
+        check_t(t, ty, row, a);
+    }
+    check_planes(acts);
+    let f = kernel_for(isa, t, k, 2);
+    // SAFETY: the level runs on this CPU (asserted by the caller or the active one); geometry and
+    // planes checked above; `acts.len() == 2 k`, `out.len() == k`.
+    unsafe { f(row, acts, out) }
+}
+
+/// [`vec_dot_q8_planes`] in scalar code: the oracle of the two-plane kernels.
+pub fn vec_dot_q8_planes_unopt(ty: GgmlType, row: &[u8], first: &ActQ8, second: &ActQ8) -> f32 {
+    let t = check(ty, row, first);
+    check_t(t, ty, row, second);
+    check_planes(&[first, second]);
+    scalar_dot(t, row, &[first, second], &mut None)
+}
+
+/// [`vec_dot_q8_planes_unopt`] and the magnitude bound of [`vec_dot_q8_unopt_with_magnitude`].
+#[doc(hidden)]
+pub fn vec_dot_q8_planes_unopt_with_magnitude(ty: GgmlType, row: &[u8], first: &ActQ8, second: &ActQ8) -> (f32, f64) {
+    let t = check(ty, row, first);
+    check_t(t, ty, row, second);
+    check_planes(&[first, second]);
+    let mut mag = Some(0f64);
+    let v = scalar_dot(t, row, &[first, second], &mut mag);
+    (v, mag.unwrap())
+}
+
 /// Dot products of consecutive rows (`data`, `row_bytes` each) with 1 to 4 activation vectors:
 /// `out[r * acts.len() + k]` = row `r` · `acts[k]`. One geometry check and one kernel lookup for
 /// all the rows (per-row overhead matters for small matrices in generation).
 pub fn vec_dot_q8_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&ActQ8], out: &mut [f32]) {
-    let k = acts.len();
-    assert!((1..=4).contains(&k), "dot_legacy: 1 to 4 activation vectors, got {k}");
+    vec_dot_q8_rows_planes(ty, data, row_bytes, acts, 1, out)
+}
+
+/// [`vec_dot_q8_rows`] for activations of `planes` (1 or 2) planes each (two planes: 1 or 2
+/// activations, see [`vec_dot_q8_planes`]): `out[r * k + i]` = row `r` · activation `i`, where
+/// `k = acts.len() / planes`.
+pub fn vec_dot_q8_rows_planes(
+    ty: GgmlType,
+    data: &[u8],
+    row_bytes: usize,
+    acts: &[&ActQ8],
+    planes: usize,
+    out: &mut [f32],
+) {
+    assert!(planes == 1 || planes == 2, "dot_legacy: 1 or 2 planes");
+    assert!(acts.len().is_multiple_of(planes), "dot_legacy: activations are not whole planes");
+    let k = acts.len() / planes;
+    assert!(k >= 1 && k * planes <= 4, "dot_legacy: 1 to 4 activation vectors, got {}", acts.len());
     assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_legacy: data is not whole rows");
     let n_rows = data.len() / row_bytes;
     assert_eq!(out.len(), n_rows * k, "dot_legacy: output length");
@@ -198,13 +315,17 @@ pub fn vec_dot_q8_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&Act
     for a in acts {
         check_t(t, ty, &data[..row_bytes], a);
     }
-    let f = active_kernels()[usize::from(t)][k - 1];
+    if planes == 2 {
+        check_planes(acts);
+    }
+    let f = kernel_for(None, t, k, planes);
     for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
         // Generation streams each weight row once from memory: ask for the rows ahead early.
         crate::isa::prefetch(data.get((i + PREFETCH_ROWS) * row_bytes..(i + PREFETCH_ROWS + 1) * row_bytes));
         // SAFETY: the active level runs on this CPU; every row has the geometry checked above
         // (same length as the first), every activation vector is well formed with exactly its
-        // blocks, and `acts.len() == o.len() == k`.
+        // blocks (and second planes are residual planes), `acts.len() == k · planes` and
+        // `o.len() == k`.
         unsafe { f(row, acts, o) }
     }
 }
@@ -219,7 +340,7 @@ pub fn vec_dot_q8_x4_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8], ou
 /// in order.
 pub fn vec_dot_q8_unopt(ty: GgmlType, row: &[u8], act: &ActQ8) -> f32 {
     let t = check(ty, row, act);
-    scalar_dot(t, row, act, &mut None)
+    scalar_dot(t, row, &[act], &mut None)
 }
 
 /// [`vec_dot_q8_unopt`] and a bound on the magnitude of every partial sum a kernel may form in
@@ -229,7 +350,7 @@ pub fn vec_dot_q8_unopt(ty: GgmlType, row: &[u8], act: &ActQ8) -> f32 {
 pub fn vec_dot_q8_unopt_with_magnitude(ty: GgmlType, row: &[u8], act: &ActQ8) -> (f32, f64) {
     let t = check(ty, row, act);
     let mut mag = Some(0f64);
-    let v = scalar_dot(t, row, act, &mut mag);
+    let v = scalar_dot(t, row, &[act], &mut mag);
     (v, mag.unwrap())
 }
 
@@ -287,18 +408,27 @@ fn decode(t: u8, b: &[u8]) -> ([i32; QK], f32, f32) {
     (w, d, m)
 }
 
-fn scalar_dot(t: u8, row: &[u8], act: &ActQ8, mag: &mut Option<f64>) -> f32 {
+/// One plane (`planes = [a]`): the activation quants `a` under the scale `da`. Two planes (`[a,
+/// a′]`, the second the residual plane of the first): the integer activations `256 a + a′` under
+/// the second plane's scale `da / 256`.
+fn scalar_dot(t: u8, row: &[u8], planes: &[&ActQ8], mag: &mut Option<f64>) -> f32 {
     let mut sum = 0f32;
-    for (i, (b, &da)) in row.chunks_exact(block_bytes(t)).zip(act.d()).enumerate() {
-        let a = act.block_quants(i);
+    let last = planes[planes.len() - 1];
+    for (i, (b, &da)) in row.chunks_exact(block_bytes(t)).zip(last.d()).enumerate() {
+        let mut a = planes[0].block_quants(i).map(i32::from);
+        if let Some(second) = planes.get(1) {
+            for (ai, &r) in a.iter_mut().zip(&second.block_quants(i)) {
+                *ai = 256 * *ai + i32::from(r);
+            }
+        }
         let (w, d, m) = decode(t, b);
         let mut isum = 0i32;
         let mut asum = 0i32;
         let mut amag = 0i64;
         for (&wi, &ai) in w.iter().zip(&a) {
-            isum += wi * i32::from(ai);
-            asum += i32::from(ai);
-            amag += i64::from((wi * i32::from(ai)).abs());
+            isum += wi * ai;
+            asum += ai;
+            amag += i64::from((wi * ai).abs());
         }
         let mut v = (d * da) * isum as f32;
         if t == T_Q4_1 || t == T_Q5_1 {

@@ -1,0 +1,218 @@
+//! Two-plane k-quant dot products (`vec_dot_q8k_planes`): activations as a quantized plane plus
+//! the plane of its rounding error at the fixed scale `d / 256` ([`ActQ8K::quantize_residual`]).
+//!
+//! - kernel vs oracle: the oracle forms the exact integer sums over `256 a + a′` per super-block;
+//!   the kernels form the same integers lane by lane (fused Q4_K/Q5_K) or per plane, so only f32
+//!   rounding of partial sums differs: `|kernel - oracle| <= 1e-5 · M` as in the one-plane tests.
+//! - against the exact dot: the planes stand for `x̂ = d′ (256 a + a′)`, so
+//!   `|oracle - Σ w x| <= Σ |w| |x - x̂|` plus the f32 slack of the oracle and the dequantized
+//!   weights; and every `|x - x̂|` is at most `d / 512` (plus the f32 rounding of `x - d a`), or
+//!   `1.5 d / 256` where the second plane was clamped.
+
+use half::f16;
+use kiln_gguf::GgmlType;
+use kiln_quant::act_q8k::ActQ8K;
+use kiln_quant::dequantize_row;
+use kiln_quant::dot_kquant::{
+    available_isas, vec_dot_q8k, vec_dot_q8k_planes, vec_dot_q8k_planes_isa, vec_dot_q8k_planes_unopt,
+    vec_dot_q8k_planes_unopt_with_magnitude, vec_dot_q8k_rows_planes,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const TYPES: [GgmlType; 6] =
+    [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS];
+
+const LENGTHS: [usize; 4] = [256, 768, 256 * 11, 4096 + 256];
+
+fn put_f16(b: &mut [u8], at: usize, v: f32) {
+    b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+}
+
+/// Random valid blocks; with `fill`, every byte but the f16 scales is `fill` (extreme quants,
+/// scales and mins, for the i32 headroom of the fused kernels).
+fn row(rng: &mut StdRng, ty: GgmlType, n: usize, fill: Option<u8>) -> Vec<u8> {
+    let ts = ty.type_size();
+    let mut row = vec![0u8; n / 256 * ts];
+    match fill {
+        Some(f) => row.fill(f),
+        None => rng.fill(&mut row[..]),
+    }
+    for b in row.chunks_exact_mut(ts) {
+        let (d, dmin) =
+            if fill.is_some() { (0.01, 0.01) } else { (rng.gen_range(-0.05f32..0.05), rng.gen_range(-0.05f32..0.05)) };
+        match ty {
+            GgmlType::Q2_K => {
+                put_f16(b, 80, d);
+                put_f16(b, 82, dmin);
+            }
+            GgmlType::Q3_K => put_f16(b, 108, d),
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                put_f16(b, 0, d);
+                put_f16(b, 2, dmin);
+            }
+            GgmlType::Q6_K => put_f16(b, 208, d),
+            GgmlType::IQ4_XS => put_f16(b, 0, d),
+            _ => unreachable!(),
+        }
+    }
+    row
+}
+
+fn random_x(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let scale = [0.1f32, 1.0, 3.0, 0.01][(i / 256) % 4];
+            let v = rng.gen_range(-1.0f32..1.0) * scale;
+            if rng.gen_range(0..64) == 0 {
+                v * 10.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+fn planes(x: &[f32]) -> (ActQ8K, ActQ8K) {
+    let mut a = ActQ8K::new();
+    a.quantize(x);
+    let mut r = ActQ8K::new();
+    r.quantize_residual(&a, x);
+    (a, r)
+}
+
+fn represented(a: &ActQ8K, r: &ActQ8K) -> Vec<f64> {
+    a.qs.iter()
+        .zip(&r.qs)
+        .enumerate()
+        .map(|(i, (&q, &q2))| f64::from(r.d[i / 256]) * (256.0 * f64::from(q) + f64::from(q2)))
+        .collect()
+}
+
+fn check(ty: GgmlType, w_row: &[u8], x: &[f32], what: &str) {
+    let (a, r) = planes(x);
+    let (oracle, mag) = vec_dot_q8k_planes_unopt_with_magnitude(ty, w_row, &a, &r);
+    assert_eq!(oracle.to_bits(), vec_dot_q8k_planes_unopt(ty, w_row, &a, &r).to_bits());
+    let tol = 1e-5 * mag + 1e-30;
+    for isa in available_isas() {
+        let mut out = [0f32];
+        vec_dot_q8k_planes_isa(isa, ty, w_row, &[&a, &r], &mut out);
+        assert!(
+            f64::from((out[0] - oracle).abs()) <= tol,
+            "{ty:?} {what} n={} {}: {} vs oracle {oracle} (tol {tol})",
+            x.len(),
+            isa.name(),
+            out[0]
+        );
+    }
+    let mut w = vec![0f32; x.len()];
+    dequantize_row(ty, w_row, &mut w).unwrap();
+    let exact: f64 = w.iter().zip(x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+    let abs_wx: f64 = w.iter().zip(x).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+    let xh = represented(&a, &r);
+    let act_err: f64 =
+        w.iter().zip(x.iter().zip(&xh)).map(|(&wi, (&xi, &hi))| f64::from(wi).abs() * (f64::from(xi) - hi).abs()).sum();
+    let bound = act_err + tol + 1e-6 * abs_wx + 1e-30;
+    assert!(
+        (f64::from(oracle) - exact).abs() <= bound,
+        "{ty:?} {what} n={}: oracle {oracle} vs exact {exact} (bound {bound})",
+        x.len()
+    );
+}
+
+#[test]
+fn residual_plane_is_within_its_bound() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for n in LENGTHS {
+        let x = random_x(&mut rng, n);
+        let (a, r) = planes(&x);
+        let xh = represented(&a, &r);
+        for (i, (&xi, &hi)) in x.iter().zip(&xh).enumerate() {
+            let d = f64::from(a.d[i / 256]);
+            let lim = if r.qs[i].unsigned_abs() == 127 { 1.5 * d / 256.0 } else { d / 512.0 };
+            let bound = lim * (1.0 + 1e-3) + 4.0 * f64::from(f32::EPSILON) * f64::from(xi.abs());
+            assert!((f64::from(xi) - hi).abs() <= bound, "n={n} elem {i}");
+        }
+        for (g, s) in r.bsums.iter().enumerate() {
+            assert_eq!(i32::from(*s), r.qs[16 * g..16 * g + 16].iter().map(|&q| i32::from(q)).sum::<i32>());
+        }
+    }
+}
+
+#[test]
+fn two_planes_random_rows_all_levels() {
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    for ty in TYPES {
+        for n in LENGTHS {
+            for _ in 0..2 {
+                let w = row(&mut rng, ty, n, None);
+                let x = random_x(&mut rng, n);
+                check(ty, &w, &x, "random");
+            }
+        }
+    }
+}
+
+#[test]
+fn two_planes_extreme_rows_all_levels() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for ty in TYPES {
+        for fill in [0x00u8, 0xFF, 0x55, 0xAA] {
+            let w = row(&mut rng, ty, 512, Some(fill));
+            // All activations at the largest magnitude, one sign: every lane sum at its bound.
+            check(ty, &w, &vec![1.0f32; 512], "extreme+");
+            check(ty, &w, &vec![-1.0f32; 512], "extreme-");
+            check(ty, &w, &random_x(&mut rng, 512), "extreme");
+        }
+    }
+}
+
+#[test]
+fn two_planes_beat_one_plane() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (mut e1, mut e2) = (0f64, 0f64);
+    for ty in TYPES {
+        for _ in 0..8 {
+            let n = 2048;
+            let w_row = row(&mut rng, ty, n, None);
+            let x = random_x(&mut rng, n);
+            let (a, r) = planes(&x);
+            let mut w = vec![0f32; n];
+            dequantize_row(ty, &w_row, &mut w).unwrap();
+            let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            let mut out = [0f32];
+            vec_dot_q8k_planes(ty, &w_row, &[&a, &r], &mut out);
+            e1 += (f64::from(vec_dot_q8k(ty, &w_row, &a)) - exact).powi(2);
+            e2 += (f64::from(out[0]) - exact).powi(2);
+        }
+    }
+    eprintln!("rms error, one plane / two planes: {:.1}", (e1 / e2).sqrt());
+    assert!(e2 * 64.0 < e1, "two planes: {e2} vs one plane {e1}");
+}
+
+#[test]
+fn rows_match_single_calls_and_reject_foreign_planes() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for ty in TYPES {
+        let n = 768;
+        let rows = 5;
+        let data: Vec<u8> = (0..rows).flat_map(|_| row(&mut rng, ty, n, None)).collect();
+        let rb = data.len() / rows;
+        let p: Vec<(ActQ8K, ActQ8K)> = (0..2).map(|_| planes(&random_x(&mut rng, n))).collect();
+        let refs: Vec<&ActQ8K> = p.iter().flat_map(|(a, r)| [a, r]).collect();
+        let mut got = vec![0f32; rows * 2];
+        vec_dot_q8k_rows_planes(ty, &data, rb, &refs, &mut got);
+        for r in 0..rows {
+            let mut want = [0f32; 2];
+            vec_dot_q8k_planes(ty, &data[r * rb..(r + 1) * rb], &refs, &mut want);
+            assert_eq!(got[2 * r].to_bits(), want[0].to_bits(), "{ty:?} row {r}");
+            assert_eq!(got[2 * r + 1].to_bits(), want[1].to_bits(), "{ty:?} row {r}");
+        }
+        let mut own = ActQ8K::new();
+        own.quantize(&random_x(&mut rng, n));
+        let bad = std::panic::catch_unwind(|| {
+            let mut out = [0f32];
+            vec_dot_q8k_planes(ty, &data[..rb], &[&p[0].0, &own], &mut out);
+        });
+        assert!(bad.is_err(), "{ty:?}: foreign second plane accepted");
+    }
+}

@@ -1,0 +1,275 @@
+//! Two-plane legacy dot kernels (`vec_dot_q8_planes`): activations as a quantized plane plus the
+//! plane of its rounding error at a fixed scale `d / 256` ([`ActQ8::quantize_residual`]).
+//!
+//! - kernel vs oracle: the integer block sums `Σ w (256 a + a′)` are identical (exact i32) and
+//!   converted the same way, so only the f32 accumulation order differs; the bound is the one of
+//!   the one-plane tests (`2 · (2 nb + 8) · ε · M`).
+//! - against the exact dot: the kernel computes `Σ w x̂` for the activations `x̂ = d′ (256 a + a′)`
+//!   the planes stand for, so `|dot - Σ w x| <= Σ |w| |x - x̂|` plus the accumulation slack; and
+//!   every `|x - x̂|` is at most `d / 512` (plus the f32 rounding of `x - d a`, a few `ε |x|`), or
+//!   `1.5 d / 256` where the second plane was clamped.
+
+use half::f16;
+use kiln_gguf::GgmlType;
+use kiln_quant::act_q8::ActQ8;
+use kiln_quant::dot_legacy::{
+    available_isas, vec_dot_q8_planes, vec_dot_q8_planes_isa, vec_dot_q8_planes_unopt,
+    vec_dot_q8_planes_unopt_with_magnitude, vec_dot_q8_rows_planes, vec_dot_q8_x4, Isa,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const TYPES: [GgmlType; 6] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL];
+
+const LENGTHS: [usize; 5] = [32, 96, 128, 32 * 17, 4096 + 32];
+
+fn rand_f16(rng: &mut StdRng, lo: f32, hi: f32) -> [u8; 2] {
+    let mag = lo * (hi / lo).powf(rng.gen::<f32>());
+    let v = if rng.gen::<bool>() { mag } else { -mag };
+    f16::from_f32(v).to_le_bytes()
+}
+
+fn random_row(rng: &mut StdRng, ty: GgmlType, n: usize) -> Vec<u8> {
+    let bs = ty.type_size();
+    let mut row = vec![0u8; n / 32 * bs];
+    for blk in row.chunks_exact_mut(bs) {
+        rng.fill(blk);
+        blk[..2].copy_from_slice(&rand_f16(rng, 1e-3, 5e-2));
+        if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+            blk[2..4].copy_from_slice(&rand_f16(rng, 1e-3, 0.5));
+        }
+    }
+    row
+}
+
+/// Mostly uniform, some outliers, sometimes an all-zero block or a block of exact halves (ties).
+fn random_act(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..n)
+        .map(|_| {
+            let v = rng.gen_range(-2.0f32..2.0);
+            if rng.gen_ratio(1, 50) {
+                v * 30.0
+            } else {
+                v
+            }
+        })
+        .collect();
+    if n >= 96 && rng.gen::<bool>() {
+        x[32..64].fill(0.0);
+    }
+    if n >= 128 && rng.gen::<bool>() {
+        // amax 127 gives d = 1: x = k + 0.5 rounds to a tie, its error d / 2 sits on the clamp.
+        for (i, v) in x[96..128].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { (i as f32 - 16.0) + 0.5 };
+        }
+    }
+    x
+}
+
+fn planes(x: &[f32]) -> (ActQ8, ActQ8) {
+    let mut a = ActQ8::new();
+    a.quantize(x);
+    let mut r = ActQ8::new();
+    r.quantize_residual(&a, x);
+    (a, r)
+}
+
+/// The activations the two planes stand for: `d′ (256 a + a′)` per element.
+fn represented(a: &ActQ8, r: &ActQ8) -> Vec<f64> {
+    (0..a.n_blocks())
+        .flat_map(|b| {
+            let (qa, qr, d2) = (a.block_quants(b), r.block_quants(b), r.d()[b]);
+            (0..32).map(move |i| f64::from(d2) * (256.0 * f64::from(qa[i]) + f64::from(qr[i])))
+        })
+        .collect()
+}
+
+fn acc_tol(nb: usize, mag: f64) -> f64 {
+    2.0 * (2 * nb + 8) as f64 * f64::from(f32::EPSILON) * mag + 1e-30
+}
+
+#[test]
+fn residual_plane_is_within_its_bound() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut clamped = 0;
+    for n in LENGTHS {
+        for _ in 0..8 {
+            let x = random_act(&mut rng, n);
+            let (a, r) = planes(&x);
+            for (&d1, &d2) in a.d().iter().zip(r.d()) {
+                assert_eq!(d2, d1 / 256.0);
+            }
+            let xh = represented(&a, &r);
+            for (b, (xb, hb)) in x.chunks_exact(32).zip(xh.chunks_exact(32)).enumerate() {
+                let d = f64::from(a.d()[b]);
+                let qr = r.block_quants(b);
+                for i in 0..32 {
+                    let err = (f64::from(xb[i]) - hb[i]).abs();
+                    let bound = if qr[i].unsigned_abs() == 127 {
+                        clamped += 1;
+                        1.5 * d / 256.0
+                    } else {
+                        d / 512.0
+                    } * (1.0 + 1e-3)
+                        // the residual x - d q is formed in f32
+                        + 4.0 * f64::from(f32::EPSILON) * f64::from(xb[i].abs());
+                    assert!(err <= bound + 1e-30, "n={n} block {b} elem {i}: err {err} > {bound}");
+                }
+            }
+        }
+    }
+    assert!(clamped > 0, "the tie blocks exercise the clamp");
+}
+
+#[test]
+fn two_plane_kernels_match_oracle() {
+    let mut rng = StdRng::seed_from_u64(0x2b1a5e);
+    let mut worst = 0f64;
+    for ty in TYPES {
+        for n in LENGTHS {
+            for _ in 0..3 {
+                let row = random_row(&mut rng, ty, n);
+                let p: Vec<(ActQ8, ActQ8)> = (0..2).map(|_| planes(&random_act(&mut rng, n))).collect();
+                let refs: Vec<&ActQ8> = p.iter().flat_map(|(a, r)| [a, r]).collect();
+                let oracle: Vec<(f32, f64)> =
+                    p.iter().map(|(a, r)| vec_dot_q8_planes_unopt_with_magnitude(ty, &row, a, r)).collect();
+                for (o, (a, r)) in oracle.iter().zip(&p) {
+                    assert_eq!(o.0.to_bits(), vec_dot_q8_planes_unopt(ty, &row, a, r).to_bits());
+                }
+                for isa in available_isas() {
+                    for k in 1..=2 {
+                        let mut out = [0f32; 2];
+                        vec_dot_q8_planes_isa(isa, ty, &row, &refs[..2 * k], &mut out[..k]);
+                        for (i, &(want, mag)) in oracle.iter().enumerate().take(k) {
+                            let err = f64::from((out[i] - want).abs());
+                            let tol = acc_tol(n / 32, mag);
+                            assert!(
+                                err <= tol && err <= 1e-5 * mag + 1e-30,
+                                "{ty:?} n={n} {isa:?} k={k} #{i}: {} vs oracle {want} (err {err}, mag {mag})",
+                                out[i]
+                            );
+                            worst = worst.max(err / mag.max(1e-30));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("worst |kernel - oracle| / magnitude: {worst:e}");
+}
+
+#[test]
+fn two_planes_close_to_exact_dot() {
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut gain_min = f64::INFINITY;
+    for ty in TYPES {
+        for n in LENGTHS {
+            for _ in 0..3 {
+                let row = random_row(&mut rng, ty, n);
+                let x = random_act(&mut rng, n);
+                let (a, r) = planes(&x);
+                let xh = represented(&a, &r);
+                let mut w = vec![0f32; n];
+                kiln_quant::dequantize_row(ty, &row, &mut w).unwrap();
+                let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                let bound: f64 = w
+                    .iter()
+                    .zip(x.iter().zip(&xh))
+                    .map(|(&wi, (&xi, &hi))| f64::from(wi).abs() * (f64::from(xi) - hi).abs())
+                    .sum();
+                let mag_wx: f64 = w.iter().zip(&x).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+                let (_, mag) = vec_dot_q8_planes_unopt_with_magnitude(ty, &row, &a, &r);
+                let slack = acc_tol(n / 32, mag) + 4.0 * f64::from(f32::EPSILON) * mag_wx;
+                let one_plane = f64::from(kiln_quant::dot_legacy::vec_dot_q8(ty, &row, &a));
+                for isa in available_isas() {
+                    let mut out = [0f32];
+                    vec_dot_q8_planes_isa(isa, ty, &row, &[&a, &r], &mut out);
+                    let err = (f64::from(out[0]) - exact).abs();
+                    assert!(
+                        err <= bound + slack,
+                        "{ty:?} n={n} {isa:?}: {} vs exact {exact} (err {err}, bound {bound})",
+                        out[0]
+                    );
+                }
+                let err1 = (one_plane - exact).abs();
+                if err1 > 1e3 * slack {
+                    let mut out = [0f32];
+                    vec_dot_q8_planes(ty, &row, &[&a, &r], &mut out);
+                    gain_min = gain_min.min(err1 / (f64::from(out[0]) - exact).abs().max(1e-300));
+                }
+            }
+        }
+    }
+    eprintln!("smallest error reduction over one plane: {gain_min:.1}x");
+    assert!(gain_min > 8.0, "the second plane reduces the error: {gain_min}");
+}
+
+#[test]
+fn rows_match_single_calls_and_reject_foreign_planes() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for ty in TYPES {
+        let n = 32 * 9;
+        let rows = 5;
+        let data: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut rng, ty, n)).collect();
+        let rb = data.len() / rows;
+        let p: Vec<(ActQ8, ActQ8)> = (0..2).map(|_| planes(&random_act(&mut rng, n))).collect();
+        let refs: Vec<&ActQ8> = p.iter().flat_map(|(a, r)| [a, r]).collect();
+        let mut got = vec![0f32; rows * 2];
+        vec_dot_q8_rows_planes(ty, &data, rb, &refs, 2, &mut got);
+        for r in 0..rows {
+            let mut want = [0f32; 2];
+            vec_dot_q8_planes(ty, &data[r * rb..(r + 1) * rb], &refs, &mut want);
+            assert_eq!(
+                got[2 * r..2 * r + 2].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{ty:?} row {r}"
+            );
+        }
+        // A plane quantized on its own (scale amax/127) is not a residual plane.
+        let mut own = ActQ8::new();
+        own.quantize(&random_act(&mut rng, n));
+        let bad = std::panic::catch_unwind(|| {
+            let mut out = [0f32];
+            vec_dot_q8_planes(ty, &data[..rb], &[&p[0].0, &own], &mut out);
+        });
+        assert!(bad.is_err(), "{ty:?}: foreign second plane accepted");
+    }
+}
+
+/// Generation-shaped matvec, in cache: one plane, two planes as two vectors (summed afterwards)
+/// and two fused planes. Run with
+/// `cargo test -p kiln-quant --release --test dot_legacy_planes -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_planes() {
+    use std::hint::black_box;
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(3);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for (rows, cols) in [(256usize, 2048usize), (576, 576)] {
+            let data = random_row(&mut rng, ty, rows * cols);
+            let rb = data.len() / rows;
+            let (a, r) = planes(&random_act(&mut rng, cols));
+            let mut line = format!("{:>6} {rows:>5}x{cols:<5}", format!("{ty:?}"));
+            let variants: [(&str, usize); 3] = [("1 plane", 1), ("2 vectors", 2), ("2 planes", 3)];
+            for (name, v) in variants {
+                let mut out = vec![0f32; rows * 2];
+                let mut best = f64::INFINITY;
+                for _ in 0..300 {
+                    let t = Instant::now();
+                    match v {
+                        1 => vec_dot_q8_rows_planes(ty, &data, rb, black_box(&[&a]), 1, &mut out[..rows]),
+                        2 => vec_dot_q8_rows_planes(ty, &data, rb, black_box(&[&a, &r]), 1, &mut out),
+                        _ => vec_dot_q8_rows_planes(ty, &data, rb, black_box(&[&a, &r]), 2, &mut out[..rows]),
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                black_box(&out);
+                line += &format!(" | {name}: {:6.1} ns/row", best * 1e9 / rows as f64);
+            }
+            eprintln!("{line}");
+        }
+    }
+    let _ = (Isa::Scalar, vec_dot_q8_x4 as fn(_, _, _, _));
+}
