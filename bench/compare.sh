@@ -6,7 +6,8 @@
 # Environment: THREADS (2), REPS (3), PP (512), TG (128), KILN (path of the kiln binary; default:
 # target/release/kiln, built if missing). Each repetition runs llama-bench once and kiln bench once,
 # alternating, so that both see the same machine state; the table gives mean ± std over the
-# repetitions and the ratio kiln / llama.cpp per test.
+# repetitions, the ratio kiln / llama.cpp of the means and the median of the per-repetition ratios
+# (robust when the machine's speed drifts between repetitions).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 LLAMA_BENCH MODEL.gguf [MODEL.gguf ...]" >&2
@@ -33,8 +34,8 @@ import json, statistics, sys, os, glob
 out, models = sys.argv[1], sys.argv[2:]
 def stats(v):
     return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
-print("| model | test | llama.cpp t/s | kiln t/s | kiln / llama.cpp |")
-print("| --- | --- | ---: | ---: | ---: |")
+print("| model | test | llama.cpp t/s | kiln t/s | kiln / llama.cpp | median of paired ratios |")
+print("| --- | --- | ---: | ---: | ---: | ---: |")
 for m in models:
     name = os.path.basename(m)
     llama, kiln = {}, {}
@@ -50,5 +51,8 @@ for m in models:
         ls = "%.2f ± %.2f" % stats(l) if l else "-"
         ks = "%.2f ± %.2f" % stats(k) if k else "-"
         ratio = "%.2f×" % (statistics.mean(k) / statistics.mean(l)) if l and k else "-"
-        print(f"| {name} | {test} | {ls} | {ks} | {ratio} |")
+        # Repetition i of both engines ran back to back: the ratio within a pair is robust to the
+        # machine's drift between repetitions (other tenants, clock changes).
+        paired = "%.2f×" % statistics.median(a / b for a, b in zip(k, l)) if l and k else "-"
+        print(f"| {name} | {test} | {ls} | {ks} | {ratio} | {paired} |")
 PY

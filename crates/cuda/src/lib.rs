@@ -53,14 +53,33 @@ pub(crate) struct TypeKernels {
     pub matvec_swiglu: CudaFunction,
     pub dequant_f16: CudaFunction,
     pub get_rows: CudaFunction,
+    /// The fast matrix-vector kernel (16-byte unit loads, optional fused RMSNorm), for the types
+    /// and layouts that have one.
+    pub matvec_fast: Option<CudaFunction>,
 }
 
 pub(crate) struct Kernels {
     pub by_type: Vec<(GgmlType, TypeKernels)>,
+    /// Q4_0 and Q8_0 rows repacked at upload (`Layout::Repacked8`).
+    pub q4_0r: TypeKernels,
+    pub q8_0r: TypeKernels,
+    /// Rows per warp and warps per block of the fast matrix-vector kernel (`MVF_R`, `MVF_WARPS`).
+    pub mvf_rows: usize,
+    pub mvf_warps: usize,
+    /// Whether the fast kernel's grid is capped at one resident wave (blocks then loop over row
+    /// groups, staging their activations once); `KILN_MVF_CAP=0` turns it off.
+    pub mvf_cap: bool,
+    /// Streaming multiprocessors of the device.
+    pub sms: usize,
+    /// Whether the fast mat-vec kernels and the repacked layouts are used (`KILN_CUDA_FAST=0`:
+    /// the generic kernel everywhere, for comparisons).
+    pub fast: bool,
     pub rms_norm: CudaFunction,
     pub split_f16: CudaFunction,
     pub rope_kv: CudaFunction,
     pub attention: CudaFunction,
+    /// The same attention with 8 loads in flight per thread (one-token steps).
+    pub attention_b8: CudaFunction,
     pub swiglu: CudaFunction,
 }
 
@@ -71,6 +90,21 @@ impl Kernels {
             None => bail!("tensor type {ty} is not supported by the CUDA backend"),
         }
     }
+
+    /// The kernels of a type in a given device layout.
+    pub fn for_layout(&self, ty: GgmlType, repacked: bool) -> Result<&TypeKernels> {
+        match (ty, repacked) {
+            (GgmlType::Q4_0, true) => Ok(&self.q4_0r),
+            (GgmlType::Q8_0, true) => Ok(&self.q8_0r),
+            (_, true) => bail!("no repacked CUDA layout for {ty}"),
+            (_, false) => self.for_type(ty),
+        }
+    }
+}
+
+/// A positive integer from the environment (development knobs), else `default`.
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&v| v > 0).unwrap_or(default)
 }
 
 /// One GPU: its context, stream, compiled kernels and (when libcublas loads) a cuBLAS handle.
@@ -122,34 +156,61 @@ impl Device {
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let capability = ctx.compute_capability().map_err(|e| anyhow::anyhow!("{e}"))?;
         let t0 = std::time::Instant::now();
+        // Development knobs: the fast mat-vec kernel's shape, and a kernel source to use instead of
+        // the built-in one (`KILN_CUDA_KERNELS=path/to/kernels.cu`), for trying kernels without a
+        // rebuild.
+        let (mvf_rows, mvf_warps) = (env_usize("KILN_MVF_R", 2).min(8), env_usize("KILN_MVF_WARPS", 8).min(32));
+        let mvf_p = env_usize("KILN_MVF_P", 2).min(8);
+        let src = match std::env::var("KILN_CUDA_KERNELS") {
+            Ok(path) => std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?,
+            Err(_) => KERNELS.to_string(),
+        };
         let opts = cudarc::nvrtc::CompileOptions {
-            options: vec![format!("--gpu-architecture=sm_{}{}", capability.0, capability.1), "--std=c++17".into()],
+            options: vec![
+                format!("--gpu-architecture=sm_{}{}", capability.0, capability.1),
+                "--std=c++17".into(),
+                format!("-DMVF_R={mvf_rows}"),
+                format!("-DMVF_WARPS={mvf_warps}"),
+                format!("-DMVF_P={mvf_p}"),
+            ],
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts)
             .map_err(|e| anyhow::anyhow!("NVRTC failed to compile the kernels: {e}"))?;
         let module = ctx.load_module(ptx).map_err(|e| anyhow::anyhow!("loading the kernel module: {e}"))?;
         let f = |name: &str| -> Result<CudaFunction> {
             module.load_function(name).with_context(|| format!("kernel {name} missing from the module"))
         };
+        let type_kernels = |sfx: &str, fast: bool| -> Result<TypeKernels> {
+            Ok(TypeKernels {
+                matvec: f(&format!("matvec_{sfx}"))?,
+                matvec_swiglu: f(&format!("matvec_swiglu_{sfx}"))?,
+                dequant_f16: f(&format!("dequant_f16_{sfx}"))?,
+                get_rows: f(&format!("get_rows_{sfx}"))?,
+                matvec_fast: if fast { Some(f(&format!("matvec_fast_{sfx}"))?) } else { None },
+            })
+        };
         let mut by_type = Vec::new();
         for (ty, sfx) in TYPES {
-            by_type.push((
-                ty,
-                TypeKernels {
-                    matvec: f(&format!("matvec_{sfx}"))?,
-                    matvec_swiglu: f(&format!("matvec_swiglu_{sfx}"))?,
-                    dequant_f16: f(&format!("dequant_f16_{sfx}"))?,
-                    get_rows: f(&format!("get_rows_{sfx}"))?,
-                },
-            ));
+            by_type.push((ty, type_kernels(sfx, ty == GgmlType::Q4_K)?));
         }
         let kernels = Kernels {
             by_type,
+            q4_0r: type_kernels("q4_0r", true)?,
+            q8_0r: type_kernels("q8_0r", true)?,
+            mvf_rows,
+            mvf_warps,
+            mvf_cap: std::env::var("KILN_MVF_CAP").map(|v| v != "0").unwrap_or(true),
+            sms: ctx
+                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .max(1) as usize,
+            fast: std::env::var("KILN_CUDA_FAST").map(|v| v != "0").unwrap_or(true),
             rms_norm: f("rms_norm")?,
             split_f16: f("split_f16")?,
             rope_kv: f("rope_kv")?,
             attention: f("attention")?,
+            attention_b8: f("attention_b8")?,
             swiglu: f("swiglu")?,
         };
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;

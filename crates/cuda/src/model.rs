@@ -47,6 +47,8 @@ struct Mat {
     cols: usize,
     row_bytes: usize,
     out_off: usize,
+    /// Rows stored in the repacked layout of Q4_0 / Q8_0 (see [`repack8`]).
+    repacked: bool,
 }
 
 struct Layer {
@@ -97,9 +99,21 @@ impl CudaModel {
             for m in parts {
                 dev.kernels.for_type(m.ty)?;
                 let row_bytes = m.data.len() / m.rows;
-                mats.push(Mat { ty: m.ty, ptr: bytes.len() as u64, rows: m.rows, cols: m.cols, row_bytes, out_off });
+                let block = match m.ty {
+                    GgmlType::Q4_0 => 18,
+                    GgmlType::Q8_0 => 34,
+                    _ => 0,
+                };
+                let repacked =
+                    dev.kernels.fast && block != 0 && m.cols.is_multiple_of(256) && row_bytes == m.cols / 32 * block;
+                let ptr = bytes.len() as u64;
+                mats.push(Mat { ty: m.ty, ptr, rows: m.rows, cols: m.cols, row_bytes, out_off, repacked });
                 out_off += m.rows;
-                bytes.extend_from_slice(m.data);
+                if repacked {
+                    repack8(m.data, block, &mut bytes);
+                } else {
+                    bytes.extend_from_slice(m.data);
+                }
             }
             // The f16 scratch tile must hold these matrices fused.
             max_elems = max_elems.max(parts.iter().map(|m| m.rows * m.cols).sum());
@@ -233,14 +247,13 @@ impl<'m> CudaSession<'m> {
             );
         }
         if attn_smem > 48 * 1024 {
-            m.dev
-                .kernels
-                .attention
-                .set_attribute(
+            for f in [&m.dev.kernels.attention, &m.dev.kernels.attention_b8] {
+                f.set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     attn_smem as i32,
                 )
                 .map_err(dev_err)?;
+            }
         }
         let mut bufs = Vec::new();
         let mut alloc = |bytes: usize| -> Result<u64> {
@@ -394,7 +407,7 @@ impl<'m> CudaSession<'m> {
         // Embedding rows.
         {
             let te = &m.token_embd;
-            let f = &k.for_type(te.ty)?.get_rows;
+            let f = &k.for_layout(te.ty, te.repacked)?.get_rows;
             let args =
                 [A::P(te.ptr), A::L(te.row_bytes as i64), A::P(self.meta_ptr + 4), A::P(self.x), A::I(te.cols as i32)];
             self.launch(f, (n as u32, 1, 1), 128, 0, &args)?;
@@ -403,9 +416,9 @@ impl<'m> CudaSession<'m> {
         let (nh, nkv, d) = (cfg.n_head as i32, cfg.n_head_kv as i32, cfg.head_dim as i32);
         let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
         for (l, lw) in m.layers.iter().enumerate() {
-            self.rms_norm(self.x, lw.attn_norm, self.h, n)?;
+            let (src, norm) = self.normed_input(&lw.qkv, lw.attn_norm, self.x, n)?;
             for mat in &lw.qkv {
-                self.matmul(mat, self.h, n, self.qkv, qkv_w, false)?;
+                self.matmul(mat, src, norm, n, self.qkv, qkv_w, false)?;
             }
             let (qkv_wi, kvdi) = (qkv_w as i32, kvd as i32);
             let args = [
@@ -421,7 +434,8 @@ impl<'m> CudaSession<'m> {
                 A::I(half),
                 A::I(kvdi),
             ];
-            self.launch(&k.rope_kv, (n as u32, 1, 1), 256, 0, &args)?;
+            let rope_blocks = (qd / 2).max(kvd).div_ceil(256) as u32;
+            self.launch(&k.rope_kv, (n as u32, rope_blocks, 1), 256, 0, &args)?;
             let args = [
                 A::P(self.qkv),
                 A::I(qkv_wi),
@@ -435,27 +449,30 @@ impl<'m> CudaSession<'m> {
                 A::I(kvdi),
                 A::F(scale),
             ];
-            self.launch(&k.attention, (cfg.n_head as u32, n as u32, 1), ATTN_THREADS, self.attn_smem, &args)?;
-            self.matmul(&lw.wo, self.attn, n, self.x, e, true)?;
-            self.rms_norm(self.x, lw.ffn_norm, self.h, n)?;
+            // One-token steps: more loads in flight per thread (few blocks, latency-bound); prompts
+            // keep the leaner kernel's occupancy.
+            let attn = if n == 1 { &k.attention_b8 } else { &k.attention };
+            self.launch(attn, (cfg.n_head as u32, n as u32, 1), ATTN_THREADS, self.attn_smem, &args)?;
+            self.matmul(&lw.wo, self.attn, None, n, self.x, e, true)?;
+            let (src, norm) = self.normed_input(&lw.gate_up, lw.ffn_norm, self.x, n)?;
             for mat in &lw.gate_up {
-                self.matmul(mat, self.h, n, self.gu, 2 * ff, false)?;
+                self.matmul(mat, src, norm, n, self.gu, 2 * ff, false)?;
             }
             let total = (n * ff) as u32;
             let args = [A::P(self.gu), A::P(self.ffo), A::I(ff as i32), A::I(ni)];
             self.launch(&k.swiglu, (total.div_ceil(256), 1, 1), 256, 0, &args)?;
-            self.matmul(&lw.down, self.ffo, n, self.x, e, true)?;
+            self.matmul(&lw.down, self.ffo, None, n, self.x, e, true)?;
         }
         match want {
             None => {}
             Some(Logits::Last) => {
                 let last = self.x + ((n - 1) * e * 4) as u64;
-                self.rms_norm(last, m.output_norm, self.h, 1)?;
-                self.matmul(&m.output, self.h, 1, self.logits_ptr, cfg.n_vocab, false)?;
+                let (src, norm) = self.normed_input(std::slice::from_ref(&m.output), m.output_norm, last, 1)?;
+                self.matmul(&m.output, src, norm, 1, self.logits_ptr, cfg.n_vocab, false)?;
             }
             Some(Logits::All) => {
-                self.rms_norm(self.x, m.output_norm, self.h, n)?;
-                self.matmul(&m.output, self.h, n, self.logits_ptr, cfg.n_vocab, false)?;
+                let (src, norm) = self.normed_input(std::slice::from_ref(&m.output), m.output_norm, self.x, n)?;
+                self.matmul(&m.output, src, norm, n, self.logits_ptr, cfg.n_vocab, false)?;
             }
         }
         Ok(())
@@ -501,26 +518,76 @@ impl<'m> CudaSession<'m> {
         )
     }
 
+    /// The input of matrices `mats` that take RMSNorm(`x`) · `g` over `n` tokens: (`x`, Some(`g`))
+    /// when every one of them has a fast mat-vec kernel here (the norm is fused into its
+    /// prologue), else the norm kernel runs into `h` and the input is (`h`, None).
+    fn normed_input(&self, mats: &[Mat], g: u64, x: u64, n: usize) -> Result<(u64, Option<u64>)> {
+        if !self.batched(n) && mats.iter().all(|m| self.fast_kernel(m).is_some()) {
+            return Ok((x, Some(g)));
+        }
+        self.rms_norm(x, g, self.h, n)?;
+        Ok((self.h, None))
+    }
+
+    /// The fast mat-vec kernel for `mat` and its dynamic shared memory, when it has one and its
+    /// staged activations fit the default 48 KiB.
+    fn fast_kernel(&self, mat: &Mat) -> Option<(&CudaFunction, u32)> {
+        let k = &self.m.dev.kernels;
+        let f = k.for_layout(mat.ty, mat.repacked).ok().filter(|_| k.fast)?.matvec_fast.as_ref()?;
+        let smem = mat.cols.div_ceil(1024) * (4096 + 256);
+        (mat.cols.is_multiple_of(32) && smem <= 48 * 1024).then_some((f, smem as u32))
+    }
+
     /// Whether `n` tokens go through dequantize + cuBLAS rather than the matrix-vector kernels.
     fn batched(&self, n: usize) -> bool {
         n > MATVEC_MAX_TOKENS && self.w16 != 0
     }
 
     /// The matrix-vector kernel over `n` tokens whose inputs are rows of `x` `ldx` apart
-    /// (`swiglu`: rows [gate | up], multiplied as silu(gate) * up).
+    /// (`swiglu`: rows [gate | up], multiplied as silu(gate) * up; `norm`: the input is
+    /// RMSNorm(x) · norm, computed in the fast kernel's prologue).
     #[allow(clippy::too_many_arguments)]
     fn matvec(
         &self,
         mat: &Mat,
         swiglu: bool,
         x: u64,
+        norm: Option<u64>,
         ldx: usize,
         n: usize,
         y: u64,
         ldy: usize,
         acc: bool,
     ) -> Result<()> {
-        let tk = self.m.dev.kernels.for_type(mat.ty)?;
+        if let (false, Some((f, smem))) = (swiglu, self.fast_kernel(mat)) {
+            let k = &self.m.dev.kernels;
+            let args = [
+                A::P(mat.ptr),
+                A::L(mat.row_bytes as i64),
+                A::P(x),
+                A::P(norm.unwrap_or(0)),
+                A::D(self.m.cfg.rms_eps),
+                A::P(y + (mat.out_off * 4) as u64),
+                A::I(mat.rows as i32),
+                A::I(mat.cols as i32),
+                A::I(ldx as i32),
+                A::I(ldy as i32),
+                A::I(acc as i32),
+            ];
+            let threads = 32 * k.mvf_warps as u32;
+            let mut groups = mat.rows.div_ceil(k.mvf_rows * k.mvf_warps);
+            if k.mvf_cap {
+                // One resident wave: each block then loops over several row groups.
+                let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None);
+                let wave = (per_sm.unwrap_or(1).max(1) as usize * k.sms / n).max(1);
+                groups = groups.min(wave);
+            }
+            return self.launch(f, (groups as u32, n as u32, 1), threads, smem, &args);
+        }
+        if norm.is_some() {
+            bail!("internal: a fused RMSNorm needs the fast mat-vec kernel");
+        }
+        let tk = self.m.dev.kernels.for_layout(mat.ty, mat.repacked)?;
         let rows_per_block = (MATVEC_THREADS / 32) as usize * MATVEC_ROWS_PER_WARP;
         let args = [
             A::P(mat.ptr),
@@ -538,15 +605,20 @@ impl<'m> CudaSession<'m> {
         self.launch(f, grid, MATVEC_THREADS, 0, &args)
     }
 
-    /// `y[t * ldy + mat.out_off + r] (+)= Σ_c W[r, c] x[t * cols + c]` for t < n.
-    fn matmul(&self, mat: &Mat, x: u64, n: usize, y: u64, ldy: usize, acc: bool) -> Result<()> {
+    /// `y[t * ldy + mat.out_off + r] (+)= Σ_c W[r, c] x[t * cols + c]` for t < n (`norm`: of
+    /// RMSNorm(x) · norm instead of x, only on the fast mat-vec path).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(&self, mat: &Mat, x: u64, norm: Option<u64>, n: usize, y: u64, ldy: usize, acc: bool) -> Result<()> {
         let dev = &self.m.dev;
-        let tk = dev.kernels.for_type(mat.ty)?;
+        let tk = dev.kernels.for_layout(mat.ty, mat.repacked)?;
         let yo = y + (mat.out_off * 4) as u64;
         let blas = match &dev.blas {
             Some(b) if self.batched(n) => b,
-            _ => return self.matvec(mat, false, x, mat.cols, n, y, ldy, acc),
+            _ => return self.matvec(mat, false, x, norm, mat.cols, n, y, ldy, acc),
         };
+        if norm.is_some() {
+            bail!("internal: a fused RMSNorm on the batched path");
+        }
         let (rows, cols) = (mat.rows as i32, mat.cols as i32);
         let alpha = 1f32;
         let beta0 = if acc { 1f32 } else { 0f32 };
@@ -633,6 +705,21 @@ impl<'m> CudaSession<'m> {
             .map_err(dev_err)?;
         }
         Ok(())
+    }
+}
+
+/// Appends `data` (rows of Q4_0 or Q8_0 blocks of `block` bytes: f16 d, then the quants) with
+/// every 8 consecutive blocks of a row regrouped as [8 × quants][8 × d], the layout of the
+/// kernels' T_Q4_0R / T_Q8_0R: each block's quants then start 16-byte aligned (rows hold a
+/// multiple of 8 blocks, so groups never straddle rows and row sizes are unchanged).
+fn repack8(data: &[u8], block: usize, out: &mut Vec<u8>) {
+    for grp in data.chunks(8 * block) {
+        for b in grp.chunks(block) {
+            out.extend_from_slice(&b[2..]);
+        }
+        for b in grp.chunks(block) {
+            out.extend_from_slice(&b[..2]);
+        }
     }
 }
 
