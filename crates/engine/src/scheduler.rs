@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use kiln_model::{forward_batch, KvCache, Logits, Precision, SeqStep, Workspace};
 use kiln_tokenizer::StreamDecoder;
 
+use crate::session::{find_stop, held_back};
 use crate::{Model, Sampler, SamplingParams};
 
 /// One generation request.
@@ -486,24 +487,6 @@ fn flush(seq: &mut Sequence<'_>, upto: usize) -> bool {
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-/// Byte offset of the earliest stop string in `text`.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut best = 0;
-    for s in stops {
-        for (i, _) in s.char_indices().skip(1) {
-            if i > best && text.ends_with(&s[..i]) {
-                best = i;
-            }
-        }
-    }
-    best
 }
 
 /// Log-softmax of `logits` (summed in f64) and the `k` most likely tokens, most likely first

@@ -179,12 +179,12 @@ impl<'m> Session<'m> {
 }
 
 /// Byte offset of the earliest stop string in `text`.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+pub(crate) fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
+pub(crate) fn held_back(text: &str, stops: &[String]) -> usize {
     let mut best = 0;
     for s in stops {
         for (i, _) in s.char_indices().skip(1) {

@@ -224,14 +224,69 @@ unsafe fn act_block(a: &ActQ8K, i: usize) -> (*const u8, *const u8, f32) {
     }
 }
 
+/// One Q4_K / Q5_K super-block unpacked: its two f16 scales, the per-32 scale source, the mins
+/// (each twice, once per group of 16, to pair with the per-16 bsums) and the 8 × 32 quants.
+struct Q4kBlock<'a> {
+    d: f32,
+    dmin: f32,
+    s: ScaleSrc<'a>,
+    mins: __m256i,
+    w: [__m256i; 8],
+}
+
+/// Unpacks the super-block at `b` (Q5_K with `FIVE`).
+///
+/// # Safety
+/// AVX2/FMA/F16C; `b` points to one whole super-block (144 bytes, 176 with `FIVE`): header 16
+/// bytes, qh 32 bytes at 16 (Q5_K), qs 128 bytes at 16 or 48; all loads are unaligned.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_block<const FIVE: bool>(b: *const u8, masks: &ScaleMasks) -> Q4kBlock<'_> {
+    // SAFETY: every read stays inside the super-block (the caller's contract).
+    unsafe {
+        let d = f16_at(b);
+        let dmin = f16_at(b.add(2));
+        let (u0, u1, u2) = (u32_at(b.add(4)), u32_at(b.add(8)), u32_at(b.add(12)));
+        const L6: u32 = 0x3f3f_3f3f;
+        const L4: u32 = 0x0f0f_0f0f;
+        const H2: u32 = 0x0303_0303;
+        let sc_hi = (u2 & L4) | (((u0 >> 6) & H2) << 4);
+        let mn_hi = ((u2 >> 4) & L4) | (((u1 >> 6) & H2) << 4);
+        let sc = (u0 & L6) as u64 | ((sc_hi as u64) << 32);
+        let mn = (u1 & L6) as u64 | ((mn_hi as u64) << 32);
+        let s = scales_per32(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)), masks);
+        let mn8 = _mm_cvtsi64_si128(mn as i64);
+        let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
+
+        let m4 = _mm256_set1_epi8(0x0F);
+        let qs = b.add(if FIVE { 48 } else { 16 });
+        let mut w = [_mm256_setzero_si256(); 8];
+        for k in 0..4 {
+            let q = load(qs.add(32 * k));
+            w[2 * k] = _mm256_and_si256(q, m4);
+            w[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        }
+        if FIVE {
+            // Bit j of qh byte l is the fifth bit of sub-block j: walk the bits down to bit 0 and
+            // move each to bit 4 (bits shifted across bytes are masked off).
+            let m10 = _mm256_set1_epi8(0x10);
+            let mut h = load(b.add(16));
+            for wj in w.iter_mut() {
+                let bit = _mm256_and_si256(_mm256_slli_epi16(h, 4), m10);
+                *wj = _mm256_or_si256(*wj, bit);
+                h = _mm256_srli_epi16(h, 1);
+            }
+        }
+        Q4kBlock { d, dmin, s, mins, w }
+    }
+}
+
 /// Q4_K (and Q5_K with `FIVE`): 8 sub-blocks of 32, 6-bit scales and mins.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k<const N: usize, const FIVE: bool>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N]) {
     let bs = if FIVE { 176 } else { 144 };
     let nb = row.len() / bs;
     let masks = scale_masks();
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m10 = _mm256_set1_epi8(0x10);
     let mut acc = [_mm256_setzero_ps(); N];
     let mut accm = [_mm256_setzero_ps(); N];
     for i in 0..nb {
@@ -239,39 +294,7 @@ unsafe fn q4k<const N: usize, const FIVE: bool>(row: &[u8], acts: &[&ActQ8K; N],
         // super-blocks (caller's contract); all loads are unaligned and stay within those bounds:
         // header 16 bytes, qh 32 bytes at 16 (Q5_K), qs 128 bytes at 16 or 48.
         unsafe {
-            let b = row.as_ptr().add(i * bs);
-            let d = f16_at(b);
-            let dmin = f16_at(b.add(2));
-            let (u0, u1, u2) = (u32_at(b.add(4)), u32_at(b.add(8)), u32_at(b.add(12)));
-            const L6: u32 = 0x3f3f_3f3f;
-            const L4: u32 = 0x0f0f_0f0f;
-            const H2: u32 = 0x0303_0303;
-            let sc_hi = (u2 & L4) | (((u0 >> 6) & H2) << 4);
-            let mn_hi = ((u2 >> 4) & L4) | (((u1 >> 6) & H2) << 4);
-            let sc = (u0 & L6) as u64 | ((sc_hi as u64) << 32);
-            let mn = (u1 & L6) as u64 | ((mn_hi as u64) << 32);
-            let s = scales_per32(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)), &masks);
-            // Each min twice (once per group of 16), to pair with the per-16 bsums.
-            let mn8 = _mm_cvtsi64_si128(mn as i64);
-            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
-
-            let qs = b.add(if FIVE { 48 } else { 16 });
-            let mut w = [_mm256_setzero_si256(); 8];
-            for k in 0..4 {
-                let q = load(qs.add(32 * k));
-                w[2 * k] = _mm256_and_si256(q, m4);
-                w[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            }
-            if FIVE {
-                // Bit j of qh byte l is the fifth bit of sub-block j: walk the bits down to bit 0
-                // and move each to bit 4 (bits shifted across bytes are masked off).
-                let mut h = load(b.add(16));
-                for wj in w.iter_mut() {
-                    let bit = _mm256_and_si256(_mm256_slli_epi16(h, 4), m10);
-                    *wj = _mm256_or_si256(*wj, bit);
-                    h = _mm256_srli_epi16(h, 1);
-                }
-            }
+            let Q4kBlock { d, dmin, s, mins, w } = q4k_block::<FIVE>(row.as_ptr().add(i * bs), &masks);
             let pre = prepare::<N>(&s);
             for n in 0..N {
                 let (q8, bsums, da) = act_block(acts[n], i);
@@ -344,44 +367,13 @@ unsafe fn q4k_planes<const NT: usize, const FIVE: bool>(row: &[u8], acts: &[&Act
     let bs = if FIVE { 176 } else { 144 };
     let nb = row.len() / bs;
     let masks = scale_masks();
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m10 = _mm256_set1_epi8(0x10);
     let mut acc = [_mm256_setzero_ps(); NT];
     let mut accm = [_mm256_setzero_ps(); NT];
     for i in 0..nb {
         // SAFETY: as in `q4k`: block `i` lies inside `row`, every activation vector has `nb`
         // super-blocks; all loads are unaligned and stay within those bounds.
         unsafe {
-            let b = row.as_ptr().add(i * bs);
-            let d = f16_at(b);
-            let dmin = f16_at(b.add(2));
-            let (u0, u1, u2) = (u32_at(b.add(4)), u32_at(b.add(8)), u32_at(b.add(12)));
-            const L6: u32 = 0x3f3f_3f3f;
-            const L4: u32 = 0x0f0f_0f0f;
-            const H2: u32 = 0x0303_0303;
-            let sc_hi = (u2 & L4) | (((u0 >> 6) & H2) << 4);
-            let mn_hi = ((u2 >> 4) & L4) | (((u1 >> 6) & H2) << 4);
-            let sc = (u0 & L6) as u64 | ((sc_hi as u64) << 32);
-            let mn = (u1 & L6) as u64 | ((mn_hi as u64) << 32);
-            let s = scales_per32(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)), &masks);
-            let mn8 = _mm_cvtsi64_si128(mn as i64);
-            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
-
-            let qs = b.add(if FIVE { 48 } else { 16 });
-            let mut w = [_mm256_setzero_si256(); 8];
-            for k in 0..4 {
-                let q = load(qs.add(32 * k));
-                w[2 * k] = _mm256_and_si256(q, m4);
-                w[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            }
-            if FIVE {
-                let mut h = load(b.add(16));
-                for wj in w.iter_mut() {
-                    let bit = _mm256_and_si256(_mm256_slli_epi16(h, 4), m10);
-                    *wj = _mm256_or_si256(*wj, bit);
-                    h = _mm256_srli_epi16(h, 1);
-                }
-            }
+            let Q4kBlock { d, dmin, s, mins, w } = q4k_block::<FIVE>(row.as_ptr().add(i * bs), &masks);
             let pre = prepare::<NT>(&s);
             for t in 0..NT {
                 let (q1, bsums1, _) = act_block(acts[2 * t], i);
