@@ -10,7 +10,6 @@
 //!   super-block, round to nearest), so `|oracle - Σ w x| <= Σ_blocks (da / 2) Σ |w|`, plus f32
 //!   rounding of the oracle (`1e-5 * M`) and of the dequantized weights (`1e-6 * Σ |w x|`).
 
-use half::f16;
 use kiln_gguf::{GgmlType, GgufFile};
 use kiln_quant::act_q8k::ActQ8K;
 use kiln_quant::dequantize_row;
@@ -18,6 +17,9 @@ use kiln_quant::dot_kquant::{
     available_isas, is_supported, vec_dot_q8k, vec_dot_q8k_isa, vec_dot_q8k_unopt, vec_dot_q8k_unopt_with_magnitude,
     vec_dot_q8k_x4_isa, Isa,
 };
+mod common;
+
+use common::{kquant_row as random_row, kquant_x as random_x, put_f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
@@ -25,36 +27,6 @@ const TYPES: [GgmlType; 6] =
     [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS];
 
 const LENGTHS: [usize; 4] = [256, 768, 256 * 11, 4096 + 256];
-
-fn put_f16(b: &mut [u8], at: usize, v: f32) {
-    b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
-}
-
-/// A row of random valid blocks: random quant and scale bytes, f16 scales in a sane range.
-fn random_row(rng: &mut StdRng, ty: GgmlType, n: usize) -> Vec<u8> {
-    let ts = ty.type_size();
-    let mut row = vec![0u8; n / 256 * ts];
-    rng.fill(&mut row[..]);
-    for b in row.chunks_exact_mut(ts) {
-        let d = rng.gen_range(-0.05f32..0.05);
-        let dmin = rng.gen_range(-0.05f32..0.05);
-        match ty {
-            GgmlType::Q2_K => {
-                put_f16(b, 80, d);
-                put_f16(b, 82, dmin);
-            }
-            GgmlType::Q3_K => put_f16(b, 108, d),
-            GgmlType::Q4_K | GgmlType::Q5_K => {
-                put_f16(b, 0, d);
-                put_f16(b, 2, dmin);
-            }
-            GgmlType::Q6_K => put_f16(b, 208, d),
-            GgmlType::IQ4_XS => put_f16(b, 0, d),
-            _ => unreachable!(),
-        }
-    }
-    row
-}
 
 /// Rows whose blocks take the extreme values of every field (all quant bits set / clear, largest
 /// scales and mins), to exercise the i16 / i32 headroom of the kernels.
@@ -78,21 +50,6 @@ fn extreme_row(ty: GgmlType, n: usize, fill: u8) -> Vec<u8> {
         }
     }
     row
-}
-
-fn random_x(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            // Varying magnitudes between super-blocks, and a few outliers.
-            let scale = [0.1f32, 1.0, 3.0, 0.01][(i / 256) % 4];
-            let v = rng.gen_range(-1.0f32..1.0) * scale;
-            if rng.gen_range(0..64) == 0 {
-                v * 10.0
-            } else {
-                v
-            }
-        })
-        .collect()
 }
 
 fn quantize(x: &[f32]) -> ActQ8K {

@@ -9,7 +9,6 @@
 //!   weights; and every `|x - x̂|` is at most `d / 512` (plus the f32 rounding of `x - d a`), or
 //!   `1.5 d / 256` where the second plane was clamped.
 
-use half::f16;
 use kiln_gguf::GgmlType;
 use kiln_quant::act_q8k::ActQ8K;
 use kiln_quant::dequantize_row;
@@ -17,29 +16,24 @@ use kiln_quant::dot_kquant::{
     available_isas, vec_dot_q8k, vec_dot_q8k_planes, vec_dot_q8k_planes_isa, vec_dot_q8k_planes_unopt,
     vec_dot_q8k_planes_unopt_with_magnitude, vec_dot_q8k_rows_planes,
 };
-use rand::{rngs::StdRng, Rng, SeedableRng};
+mod common;
+
+use common::{kquant_row, kquant_x as random_x, put_f16};
+use rand::{rngs::StdRng, SeedableRng};
 
 const TYPES: [GgmlType; 6] =
     [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS];
 
 const LENGTHS: [usize; 4] = [256, 768, 256 * 11, 4096 + 256];
 
-fn put_f16(b: &mut [u8], at: usize, v: f32) {
-    b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
-}
-
 /// Random valid blocks; with `fill`, every byte but the f16 scales is `fill` (extreme quants,
 /// scales and mins, for the i32 headroom of the fused kernels).
 fn row(rng: &mut StdRng, ty: GgmlType, n: usize, fill: Option<u8>) -> Vec<u8> {
+    let Some(f) = fill else { return kquant_row(rng, ty, n) };
     let ts = ty.type_size();
-    let mut row = vec![0u8; n / 256 * ts];
-    match fill {
-        Some(f) => row.fill(f),
-        None => rng.fill(&mut row[..]),
-    }
+    let mut row = vec![f; n / 256 * ts];
     for b in row.chunks_exact_mut(ts) {
-        let (d, dmin) =
-            if fill.is_some() { (0.01, 0.01) } else { (rng.gen_range(-0.05f32..0.05), rng.gen_range(-0.05f32..0.05)) };
+        let (d, dmin) = (0.01, 0.01);
         match ty {
             GgmlType::Q2_K => {
                 put_f16(b, 80, d);
@@ -56,20 +50,6 @@ fn row(rng: &mut StdRng, ty: GgmlType, n: usize, fill: Option<u8>) -> Vec<u8> {
         }
     }
     row
-}
-
-fn random_x(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let scale = [0.1f32, 1.0, 3.0, 0.01][(i / 256) % 4];
-            let v = rng.gen_range(-1.0f32..1.0) * scale;
-            if rng.gen_range(0..64) == 0 {
-                v * 10.0
-            } else {
-                v
-            }
-        })
-        .collect()
 }
 
 fn planes(x: &[f32]) -> (ActQ8K, ActQ8K) {

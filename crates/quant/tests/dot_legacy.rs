@@ -19,6 +19,9 @@ use kiln_quant::dot_legacy::{
     active_isa, available_isas, is_supported, vec_dot_q8, vec_dot_q8_isa, vec_dot_q8_unopt,
     vec_dot_q8_unopt_with_magnitude, vec_dot_q8_x4, vec_dot_q8_x4_isa, Isa,
 };
+mod common;
+
+use common::legacy_row as random_row;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -26,27 +29,6 @@ const TYPES: [GgmlType; 6] =
     [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL];
 
 const LENGTHS: [usize; 4] = [32, 96, 32 * 17, 4096 + 32];
-
-/// A random f16 of magnitude in `[lo, hi)` with a random sign.
-fn rand_f16(rng: &mut StdRng, lo: f32, hi: f32) -> [u8; 2] {
-    let mag = lo * (hi / lo).powf(rng.gen::<f32>());
-    let v = if rng.gen::<bool>() { mag } else { -mag };
-    f16::from_f32(v).to_le_bytes()
-}
-
-/// A row of `n` elements of random valid blocks: random scales (and offsets), random quants.
-fn random_row(rng: &mut StdRng, ty: GgmlType, n: usize) -> Vec<u8> {
-    let bs = ty.type_size();
-    let mut row = vec![0u8; n / 32 * bs];
-    for blk in row.chunks_exact_mut(bs) {
-        rng.fill(blk);
-        blk[..2].copy_from_slice(&rand_f16(rng, 1e-3, 5e-2));
-        if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
-            blk[2..4].copy_from_slice(&rand_f16(rng, 1e-3, 0.5));
-        }
-    }
-    row
-}
 
 /// Random activations: mostly uniform, some outliers, sometimes an all-zero block.
 fn random_act(rng: &mut StdRng, n: usize) -> Vec<f32> {

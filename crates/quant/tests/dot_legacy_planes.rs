@@ -9,13 +9,15 @@
 //!   every `|x - x̂|` is at most `d / 512` (plus the f32 rounding of `x - d a`, a few `ε |x|`), or
 //!   `1.5 d / 256` where the second plane was clamped.
 
-use half::f16;
 use kiln_gguf::GgmlType;
 use kiln_quant::act_q8::ActQ8;
 use kiln_quant::dot_legacy::{
     available_isas, vec_dot_q8_planes, vec_dot_q8_planes_isa, vec_dot_q8_planes_unopt,
     vec_dot_q8_planes_unopt_with_magnitude, vec_dot_q8_rows_planes, vec_dot_q8_x4, Isa,
 };
+mod common;
+
+use common::legacy_row as random_row;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -23,25 +25,6 @@ const TYPES: [GgmlType; 6] =
     [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL];
 
 const LENGTHS: [usize; 5] = [32, 96, 128, 32 * 17, 4096 + 32];
-
-fn rand_f16(rng: &mut StdRng, lo: f32, hi: f32) -> [u8; 2] {
-    let mag = lo * (hi / lo).powf(rng.gen::<f32>());
-    let v = if rng.gen::<bool>() { mag } else { -mag };
-    f16::from_f32(v).to_le_bytes()
-}
-
-fn random_row(rng: &mut StdRng, ty: GgmlType, n: usize) -> Vec<u8> {
-    let bs = ty.type_size();
-    let mut row = vec![0u8; n / 32 * bs];
-    for blk in row.chunks_exact_mut(bs) {
-        rng.fill(blk);
-        blk[..2].copy_from_slice(&rand_f16(rng, 1e-3, 5e-2));
-        if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
-            blk[2..4].copy_from_slice(&rand_f16(rng, 1e-3, 0.5));
-        }
-    }
-    row
-}
 
 /// Mostly uniform, some outliers, sometimes an all-zero block or a block of exact halves (ties).
 fn random_act(rng: &mut StdRng, n: usize) -> Vec<f32> {
