@@ -5,7 +5,9 @@
 # Carried beside the tree (git-ignored): target/cuda-bin/kiln (release build with --features cuda,
 # stripped), target/devshare (a copy of ../shared: fixtures/parity, fixtures/tokenizer's llama vocab,
 # models/synth, tools), .whl/gguf-*.whl (make_synth_model.py needs the gguf package).
-# usage: crates/cuda/device-run.sh parity | bench MODEL_SPEC... | gen MODEL_SPEC...
+# usage: crates/cuda/device-run.sh parity | bench MODEL_SPEC... | gen MODEL_SPEC... | prof ARGS MODEL_SPEC...
+#   prof: GPU time per kernel (ncu, serialized) of `kiln bench --backend cuda ARGS` (ARGS one word,
+#   e.g. "-p512,-n0,-r1"), summed by kernel name.
 #   MODEL_SPEC: tinyllama:Q4_0, smollm2:Q4_1 (tied, Q8_0 embeddings as llama.cpp's table), llama7b:Q4_0
 set -u
 cd "$(dirname "$0")/../.."
@@ -45,6 +47,32 @@ all)
     "$0" parity
     wait $genpid
     "$0" bench "$@"
+    ;;
+prof)
+    args=${1//,/ }
+    shift
+    for s in "$@"; do
+        f=$(gen "$s")
+        tag=$(echo "$s$args" | tr -c 'A-Za-z0-9_\n' _)
+        echo "== $s ($args)"
+        ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+            "$KILN" bench --backend cuda -m "$f" $args >"$OUT/ncu-$tag.csv" 2>"$OUT/ncu-$tag.err"
+        python3 - "$OUT/ncu-$tag.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+h = rows[0]
+ki, vi = h.index("Kernel Name"), h.index("Metric Value")
+tot, cnt = collections.Counter(), collections.Counter()
+for r in rows[1:]:
+    name = r[ki].split("(")[0][:60]
+    tot[name] += float(r[vi].replace(",", "")) / 1e3
+    cnt[name] += 1
+all_us = sum(tot.values())
+print(f"total {all_us:.0f} us over {sum(cnt.values())} launches")
+for k, v in tot.most_common(25):
+    print(f"{v:10.0f} us {100 * v / all_us:5.1f}% {cnt[k]:6d}  {k}")
+PY
+    done
     ;;
 bench)
     for s in "$@"; do

@@ -54,7 +54,7 @@ impl BlockQ6K {
 
     /// The 6-bit quant (0..64, before the -32 bias) of element `e`.
     #[inline]
-    fn quant(&self, e: usize) -> u8 {
+    pub(crate) fn quant(&self, e: usize) -> u8 {
         let (h, r) = (e / 128, e % 128);
         let lo = (self.ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0F;
         let hi = (self.qh[32 * h + r % 32] >> (2 * (r / 32))) & 0x03;

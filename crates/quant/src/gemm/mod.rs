@@ -1,18 +1,25 @@
-//! Prompt processing as f32 matrix-matrix products: each panel of [`NR`] weight rows is
-//! dequantized once per call (exactly, by the format's `dequantize_row`) and then multiplied with
-//! every token's f32 activations by a register-blocked kernel ([`MR`] tokens × [`NR`] rows).
+//! Prompt processing as matrix-matrix products: each panel of [`NR`] weight rows is decoded once per
+//! call and multiplied with every token's activations by a register-blocked kernel, so the decoding
+//! is paid once per panel and shared by all the prompt's tokens (this path only runs from
+//! [`MIN_TOKENS`] tokens up; generation keeps the 8-bit dot kernels).
 //!
-//! Why f32 rather than 8-bit activations for prompts: on AVX2 two FMA ports give 16 f32
-//! multiply-adds per cycle, about what llama.cpp's 8-bit kernels reach in practice, while the
-//! result is far more accurate (exact weights, unquantized activations). The dequantization is
-//! paid once per panel and shared by all the prompt's tokens, which is why this path only runs
-//! from [`MIN_TOKENS`] tokens up; generation keeps the 8-bit dot kernels.
+//! Two kernels:
+//! - [`int16`] for quantized formats with an exact integer form ([`int_weights`]: all but Q2_K):
+//!   weights as integers, activations rounded to 15 bits per block of 32, exact i32 block sums.
+//!   `vpmaddwd` does twice the multiply-adds of an FMA per instruction; the activation error
+//!   (2^-15 of a block's largest element) is 128 times smaller than llama.cpp's 8-bit blocks.
+//! - f32 (this file) for float weights and Q2_K: the weights dequantized exactly, f32
+//!   activations, one FMA chain per output (the `avx2` module).
 //!
-//! Each output is one FMA chain over `k = 0..cols` in order, whatever tile or batch it is computed
-//! in: a token's results do not depend on the other tokens of the call.
+//! In both, each output is one chain over `k` (or its blocks) in order, whatever tile or batch it is
+//! computed in: a token's results do not depend on the other tokens of the call.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub mod int16;
+#[cfg(target_arch = "x86_64")]
+mod int16_avx2;
+pub mod int_weights;
 
 use std::cell::RefCell;
 
@@ -140,8 +147,33 @@ pub fn gemm(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
     gemm_many(&mut [(w, out)], x, n);
 }
 
-/// [`gemm`] for several matrices sharing the activations, their panels in one parallel section.
+/// Whether the integer path takes matrices it supports (`KILN_GEMM=f32` keeps every matrix on the
+/// f32 kernel, for comparisons).
+pub fn int16_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_GEMM").as_deref() != Ok("f32"))
+}
+
+/// [`gemm`] for several matrices sharing the activations: quantized formats with an integer form
+/// go through the 16-bit kernel ([`int16`]), the others (float weights, Q2_K) through the f32 one.
 pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
+    let int = |w: &QMatrix| int16_enabled() && int_weights::is_supported(w.ty);
+    if jobs.iter().all(|(w, _)| int(w)) {
+        int16::gemm_many(jobs, x, n);
+        return;
+    }
+    if jobs.iter().any(|(w, _)| int(w)) {
+        let (mut ints, mut floats): (Vec<_>, Vec<_>) =
+            jobs.iter_mut().map(|(w, out)| (*w, &mut **out)).partition(|(w, _)| int(w));
+        int16::gemm_many(&mut ints, x, n);
+        gemm_many_f32(&mut floats, x, n);
+        return;
+    }
+    gemm_many_f32(jobs, x, n);
+}
+
+/// The f32 kernel for every job.
+pub fn gemm_many_f32(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
     let Some(cols) = jobs.first().map(|(w, _)| w.cols) else { return };
     for (w, out) in jobs.iter() {
         assert_eq!(w.cols, cols, "fused matrices share the activations");
