@@ -74,6 +74,15 @@ pub(super) fn transpose_into(rows: &[f32], ld: usize, kc: usize, panel: &mut [f3
     unsafe { transpose_avx2(rows.as_ptr(), ld, kc, panel.as_mut_ptr()) }
 }
 
+/// [`transpose_into`] for 32-bit integers (the 16-bit kernel's weight pairs).
+pub(super) fn transpose_u32_into(rows: &[u32], ld: usize, kc: usize, panel: &mut [u32]) {
+    assert!(kc.is_multiple_of(8) && kc <= ld && rows.len() >= (NR - 1) * ld + kc && panel.len() >= kc * NR);
+    // SAFETY: AVX2 was detected by the caller; the asserts bound every read and write as in
+    // `transpose_into`. u32 and f32 have the same size and alignment and the transpose only moves
+    // bits (unpacks, shuffles, lane permutes: no arithmetic), so the integers come through intact.
+    unsafe { transpose_avx2(rows.as_ptr() as *const f32, ld, kc, panel.as_mut_ptr() as *mut f32) }
+}
+
 /// # Safety
 /// AVX2; `rows` readable for `NR` rows of `kc` at stride `ld`, `panel` writable for `kc * NR`.
 #[target_feature(enable = "avx2")]

@@ -31,12 +31,15 @@ pub const MR: usize = 4;
 
 /// Pairs of 16-bit integers (element `2p` in the low half, `2p + 1` in the high half): the unit the
 /// kernel multiplies.
+/// In memory a pair is the two i16 in element order, so a row of pairs is the row of i16 values.
 fn pair(lo: i16, hi: i16) -> u32 {
-    u32::from(lo as u16) | (u32::from(hi as u16) << 16)
+    let (l, h) = (lo.to_ne_bytes(), hi.to_ne_bytes());
+    u32::from_ne_bytes([l[0], l[1], h[0], h[1]])
 }
 
 fn unpair(p: u32) -> (i32, i32) {
-    (i32::from(p as u16 as i16), i32::from((p >> 16) as u16 as i16))
+    let b = p.to_ne_bytes();
+    (i32::from(i16::from_ne_bytes([b[0], b[1]])), i32::from(i16::from_ne_bytes([b[2], b[3]])))
 }
 
 /// Activations of `n` tokens as 15-bit integers per block of 32: token `t`'s element `k` stands for
@@ -111,6 +114,8 @@ pub struct IntPanel {
     pub scale: Vec<f32>,
     pub min: Vec<f32>,
     pub has_min: bool,
+    /// The rows' pairs row-major (`[NR][cols / 2]`), before the transpose into `q`.
+    rows: Vec<u32>,
     row_q: Vec<i16>,
     row_scale: Vec<f32>,
     row_min: Vec<f32>,
@@ -120,28 +125,42 @@ impl IntPanel {
     /// Fills the panel with rows `r0 .. r0 + NR` of `w` (an [`int_weights::is_supported`] type).
     pub fn pack(&mut self, w: &QMatrix, r0: usize) {
         let cols = w.cols;
-        let blocks = cols / BLOCK;
+        let (pairs, blocks) = (cols / 2, cols / BLOCK);
         self.has_min = int_weights::has_min(w.ty);
-        self.q.resize(cols / 2 * NR, 0);
+        self.q.resize(pairs * NR, 0);
+        self.rows.resize(pairs * NR, 0);
         self.scale.resize(blocks * NR, 0.0);
         self.min.resize(blocks * NR, 0.0);
         self.row_q.resize(cols, 0);
         self.row_scale.resize(blocks, 0.0);
         self.row_min.resize(blocks, 0.0);
         for j in 0..NR {
+            let dst = &mut self.rows[j * pairs..(j + 1) * pairs];
             if r0 + j < w.rows {
                 int_weights::decode_row(w.ty, w.row(r0 + j), &mut self.row_q, &mut self.row_scale, &mut self.row_min);
+                for (o, two) in dst.iter_mut().zip(self.row_q.chunks_exact(2)) {
+                    *o = pair(two[0], two[1]);
+                }
             } else {
-                self.row_q.fill(0);
+                dst.fill(0);
                 self.row_scale.fill(0.0);
                 self.row_min.fill(0.0);
-            }
-            for (p, two) in self.row_q.chunks_exact(2).enumerate() {
-                self.q[p * NR + j] = pair(two[0], two[1]);
             }
             for b in 0..blocks {
                 self.scale[b * NR + j] = self.row_scale[b];
                 self.min[b * NR + j] = self.row_min[b];
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if isa() >= Isa::Avx2 && pairs.is_multiple_of(8) {
+                super::avx2::transpose_u32_into(&self.rows, pairs, pairs, &mut self.q);
+                return;
+            }
+        }
+        for j in 0..NR {
+            for p in 0..pairs {
+                self.q[p * NR + j] = self.rows[j * pairs + p];
             }
         }
     }

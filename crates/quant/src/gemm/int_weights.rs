@@ -52,16 +52,35 @@ pub fn decode_row(ty: GgmlType, src: &[u8], q: &mut [i16], scale: &mut [f32], mi
         }
     };
     match ty {
-        GgmlType::Q4_0 => legacy(q4_0::BLOCK_BYTES, &mut |b, out| {
-            let blk = q4_0::BlockQ4_0::from_bytes(b);
-            copy(out, blk.quants().map(i16::from));
-            (blk.d.to_f32(), 0.0)
-        }),
-        GgmlType::Q4_1 => legacy(q4_1::BLOCK_BYTES, &mut |b, out| {
-            let blk = q4_1::BlockQ4_1::from_bytes(b);
-            copy(out, blk.quants().map(i16::from));
-            (blk.d.to_f32(), blk.m.to_f32())
-        }),
+        // The common formats read their bytes directly (this runs once per panel row).
+        GgmlType::Q4_0 => {
+            for (b, (blk, qb)) in src.chunks_exact(q4_0::BLOCK_BYTES).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+                (scale[b], min[b]) = (f16_at(blk, 0), 0.0);
+                let (lo, hi) = qb.split_at_mut(BLOCK / 2);
+                for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(&blk[2..]) {
+                    *l = i16::from(byte & 0x0F) - 8;
+                    *h = i16::from(byte >> 4) - 8;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (b, (blk, qb)) in src.chunks_exact(q4_1::BLOCK_BYTES).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+                (scale[b], min[b]) = (f16_at(blk, 0), f16_at(blk, 2));
+                let (lo, hi) = qb.split_at_mut(BLOCK / 2);
+                for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(&blk[4..]) {
+                    *l = i16::from(byte & 0x0F);
+                    *h = i16::from(byte >> 4);
+                }
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (b, (blk, qb)) in src.chunks_exact(q8_0::BLOCK_BYTES).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+                (scale[b], min[b]) = (f16_at(blk, 0), 0.0);
+                for (o, &byte) in qb.iter_mut().zip(&blk[2..]) {
+                    *o = i16::from(byte as i8);
+                }
+            }
+        }
         GgmlType::Q5_0 => legacy(q5_0::BLOCK_BYTES, &mut |b, out| {
             let blk = q5_0::BlockQ5_0::from_bytes(b);
             copy(out, blk.quants().map(i16::from));
@@ -72,11 +91,6 @@ pub fn decode_row(ty: GgmlType, src: &[u8], q: &mut [i16], scale: &mut [f32], mi
             copy(out, blk.quants().map(i16::from));
             (blk.d.to_f32(), blk.m.to_f32())
         }),
-        GgmlType::Q8_0 => legacy(q8_0::BLOCK_BYTES, &mut |b, out| {
-            let blk = q8_0::BlockQ8_0::from_bytes(b);
-            copy(out, blk.qs.map(i16::from));
-            (blk.d.to_f32(), 0.0)
-        }),
         GgmlType::IQ4_NL => legacy(iq4_nl::BLOCK_BYTES, &mut |b, out| {
             let blk = iq4_nl::BlockIq4Nl::from_bytes(b);
             copy(out, blk.values().map(i16::from));
@@ -84,6 +98,11 @@ pub fn decode_row(ty: GgmlType, src: &[u8], q: &mut [i16], scale: &mut [f32], mi
         }),
         _ => decode_kquant_row(ty, src, q, scale, min),
     }
+}
+
+/// The little-endian f16 at `bytes[at..at + 2]`, widened.
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
 /// Decodes one 32-element block's integers and returns its `(scale, min)`.
