@@ -255,10 +255,10 @@ __device__ __forceinline__ float warp_sum(float v) {
 // y[t * ldy + r] (+)= Σ_c W[r, c] · x[t * ldx + c]: each warp computes MV_ROWS rows, token
 // t = blockIdx.y. Each lane decodes 8 weights per row and step and reads the matching 8
 // activations as two float4 loads (a warp's activation reads are one contiguous 1 KiB span).
-// With SWIGLU, x is silu(gate) * up computed on the fly from rows [gate | up] of width 2 * cols
-// (kept for experiments, not used: every row's warp recomputes the whole silu vector, and decode
-// was slower with it, 177 -> 110 t/s on the 7B shape together with deeper unrolling).
-template <int T, bool SWIGLU>
+// (SwiGLU computed here on the fly was slower: every row's warp recomputed the whole silu vector,
+// 177 -> 110 t/s on the 7B shape together with deeper unrolling. It is now fused into the
+// epilogue of the fast gate|up kernel instead, see EPI_SWIGLU.)
+template <int T>
 __device__ __forceinline__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, const float* __restrict__ x,
                                             float* __restrict__ y, int rows, int cols, int ldx, int ldy, int acc) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -280,13 +280,6 @@ __device__ __forceinline__ void matvec_impl(const u8* __restrict__ W, long long 
         float4 b = *(const float4*)(xt + e0 + 4);
         xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
         xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
-        if constexpr (SWIGLU) {
-            float4 c = *(const float4*)(xt + cols + e0);
-            float4 d = *(const float4*)(xt + cols + e0 + 4);
-            float up[8] = {c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
-#pragma unroll
-            for (int k = 0; k < 8; k++) xv[k] = xv[k] / (1.f + expf(-xv[k])) * up[k];
-        }
 #pragma unroll
         for (int j = 0; j < MV_ROWS; j++) {
             float w[8];
@@ -493,13 +486,64 @@ __device__ __forceinline__ float frag_dot(const Frag& f, int u, const float4* xv
     }
 }
 
+// What the fast kernel does with pairs of adjacent output rows (r even, both computed by one warp:
+// needs MVF_R even), fusing away a kernel launch per layer of a decode step:
+// EPI_SWIGLU: rows interleaved as (gate_i, up_i) at upload; writes y[i] = silu(gate) · up in f64,
+//   exactly as the swiglu kernel;
+// EPI_ROPE_KV: rows [q | k | v] of width qd + 2·kvd; rotates the q and k pairs of the first n_rot
+//   dims of each head by the angles of position meta[0] + t (f64, exactly as rope_kv), writes them
+//   to y and stores k and v into the caches at that position.
+#define EPI_PLAIN 0
+#define EPI_SWIGLU 1
+#define EPI_ROPE_KV 2
+struct Epi {
+    int mode;
+    const float2* cs;
+    const int* meta;
+    float* kc;
+    float* vc;
+    int qd, kvd, d, half;
+};
+
+__device__ __forceinline__ void epilogue_pair(const Epi& ep, float* yt, int r, float a, float b) {
+    if (ep.mode == EPI_SWIGLU) {
+        double g = a, u = b;
+        yt[r >> 1] = (float)(g / (1.0 + exp(-g)) * u);
+        return;
+    }
+    const int pos = ep.meta[0] + blockIdx.y;
+    const int kvr = r - ep.qd;
+    if (kvr >= ep.kvd) {
+        const int vr = kvr - ep.kvd;
+        yt[r] = a;
+        yt[r + 1] = b;
+        ep.vc[(usize)pos * ep.kvd + vr] = a;
+        ep.vc[(usize)pos * ep.kvd + vr + 1] = b;
+        return;
+    }
+    const int jd = (kvr >= 0 ? kvr : r) % ep.d;
+    float o0 = a, o1 = b;
+    if (jd < 2 * ep.half) {
+        const float2 c = ep.cs[(usize)pos * ep.half + (jd >> 1)];
+        double x0 = a, x1 = b, cc = c.x, ss = c.y;
+        o0 = (float)(x0 * cc - x1 * ss);
+        o1 = (float)(x0 * ss + x1 * cc);
+    }
+    yt[r] = o0;
+    yt[r + 1] = o1;
+    if (kvr >= 0) {
+        ep.kc[(usize)pos * ep.kvd + kvr] = o0;
+        ep.kc[(usize)pos * ep.kvd + kvr + 1] = o1;
+    }
+}
+
 // y[t * ldy + r] (+)= Σ_c W[r, c] · xn[c], token t = blockIdx.y, xn = x[t * ldx ..] or, when g is
-// not null, RMSNorm(x) · g computed here exactly as the rms_norm kernel (mean in f64).
+// not null, RMSNorm(x) · g computed here exactly as the rms_norm kernel (mean in f64); ep: see Epi.
 // Dynamic shared memory: ceil(cols / 1024) · (4096 + 256) bytes.
 template <int T>
 __device__ __forceinline__ void matvec_fast_impl(const u8* __restrict__ W, long long rb, const float* __restrict__ x,
                                                  const float* __restrict__ g, double eps, float* __restrict__ y,
-                                                 int rows, int cols, int ldx, int ldy, int acc) {
+                                                 int rows, int cols, int ldx, int ldy, int acc, const Epi& ep) {
     extern __shared__ float4 xs[];
     __shared__ double red[32];
     const int nt = (cols + 1023) >> 10, nu = cols >> 5;
@@ -609,13 +653,24 @@ __device__ __forceinline__ void matvec_fast_impl(const u8* __restrict__ W, long 
             lp.next(nt, gstride);
             if (t == nt - 1) {
                 const int r0 = cp.r0;
+                float v[MVF_R];
 #pragma unroll
                 for (int j = 0; j < MVF_R; j++) {
-                    float v = warp_sum(accs[j]);
+                    v[j] = warp_sum(accs[j]);
                     accs[j] = 0.f;
-                    if (lane == 0 && r0 + j < rows) {
-                        float* o = y + (usize)blockIdx.y * ldy + r0 + j;
-                        *o = acc ? *o + v : v;
+                }
+                if (lane == 0) {
+                    float* yt = y + (usize)blockIdx.y * ldy;
+                    if (ep.mode == EPI_PLAIN) {
+#pragma unroll
+                        for (int j = 0; j < MVF_R; j++) {
+                            if (r0 + j < rows) yt[r0 + j] = acc ? yt[r0 + j] + v[j] : v[j];
+                        }
+                    } else {
+#pragma unroll
+                        for (int j = 0; j + 1 < MVF_R; j += 2) {
+                            if (r0 + j < rows) epilogue_pair(ep, yt, r0 + j, v[j], v[j + 1]);
+                        }
                     }
                 }
             }
@@ -629,8 +684,10 @@ __device__ __forceinline__ void matvec_fast_impl(const u8* __restrict__ W, long 
 #define KILN_FAST_KERNEL(name, T, ...)                                                                                \
     extern "C" __global__ void __launch_bounds__(__VA_ARGS__)                                                          \
         matvec_fast_##name(const u8* W, long long rb, const float* x, const float* g, double eps, float* y, int rows,  \
-                           int cols, int ldx, int ldy, int acc) {                                                      \
-        matvec_fast_impl<T>(W, rb, x, g, eps, y, rows, cols, ldx, ldy, acc);                                           \
+                           int cols, int ldx, int ldy, int acc, int epi, const float2* cs, const int* meta, float* kc,  \
+                           float* vc, int qd, int kvd, int d, int half) {                                              \
+        const Epi ep = {epi, cs, meta, kc, vc, qd, kvd, d, half};                                                      \
+        matvec_fast_impl<T>(W, rb, x, g, eps, y, rows, cols, ldx, ldy, acc, ep);                                       \
     }
 
 KILN_FAST_KERNEL(q4_0r, T_Q4_0R, MVF_WARPS * 32)
@@ -673,11 +730,7 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, long lon
 #define KILN_TYPE_KERNELS(name, T)                                                                                    \
     extern "C" __global__ void matvec_##name(const u8* W, long long rb, const float* x, float* y, int rows, int cols,   \
                                              int ldx, int ldy, int acc) {                                              \
-        matvec_impl<T, false>(W, rb, x, y, rows, cols, ldx, ldy, acc);                                                 \
-    }                                                                                                                  \
-    extern "C" __global__ void matvec_swiglu_##name(const u8* W, long long rb, const float* x, float* y, int rows,    \
-                                                    int cols, int ldx, int ldy, int acc) {                            \
-        matvec_impl<T, true>(W, rb, x, y, rows, cols, ldx, ldy, acc);                                                  \
+        matvec_impl<T>(W, rb, x, y, rows, cols, ldx, ldy, acc);                                                 \
     }                                                                                                                  \
     extern "C" __global__ void dequant_f16_##name(const u8* W, long long rb, u16* out, int rows, int cols) {           \
         dequant_f16_impl<T>(W, rb, out, rows, cols);                                                                   \
@@ -704,9 +757,21 @@ KILN_TYPE_KERNELS(iq4_xs, T_IQ4_XS)
 KILN_TYPE_KERNELS(q4_0r, T_Q4_0R)
 KILN_TYPE_KERNELS(q8_0r, T_Q8_0R)
 
-// out = x / sqrt(mean(x²) + eps) * g, one block per row; the mean in f64 as on the CPU.
+// x ≈ hi + lo as two f16 planes at element i (lo = the rounding error of hi), for f16
+// tensor-core products that keep ~22 bits of each activation; nothing when hi is null, no lo
+// when lo is null. Producers of batched-path activations write these themselves (ncu: the
+// separate split_f16 pass was ~6% of a TinyLlama-shape pp512).
+__device__ __forceinline__ void store_planes(u16* __restrict__ hi, u16* __restrict__ lo, usize i, float v) {
+    if (!hi) return;
+    u16 h = f2h(v);
+    hi[i] = h;
+    if (lo) lo[i] = f2h(v - h2f(h));
+}
+
+// out = x / sqrt(mean(x²) + eps) * g, one block per row; the mean in f64 as on the CPU; also as
+// f16 planes (store_planes).
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g, float* __restrict__ out,
-                                    int e, double eps) {
+                                    int e, double eps, u16* __restrict__ hi, u16* __restrict__ lo) {
     __shared__ double part[32];
     const float* xr = x + (usize)blockIdx.x * e;
     float* orow = out + (usize)blockIdx.x * e;
@@ -725,18 +790,18 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     }
     __syncthreads();
     double scale = 1.0 / sqrt(part[0] / (double)e + eps);
-    for (int i = threadIdx.x; i < e; i += blockDim.x) orow[i] = (float)(((double)xr[i] * scale) * (double)g[i]);
+    for (int i = threadIdx.x; i < e; i += blockDim.x) {
+        float v = (float)(((double)xr[i] * scale) * (double)g[i]);
+        orow[i] = v;
+        store_planes(hi, lo, (usize)blockIdx.x * e + i, v);
+    }
 }
 
-// x ≈ hi + lo as two f16 planes (lo = the rounding error of hi), for f16 tensor-core products
-// that keep ~22 bits of each activation; lo is skipped when null.
+// The f16 planes of x (store_planes), where its producer did not write them.
 extern "C" __global__ void split_f16(const float* __restrict__ x, u16* __restrict__ hi, u16* __restrict__ lo, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float v = x[i];
-    u16 h = f2h(v);
-    hi[i] = h;
-    if (lo) lo[i] = f2h(v - h2f(h));
+    store_planes(hi, lo, (usize)i, x[i]);
 }
 
 // RoPE on q and k of each token (adjacent pairs of the first n_rot dims of every head, angles
@@ -898,11 +963,187 @@ extern "C" __global__ void attention_b8(const float* qkv, int stride, const floa
     attention_impl<8>(qkv, stride, kc, vc, out, meta, n_head, n_head_kv, d, kv_stride, scale);
 }
 
-// out[t][i] = silu(gate) * up, from rows [gate | up] of width 2·ff; in f64 as on the CPU.
-extern "C" __global__ void swiglu(const float* __restrict__ gu, float* __restrict__ out, int ff, int n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)n * ff) return;
-    int t = (int)(i / ff), j = (int)(i % ff);
-    double g = gu[(usize)t * 2 * ff + j], u = gu[(usize)t * 2 * ff + ff + j];
-    out[i] = (float)(g / (1.0 + exp(-g)) * u);
+// Causal attention of a prompt chunk, tiled (flash-attention style, f32 on the CUDA cores).
+// ncu of TinyLlama-shape pp512 showed the one-block-per-(head, token) kernel above at 60% of the
+// GPU time: every block re-read its head's whole K/V prefix (8x more for grouped heads). Here a
+// block takes FA_BQ query rows of one KV head — rows are (token, head of the group) pairs, so
+// the heads sharing a K/V head read each K/V tile once — and walks the keys in tiles of BK
+// (staged in shared memory), keeping a running max, denominator and output per row (online
+// softmax). Scores are f32 dot products scaled as in `attention`; masked keys (s > pos) are -inf.
+// Blocks run the longest (latest) query tiles first, the KV heads interleaved (grid: one dimension,
+// tiles x KV heads), so that each SM pairs a long tile with a short one (ncu, TinyLlama-shape
+// pp512: heavy-first within each head only left the SMs unevenly loaded). 256 threads: thread (ty, tx) owns rows
+// 4·ty .. 4·ty+3 of the tile, score columns tx + 16·j and output columns 4·tx + 64·c.
+// Shared memory (floats): Q [FA_BQ][D+4] | K [BK][D+4] | V [BK][D] | P [FA_BQ][BK+4].
+#define FA_BQ 64
+template <int D, int BK>
+__device__ __forceinline__ void attention_tiled_impl(const float* __restrict__ qkv, int stride,
+                                                     const float* __restrict__ kc, const float* __restrict__ vc,
+                                                     float* __restrict__ out, const int* __restrict__ meta, int n,
+                                                     int n_head, int n_head_kv, int kv_stride, float scale,
+                                                     u16* __restrict__ hi, u16* __restrict__ lo) {
+    constexpr int DP = D + 4, PP = BK + 4, JN = BK / 16, CO = D / 64, D4 = D / 4;
+    extern __shared__ float4 fa_sm4[];
+    float* Qs = (float*)fa_sm4;
+    float* Ks = Qs + FA_BQ * DP;
+    float* Vs = Ks + BK * DP;
+    float* Ps = Vs + BK * D;
+    const int G = n_head / n_head_kv, rows = n * G;
+    const int kh = (int)blockIdx.x % n_head_kv;
+    const int row0 = ((int)gridDim.x / n_head_kv - 1 - (int)blockIdx.x / n_head_kv) * FA_BQ;
+    const int start = meta[0];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    for (int i = tid; i < FA_BQ * D4; i += blockDim.x) {
+        int r = i / D4, c4 = i % D4, fr = row0 + r;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (fr < rows) v = *(const float4*)(qkv + (usize)(fr / G) * stride + (kh * G + fr % G) * D + 4 * c4);
+        *(float4*)(Qs + r * DP + 4 * c4) = v;
+    }
+    // Last key each of this thread's rows may see (rows past the chunk repeat the last one).
+    int lim[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) lim[i] = start + min(row0 + 4 * ty + i, rows - 1) / G;
+    const int kv_len = start + (min(row0 + FA_BQ, rows) - 1) / G + 1;
+    float m[4], l[4];
+    float4 o[4][CO];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        m[i] = __int_as_float(0xff800000);
+        l[i] = 0.f;
+#pragma unroll
+        for (int c = 0; c < CO; c++) o[i][c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    const float* kb = kc + kh * D;
+    const float* vb = vc + kh * D;
+    for (int k0 = 0; k0 < kv_len; k0 += BK) {
+        __syncthreads();
+        for (int i = tid; i < BK * D4; i += blockDim.x) {
+            int r = i / D4, c4 = i % D4, s = k0 + r;
+            float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
+            if (s < kv_len) {
+                kv = *(const float4*)(kb + (usize)s * kv_stride + 4 * c4);
+                vv = *(const float4*)(vb + (usize)s * kv_stride + 4 * c4);
+            }
+            *(float4*)(Ks + r * DP + 4 * c4) = kv;
+            *(float4*)(Vs + r * D + 4 * c4) = vv;
+        }
+        __syncthreads();
+        float sc[4][JN];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < JN; j++) sc[i][j] = 0.f;
+#pragma unroll 4
+        for (int k = 0; k < D4; k++) {
+            float4 q[4], kk[JN];
+#pragma unroll
+            for (int i = 0; i < 4; i++) q[i] = *(const float4*)(Qs + (4 * ty + i) * DP + 4 * k);
+#pragma unroll
+            for (int j = 0; j < JN; j++) kk[j] = *(const float4*)(Ks + (tx + 16 * j) * DP + 4 * k);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < JN; j++)
+                    sc[i][j] += q[i].x * kk[j].x + q[i].y * kk[j].y + q[i].z * kk[j].z + q[i].w * kk[j].w;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float mx = m[i];
+#pragma unroll
+            for (int j = 0; j < JN; j++) {
+                int s = k0 + tx + 16 * j;
+                sc[i][j] = s <= lim[i] ? sc[i][j] * scale : __int_as_float(0xff800000);
+                mx = fmaxf(mx, sc[i][j]);
+            }
+#pragma unroll
+            for (int o2 = 8; o2 > 0; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+            // Key 0 is in the first tile and visible to every row, so mx is finite from here on.
+            float corr = expf(m[i] - mx), rs = 0.f;
+            m[i] = mx;
+#pragma unroll
+            for (int j = 0; j < JN; j++) {
+                float p = expf(sc[i][j] - mx);
+                rs += p;
+                Ps[(4 * ty + i) * PP + tx + 16 * j] = p;
+            }
+#pragma unroll
+            for (int o2 = 8; o2 > 0; o2 >>= 1) rs += __shfl_xor_sync(0xffffffffu, rs, o2);
+            l[i] = l[i] * corr + rs;
+#pragma unroll
+            for (int c = 0; c < CO; c++) {
+                o[i][c].x *= corr;
+                o[i][c].y *= corr;
+                o[i][c].z *= corr;
+                o[i][c].w *= corr;
+            }
+        }
+        __syncthreads();
+        const int kend = min(BK, kv_len - k0);
+        for (int c0 = 0; c0 < kend; c0 += 4) {
+            float4 p[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) p[i] = *(const float4*)(Ps + (4 * ty + i) * PP + c0);
+#pragma unroll
+            for (int cc = 0; cc < 4; cc++) {
+#pragma unroll
+                for (int c = 0; c < CO; c++) {
+                    float4 v = *(const float4*)(Vs + (c0 + cc) * D + 4 * tx + 64 * c);
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        float pi = cc == 0 ? p[i].x : cc == 1 ? p[i].y : cc == 2 ? p[i].z : p[i].w;
+                        o[i][c].x += pi * v.x;
+                        o[i][c].y += pi * v.y;
+                        o[i][c].z += pi * v.z;
+                        o[i][c].w += pi * v.w;
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int fr = row0 + 4 * ty + i;
+        if (fr >= rows) continue;
+        float inv = 1.f / l[i];
+        const usize base = (usize)(fr / G) * n_head * D + (kh * G + fr % G) * D;
+#pragma unroll
+        for (int c = 0; c < CO; c++) {
+            float4 v = o[i][c];
+            v = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+            const usize at = base + 4 * tx + 64 * c;
+            *(float4*)(out + at) = v;
+            store_planes(hi, lo, at, v.x);
+            store_planes(hi, lo, at + 1, v.y);
+            store_planes(hi, lo, at + 2, v.z);
+            store_planes(hi, lo, at + 3, v.w);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_tiled64(const float* qkv, int stride, const float* kc, const float* vc, float* out, const int* meta, int n,
+                      int n_head, int n_head_kv, int kv_stride, float scale, u16* hi, u16* lo) {
+    attention_tiled_impl<64, 64>(qkv, stride, kc, vc, out, meta, n, n_head, n_head_kv, kv_stride, scale, hi, lo);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    attention_tiled128(const float* qkv, int stride, const float* kc, const float* vc, float* out, const int* meta,
+                       int n, int n_head, int n_head_kv, int kv_stride, float scale, u16* hi, u16* lo) {
+    attention_tiled_impl<128, 32>(qkv, stride, kc, vc, out, meta, n, n_head, n_head_kv, kv_stride, scale, hi, lo);
+}
+
+// out[t][i] = silu(gate) * up, from rows [gate | up] of width 2·ff (interleaved: rows
+// [g0 u0 g1 u1 ...], the layout of a fused gate|up matrix); in f64 as on the CPU; also as f16
+// planes (store_planes).
+// Grid (ceil(ff / blockDim), n): no 64-bit index division (ncu: the 1-D version took 21 us for
+// 512 x 5632 elements).
+extern "C" __global__ void swiglu(const float* __restrict__ gu, float* __restrict__ out, int ff, int n, int interleaved,
+                                  u16* __restrict__ hi, u16* __restrict__ lo) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (j >= ff) return;
+    const usize i = (usize)t * ff + j;
+    const float* row = gu + (usize)t * 2 * ff;
+    double g = interleaved ? row[2 * j] : row[j], u = interleaved ? row[2 * j + 1] : row[ff + j];
+    float v = (float)(g / (1.0 + exp(-g)) * u);
+    out[i] = v;
+    store_planes(hi, lo, i, v);
 }

@@ -49,8 +49,6 @@ const TYPES: [(GgmlType, &str); 15] = [
 /// The three kernels specialised for one weight type.
 pub(crate) struct TypeKernels {
     pub matvec: CudaFunction,
-    /// The matrix-vector product whose input is silu(gate) * up (the FFN down projection).
-    pub matvec_swiglu: CudaFunction,
     pub dequant_f16: CudaFunction,
     pub get_rows: CudaFunction,
     /// The fast matrix-vector kernel (16-byte unit loads, optional fused RMSNorm), for the types
@@ -80,6 +78,9 @@ pub(crate) struct Kernels {
     pub attention: CudaFunction,
     /// The same attention with 8 loads in flight per thread (one-token steps).
     pub attention_b8: CudaFunction,
+    /// Tiled (flash-style) prompt attention for head sizes 64 and 128, with its dynamic shared
+    /// memory in bytes.
+    pub attention_tiled: [(usize, CudaFunction, u32); 2],
     pub swiglu: CudaFunction,
 }
 
@@ -100,6 +101,12 @@ impl Kernels {
             (_, false) => self.for_type(ty),
         }
     }
+}
+
+/// Dynamic shared memory of `attention_tiled_impl<d, bk>` (kernels.cu): Q [64][d+4], K [bk][d+4],
+/// V [bk][d] and P [64][bk+4] floats.
+fn attention_tiled_smem(d: usize, bk: usize) -> u32 {
+    ((64 * (d + 4) + bk * (d + 4) + bk * d + 64 * (bk + 4)) * 4) as u32
 }
 
 /// A positive integer from the environment (development knobs), else `default`.
@@ -184,7 +191,6 @@ impl Device {
         let type_kernels = |sfx: &str, fast: bool| -> Result<TypeKernels> {
             Ok(TypeKernels {
                 matvec: f(&format!("matvec_{sfx}"))?,
-                matvec_swiglu: f(&format!("matvec_swiglu_{sfx}"))?,
                 dequant_f16: f(&format!("dequant_f16_{sfx}"))?,
                 get_rows: f(&format!("get_rows_{sfx}"))?,
                 matvec_fast: if fast { Some(f(&format!("matvec_fast_{sfx}"))?) } else { None },
@@ -211,8 +217,20 @@ impl Device {
             rope_kv: f("rope_kv")?,
             attention: f("attention")?,
             attention_b8: f("attention_b8")?,
+            attention_tiled: [
+                (64, f("attention_tiled64")?, attention_tiled_smem(64, 64)),
+                (128, f("attention_tiled128")?, attention_tiled_smem(128, 32)),
+            ],
             swiglu: f("swiglu")?,
         };
+        for (_, f, smem) in &kernels.attention_tiled {
+            // Past 48 KiB of dynamic shared memory a kernel must opt in.
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                *smem as i32,
+            )
+            .map_err(|e| anyhow::anyhow!("attention kernel shared memory: {e}"))?;
+        }
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
         // cuBLAS is optional: without it batches run through the matrix-vector kernels.
         // SAFETY: dlopen probe only.

@@ -37,6 +37,17 @@ fn dev_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("CUDA: {e}")
 }
 
+/// What the fast mat-vec kernel does with adjacent output-row pairs (`EPI_*` in kernels.cu).
+#[derive(Clone, Copy)]
+enum Epi {
+    /// y (+)= W x.
+    Plain,
+    /// Rows interleaved (gate, up): y[i] = silu(gate_i) · up_i.
+    Swiglu,
+    /// Rows [q | k | v]: RoPE on q and k, k and v stored into layer `.0`'s caches.
+    RopeKv(usize),
+}
+
 /// A weight matrix on the device in its stored format; its output lands at column `out_off` of
 /// the destination rows (several matrices can fill one row: q|k|v, gate|up).
 #[derive(Clone, Copy, Debug)]
@@ -57,8 +68,11 @@ struct Layer {
     /// q, k, v (one fused matrix when the three share a type).
     qkv: Vec<Mat>,
     wo: Mat,
-    /// gate, up (fused when they share a type).
+    /// gate, up (fused when they share a type, rows then interleaved: gate 0, up 0, gate 1, ...).
     gate_up: Vec<Mat>,
+    /// Whether `gate_up` is one matrix of interleaved rows (its products come out as
+    /// [g0 u0 g1 u1 ...], so one warp computing two adjacent rows can apply SwiGLU itself).
+    gu_interleaved: bool,
     down: Mat,
 }
 
@@ -77,6 +91,8 @@ pub struct CudaModel {
     pub device_bytes: usize,
     /// Largest matrix in elements (the f16 scratch tile of the batched path).
     max_elems: usize,
+    /// Whether some matrix is F16 or BF16 (its batched products take two activation planes).
+    float_weights: bool,
     _owners: Vec<CudaSlice<u8>>,
 }
 
@@ -92,12 +108,17 @@ impl CudaModel {
         let mut owners = Vec::new();
         let mut device_bytes = 0usize;
         let mut max_elems = 0usize;
-        let mut upload = |parts: &[&QMatrix]| -> Result<Vec<Mat>> {
+        let mut float_weights = false;
+        // `interleave`: the parts' rows alternate (row r of each part in turn; parts of one type,
+        // width and row count), else they follow one another.
+        let mut upload = |parts: &[&QMatrix], interleave: bool| -> Result<Vec<Mat>> {
             let mut bytes = Vec::new();
             let mut mats = Vec::new();
             let mut out_off = 0;
+            let mut layouts = Vec::new();
             for m in parts {
                 dev.kernels.for_type(m.ty)?;
+                float_weights |= matches!(m.ty, GgmlType::F16 | GgmlType::BF16);
                 let row_bytes = m.data.len() / m.rows;
                 let block = match m.ty {
                     GgmlType::Q4_0 => 18,
@@ -106,13 +127,30 @@ impl CudaModel {
                 };
                 let repacked =
                     dev.kernels.fast && block != 0 && m.cols.is_multiple_of(256) && row_bytes == m.cols / 32 * block;
-                let ptr = bytes.len() as u64;
+                let ptr = if interleave { out_off as u64 * row_bytes as u64 } else { bytes.len() as u64 };
                 mats.push(Mat { ty: m.ty, ptr, rows: m.rows, cols: m.cols, row_bytes, out_off, repacked });
                 out_off += m.rows;
-                if repacked {
-                    repack8(m.data, block, &mut bytes);
-                } else {
-                    bytes.extend_from_slice(m.data);
+                layouts.push((row_bytes, block, repacked));
+                if !interleave {
+                    if repacked {
+                        repack8(m.data, block, &mut bytes);
+                    } else {
+                        bytes.extend_from_slice(m.data);
+                    }
+                }
+            }
+            if interleave {
+                // Repacking works within a row (rows hold whole 8-block groups), so rows can be
+                // regrouped one at a time.
+                for r in 0..parts[0].rows {
+                    for (m, &(rb, block, repacked)) in parts.iter().zip(&layouts) {
+                        let row = &m.data[r * rb..(r + 1) * rb];
+                        if repacked {
+                            repack8(row, block, &mut bytes);
+                        } else {
+                            bytes.extend_from_slice(row);
+                        }
+                    }
                 }
             }
             // The f16 scratch tile must hold these matrices fused.
@@ -130,16 +168,18 @@ impl CudaModel {
         };
         // Fuses matrices that share a type and width into one (their rows concatenated in one
         // buffer, so one kernel computes them all), else one each.
-        let mut group = |parts: &[&QMatrix]| -> Result<Vec<Mat>> {
+        // `interleave`: fused rows alternate between the parts (they must then have as many rows).
+        let mut group = |parts: &[&QMatrix], interleave: bool| -> Result<Vec<Mat>> {
             if parts.iter().all(|m| m.ty == parts[0].ty && m.cols == parts[0].cols) {
-                let mats = upload(parts)?;
+                let interleave = interleave && parts.iter().all(|m| m.rows == parts[0].rows);
+                let mats = upload(parts, interleave)?;
                 let rows = mats.iter().map(|m| m.rows).sum();
                 Ok(vec![Mat { rows, ..mats[0] }])
             } else {
                 let mut v = Vec::new();
                 let mut off = 0;
                 for m in parts {
-                    let mut one = upload(&[m])?;
+                    let mut one = upload(&[m], false)?;
                     one[0].out_off = off;
                     off += m.rows;
                     v.append(&mut one);
@@ -147,18 +187,20 @@ impl CudaModel {
                 Ok(v)
             }
         };
-        let token_embd = group(&[&w.token_embd])?[0];
-        let output = if w.output_is_tied { token_embd } else { group(&[&w.output])?[0] };
+        let token_embd = group(&[&w.token_embd], false)?[0];
+        let output = if w.output_is_tied { token_embd } else { group(&[&w.output], false)?[0] };
         let mut layers = Vec::with_capacity(w.layers.len());
         let mut norms: Vec<f32> = Vec::new();
         for lw in &w.layers {
+            let gate_up = group(&[&lw.w_gate, &lw.w_up], true)?;
             layers.push(Layer {
                 attn_norm: norms.len() as u64,
                 ffn_norm: 0,
-                qkv: group(&[&lw.wq, &lw.wk, &lw.wv])?,
-                wo: group(&[&lw.wo])?[0],
-                gate_up: group(&[&lw.w_gate, &lw.w_up])?,
-                down: group(&[&lw.w_down])?[0],
+                qkv: group(&[&lw.wq, &lw.wk, &lw.wv], false)?,
+                wo: group(&[&lw.wo], false)?[0],
+                gu_interleaved: gate_up.len() == 1,
+                gate_up,
+                down: group(&[&lw.w_down], false)?[0],
             });
             norms.extend_from_slice(&lw.attn_norm);
             let l = layers.last_mut().expect("just pushed");
@@ -188,6 +230,7 @@ impl CudaModel {
             bytes_per_token: w.bytes_per_token(),
             device_bytes,
             max_elems,
+            float_weights,
             dev,
             _owners: owners,
         })
@@ -416,26 +459,31 @@ impl<'m> CudaSession<'m> {
         let (nh, nkv, d) = (cfg.n_head as i32, cfg.n_head_kv as i32, cfg.head_dim as i32);
         let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
         for (l, lw) in m.layers.iter().enumerate() {
-            let (src, norm) = self.normed_input(&lw.qkv, lw.attn_norm, self.x, n)?;
-            for mat in &lw.qkv {
-                self.matmul(mat, src, norm, n, self.qkv, qkv_w, false)?;
-            }
+            let (src, norm, planes) = self.normed_input(&lw.qkv, lw.attn_norm, self.x, n)?;
             let (qkv_wi, kvdi) = (qkv_w as i32, kvd as i32);
-            let args = [
-                A::P(self.qkv),
-                A::I(qkv_wi),
-                A::P(self.cos_sin),
-                A::P(self.meta_ptr),
-                A::P(self.kc[l]),
-                A::P(self.vc[l]),
-                A::I(nh),
-                A::I(nkv),
-                A::I(d),
-                A::I(half),
-                A::I(kvdi),
-            ];
-            let rope_blocks = (qd / 2).max(kvd).div_ceil(256) as u32;
-            self.launch(&k.rope_kv, (n as u32, rope_blocks, 1), 256, 0, &args)?;
+            if let Some(mat) = self.pair_epilogue(&lw.qkv, n) {
+                // RoPE and the KV-cache store in the q|k|v kernel's epilogue.
+                self.matvec(mat, src, norm, n, self.qkv, qkv_w, false, Epi::RopeKv(l))?;
+            } else {
+                for mat in &lw.qkv {
+                    self.matmul(mat, src, norm, planes, n, self.qkv, qkv_w, false)?;
+                }
+                let args = [
+                    A::P(self.qkv),
+                    A::I(qkv_wi),
+                    A::P(self.cos_sin),
+                    A::P(self.meta_ptr),
+                    A::P(self.kc[l]),
+                    A::P(self.vc[l]),
+                    A::I(nh),
+                    A::I(nkv),
+                    A::I(d),
+                    A::I(half),
+                    A::I(kvdi),
+                ];
+                let rope_blocks = (qd / 2).max(kvd).div_ceil(256) as u32;
+                self.launch(&k.rope_kv, (n as u32, rope_blocks, 1), 256, 0, &args)?;
+            }
             let args = [
                 A::P(self.qkv),
                 A::I(qkv_wi),
@@ -449,30 +497,66 @@ impl<'m> CudaSession<'m> {
                 A::I(kvdi),
                 A::F(scale),
             ];
-            // One-token steps: more loads in flight per thread (few blocks, latency-bound); prompts
-            // keep the leaner kernel's occupancy.
-            let attn = if n == 1 { &k.attention_b8 } else { &k.attention };
-            self.launch(attn, (cfg.n_head as u32, n as u32, 1), ATTN_THREADS, self.attn_smem, &args)?;
-            self.matmul(&lw.wo, self.attn, None, n, self.x, e, true)?;
-            let (src, norm) = self.normed_input(&lw.gate_up, lw.ffn_norm, self.x, n)?;
-            for mat in &lw.gate_up {
-                self.matmul(mat, src, norm, n, self.gu, 2 * ff, false)?;
+            let tiled = k.attention_tiled.iter().find(|(hd, _, _)| *hd == cfg.head_dim);
+            let (hi, lo) = self.planes_out(n);
+            let attn_planes = match tiled {
+                Some((_, f, smem)) if self.batched(n) && cfg.n_head.is_multiple_of(cfg.n_head_kv) => {
+                    // Prompts: the tiled kernel (K/V tiles shared by a block's query rows).
+                    let args = [
+                        A::P(self.qkv),
+                        A::I(qkv_wi),
+                        A::P(self.kc[l]),
+                        A::P(self.vc[l]),
+                        A::P(self.attn),
+                        A::P(self.meta_ptr),
+                        A::I(ni),
+                        A::I(nh),
+                        A::I(nkv),
+                        A::I(kvdi),
+                        A::F(scale),
+                        A::P(hi),
+                        A::P(lo),
+                    ];
+                    let tiles = (n * (cfg.n_head / cfg.n_head_kv)).div_ceil(64) as u32;
+                    self.launch(f, (tiles * cfg.n_head_kv as u32, 1, 1), 256, *smem, &args)?;
+                    hi != 0
+                }
+                _ => {
+                    // One-token steps: more loads in flight per thread (few blocks, latency-bound);
+                    // small batches keep the leaner kernel's occupancy.
+                    let attn = if n == 1 { &k.attention_b8 } else { &k.attention };
+                    self.launch(attn, (cfg.n_head as u32, n as u32, 1), ATTN_THREADS, self.attn_smem, &args)?;
+                    false
+                }
+            };
+            self.matmul(&lw.wo, self.attn, None, attn_planes, n, self.x, e, true)?;
+            let (src, norm, planes) = self.normed_input(&lw.gate_up, lw.ffn_norm, self.x, n)?;
+            match self.pair_epilogue(&lw.gate_up, n).filter(|_| lw.gu_interleaved) {
+                // SwiGLU in the gate|up kernel's epilogue, straight into the down projection's input.
+                Some(mat) => self.matvec(mat, src, norm, n, self.ffo, ff, false, Epi::Swiglu)?,
+                None => {
+                    for mat in &lw.gate_up {
+                        self.matmul(mat, src, norm, planes, n, self.gu, 2 * ff, false)?;
+                    }
+                    let inter = lw.gu_interleaved as i32;
+                    let args =
+                        [A::P(self.gu), A::P(self.ffo), A::I(ff as i32), A::I(ni), A::I(inter), A::P(hi), A::P(lo)];
+                    self.launch(&k.swiglu, ((ff as u32).div_ceil(256), n as u32, 1), 256, 0, &args)?;
+                }
             }
-            let total = (n * ff) as u32;
-            let args = [A::P(self.gu), A::P(self.ffo), A::I(ff as i32), A::I(ni)];
-            self.launch(&k.swiglu, (total.div_ceil(256), 1, 1), 256, 0, &args)?;
-            self.matmul(&lw.down, self.ffo, None, n, self.x, e, true)?;
+            self.matmul(&lw.down, self.ffo, None, hi != 0, n, self.x, e, true)?;
         }
         match want {
             None => {}
             Some(Logits::Last) => {
                 let last = self.x + ((n - 1) * e * 4) as u64;
-                let (src, norm) = self.normed_input(std::slice::from_ref(&m.output), m.output_norm, last, 1)?;
-                self.matmul(&m.output, src, norm, 1, self.logits_ptr, cfg.n_vocab, false)?;
+                let (src, norm, planes) = self.normed_input(std::slice::from_ref(&m.output), m.output_norm, last, 1)?;
+                self.matmul(&m.output, src, norm, planes, 1, self.logits_ptr, cfg.n_vocab, false)?;
             }
             Some(Logits::All) => {
-                let (src, norm) = self.normed_input(std::slice::from_ref(&m.output), m.output_norm, self.x, n)?;
-                self.matmul(&m.output, src, norm, n, self.logits_ptr, cfg.n_vocab, false)?;
+                let (src, norm, planes) =
+                    self.normed_input(std::slice::from_ref(&m.output), m.output_norm, self.x, n)?;
+                self.matmul(&m.output, src, norm, planes, n, self.logits_ptr, cfg.n_vocab, false)?;
             }
         }
         Ok(())
@@ -506,27 +590,32 @@ impl<'m> CudaSession<'m> {
         .map_err(dev_err)
     }
 
-    fn rms_norm(&self, x: u64, g: u64, out: u64, rows: usize) -> Result<()> {
-        let e = self.m.cfg.n_embd as i32;
-        let eps = self.m.cfg.rms_eps;
-        self.launch(
-            &self.m.dev.kernels.rms_norm,
-            (rows as u32, 1, 1),
-            NORM_THREADS,
-            0,
-            &[A::P(x), A::P(g), A::P(out), A::I(e), A::D(eps)],
-        )
+    /// Where producers of `n` tokens' activations write their f16 planes too: the batched path's
+    /// (hi, lo) buffers, else (0, 0) (not written).
+    fn planes_out(&self, n: usize) -> (u64, u64) {
+        if self.batched(n) {
+            (self.x16_hi, if self.m.float_weights { self.x16_lo } else { 0 })
+        } else {
+            (0, 0)
+        }
     }
 
-    /// The input of matrices `mats` that take RMSNorm(`x`) · `g` over `n` tokens: (`x`, Some(`g`))
-    /// when every one of them has a fast mat-vec kernel here (the norm is fused into its
-    /// prologue), else the norm kernel runs into `h` and the input is (`h`, None).
-    fn normed_input(&self, mats: &[Mat], g: u64, x: u64, n: usize) -> Result<(u64, Option<u64>)> {
+    /// The input of matrices `mats` that take RMSNorm(`x`) · `g` over `n` tokens: (`x`, Some(`g`),
+    /// false) when every one of them has a fast mat-vec kernel here (the norm is fused into its
+    /// prologue), else the norm kernel runs into `h` and the input is (`h`, None, whether its f16
+    /// planes were written as well).
+    fn normed_input(&self, mats: &[Mat], g: u64, x: u64, n: usize) -> Result<(u64, Option<u64>, bool)> {
         if !self.batched(n) && mats.iter().all(|m| self.fast_kernel(m).is_some()) {
-            return Ok((x, Some(g)));
+            return Ok((x, Some(g), false));
         }
-        self.rms_norm(x, g, self.h, n)?;
-        Ok((self.h, None))
+        let (hi, lo) = self.planes_out(n);
+        let cfg = &self.m.cfg;
+        let args = [A::P(x), A::P(g), A::P(self.h), A::I(cfg.n_embd as i32), A::D(cfg.rms_eps), A::P(hi), A::P(lo)];
+        // Many rows: smaller blocks, all resident at once (ncu, pp512: 11 us per call with 1024
+        // threads a row); a few rows (decode, non-fused norms): 1024 threads share each row.
+        let threads = if n > MATVEC_MAX_TOKENS { 256 } else { NORM_THREADS };
+        self.launch(&self.m.dev.kernels.rms_norm, (n as u32, 1, 1), threads, 0, &args)?;
+        Ok((self.h, None, hi != 0))
     }
 
     /// The fast mat-vec kernel for `mat` and its dynamic shared memory, when it has one and its
@@ -543,24 +632,39 @@ impl<'m> CudaSession<'m> {
         n > MATVEC_MAX_TOKENS && self.w16 != 0
     }
 
-    /// The matrix-vector kernel over `n` tokens whose inputs are rows of `x` `ldx` apart
-    /// (`swiglu`: rows [gate | up], multiplied as silu(gate) * up; `norm`: the input is
-    /// RMSNorm(x) · norm, computed in the fast kernel's prologue).
+    /// The one matrix of `mats` when the fast kernel can apply a pair epilogue to it on `n`
+    /// tokens (not batched, an even number of rows per warp).
+    fn pair_epilogue<'a>(&self, mats: &'a [Mat], n: usize) -> Option<&'a Mat> {
+        let k = &self.m.dev.kernels;
+        match mats {
+            [mat] if !self.batched(n) && k.mvf_rows.is_multiple_of(2) && self.fast_kernel(mat).is_some() => Some(mat),
+            _ => None,
+        }
+    }
+
+    /// The matrix-vector kernel over `n` tokens whose inputs are rows of `x` (`norm`: the input is
+    /// RMSNorm(x) · norm, computed in the fast kernel's prologue; `epi`: see [`Epi`]).
     #[allow(clippy::too_many_arguments)]
     fn matvec(
         &self,
         mat: &Mat,
-        swiglu: bool,
         x: u64,
         norm: Option<u64>,
-        ldx: usize,
         n: usize,
         y: u64,
         ldy: usize,
         acc: bool,
+        epi: Epi,
     ) -> Result<()> {
-        if let (false, Some((f, smem))) = (swiglu, self.fast_kernel(mat)) {
+        let ldx = mat.cols;
+        if let Some((f, smem)) = self.fast_kernel(mat) {
             let k = &self.m.dev.kernels;
+            let cfg = &self.m.cfg;
+            let (mode, kc, vc) = match epi {
+                Epi::Plain => (0, 0, 0),
+                Epi::Swiglu => (1, 0, 0),
+                Epi::RopeKv(l) => (2, self.kc[l], self.vc[l]),
+            };
             let args = [
                 A::P(mat.ptr),
                 A::L(mat.row_bytes as i64),
@@ -573,6 +677,15 @@ impl<'m> CudaSession<'m> {
                 A::I(ldx as i32),
                 A::I(ldy as i32),
                 A::I(acc as i32),
+                A::I(mode),
+                A::P(self.cos_sin),
+                A::P(self.meta_ptr),
+                A::P(kc),
+                A::P(vc),
+                A::I(cfg.q_dim() as i32),
+                A::I(cfg.kv_dim() as i32),
+                A::I(cfg.head_dim as i32),
+                A::I((cfg.n_rot / 2) as i32),
             ];
             let threads = 32 * k.mvf_warps as u32;
             let mut groups = mat.rows.div_ceil(k.mvf_rows * k.mvf_warps);
@@ -584,8 +697,8 @@ impl<'m> CudaSession<'m> {
             }
             return self.launch(f, (groups as u32, n as u32, 1), threads, smem, &args);
         }
-        if norm.is_some() {
-            bail!("internal: a fused RMSNorm needs the fast mat-vec kernel");
+        if norm.is_some() || !matches!(epi, Epi::Plain) {
+            bail!("internal: a fused RMSNorm or epilogue needs the fast mat-vec kernel");
         }
         let tk = self.m.dev.kernels.for_layout(mat.ty, mat.repacked)?;
         let rows_per_block = (MATVEC_THREADS / 32) as usize * MATVEC_ROWS_PER_WARP;
@@ -601,20 +714,30 @@ impl<'m> CudaSession<'m> {
             A::I(acc as i32),
         ];
         let grid = (mat.rows.div_ceil(rows_per_block) as u32, n as u32, 1);
-        let f = if swiglu { &tk.matvec_swiglu } else { &tk.matvec };
-        self.launch(f, grid, MATVEC_THREADS, 0, &args)
+        self.launch(&tk.matvec, grid, MATVEC_THREADS, 0, &args)
     }
 
     /// `y[t * ldy + mat.out_off + r] (+)= Σ_c W[r, c] x[t * cols + c]` for t < n (`norm`: of
-    /// RMSNorm(x) · norm instead of x, only on the fast mat-vec path).
+    /// RMSNorm(x) · norm instead of x, only on the fast mat-vec path; `planes`: x's f16 planes are
+    /// already in the batched path's buffers, written by x's producer).
     #[allow(clippy::too_many_arguments)]
-    fn matmul(&self, mat: &Mat, x: u64, norm: Option<u64>, n: usize, y: u64, ldy: usize, acc: bool) -> Result<()> {
+    fn matmul(
+        &self,
+        mat: &Mat,
+        x: u64,
+        norm: Option<u64>,
+        planes: bool,
+        n: usize,
+        y: u64,
+        ldy: usize,
+        acc: bool,
+    ) -> Result<()> {
         let dev = &self.m.dev;
         let tk = dev.kernels.for_layout(mat.ty, mat.repacked)?;
         let yo = y + (mat.out_off * 4) as u64;
         let blas = match &dev.blas {
             Some(b) if self.batched(n) => b,
-            _ => return self.matvec(mat, false, x, norm, mat.cols, n, y, ldy, acc),
+            _ => return self.matvec(mat, x, norm, n, y, ldy, acc, Epi::Plain),
         };
         if norm.is_some() {
             bail!("internal: a fused RMSNorm on the batched path");
@@ -670,12 +793,14 @@ impl<'m> CudaSession<'m> {
         // Activations → f16 planes. Float weights (F16/BF16) carry ~11 significant bits of their
         // own, so one f16 activation plane would add an error as large as the weights'; two planes
         // (hi + residual) keep ~22 bits. Quantized weights are far coarser than one plane.
-        let planes = if matches!(mat.ty, GgmlType::F16 | GgmlType::BF16) { 2 } else { 1 };
-        let total = (n * mat.cols) as i64;
-        let lo = if planes == 2 { self.x16_lo } else { 0u64 };
-        let args = [A::P(x), A::P(self.x16_hi), A::P(lo), A::L(total)];
-        self.launch(&dev.kernels.split_f16, ((total as u32).div_ceil(256), 1, 1), 256, 0, &args)?;
-        for p in 0..planes {
+        let n_planes = if matches!(mat.ty, GgmlType::F16 | GgmlType::BF16) { 2 } else { 1 };
+        if !planes {
+            let total = (n * mat.cols) as i64;
+            let lo = if n_planes == 2 { self.x16_lo } else { 0 };
+            let args = [A::P(x), A::P(self.x16_hi), A::P(lo), A::L(total)];
+            self.launch(&dev.kernels.split_f16, ((total as u32).div_ceil(256), 1, 1), 256, 0, &args)?;
+        }
+        for p in 0..n_planes {
             let src = if p == 0 { self.x16_hi } else { self.x16_lo };
             let beta = if p == 0 { beta0 } else { 1f32 };
             // SAFETY: as above, with A the f16 tile (lda = cols) and B an f16 activation plane.
