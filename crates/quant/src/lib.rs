@@ -8,6 +8,7 @@
 pub mod act_q8;
 pub mod act_q8k;
 pub mod dot_float;
+pub mod dot_i16;
 pub mod dot_kquant;
 pub mod dot_legacy;
 pub mod float;
