@@ -23,10 +23,17 @@ impl Model {
     /// is loaded once and used until exit (CLI, server), which lets the weights borrow from the map.
     pub fn load(path: &Path) -> Result<Model> {
         let t0 = std::time::Instant::now();
-        let gguf = GgufFile::open(path).with_context(|| format!("{}", path.display()))?;
+        let mut gguf = GgufFile::open(path).with_context(|| format!("{}", path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(&gguf).with_context(|| format!("{}: tokenizer", path.display()))?;
+        let bos = tokenizer.bos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
+        let eos = tokenizer.eos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
+        let template =
+            ChatTemplate::from_gguf(&gguf, &bos, &eos).with_context(|| format!("{}: chat template", path.display()))?;
+        // The tokenizer has its own tables now: the metadata's copies of the vocabulary and merges
+        // would only hold resident memory for the rest of the run.
+        gguf.release_arrays_longer_than(1024);
         let gguf: &'static GgufFile = Box::leak(Box::new(gguf));
         let weights = LlamaWeights::load(gguf).with_context(|| format!("{}", path.display()))?;
-        let tokenizer = Tokenizer::from_gguf(gguf).with_context(|| format!("{}: tokenizer", path.display()))?;
         if tokenizer.n_vocab() != weights.cfg.n_vocab {
             anyhow::bail!(
                 "{}: tokenizer has {} tokens but token_embd.weight has {} rows",
@@ -35,10 +42,6 @@ impl Model {
                 weights.cfg.n_vocab
             );
         }
-        let bos = tokenizer.bos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
-        let eos = tokenizer.eos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
-        let template =
-            ChatTemplate::from_gguf(gguf, &bos, &eos).with_context(|| format!("{}: chat template", path.display()))?;
         Ok(Model {
             path: path.to_path_buf(),
             gguf,

@@ -86,6 +86,23 @@ impl std::fmt::Debug for GgufFile {
 }
 
 impl GgufFile {
+    /// Empties every metadata array of more than `max_len` elements (keeping its key and element
+    /// type) and returns how many it emptied. For a process that has already built what it needs
+    /// from them (the tokenizer's vocabulary and merges: ~100k small strings, several MB of heap
+    /// that would otherwise stay resident for the whole run).
+    pub fn release_arrays_longer_than(&mut self, max_len: usize) -> usize {
+        let mut released = 0;
+        for (_, v) in self.metadata.iter_mut() {
+            if let Value::Array(a) = v {
+                if a.items.len() > max_len {
+                    a.items = Vec::new();
+                    released += 1;
+                }
+            }
+        }
+        released
+    }
+
     /// Memory-maps and validates `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
