@@ -36,7 +36,7 @@ pub const MR: usize = 6;
 /// Fewest tokens for which dequantizing the panels pays off (measured with `kiln bench`).
 pub const MIN_TOKENS: usize = 16;
 
-/// Whether this CPU runs the f32 matrix-matrix path (`KILN_GEMM=off` turns it off, for comparisons).
+/// Whether this CPU runs the matrix-matrix path (`KILN_GEMM=off` turns it off, for comparisons).
 pub fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| isa() >= Isa::Avx2 && std::env::var("KILN_GEMM").as_deref() != Ok("off"))
