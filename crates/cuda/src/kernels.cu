@@ -405,6 +405,27 @@ __device__ __forceinline__ void frag_acc(const Frag& f, int k, float4 x, float& 
     }
 }
 
+// The Q4_K super-block scales d, dmin and the 6-bit scale/min pairs (scale_min_k4) of the unit's
+// sub-blocks j and j + 1 (j = 2 · ((u & 7) / 2)) from f.a: d | dmin in .x, the 12 scale bytes in
+// .y, .z, .w.
+__device__ __forceinline__ void q4k_unit_scales(const Frag& f, int u, float& d, float& dmin, int sc[2], int m[2]) {
+    d = h2f((u16)(f.a.x & 0xFFFF));
+    dmin = h2f((u16)(f.a.x >> 16));
+    int j = 2 * ((u & 7) >> 1);
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+        int jj = j + t, sh = 8 * (jj & 3);
+        u32 y = (f.a.y >> sh) & 0xFF, z = (f.a.z >> sh) & 0xFF, wv = (f.a.w >> sh) & 0xFF;
+        if (jj < 4) {
+            sc[t] = y & 63;
+            m[t] = z & 63;
+        } else {
+            sc[t] = (wv & 0xF) | ((y >> 6) << 4);
+            m[t] = (wv >> 4) | ((z >> 6) << 4);
+        }
+    }
+}
+
 // Σ w·x over the unit's 32 weights from the quant sums s0 / s1 of its float4s 0..4 / 4..8 and
 // xs0 / xs1 = Σ x over the same.
 template <int T>
@@ -412,22 +433,9 @@ __device__ __forceinline__ float frag_finish(const Frag& f, int u, float s0, flo
     if constexpr (T == T_Q4_0R || T == T_Q8_0R) {
         return h2f((u16)f.c) * (s0 + s1);
     } else {
-        float d = h2f((u16)(f.a.x & 0xFFFF)), dmin = h2f((u16)(f.a.x >> 16));
-        int j = 2 * ((u & 7) >> 1);
-        // scale_min_k4 for sub-blocks j and j + 1 from the 12 scale bytes in f.a.y, f.a.z, f.a.w.
         int sc[2], m[2];
-#pragma unroll
-        for (int t = 0; t < 2; t++) {
-            int jj = j + t, sh = 8 * (jj & 3);
-            u32 y = (f.a.y >> sh) & 0xFF, z = (f.a.z >> sh) & 0xFF, wv = (f.a.w >> sh) & 0xFF;
-            if (jj < 4) {
-                sc[t] = y & 63;
-                m[t] = z & 63;
-            } else {
-                sc[t] = (wv & 0xF) | ((y >> 6) << 4);
-                m[t] = (wv >> 4) | ((z >> 6) << 4);
-            }
-        }
+        float d, dmin;
+        q4k_unit_scales(f, u, d, dmin, sc, m);
         float dl0 = d * (float)sc[0], ml0 = dmin * (float)m[0];
         float dl1 = d * (float)sc[1], ml1 = dmin * (float)m[1];
         return (dl0 * s0 - ml0 * xs0) + (dl1 * s1 - ml1 * xs1);
@@ -457,22 +465,9 @@ __device__ __forceinline__ float frag_dot(const Frag& f, int u, const float4* xv
         }
         return h2f((u16)f.c) * (s0 + s1);
     } else {
-        float d = h2f((u16)(f.a.x & 0xFFFF)), dmin = h2f((u16)(f.a.x >> 16));
-        int j = 2 * ((u & 7) >> 1);
-        // scale_min_k4 for sub-blocks j and j + 1 from the 12 scale bytes in f.a.y, f.a.z, f.a.w.
         int sc[2], m[2];
-#pragma unroll
-        for (int t = 0; t < 2; t++) {
-            int jj = j + t, sh = 8 * (jj & 3);
-            u32 y = (f.a.y >> sh) & 0xFF, z = (f.a.z >> sh) & 0xFF, wv = (f.a.w >> sh) & 0xFF;
-            if (jj < 4) {
-                sc[t] = y & 63;
-                m[t] = z & 63;
-            } else {
-                sc[t] = (wv & 0xF) | ((y >> 6) << 4);
-                m[t] = (wv >> 4) | ((z >> 6) << 4);
-            }
-        }
+        float d, dmin;
+        q4k_unit_scales(f, u, d, dmin, sc, m);
         const u32 w[4] = {f.b.x, f.b.y, f.b.z, f.b.w};
         float s0 = 0.f, s1 = 0.f;
 #pragma unroll

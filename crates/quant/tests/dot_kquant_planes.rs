@@ -18,7 +18,7 @@ use kiln_quant::dot_kquant::{
 };
 mod common;
 
-use common::{kquant_row, kquant_x as random_x, put_f16};
+use common::{kquant_row, kquant_x as random_x, put_kquant_scales};
 use rand::{rngs::StdRng, SeedableRng};
 
 const TYPES: [GgmlType; 6] =
@@ -34,20 +34,7 @@ fn row(rng: &mut StdRng, ty: GgmlType, n: usize, fill: Option<u8>) -> Vec<u8> {
     let mut row = vec![f; n / 256 * ts];
     for b in row.chunks_exact_mut(ts) {
         let (d, dmin) = (0.01, 0.01);
-        match ty {
-            GgmlType::Q2_K => {
-                put_f16(b, 80, d);
-                put_f16(b, 82, dmin);
-            }
-            GgmlType::Q3_K => put_f16(b, 108, d),
-            GgmlType::Q4_K | GgmlType::Q5_K => {
-                put_f16(b, 0, d);
-                put_f16(b, 2, dmin);
-            }
-            GgmlType::Q6_K => put_f16(b, 208, d),
-            GgmlType::IQ4_XS => put_f16(b, 0, d),
-            _ => unreachable!(),
-        }
+        put_kquant_scales(b, ty, d, dmin);
     }
     row
 }

@@ -21,32 +21,14 @@ use kiln_quant::dot_legacy::{
 };
 mod common;
 
-use common::legacy_row as random_row;
+use common::{legacy_row as random_row, legacy_x as random_act};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 const TYPES: [GgmlType; 6] =
     [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL];
 
 const LENGTHS: [usize; 4] = [32, 96, 32 * 17, 4096 + 32];
-
-/// Random activations: mostly uniform, some outliers, sometimes an all-zero block.
-fn random_act(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    let mut x: Vec<f32> = (0..n)
-        .map(|_| {
-            let v = rng.gen_range(-2.0f32..2.0);
-            if rng.gen_ratio(1, 50) {
-                v * 30.0
-            } else {
-                v
-            }
-        })
-        .collect();
-    if n >= 96 && rng.gen::<bool>() {
-        x[32..64].fill(0.0);
-    }
-    x
-}
 
 fn quantized(x: &[f32]) -> ActQ8 {
     let mut a = ActQ8::new();

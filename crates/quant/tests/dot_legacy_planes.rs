@@ -17,7 +17,7 @@ use kiln_quant::dot_legacy::{
 };
 mod common;
 
-use common::legacy_row as random_row;
+use common::{legacy_row as random_row, legacy_x};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -28,19 +28,7 @@ const LENGTHS: [usize; 5] = [32, 96, 128, 32 * 17, 4096 + 32];
 
 /// Mostly uniform, some outliers, sometimes an all-zero block or a block of exact halves (ties).
 fn random_act(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    let mut x: Vec<f32> = (0..n)
-        .map(|_| {
-            let v = rng.gen_range(-2.0f32..2.0);
-            if rng.gen_ratio(1, 50) {
-                v * 30.0
-            } else {
-                v
-            }
-        })
-        .collect();
-    if n >= 96 && rng.gen::<bool>() {
-        x[32..64].fill(0.0);
-    }
+    let mut x = legacy_x(rng, n);
     if n >= 128 && rng.gen::<bool>() {
         // amax 127 gives d = 1: x = k + 0.5 rounds to a tie, its error d / 2 sits on the clamp.
         for (i, v) in x[96..128].iter_mut().enumerate() {

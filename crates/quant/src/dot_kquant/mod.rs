@@ -97,20 +97,29 @@ pub fn vec_dot_q8k_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32
     vec_dot_q8k_x4_isa(isa(), ty, row, acts, out)
 }
 
+/// The geometry checks of the row functions: `data` is whole rows, `out` holds `k` results per
+/// row, every activation vector is well formed and as long as a row. `false`: no rows.
+fn check_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&ActQ8K], k: usize, out_len: usize) -> bool {
+    assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_kquant: data is not whole rows");
+    let n_rows = data.len() / row_bytes;
+    assert_eq!(out_len, n_rows * k, "dot_kquant: output length");
+    if n_rows == 0 {
+        return false;
+    }
+    for a in acts {
+        check_act(a);
+        check(ty, &data[..row_bytes], a.len());
+    }
+    true
+}
+
 /// Dot products of consecutive rows (`data`, `row_bytes` each) with 1 to 4 activation vectors:
 /// `out[r * acts.len() + k]` = row `r` · `acts[k]`, with one geometry check for all the rows.
 pub fn vec_dot_q8k_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&ActQ8K], out: &mut [f32]) {
     let k = acts.len();
     assert!((1..=4).contains(&k), "dot_kquant: 1 to 4 activation vectors, got {k}");
-    assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_kquant: data is not whole rows");
-    let n_rows = data.len() / row_bytes;
-    assert_eq!(out.len(), n_rows * k, "dot_kquant: output length");
-    if n_rows == 0 {
+    if !check_rows(ty, data, row_bytes, acts, k, out.len()) {
         return;
-    }
-    for a in acts {
-        check_act(a);
-        check(ty, &data[..row_bytes], a.len());
     }
     let level = isa();
     for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
@@ -220,15 +229,8 @@ pub fn vec_dot_q8k_planes_unopt_with_magnitude(
 pub fn vec_dot_q8k_rows_planes(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&ActQ8K], out: &mut [f32]) {
     let k = acts.len() / 2;
     assert!((1..=2).contains(&k) && acts.len() == 2 * k, "dot_kquant: 1 or 2 two-plane activations");
-    assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_kquant: data is not whole rows");
-    let n_rows = data.len() / row_bytes;
-    assert_eq!(out.len(), n_rows * k, "dot_kquant: output length");
-    if n_rows == 0 {
+    if !check_rows(ty, data, row_bytes, acts, k, out.len()) {
         return;
-    }
-    for a in acts {
-        check_act(a);
-        check(ty, &data[..row_bytes], a.len());
     }
     check_planes(acts);
     let level = isa();

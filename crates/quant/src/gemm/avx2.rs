@@ -52,16 +52,28 @@ unsafe fn kernel<const M: usize>(
             }
         }
         for t in 0..M {
-            let row = c.add(t * ldc);
-            if nvalid == NR {
-                _mm256_storeu_ps(row, lo[t]);
-                _mm256_storeu_ps(row.add(8), hi[t]);
-            } else {
-                let mut tmp = [0f32; NR];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), lo[t]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi[t]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), row, nvalid);
-            }
+            store_row(c.add(t * ldc), lo[t], hi[t], nvalid);
+        }
+    }
+}
+
+/// Stores the first `nvalid` of the [`NR`] outputs `lo ‖ hi` of one token at `row`.
+///
+/// # Safety
+/// AVX2; `row` writable for `nvalid` (≤ `NR`) floats.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn store_row(row: *mut f32, lo: __m256, hi: __m256, nvalid: usize) {
+    // SAFETY: the caller's contract; a partial row goes through a stack copy.
+    unsafe {
+        if nvalid == NR {
+            _mm256_storeu_ps(row, lo);
+            _mm256_storeu_ps(row.add(8), hi);
+        } else {
+            let mut tmp = [0f32; NR];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), row, nvalid);
         }
     }
 }

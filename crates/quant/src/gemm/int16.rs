@@ -216,49 +216,22 @@ thread_local! {
 /// The activations quantized by the last call, reused (no allocation per call in steady state).
 static ACT: std::sync::Mutex<Option<ActI16>> = std::sync::Mutex::new(None);
 
-/// The output matrix shared by the panel tasks, each writing its own rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges (weight rows) of the output; it outlives them.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
 /// `out_j[t * rows + r] = Σ_c w_j[r, c] · x[t * cols + c]` for every job, all of an
 /// [`int_weights::is_supported`] type, the activations quantized once.
 pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
-    let Some(cols) = jobs.first().map(|(w, _)| w.cols) else { return };
-    for (w, out) in jobs.iter() {
+    let Some(cols) = super::check_jobs(jobs, x, n) else { return };
+    for (w, _) in jobs.iter() {
         assert!(int_weights::is_supported(w.ty), "{:?} has no integer form", w.ty);
-        assert_eq!(w.cols, cols, "fused matrices share the activations");
-        assert_eq!(x.len(), n * cols, "activation length");
-        assert_eq!(out.len(), n * w.rows, "output length");
     }
     let mut act = ACT.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
     act.quantize(x, n, cols);
-    let outs: Vec<(QMatrix, OutPtr, usize)> =
-        jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()), out.len())).collect();
-    let panels: Vec<(usize, usize)> =
-        outs.iter().enumerate().flat_map(|(j, (w, _, _))| (0..w.rows).step_by(NR).map(move |r0| (j, r0))).collect();
     let a = &act;
-    panels.into_par_iter().for_each(|(j, r0)| {
-        let (w, ptr, out_len) = (&outs[j].0, outs[j].1, outs[j].2);
-        let rows = w.rows;
-        let nvalid = (rows - r0).min(NR);
+    super::for_each_panel(jobs, |w, r0, nvalid, out| {
         PANEL.with(|p| {
             let panel = &mut *p.borrow_mut();
             panel.pack(w, r0);
-            let mut t0 = 0;
-            while t0 < n {
-                let m = (n - t0).min(MR);
-                // SAFETY: this task alone writes columns r0 .. r0 + nvalid of rows t0 .. t0 + m of
-                // output j ([n, rows], `out_len` long); the slice starts inside it and ends at its end.
-                let c = unsafe {
-                    let start = t0 * rows + r0;
-                    std::slice::from_raw_parts_mut(ptr.0.add(start), out_len - start)
-                };
-                tile(a, t0, m, panel, c, rows, nvalid);
-                t0 += m;
+            for t0 in (0..n).step_by(MR) {
+                tile(a, t0, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid);
             }
         });
     });

@@ -91,16 +91,7 @@ unsafe fn kernel<const M: usize, const MIN: bool>(
             }
         }
         for t in 0..M {
-            let row = c.add(t * ldc);
-            if nvalid == NR {
-                _mm256_storeu_ps(row, acc_lo[t]);
-                _mm256_storeu_ps(row.add(8), acc_hi[t]);
-            } else {
-                let mut tmp = [0f32; NR];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc_lo[t]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc_hi[t]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), row, nvalid);
-            }
+            super::avx2::store_row(c.add(t * ldc), acc_lo[t], acc_hi[t], nvalid);
         }
     }
 }

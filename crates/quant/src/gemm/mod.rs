@@ -134,14 +134,6 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// The output matrix shared by the panel tasks, each writing its own rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges (weight rows) of the output; it outlives them.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
 /// `out[t * rows + r] = Σ_c w[r, c] · x[t * cols + c]` for `n` tokens, panel by panel on the pool.
 pub fn gemm(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
     gemm_many(&mut [(w, out)], x, n);
@@ -174,38 +166,75 @@ pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
 
 /// The f32 kernel for every job.
 pub fn gemm_many_f32(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
-    let Some(cols) = jobs.first().map(|(w, _)| w.cols) else { return };
-    for (w, out) in jobs.iter() {
-        assert_eq!(w.cols, cols, "fused matrices share the activations");
-        assert_eq!(x.len(), n * cols, "activation length");
-        assert_eq!(out.len(), n * w.rows, "output length");
-    }
-    let outs: Vec<(QMatrix, OutPtr, usize)> =
-        jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()), out.len())).collect();
-    let panels: Vec<(usize, usize)> =
-        outs.iter().enumerate().flat_map(|(j, (w, _, _))| (0..w.rows).step_by(NR).map(move |r0| (j, r0))).collect();
-    panels.into_par_iter().for_each(|(j, r0)| {
-        let (w, ptr, out_len) = (&outs[j].0, outs[j].1, outs[j].2);
-        let rows = w.rows;
-        let nvalid = (rows - r0).min(NR);
+    let Some(cols) = check_jobs(jobs, x, n) else { return };
+    for_each_panel(jobs, |w, r0, nvalid, out| {
         SCRATCH.with(|s| {
             let (buf, panel) = &mut *s.borrow_mut();
             buf.resize(NR * KC, 0.0);
             panel.resize(cols * NR, 0.0);
             pack_panel(w, r0, buf, panel);
-            let mut t0 = 0;
-            while t0 < n {
-                let m = (n - t0).min(MR);
-                // SAFETY: this task alone writes columns r0 .. r0 + nvalid of rows t0 .. t0 + m of
-                // output j ([n, rows], `out_len` long); the slice starts inside it and ends at its end.
-                let c = unsafe {
-                    let start = t0 * rows + r0;
-                    std::slice::from_raw_parts_mut(ptr.0.add(start), out_len - start)
-                };
-                tile(&x[t0 * cols..], cols, m, panel, c, rows, nvalid);
-                t0 += m;
+            for t0 in (0..n).step_by(MR) {
+                tile(&x[t0 * cols..], cols, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid);
             }
         });
+    });
+}
+
+/// Checks that the jobs share `n` tokens of activations `x` and that each output is `[n, rows]`;
+/// returns the shared column count (`None` for no jobs).
+fn check_jobs(jobs: &[(&QMatrix, &mut [f32])], x: &[f32], n: usize) -> Option<usize> {
+    let cols = jobs.first()?.0.cols;
+    for (w, out) in jobs {
+        assert_eq!(w.cols, cols, "fused matrices share the activations");
+        assert_eq!(x.len(), n * cols, "activation length");
+        assert_eq!(out.len(), n * w.rows, "output length");
+    }
+    Some(cols)
+}
+
+/// One panel task's view of its job's output (`[n, rows]`): only columns `r0 .. r0 + nvalid` of
+/// each token row are this task's to write.
+pub(crate) struct PanelOut {
+    ptr: *mut f32,
+    len: usize,
+    rows: usize,
+    r0: usize,
+}
+
+impl PanelOut {
+    /// The output from token `t0`'s row at the panel's first column to the end; the kernels write
+    /// the panel's columns of consecutive token rows at stride `rows`.
+    pub(crate) fn rows_from(&mut self, t0: usize) -> &mut [f32] {
+        let start = t0 * self.rows + self.r0;
+        assert!(start <= self.len, "token {t0} past the output");
+        // SAFETY: the range is inside the job's output (checked above), which outlives the panel
+        // tasks; each task writes only its own panel's columns, so writes never overlap.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), self.len - start) }
+    }
+}
+
+/// The outputs shared by the panel tasks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges (weight rows) of the outputs, which outlive them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Runs `panel(w, r0, nvalid, out)` for every panel of [`NR`] rows of every job, in parallel on the
+/// pool (`nvalid`: the panel's rows inside the matrix).
+pub(crate) fn for_each_panel(
+    jobs: &mut [(&QMatrix, &mut [f32])],
+    panel: impl Fn(&QMatrix, usize, usize, &mut PanelOut) + Sync,
+) {
+    let outs: Vec<(QMatrix, OutPtr, usize)> =
+        jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()), out.len())).collect();
+    let panels: Vec<(usize, usize)> =
+        outs.iter().enumerate().flat_map(|(j, (w, _, _))| (0..w.rows).step_by(NR).map(move |r0| (j, r0))).collect();
+    panels.into_par_iter().for_each(|(j, r0)| {
+        let (w, ptr, len) = (&outs[j].0, outs[j].1, outs[j].2);
+        let mut out = PanelOut { ptr: ptr.0, len, rows: w.rows, r0 };
+        panel(w, r0, (w.rows - r0).min(NR), &mut out);
     });
 }
 

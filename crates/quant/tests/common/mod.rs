@@ -32,6 +32,42 @@ pub fn put_f16(b: &mut [u8], at: usize, v: f32) {
 }
 
 /// A row of random valid blocks: random quant and scale bytes, f16 scales in a sane range.
+/// Writes the super-block scale `d` (and `dmin`, for the formats with mins) of one block of `ty`.
+pub fn put_kquant_scales(b: &mut [u8], ty: GgmlType, d: f32, dmin: f32) {
+    match ty {
+        GgmlType::Q2_K => {
+            put_f16(b, 80, d);
+            put_f16(b, 82, dmin);
+        }
+        GgmlType::Q3_K => put_f16(b, 108, d),
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            put_f16(b, 0, d);
+            put_f16(b, 2, dmin);
+        }
+        GgmlType::Q6_K => put_f16(b, 208, d),
+        GgmlType::IQ4_XS => put_f16(b, 0, d),
+        _ => unreachable!(),
+    }
+}
+
+/// Random activations: mostly uniform, some outliers, sometimes an all-zero block.
+pub fn legacy_x(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..n)
+        .map(|_| {
+            let v = rng.gen_range(-2.0f32..2.0);
+            if rng.gen_ratio(1, 50) {
+                v * 30.0
+            } else {
+                v
+            }
+        })
+        .collect();
+    if n >= 96 && rng.gen::<bool>() {
+        x[32..64].fill(0.0);
+    }
+    x
+}
+
 pub fn kquant_row(rng: &mut StdRng, ty: GgmlType, n: usize) -> Vec<u8> {
     let ts = ty.type_size();
     let mut row = vec![0u8; n / 256 * ts];
@@ -39,20 +75,7 @@ pub fn kquant_row(rng: &mut StdRng, ty: GgmlType, n: usize) -> Vec<u8> {
     for b in row.chunks_exact_mut(ts) {
         let d = rng.gen_range(-0.05f32..0.05);
         let dmin = rng.gen_range(-0.05f32..0.05);
-        match ty {
-            GgmlType::Q2_K => {
-                put_f16(b, 80, d);
-                put_f16(b, 82, dmin);
-            }
-            GgmlType::Q3_K => put_f16(b, 108, d),
-            GgmlType::Q4_K | GgmlType::Q5_K => {
-                put_f16(b, 0, d);
-                put_f16(b, 2, dmin);
-            }
-            GgmlType::Q6_K => put_f16(b, 208, d),
-            GgmlType::IQ4_XS => put_f16(b, 0, d),
-            _ => unreachable!(),
-        }
+        put_kquant_scales(b, ty, d, dmin);
     }
     row
 }
