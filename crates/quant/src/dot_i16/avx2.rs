@@ -34,21 +34,55 @@ unsafe fn block(w: *const u8, a: *const u32) -> __m256i {
     }
 }
 
+/// The four exact block sums of blocks `b .. b + 4` (all present).
+///
+/// # Safety
+/// AVX2; `row` holds more than `b + 3` blocks, `aq` their activation pairs.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_sums(row: *const u8, aq: *const u32, b: usize) -> __m128i {
+    // SAFETY: the caller's contract bounds blocks `b .. b + 4`.
+    unsafe {
+        let s: [__m256i; LANES] =
+            std::array::from_fn(|l| block(row.add((b + l) * BLOCK_BYTES), aq.add((b + l) * BLOCK / 2)));
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
+    }
+}
+
+/// The f16 scales of blocks `b .. b + 4` as f32.
+///
+/// # Safety
+/// F16C; `row` holds more than `b + 3` blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_scales(row: *const u8, b: usize) -> __m128 {
+    // SAFETY: the caller's contract bounds the four 2-byte reads.
+    let h = |l: usize| u64::from(unsafe { (row.add((b + l) * BLOCK_BYTES) as *const u16).read_unaligned() });
+    _mm_cvtph_ps(_mm_cvtsi64_si128((h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48) as i64))
+}
+
 /// # Safety
 /// AVX2/FMA/F16C; `row` holds `nb` blocks, `aq` `16 nb` pairs, `ad` `nb` scales.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn kernel(row: *const u8, nb: usize, aq: *const u32, ad: *const f32) -> f32 {
     let mut acc = _mm_setzero_ps();
-    // SAFETY (whole body): only blocks `b < nb` are read (the rest of a last group is zeros).
+    let full = nb / LANES;
+    // SAFETY (whole body): only blocks `b < nb` are read; whole groups straight through, the
+    // last partial group through zero-filled arrays (its missing blocks add exact zeros).
     unsafe {
-        let mut g = 0;
-        while g * LANES < nb {
-            let present = (nb - g * LANES).min(LANES);
+        for g in 0..full {
+            let b = g * LANES;
+            let scale = _mm_mul_ps(group_scales(row, b), _mm_loadu_ps(ad.add(b)));
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(group_sums(row, aq, b)), scale, acc);
+        }
+        let present = nb - full * LANES;
+        if present > 0 {
             let mut s = [_mm256_setzero_si256(); LANES];
             let mut dw = [0u16; LANES];
             let mut da = [0f32; LANES];
             for l in 0..present {
-                let b = g * LANES + l;
+                let b = full * LANES + l;
                 let w = row.add(b * BLOCK_BYTES);
                 s[l] = block(w, aq.add(b * BLOCK / 2));
                 dw[l] = (w as *const u16).read_unaligned();
@@ -59,7 +93,6 @@ unsafe fn kernel(row: *const u8, nb: usize, aq: *const u32, ad: *const f32) -> f
             let dwv = _mm_cvtph_ps(_mm_loadl_epi64(dw.as_ptr() as *const __m128i));
             let scale = _mm_mul_ps(dwv, _mm_loadu_ps(da.as_ptr()));
             acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), scale, acc);
-            g += 1;
         }
         // (l0 + l2) + (l1 + l3), as the oracle.
         let s = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
