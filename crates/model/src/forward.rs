@@ -126,7 +126,7 @@ fn forward_steps(
     let rms_eps = if fault == Some(Fault::NoRmsEps) { 0.0 } else { cfg.rms_eps };
 
     ws.resize(n, e, qd, kvd, ff);
-    let Workspace { x, h, q, k, v, attn, proj, gate, up } = ws;
+    let Workspace { x, h, q, gate, up } = ws;
     for (s, span) in steps.iter().zip(&spans) {
         for (&tok, xr) in s.tokens.iter().zip(x[span.start * e..span.end * e].chunks_exact_mut(e)) {
             w.token_embd.dequantize_row_into(tok as usize, xr);
@@ -144,12 +144,18 @@ fn forward_steps(
         rms_norm(x, &lw.attn_norm, rms_eps, h);
         emit(&mut obs, li, "attn_norm", n, e, h);
 
+        // Buffers live only in the attention half borrow the FFN's, which are free then: k and v
+        // from `up`, the attention output from `gate`; projections land in `h` once the matmul
+        // that read it is done.
+        let (k, v) = up[..2 * n * kvd].split_at_mut(n * kvd);
+        let attn = &mut gate[..n * qd];
+        let q = &mut q[..n * qd];
         if l == 0 && fault == Some(Fault::F16Matmul) {
             let rounded: Vec<f32> = h.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
-            mm(&mut [(&lw.wq, q)], &rounded);
-            mm(&mut [(&lw.wk, k), (&lw.wv, v)], h);
+            mm(&mut [(&lw.wq, &mut *q)], &rounded);
+            mm(&mut [(&lw.wk, &mut *k), (&lw.wv, &mut *v)], h);
         } else {
-            mm(&mut [(&lw.wq, q), (&lw.wk, k), (&lw.wv, v)], h);
+            mm(&mut [(&lw.wq, &mut *q), (&lw.wk, &mut *k), (&lw.wv, &mut *v)], h);
         }
         emit(&mut obs, li, "q", n, qd, q);
         emit(&mut obs, li, "k", n, kvd, k);
@@ -200,21 +206,22 @@ fn forward_steps(
         }
         emit(&mut obs, li, "attn_out", n, qd, attn);
 
-        mm(&mut [(&lw.wo, proj)], attn);
-        emit(&mut obs, li, "attn_proj", n, e, proj);
-        add_in_place(x, proj);
+        mm(&mut [(&lw.wo, h)], attn);
+        emit(&mut obs, li, "attn_proj", n, e, h);
+        add_in_place(x, h);
         emit(&mut obs, li, "attn_residual", n, e, x);
 
         rms_norm(x, &lw.ffn_norm, rms_eps, h);
         emit(&mut obs, li, "ffn_norm", n, e, h);
-        mm(&mut [(&lw.w_gate, gate), (&lw.w_up, up)], h);
+        let (gate, up) = (&mut gate[..n * ff], &mut up[..n * ff]);
+        mm(&mut [(&lw.w_gate, &mut *gate), (&lw.w_up, &mut *up)], h);
         emit(&mut obs, li, "ffn_gate", n, ff, gate);
         emit(&mut obs, li, "ffn_up", n, ff, up);
         swiglu_in_place(gate, up, precision);
         emit(&mut obs, li, "ffn_swiglu", n, ff, gate);
-        mm(&mut [(&lw.w_down, proj)], gate);
-        emit(&mut obs, li, "ffn_down", n, e, proj);
-        add_in_place(x, proj);
+        mm(&mut [(&lw.w_down, h)], gate);
+        emit(&mut obs, li, "ffn_down", n, e, h);
+        add_in_place(x, h);
         emit(&mut obs, li, "ffn_residual", n, e, x);
     }
     for (s, span) in steps.iter_mut().zip(&spans) {
@@ -327,10 +334,6 @@ pub struct Workspace {
     x: Vec<f32>,
     h: Vec<f32>,
     q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
 }
@@ -341,12 +344,8 @@ impl Workspace {
             (&mut self.x, n * e),
             (&mut self.h, n * e),
             (&mut self.q, n * qd),
-            (&mut self.k, n * kvd),
-            (&mut self.v, n * kvd),
-            (&mut self.attn, n * qd),
-            (&mut self.proj, n * e),
-            (&mut self.gate, n * ff),
-            (&mut self.up, n * ff),
+            (&mut self.gate, n * ff.max(qd)),
+            (&mut self.up, n * ff.max(2 * kvd)),
         ] {
             buf.resize(len, 0.0);
         }
