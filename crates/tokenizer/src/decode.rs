@@ -18,7 +18,7 @@ impl Tokenizer {
     /// Appends the bytes of token `id` to `out`; with `lstrip`, a leading space is dropped.
     pub(crate) fn write_piece(&self, id: u32, lstrip: bool, out: &mut Vec<u8>) -> Result<()> {
         let i = self.check_id(id)?;
-        let text = self.vocab.texts[i].as_str();
+        let text = &self.vocab.texts[i];
         let start = out.len();
         match self.vocab.kinds[i] {
             TokenKind::Control | TokenKind::Unknown | TokenKind::Unused => return Ok(()),

@@ -138,7 +138,7 @@ impl Tokenizer {
                 })
                 .collect(),
         };
-        let mut vocab = Vocab::new(tokens.iter().map(|s| s.to_string()).collect(), scores, kinds);
+        let mut vocab = Vocab::new(tokens.iter().map(|s| s.as_ref()), scores, kinds);
 
         let mut ids = SpecialIds::default();
         let (model, mut add_bos, mut add_space_prefix, clean_spaces) = if is_spm {
@@ -311,7 +311,7 @@ impl Tokenizer {
     }
 
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.vocab.texts.get(id as usize).map(String::as_str)
+        self.vocab.texts.get(id as usize)
     }
 
     pub fn token_id(&self, text: &str) -> Option<u32> {

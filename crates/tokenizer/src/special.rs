@@ -23,7 +23,7 @@ pub(crate) fn partition(vocab: &Vocab, specials: &[u32], text: &str, parse_speci
         if !parse_special && matches!(kind, TokenKind::Control | TokenKind::Unknown) {
             continue;
         }
-        let needle = vocab.texts[id as usize].as_str();
+        let needle = &vocab.texts[id as usize];
         if needle.is_empty() || !text.contains(needle) {
             continue;
         }

@@ -1,7 +1,9 @@
 //! The vocabulary: token texts, scores and kinds, read from GGUF metadata, plus the special-token
 //! bookkeeping llama.cpp does at load time (EOG set, kind overrides by token text).
 
+use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use kiln_gguf::Value;
 
@@ -121,27 +123,90 @@ impl<'a, F: Fn(&str) -> Option<&'a Value>> Meta<'a, F> {
     }
 }
 
+/// The token texts end to end in one buffer: a `String` per token would cost an allocation (and
+/// its allocator overhead) each, megabytes for a 50k vocabulary.
+pub(crate) struct TokenTexts {
+    buf: String,
+    /// End of token `i`'s text in `buf` (it starts where token `i - 1`'s ends).
+    ends: Vec<usize>,
+}
+
+impl TokenTexts {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.buf[start..end])
+    }
+}
+
+impl std::ops::Index<usize> for TokenTexts {
+    type Output = str;
+    fn index(&self, i: usize) -> &str {
+        match self.get(i) {
+            Some(t) => t,
+            None => panic!("token id {i} out of range ({} tokens)", self.len()),
+        }
+    }
+}
+
 /// Token texts, scores and kinds, and the reverse map.
 pub(crate) struct Vocab {
-    pub texts: Vec<String>,
+    pub texts: TokenTexts,
     pub scores: Vec<f32>,
     pub kinds: Vec<TokenKind>,
-    pub token_to_id: HashMap<String, u32>,
+    /// The reverse map without a copy of the texts: a fixed 64-bit hash of the text → the
+    /// highest id with that text (ids are checked against the text on lookup).
+    by_hash: HashMap<u64, u32, BuildHasherDefault<DefaultHasher>>,
+    /// Ids whose text shares its 64-bit hash with another text (normally none).
+    collisions: Vec<u32>,
+}
+
+/// The hash of a token text (SipHash with fixed keys: the same in every run).
+fn text_hash(text: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 impl Vocab {
-    pub fn new(mut texts: Vec<String>, scores: Vec<f32>, kinds: Vec<TokenKind>) -> Vocab {
-        let mut token_to_id = HashMap::with_capacity(texts.len());
-        for (i, t) in texts.iter_mut().enumerate() {
+    pub fn new<'a>(texts: impl IntoIterator<Item = &'a str>, scores: Vec<f32>, kinds: Vec<TokenKind>) -> Vocab {
+        let mut buf = String::new();
+        let mut ends = Vec::new();
+        for (i, t) in texts.into_iter().enumerate() {
             if t.is_empty() {
                 tracing::warn!("empty token at index {i}");
-                *t = format!("[EMPTY_{i}]");
+                buf.push_str(&format!("[EMPTY_{i}]"));
+            } else {
+                buf.push_str(t);
             }
-            if let Some(prev) = token_to_id.insert(t.clone(), i as u32) {
-                tracing::warn!("duplicate token {t:?} with ids {prev} and {i}; using {i}");
+            ends.push(buf.len());
+        }
+        buf.shrink_to_fit();
+        let texts = TokenTexts { buf, ends };
+        let mut by_hash = HashMap::with_capacity_and_hasher(texts.len(), BuildHasherDefault::default());
+        let mut collisions = Vec::new();
+        for id in 0..texts.len() as u32 {
+            let text = &texts[id as usize];
+            match by_hash.entry(text_hash(text)) {
+                Entry::Vacant(e) => {
+                    e.insert(id);
+                }
+                Entry::Occupied(mut e) => {
+                    let prev = *e.get();
+                    if &texts[prev as usize] == text {
+                        tracing::warn!("duplicate token {text:?} with ids {prev} and {id}; using {id}");
+                        e.insert(id);
+                    } else {
+                        collisions.push(id);
+                    }
+                }
             }
         }
-        Vocab { texts, scores, kinds, token_to_id }
+        Vocab { texts, scores, kinds, by_hash, collisions }
     }
 
     pub fn len(&self) -> usize {
@@ -149,7 +214,9 @@ impl Vocab {
     }
 
     pub fn id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        let hit = self.by_hash.get(&text_hash(text)).copied().filter(|&id| &self.texts[id as usize] == text);
+        let other = self.collisions.iter().copied().filter(|&id| &self.texts[id as usize] == text).max();
+        hit.max(other)
     }
 }
 
@@ -256,7 +323,7 @@ impl Vocab {
         if *k != TokenKind::Control {
             tracing::debug!(
                 "control-looking token {id} {:?} was {k:?}; treating it as a control token",
-                self.texts[id as usize]
+                &self.texts[id as usize]
             );
             *k = TokenKind::Control;
         }
@@ -344,5 +411,30 @@ impl Vocab {
             .collect();
         v.sort_by_key(|&id| std::cmp::Reverse(self.texts[id as usize].len()));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_and_reverse_map() {
+        let texts = ["a", "bc", "", "bc", "é", "<|im_end|>"];
+        let v = Vocab::new(texts, vec![0.0; 6], vec![TokenKind::Normal; 6]);
+        assert_eq!(v.len(), 6);
+        assert_eq!(&v.texts[1], "bc");
+        assert_eq!(&v.texts[2], "[EMPTY_2]");
+        assert_eq!(v.texts.get(4), Some("é"));
+        assert_eq!(v.texts.get(6), None);
+        // every distinct text maps back to its id; a duplicate to the later one
+        assert_eq!(v.id("a"), Some(0));
+        assert_eq!(v.id("bc"), Some(3));
+        assert_eq!(v.id("[EMPTY_2]"), Some(2));
+        assert_eq!(v.id("é"), Some(4));
+        assert_eq!(v.id("<|im_end|>"), Some(5));
+        assert_eq!(v.id(""), None);
+        assert_eq!(v.id("b"), None);
+        assert!(v.collisions.is_empty());
     }
 }
