@@ -4,7 +4,7 @@ use kiln_quant::matmul::{self, dot_f32, dot_f64, QMatrix};
 use rayon::prelude::*;
 
 use crate::attention_prompt::attention_prompt;
-use crate::{Activation, Fault, KvCache, LlamaWeights, ModelError, Observer, RopeScaling};
+use crate::{Activation, Fault, KvCache, LlamaConfig, LlamaWeights, ModelError, Observer, RopeScaling};
 
 /// Which arithmetic the forward pass uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,12 +48,64 @@ pub fn forward_faulty(
     obs: Option<&mut dyn Observer>,
     fault: Option<Fault>,
 ) -> Result<Vec<f32>, ModelError> {
+    forward_ubatched(w, cache, tokens, precision, want, obs, fault, MAX_UBATCH)
+}
+
+/// Most tokens of one sequence in one pass through the layers (llama.cpp's default `n_ubatch`).
+/// Longer prompts run as equal micro-batches, so the activation buffers stay bounded whatever the
+/// prompt length (a 4096-token prompt on a 1.1B model would otherwise hold ~300 MB of them).
+/// Equal parts keep every part on the prompt kernels; each token's results are the same either way.
+pub const MAX_UBATCH: usize = 512;
+
+/// [`forward`] with micro-batches of at most `ubatch` tokens (with an observer, one batch: the
+/// diagnostics compare whole activations).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn forward_ubatched(
+    w: &LlamaWeights,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    precision: Precision,
+    want: Logits,
+    obs: Option<&mut dyn Observer>,
+    fault: Option<Fault>,
+    ubatch: usize,
+) -> Result<Vec<f32>, ModelError> {
     // The sequence's own buffers: no allocation per generated token.
     let mut ws = std::mem::take(&mut cache.buffers);
-    let mut steps = [SeqStep { cache, tokens, want }];
-    let result = run_in_pool(|| forward_steps(w, &mut steps, precision, &mut ws, obs, fault));
-    steps[0].cache.buffers = ws;
-    Ok(result?.pop().unwrap_or_default())
+    let result = run_in_pool(|| {
+        if obs.is_some() || tokens.len() <= ubatch.max(1) {
+            let mut steps = [SeqStep { cache: &mut *cache, tokens, want }];
+            return Ok(forward_steps(w, &mut steps, precision, &mut ws, obs, fault)?.pop().unwrap_or_default());
+        }
+        // Nothing runs unless all of it can (no half-filled cache on error).
+        check_step(&w.cfg, cache, tokens)?;
+        let size = tokens.len().div_ceil(tokens.len().div_ceil(ubatch));
+        let mut out = Vec::new();
+        for part in tokens.chunks(size) {
+            let mut steps = [SeqStep { cache: &mut *cache, tokens: part, want }];
+            let logits = forward_steps(w, &mut steps, precision, &mut ws, None, fault)?.pop().unwrap_or_default();
+            match want {
+                Logits::All => out.extend_from_slice(&logits),
+                Logits::Last => out = logits,
+            }
+        }
+        Ok(out)
+    });
+    cache.buffers = ws;
+    result
+}
+
+/// Whether `tokens` fit after the cache's contents and are all in the vocabulary.
+fn check_step(cfg: &LlamaConfig, cache: &KvCache, tokens: &[u32]) -> Result<(), ModelError> {
+    let needed = cache.len + tokens.len();
+    if needed > cache.n_ctx {
+        return Err(ModelError::ContextFull { needed, n_ctx: cache.n_ctx });
+    }
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+        return Err(ModelError::TokenOutOfRange { id, n_vocab: cfg.n_vocab });
+    }
+    Ok(())
 }
 
 /// One sequence's share of a batched forward step: its cache, the tokens to append, which logits
@@ -100,13 +152,7 @@ fn forward_steps(
 ) -> Result<Vec<Vec<f32>>, ModelError> {
     let cfg = &w.cfg;
     for s in steps.iter() {
-        let needed = s.cache.len + s.tokens.len();
-        if needed > s.cache.n_ctx {
-            return Err(ModelError::ContextFull { needed, n_ctx: s.cache.n_ctx });
-        }
-        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-            return Err(ModelError::TokenOutOfRange { id, n_vocab: cfg.n_vocab });
-        }
+        check_step(cfg, s.cache, s.tokens)?;
     }
     // Row ranges of each step in the stacked batch; empty steps take no rows and get no logits.
     let mut spans = Vec::with_capacity(steps.len());

@@ -14,7 +14,9 @@ mod weights;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
 pub use error::ModelError;
 pub use fault::Fault;
-pub use forward::{forward, forward_batch, forward_faulty, Logits, Precision, SeqStep, Workspace};
+pub use forward::{
+    forward, forward_batch, forward_faulty, forward_ubatched, Logits, Precision, SeqStep, Workspace, MAX_UBATCH,
+};
 pub use kv_cache::KvCache;
 pub use observer::{Activation, Observer};
 pub use weights::{LayerWeights, LlamaWeights};

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use kiln_gguf::GgufFile;
 use kiln_model::{
-    forward, forward_batch, forward_faulty, Activation, Fault, KvCache, LlamaWeights, Logits, Observer, Precision,
-    SeqStep, Workspace,
+    forward, forward_batch, forward_faulty, forward_ubatched, Activation, Fault, KvCache, LlamaWeights, Logits,
+    Observer, Precision, SeqStep, Workspace,
 };
 
 fn synth(name: &str) -> PathBuf {
@@ -104,6 +104,37 @@ fn batch_errors_leave_every_cache_untouched() {
     let err = forward_batch(&w, &mut steps, Precision::Fast, &mut Workspace::default(), None).unwrap_err();
     assert!(err.to_string().contains('5'), "{err}");
     assert_eq!((a.len, b.len), (0, 0));
+}
+
+/// A prompt longer than the micro-batch runs in equal parts; every position's logits are bit for
+/// bit those of one batch (each part big enough for the prompt kernels), and a prompt that does
+/// not fit leaves the cache untouched.
+#[test]
+fn micro_batches_match_one_batch() {
+    for name in ["F32", "Q4_0", "Q8_0", "Q4_K"] {
+        let file = GgufFile::open(synth(name)).expect("open synth model");
+        let w = LlamaWeights::load(&file).expect("load weights");
+        let p = tokens(7, 41, w.cfg.n_vocab);
+        for precision in [Precision::Fast, Precision::Exact] {
+            let mut one = KvCache::new(&w.cfg, 64);
+            let whole = forward_ubatched(&w, &mut one, &p, precision, Logits::All, None, None, 64).expect("one batch");
+            // at most 21 per part: two parts of 21 and 20 tokens, both on the prompt kernels
+            let mut parts = KvCache::new(&w.cfg, 64);
+            let split = forward_ubatched(&w, &mut parts, &p, precision, Logits::All, None, None, 21).expect("parts");
+            assert_eq!(bits(&whole), bits(&split), "{name} {precision:?}");
+            assert_eq!(parts.len, 41);
+            // only the last position's logits (one row through the output matrix) likewise
+            let mut one = KvCache::new(&w.cfg, 64);
+            let whole = forward_ubatched(&w, &mut one, &p, precision, Logits::Last, None, None, 64).expect("one batch");
+            let mut parts = KvCache::new(&w.cfg, 64);
+            let split = forward_ubatched(&w, &mut parts, &p, precision, Logits::Last, None, None, 21).expect("parts");
+            assert_eq!(bits(&whole), bits(&split), "{name} {precision:?} last");
+        }
+        let mut small = KvCache::new(&w.cfg, 40);
+        let err = forward_ubatched(&w, &mut small, &p, Precision::Fast, Logits::Last, None, None, 21).unwrap_err();
+        assert!(err.to_string().contains("41"), "{err}");
+        assert_eq!(small.len, 0);
+    }
 }
 
 /// Records every activation of a forward call in order.
