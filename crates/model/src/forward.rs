@@ -71,10 +71,11 @@ pub fn forward_ubatched(
     fault: Option<Fault>,
     ubatch: usize,
 ) -> Result<Vec<f32>, ModelError> {
+    let ubatch = ubatch.max(1);
     // The sequence's own buffers: no allocation per generated token.
     let mut ws = std::mem::take(&mut cache.buffers);
     let result = run_in_pool(|| {
-        if obs.is_some() || tokens.len() <= ubatch.max(1) {
+        if obs.is_some() || tokens.len() <= ubatch {
             let mut steps = [SeqStep { cache: &mut *cache, tokens, want }];
             return Ok(forward_steps(w, &mut steps, precision, &mut ws, obs, fault)?.pop().unwrap_or_default());
         }
