@@ -34,6 +34,14 @@ unsafe fn block(w: *const u8, a: *const u32) -> __m256i {
     }
 }
 
+/// Four blocks' partial sums reduced to their four exact totals.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_totals(s: [__m256i; LANES]) -> __m128i {
+    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
+}
+
 /// The four exact block sums of blocks `b .. b + 4` (all present).
 ///
 /// # Safety
@@ -42,12 +50,7 @@ unsafe fn block(w: *const u8, a: *const u32) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_sums(row: *const u8, aq: *const u32, b: usize) -> __m128i {
     // SAFETY: the caller's contract bounds blocks `b .. b + 4`.
-    unsafe {
-        let s: [__m256i; LANES] =
-            std::array::from_fn(|l| block(row.add((b + l) * BLOCK_BYTES), aq.add((b + l) * BLOCK / 2)));
-        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
-    }
+    block_totals(std::array::from_fn(|l| unsafe { block(row.add((b + l) * BLOCK_BYTES), aq.add((b + l) * BLOCK / 2)) }))
 }
 
 /// The f16 scales of blocks `b .. b + 4` as f32.
@@ -71,10 +74,11 @@ unsafe fn kernel(row: *const u8, nb: usize, aq: *const u32, ad: *const f32) -> f
     // SAFETY (whole body): only blocks `b < nb` are read; whole groups straight through, the
     // last partial group through zero-filled arrays (its missing blocks add exact zeros).
     unsafe {
+        // four block sums times their weight and activation scales, into the four lanes
+        let add = |acc, sums, dw, da| _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(dw, da), acc);
         for g in 0..full {
             let b = g * LANES;
-            let scale = _mm_mul_ps(group_scales(row, b), _mm_loadu_ps(ad.add(b)));
-            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(group_sums(row, aq, b)), scale, acc);
+            acc = add(acc, group_sums(row, aq, b), group_scales(row, b), _mm_loadu_ps(ad.add(b)));
         }
         let present = nb - full * LANES;
         if present > 0 {
@@ -88,11 +92,8 @@ unsafe fn kernel(row: *const u8, nb: usize, aq: *const u32, ad: *const f32) -> f
                 dw[l] = (w as *const u16).read_unaligned();
                 da[l] = *ad.add(b);
             }
-            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-            let sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
             let dwv = _mm_cvtph_ps(_mm_loadl_epi64(dw.as_ptr() as *const __m128i));
-            let scale = _mm_mul_ps(dwv, _mm_loadu_ps(da.as_ptr()));
-            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), scale, acc);
+            acc = add(acc, block_totals(s), dwv, _mm_loadu_ps(da.as_ptr()));
         }
         // (l0 + l2) + (l1 + l3), as the oracle.
         let s = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
