@@ -361,6 +361,9 @@ unsafe fn dot_u8_planes<const N: usize>(
     _mm256_add_epi32(_mm256_slli_epi32(first, 8), _mm256_add_epi32(acc2[0], acc2[1]))
 }
 
+/// How far ahead of the super-block being multiplied [`q4k_planes`] prefetches.
+pub(super) const PREFETCH_BYTES: usize = 2048;
+
 /// Q4_K / Q5_K against `NT` two-plane activations (see [`vec_dot_planes`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k_planes<const NT: usize, const FIVE: bool>(row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
@@ -373,6 +376,13 @@ unsafe fn q4k_planes<const NT: usize, const FIVE: bool>(row: &[u8], acts: &[&Act
         // SAFETY: as in `q4k`: block `i` lies inside `row`, every activation vector has `nb`
         // super-blocks; all loads are unaligned and stay within those bounds.
         unsafe {
+            // Generation streams the rows once from DRAM: ask for the bytes ~2 KiB ahead, one
+            // super-block's lines per super-block (past the row they are the next row's, which
+            // the caller multiplies next; prefetches never fault).
+            let ahead = row.as_ptr().wrapping_add(i * bs + PREFETCH_BYTES);
+            for line in 0..bs.div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+            }
             let Q4kBlock { d, dmin, s, mins, w } = q4k_block::<FIVE>(row.as_ptr().add(i * bs), &masks);
             let pre = prepare::<NT>(&s);
             for t in 0..NT {

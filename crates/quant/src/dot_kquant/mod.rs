@@ -234,10 +234,25 @@ pub fn vec_dot_q8k_rows_planes(ty: GgmlType, data: &[u8], row_bytes: usize, acts
     }
     check_planes(acts);
     let level = isa();
+    // The fused two-plane kernels prefetch inside their loops, a steady few lines per super-block;
+    // the others get each row's bytes asked for two rows ahead.
+    let own_prefetch = kernel_prefetches(level, ty);
     for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
-        crate::isa::prefetch(data.get((i + 2) * row_bytes..(i + 3) * row_bytes));
+        if !own_prefetch {
+            crate::isa::prefetch(data.get((i + 2) * row_bytes..(i + 3) * row_bytes));
+        }
         planes_unchecked(level, ty, row, acts, o);
     }
+}
+
+/// Whether the two-plane kernel of `ty` at `level` prefetches the rows itself.
+fn kernel_prefetches(level: Isa, ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Isa::Avx2 {
+        return avx2::has_planes_kernel(ty);
+    }
+    let _ = (level, ty);
+    false
 }
 
 /// [`vec_dot_q8k_x4`] with an explicit level; panics if this CPU cannot run `isa`.
