@@ -319,9 +319,13 @@ pub fn vec_dot_q8_rows_planes(
         check_planes(acts);
     }
     let f = kernel_for(None, t, k, planes);
+    // The SIMD kernels prefetch a steady few lines per group of blocks themselves.
+    let own_prefetch = simd_available();
     for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
         // Generation streams each weight row once from memory: ask for the rows ahead early.
-        crate::isa::prefetch(data.get((i + PREFETCH_ROWS) * row_bytes..(i + PREFETCH_ROWS + 1) * row_bytes));
+        if !own_prefetch {
+            crate::isa::prefetch(data.get((i + PREFETCH_ROWS) * row_bytes..(i + PREFETCH_ROWS + 1) * row_bytes));
+        }
         // SAFETY: the active level runs on this CPU; every row has the geometry checked above
         // (same length as the first), every activation vector is well formed with exactly its
         // blocks (and second planes are residual planes), `acts.len() == k · planes` and
