@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use kiln_gguf::GgufFile;
-use kiln_model::{LlamaWeights, PackedWeights};
+use kiln_model::LlamaWeights;
 use kiln_tokenizer::template::ChatTemplate;
 use kiln_tokenizer::Tokenizer;
 
@@ -33,12 +33,7 @@ impl Model {
         // would only hold resident memory for the rest of the run.
         gguf.release_arrays_longer_than(1024);
         let gguf: &'static GgufFile = Box::leak(Box::new(gguf));
-        let mut weights = LlamaWeights::load(gguf).with_context(|| format!("{}", path.display()))?;
-        // The generation kernels of some types read a load-time copy in their own layout; the
-        // file's pages it replaces are given back as it is made.
-        let packed: &'static PackedWeights =
-            Box::leak(Box::new(PackedWeights::build(&weights, |b| gguf.release_pages(b))));
-        weights.attach_panels(packed).with_context(|| format!("{}", path.display()))?;
+        let weights = LlamaWeights::load(gguf).with_context(|| format!("{}", path.display()))?;
         if tokenizer.n_vocab() != weights.cfg.n_vocab {
             anyhow::bail!(
                 "{}: tokenizer has {} tokens but token_embd.weight has {} rows",

@@ -249,33 +249,6 @@ impl GgufFile {
         &self.bytes[start..start + t.n_bytes as usize]
     }
 
-    /// Drops from memory the mapped pages lying wholly inside `part` (a slice of this file's bytes,
-    /// e.g. a tensor's data) that the caller will not read again soon, so they stop counting as
-    /// resident; a later read maps them in again from the file. A no-op for owned bytes, for a
-    /// slice from elsewhere, and where the system does not support it.
-    pub fn release_pages(&self, part: &[u8]) {
-        #[cfg(unix)]
-        if let Bytes::Mapped(m) = &self.bytes {
-            const PAGE: usize = 4096;
-            let base = m.as_ptr() as usize;
-            let start = part.as_ptr() as usize;
-            if start < base || start + part.len() > base + m.len() {
-                return;
-            }
-            let first = (start - base).next_multiple_of(PAGE);
-            let end = (start - base + part.len()) / PAGE * PAGE;
-            if end > first {
-                // SAFETY: the range is inside the map. The map is private and read-only, so
-                // MADV_DONTNEED only drops clean copies of file pages: the next read faults the same
-                // bytes back in (under the map's contract that the file is not modified meanwhile),
-                // and no reference into the map is invalidated.
-                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first) };
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = part;
-    }
-
     /// The whole file's bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

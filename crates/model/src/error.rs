@@ -20,6 +20,4 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, n_vocab: usize },
     #[error("context full: {needed} positions needed but the context holds {n_ctx} (raise --ctx)")]
     ContextFull { needed: usize, n_ctx: usize },
-    #[error("repacked weights: {0}")]
-    Panels(String),
 }

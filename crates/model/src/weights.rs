@@ -17,43 +17,6 @@ pub struct LayerWeights<'a> {
     pub w_down: QMatrix<'a>,
 }
 
-/// Copies of the product matrices in the generation kernels' panel layout
-/// ([`kiln_quant::panel_q4_0`]), made once at load time; `None` for matrices of other types.
-pub struct PackedWeights {
-    panels: Vec<Option<Vec<u8>>>,
-}
-
-impl PackedWeights {
-    /// Repacks every product matrix of `w` that has a panel layout (in parallel). `release(bytes)`
-    /// gets the file bytes each copy replaces as soon as it is made (to give their pages back, so
-    /// the file and its copy are never resident together).
-    pub fn build(w: &LlamaWeights, release: impl Fn(&[u8]) + Sync) -> PackedWeights {
-        use rayon::prelude::*;
-        let mut mats: Vec<QMatrix> = Vec::with_capacity(7 * w.layers.len() + 1);
-        for l in &w.layers {
-            mats.extend([l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down]);
-        }
-        mats.push(w.output);
-        let panels = mats
-            .par_iter()
-            .map(|m| {
-                let whole = m.rows / kiln_quant::panel_q4_0::PANEL_ROWS > 0;
-                (kiln_quant::panel_q4_0::is_supported(m.ty) && whole).then(|| {
-                    let p = kiln_quant::panel_q4_0::repack(m.data, m.rows, m.cols);
-                    release(&m.data[..p.len()]);
-                    p
-                })
-            })
-            .collect();
-        PackedWeights { panels }
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.panels.iter().flatten().map(Vec::len).sum()
-    }
-}
-
 pub struct LlamaWeights<'a> {
     pub cfg: LlamaConfig,
     pub token_embd: QMatrix<'a>,
@@ -118,32 +81,6 @@ impl<'a> LlamaWeights<'a> {
             None => None,
         };
         Ok(LlamaWeights { cfg, token_embd, layers, output_norm, output, output_is_tied, rope_freqs })
-    }
-
-    /// The matrices the forward pass multiplies with, in a fixed order (layers, then the LM head).
-    fn product_matrices_mut(&mut self) -> Vec<&mut QMatrix<'a>> {
-        let mut v: Vec<&mut QMatrix<'a>> = Vec::with_capacity(7 * self.layers.len() + 1);
-        for l in &mut self.layers {
-            v.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down]);
-        }
-        v.push(&mut self.output);
-        v
-    }
-
-    /// Hands the panels of `packed` (built from these weights) to their matrices: the CPU default
-    /// path then reads them instead of the file's rows. The exact path, the embedding lookup and
-    /// the GPU upload keep reading the file's bytes.
-    pub fn attach_panels(&mut self, packed: &'a PackedWeights) -> Result<(), ModelError> {
-        let mats = self.product_matrices_mut();
-        if mats.len() != packed.panels.len() {
-            return Err(ModelError::Panels("built for other weights".to_string()));
-        }
-        for (m, p) in mats.into_iter().zip(&packed.panels) {
-            if let Some(p) = p {
-                *m = m.with_panels(p).map_err(|e| ModelError::Panels(e.to_string()))?;
-            }
-        }
-        Ok(())
     }
 
     /// Bytes of weight data read per generated token (every matrix once, plus one embedding row).

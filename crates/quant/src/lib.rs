@@ -17,7 +17,6 @@ pub mod iq4_nl;
 pub mod iq4_xs;
 pub mod isa;
 pub mod matmul;
-pub mod panel_q4_0;
 pub mod q2_k;
 pub mod q3_k;
 pub mod q4_0;

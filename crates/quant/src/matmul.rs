@@ -23,9 +23,6 @@ pub struct QMatrix<'a> {
     row_bytes: usize,
     /// 8-bit activation planes for the default path's quantized products (1 or 2; see [`matmul`]).
     pub act_planes: usize,
-    /// The whole eight-row panels of the same rows, repacked for the generation kernels
-    /// ([`crate::panel_q4_0`]); the default path then reads these instead of `data` for those rows.
-    panels: Option<&'a [u8]>,
 }
 
 impl<'a> QMatrix<'a> {
@@ -45,7 +42,7 @@ impl<'a> QMatrix<'a> {
                 got: data.len(),
             });
         }
-        Ok(QMatrix { ty, data, rows, cols, row_bytes, act_planes: activation_planes(), panels: None })
+        Ok(QMatrix { ty, data, rows, cols, row_bytes, act_planes: activation_planes() })
     }
 
     /// The same matrix with `planes` (1 or 2) activation planes on the default path.
@@ -56,55 +53,6 @@ impl<'a> QMatrix<'a> {
 
     pub fn row(&self, r: usize) -> &'a [u8] {
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
-    }
-
-    /// The same matrix with its rows also held as panels (what [`crate::panel_q4_0::repack`] makes
-    /// of `data`); the default path reads the panels from then on, so `data`'s pages can be given
-    /// back. Fails unless the type has panels and `panels` has the length of the whole panels.
-    pub fn with_panels(mut self, panels: &'a [u8]) -> Result<Self, QuantError> {
-        let want = self.rows / crate::panel_q4_0::PANEL_ROWS * self.row_bytes * crate::panel_q4_0::PANEL_ROWS;
-        if !crate::panel_q4_0::is_supported(self.ty) || panels.len() != want {
-            return Err(QuantError::WrongByteCount {
-                ty: self.ty,
-                n_elements: self.rows * self.cols,
-                expected: want,
-                got: panels.len(),
-            });
-        }
-        self.panels = Some(panels);
-        Ok(self)
-    }
-
-    /// The panels, if the matrix has them.
-    pub fn panels(&self) -> Option<&'a [u8]> {
-        self.panels
-    }
-
-    /// Rows held in panels (a multiple of 8; 0 without panels).
-    pub fn panel_rows(&self) -> usize {
-        match self.panels {
-            Some(_) => self.rows / crate::panel_q4_0::PANEL_ROWS * crate::panel_q4_0::PANEL_ROWS,
-            None => 0,
-        }
-    }
-
-    /// Row `r` in the file's layout for the default path: from the panels when it is held there
-    /// (unpacked into `buf`), else straight from `data`.
-    pub fn row_data<'s>(&'s self, r: usize, buf: &'s mut Vec<u8>) -> &'s [u8] {
-        self.row_blocks(r, 0..self.cols / self.ty.block_size(), buf)
-    }
-
-    /// Blocks `blocks` of row `r` in the file's layout, as [`QMatrix::row_data`].
-    pub fn row_blocks<'s>(&'s self, r: usize, blocks: std::ops::Range<usize>, buf: &'s mut Vec<u8>) -> &'s [u8] {
-        let ts = self.ty.type_size();
-        match self.panels {
-            Some(p) if r < self.panel_rows() => {
-                buf.resize(blocks.len() * ts, 0);
-                crate::panel_q4_0::unpack_row_blocks(p, self.cols, r, blocks, buf);
-                buf
-            }
-            _ => &self.row(r)[blocks.start * ts..blocks.end * ts],
-        }
     }
 
     /// Dequantizes row `r` into `out` (`cols` long). Infallible: the geometry was checked in `new`.
@@ -268,8 +216,6 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
     };
     let mut tasks = Vec::new();
     for (j, (w, _)) in jobs.iter().enumerate() {
-        // tasks of whole panels where the matrix has them
-        let per = if w.panels.is_some() { per.next_multiple_of(crate::panel_q4_0::PANEL_ROWS) } else { per };
         tasks.extend((0..w.rows).step_by(per).map(|r0| (j, r0, (r0 + per).min(w.rows))));
     }
     let outs: Vec<(QMatrix, OutPtr)> = jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()))).collect();
@@ -286,20 +232,10 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
                     *r = crate::dot_float::vec_dot_f32(ty, row, &x[t * cols..(t + 1) * cols]);
                 }
             }),
-            ActFormat::Q8 => {
-                let refs = |t0: usize| -> [&ActQ8; TOKEN_GROUP] {
-                    std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)])
-                };
-                let split = w.panel_rows().clamp(r0, r1);
-                if split > r0 {
-                    rows_by_panels(w, n, r0..split, ptr, planes, |panel, t0, k, parts| {
-                        crate::panel_q4_0::vec_dot_panel(panel, &refs(t0)[..k], planes, parts);
-                    });
-                }
-                rows_by_groups(w, n, split..r1, ptr, planes, |data, t0, k, parts| {
-                    crate::dot_legacy::vec_dot_q8_rows_planes(ty, data, w.row_bytes, &refs(t0)[..k], planes, parts);
-                })
-            }
+            ActFormat::Q8 => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
+                let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
+                crate::dot_legacy::vec_dot_q8_rows_planes(ty, data, w.row_bytes, &refs[..k], planes, parts);
+            }),
             ActFormat::Q8K => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
                 let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);
                 if planes == 2 {
@@ -404,40 +340,6 @@ fn rows_by_groups(
                 }
             }
             r0 = r1;
-        }
-        t0 += g;
-    }
-}
-
-/// [`rows_by_groups`] for rows held in panels (`rows` whole panels): `kernel(panel, t0, k, parts)`
-/// fills `parts[r * tokens + i]` for the panel's eight rows.
-fn rows_by_panels(
-    w: &QMatrix,
-    n: usize,
-    rows: std::ops::Range<usize>,
-    out: OutPtr,
-    planes: usize,
-    kernel: impl Fn(&[u8], usize, usize, &mut [f32]),
-) {
-    use crate::panel_q4_0::PANEL_ROWS;
-    let panels = w.panels.expect("rows_by_panels: the matrix has panels");
-    assert!(rows.start.is_multiple_of(PANEL_ROWS) && rows.end.is_multiple_of(PANEL_ROWS) && rows.end <= w.panel_rows());
-    let panel_bytes = PANEL_ROWS * w.row_bytes;
-    let group = TOKEN_GROUP / planes;
-    let mut parts = [0f32; PANEL_ROWS * TOKEN_GROUP];
-    let mut t0 = 0;
-    while t0 < n {
-        let g = (n - t0).min(group);
-        for r0 in rows.clone().step_by(PANEL_ROWS) {
-            let parts = &mut parts[..PANEL_ROWS * g];
-            kernel(&panels[r0 * w.row_bytes..][..panel_bytes], t0, g * planes, parts);
-            for (r, p) in (r0..r0 + PANEL_ROWS).zip(parts.chunks_exact(g)) {
-                for (i, &v) in p.iter().enumerate() {
-                    // SAFETY: (t0 + i) < n and r < w.rows, so the index is inside the output
-                    // (n * w.rows long, checked by the caller); no other task writes row r.
-                    unsafe { *out.0.add((t0 + i) * w.rows + r) = v };
-                }
-            }
         }
         t0 += g;
     }

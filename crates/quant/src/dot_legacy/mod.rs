@@ -51,7 +51,7 @@ pub fn is_supported(ty: GgmlType) -> bool {
 }
 
 // Internal format codes: const-generic parameters of the SIMD kernels.
-pub(crate) const T_Q4_0: u8 = 0;
+const T_Q4_0: u8 = 0;
 const T_Q4_1: u8 = 1;
 const T_Q5_0: u8 = 2;
 const T_Q5_1: u8 = 3;
@@ -417,42 +417,34 @@ fn decode(t: u8, b: &[u8]) -> ([i32; QK], f32, f32) {
 /// the second plane's scale `da / 256`.
 fn scalar_dot(t: u8, row: &[u8], planes: &[&ActQ8], mag: &mut Option<f64>) -> f32 {
     let mut sum = 0f32;
-    for (i, b) in row.chunks_exact(block_bytes(t)).enumerate() {
-        let (v, m) = scalar_block(t, b, planes, i);
+    let last = planes[planes.len() - 1];
+    for (i, (b, &da)) in row.chunks_exact(block_bytes(t)).zip(last.d()).enumerate() {
+        let mut a = planes[0].block_quants(i).map(i32::from);
+        if let Some(second) = planes.get(1) {
+            for (ai, &r) in a.iter_mut().zip(&second.block_quants(i)) {
+                *ai = 256 * *ai + i32::from(r);
+            }
+        }
+        let (w, d, m) = decode(t, b);
+        let mut isum = 0i32;
+        let mut asum = 0i32;
+        let mut amag = 0i64;
+        for (&wi, &ai) in w.iter().zip(&a) {
+            isum += wi * ai;
+            asum += ai;
+            amag += i64::from((wi * ai).abs());
+        }
+        let mut v = (d * da) * isum as f32;
+        if t == T_Q4_1 || t == T_Q5_1 {
+            v += (m * da) * asum as f32;
+        }
         sum += v;
         if let Some(mg) = mag {
-            *mg += m;
+            *mg += (f64::from(d) * f64::from(da)).abs() * amag as f64
+                + (f64::from(m) * f64::from(da) * f64::from(asum)).abs();
         }
     }
     sum
-}
-
-/// Block `i` of the activation `planes` against the weight block `b` (one block of format `t`):
-/// its f32 term `(d·da)·Σ w a (+ (m·da)·Σ a)` and the magnitude bound of that term (f64).
-pub(crate) fn scalar_block(t: u8, b: &[u8], planes: &[&ActQ8], i: usize) -> (f32, f64) {
-    let da = planes[planes.len() - 1].d()[i];
-    let mut a = planes[0].block_quants(i).map(i32::from);
-    if let Some(second) = planes.get(1) {
-        for (ai, &r) in a.iter_mut().zip(&second.block_quants(i)) {
-            *ai = 256 * *ai + i32::from(r);
-        }
-    }
-    let (w, d, m) = decode(t, b);
-    let mut isum = 0i32;
-    let mut asum = 0i32;
-    let mut amag = 0i64;
-    for (&wi, &ai) in w.iter().zip(&a) {
-        isum += wi * ai;
-        asum += ai;
-        amag += i64::from((wi * ai).abs());
-    }
-    let mut v = (d * da) * isum as f32;
-    if t == T_Q4_1 || t == T_Q5_1 {
-        v += (m * da) * asum as f32;
-    }
-    let mag =
-        (f64::from(d) * f64::from(da)).abs() * amag as f64 + (f64::from(m) * f64::from(da) * f64::from(asum)).abs();
-    (v, mag)
 }
 
 #[cfg(test)]

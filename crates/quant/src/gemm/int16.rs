@@ -119,8 +119,6 @@ pub struct IntPanel {
     row_q: Vec<i16>,
     row_scale: Vec<f32>,
     row_min: Vec<f32>,
-    /// A row's bytes in the file's layout when the matrix holds it in panels.
-    row_bytes: Vec<u8>,
 }
 
 impl IntPanel {
@@ -139,8 +137,7 @@ impl IntPanel {
         for j in 0..NR {
             let dst = &mut self.rows[j * pairs..(j + 1) * pairs];
             if r0 + j < w.rows {
-                let src = w.row_data(r0 + j, &mut self.row_bytes);
-                int_weights::decode_row(w.ty, src, &mut self.row_q, &mut self.row_scale, &mut self.row_min);
+                int_weights::decode_row(w.ty, w.row(r0 + j), &mut self.row_q, &mut self.row_scale, &mut self.row_min);
                 for (o, two) in dst.iter_mut().zip(self.row_q.chunks_exact(2)) {
                     *o = pair(two[0], two[1]);
                 }

@@ -51,15 +51,14 @@ const KC: usize = 256;
 pub fn pack_panel(w: &QMatrix, r0: usize, rows_buf: &mut [f32], panel: &mut [f32]) {
     let cols = w.cols;
     debug_assert!(rows_buf.len() == NR * KC && panel.len() == cols * NR);
-    let bs = w.ty.block_size();
+    let (bs, ts) = (w.ty.block_size(), w.ty.type_size());
     let mut c0 = 0;
-    let mut bytes = Vec::new();
     while c0 < cols {
         let kc = (cols - c0).min(KC);
         for j in 0..NR {
             let dst = &mut rows_buf[j * KC..j * KC + kc];
             if r0 + j < w.rows {
-                let src = w.row_blocks(r0 + j, c0 / bs..(c0 + kc) / bs, &mut bytes);
+                let src = &w.row(r0 + j)[c0 / bs * ts..(c0 + kc) / bs * ts];
                 if !dequantize_fast(w.ty, src, dst) {
                     crate::dequantize_row(w.ty, src, dst).expect("geometry validated in QMatrix::new");
                 }
