@@ -122,9 +122,12 @@ pub fn vec_dot_q8k_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&Ac
         return;
     }
     let level = isa();
+    let own_prefetch = kernel_prefetches(level);
     for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
         // Generation streams each weight row once from memory: ask for the rows ahead early.
-        crate::isa::prefetch(data.get((i + 2) * row_bytes..(i + 3) * row_bytes));
+        if !own_prefetch {
+            crate::isa::prefetch(data.get((i + 2) * row_bytes..(i + 3) * row_bytes));
+        }
         match level {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512 => {
@@ -234,9 +237,9 @@ pub fn vec_dot_q8k_rows_planes(ty: GgmlType, data: &[u8], row_bytes: usize, acts
     }
     check_planes(acts);
     let level = isa();
-    // The fused two-plane kernels prefetch inside their loops, a steady few lines per super-block;
-    // the others get each row's bytes asked for two rows ahead.
-    let own_prefetch = kernel_prefetches(level, ty);
+    // The SIMD kernels prefetch inside their loops, a steady few lines per super-block; the
+    // scalar ones get each row's bytes asked for two rows ahead.
+    let own_prefetch = kernel_prefetches(level);
     for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
         if !own_prefetch {
             crate::isa::prefetch(data.get((i + 2) * row_bytes..(i + 3) * row_bytes));
@@ -245,14 +248,9 @@ pub fn vec_dot_q8k_rows_planes(ty: GgmlType, data: &[u8], row_bytes: usize, acts
     }
 }
 
-/// Whether the two-plane kernel of `ty` at `level` prefetches the rows itself.
-fn kernel_prefetches(level: Isa, ty: GgmlType) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if level >= Isa::Avx2 {
-        return avx2::has_planes_kernel(ty);
-    }
-    let _ = (level, ty);
-    false
+/// Whether the kernels at `level` prefetch the rows themselves (the SIMD ones do).
+fn kernel_prefetches(level: Isa) -> bool {
+    level >= Isa::Avx2
 }
 
 /// [`vec_dot_q8k_x4`] with an explicit level; panics if this CPU cannot run `isa`.
