@@ -172,8 +172,10 @@ fn forward_steps(
     let mm = |jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32]| matmul_segments(jobs, x, &row_segments, precision);
     let rms_eps = if fault == Some(Fault::NoRmsEps) { 0.0 } else { cfg.rms_eps };
 
-    ws.resize(n, e, qd, kvd, ff);
-    let Workspace { x, h, q, gate, up } = ws;
+    // Observers see whole activations, so `ffn_up` is then computed in one piece.
+    let up_rows = if obs.is_some() { ff } else { up_piece_rows(n, ff) };
+    ws.resize(n, e, qd, kvd, ff, up_rows);
+    let Workspace { x, h, gate, up } = ws;
     for (s, span) in steps.iter().zip(&spans) {
         for (&tok, xr) in s.tokens.iter().zip(x[span.start * e..span.end * e].chunks_exact_mut(e)) {
             w.token_embd.dequantize_row_into(tok as usize, xr);
@@ -192,11 +194,10 @@ fn forward_steps(
         emit(&mut obs, li, "attn_norm", n, e, h);
 
         // Buffers live only in the attention half borrow the FFN's, which are free then: k and v
-        // from `up`, the attention output from `gate`; projections land in `h` once the matmul
-        // that read it is done.
+        // from `up`, the attention output and q from `gate`; projections land in `h` once the
+        // matmul that read it is done.
         let (k, v) = up[..2 * n * kvd].split_at_mut(n * kvd);
-        let attn = &mut gate[..n * qd];
-        let q = &mut q[..n * qd];
+        let (attn, q) = gate[..2 * n * qd].split_at_mut(n * qd);
         if l == 0 && fault == Some(Fault::F16Matmul) {
             let rounded: Vec<f32> = h.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
             mm(&mut [(&lw.wq, &mut *q)], &rounded);
@@ -260,11 +261,24 @@ fn forward_steps(
 
         rms_norm(x, &lw.ffn_norm, rms_eps, h);
         emit(&mut obs, li, "ffn_norm", n, e, h);
-        let (gate, up) = (&mut gate[..n * ff], &mut up[..n * ff]);
-        mm(&mut [(&lw.w_gate, &mut *gate), (&lw.w_up, &mut *up)], h);
-        emit(&mut obs, li, "ffn_gate", n, ff, gate);
-        emit(&mut obs, li, "ffn_up", n, ff, up);
-        swiglu_in_place(gate, up, precision);
+        let gate = &mut gate[..n * ff];
+        // `up` in pieces of `up_rows` weight rows, each consumed by SwiGLU before the next: the
+        // first piece shares gate's call (one activation quantization, one parallel section).
+        for r0 in (0..ff).step_by(up_rows) {
+            let rows = up_rows.min(ff - r0);
+            let w_up = row_block(&lw.w_up, r0, rows);
+            let up = &mut up[..n * rows];
+            if r0 == 0 {
+                mm(&mut [(&lw.w_gate, &mut *gate), (&w_up, &mut *up)], h);
+                emit(&mut obs, li, "ffn_gate", n, ff, gate);
+            } else {
+                mm(&mut [(&w_up, &mut *up)], h);
+            }
+            emit(&mut obs, li, "ffn_up", n, rows, up);
+            for (gr, ur) in gate.chunks_exact_mut(ff).zip(up.chunks_exact(rows)) {
+                swiglu_in_place(&mut gr[r0..r0 + rows], ur, precision);
+            }
+        }
         emit(&mut obs, li, "ffn_swiglu", n, ff, gate);
         mm(&mut [(&lw.w_down, h)], gate);
         emit(&mut obs, li, "ffn_down", n, e, h);
@@ -374,25 +388,55 @@ fn transposed_head(m: &QMatrix, hn: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Tokens from which the FFN's up projection runs in [`UP_PIECES`] pieces of weight rows (below,
+/// its buffer is small and one call fewer parallel sections).
+const UP_SPLIT_TOKENS: usize = 256;
+/// Pieces of the up projection for long steps: its buffer shrinks to a quarter (SmolLM2-135M at
+/// pp512: 3.1 → 0.8 MB of peak memory) for a few more, smaller parallel sections.
+const UP_PIECES: usize = 4;
+
+/// Weight rows of `ffn_up` computed at a time for a step of `n` tokens: all of them for short
+/// steps (generation), else a quarter rounded up to whole panels of the matrix-matrix kernel.
+/// Each output row is computed alone, so any split gives the same bits.
+fn up_piece_rows(n: usize, ff: usize) -> usize {
+    if n < UP_SPLIT_TOKENS {
+        return ff.max(1);
+    }
+    ff.div_ceil(UP_PIECES).next_multiple_of(kiln_quant::gemm::NR).clamp(1, ff.max(1))
+}
+
+/// Rows `r0 .. r0 + rows` of `m` as a matrix of their own (same type and activation planes).
+fn row_block<'a>(m: &QMatrix<'a>, r0: usize, rows: usize) -> QMatrix<'a> {
+    if r0 == 0 && rows == m.rows {
+        return *m;
+    }
+    let row_bytes = m.data.len() / m.rows;
+    let data = &m.data[r0 * row_bytes..(r0 + rows) * row_bytes];
+    QMatrix::new(m.ty, data, rows, m.cols)
+        .expect("whole rows of a validated matrix form a valid matrix")
+        .with_act_planes(m.act_planes)
+}
+
 /// Activation buffers of a forward call, reused between calls: a sequence's own live in its
 /// [`KvCache`]; batched callers keep one for [`forward_batch`].
 #[derive(Default, Debug)]
 pub struct Workspace {
     x: Vec<f32>,
     h: Vec<f32>,
-    q: Vec<f32>,
+    /// The FFN's gate and SwiGLU output; in the attention half, its output and q.
     gate: Vec<f32>,
+    /// A piece of the FFN's up projection ([`up_piece_rows`] per token); in the attention half,
+    /// k and v.
     up: Vec<f32>,
 }
 
 impl Workspace {
-    fn resize(&mut self, n: usize, e: usize, qd: usize, kvd: usize, ff: usize) {
+    fn resize(&mut self, n: usize, e: usize, qd: usize, kvd: usize, ff: usize, up_rows: usize) {
         for (buf, len) in [
             (&mut self.x, n * e),
             (&mut self.h, n * e),
-            (&mut self.q, n * qd),
-            (&mut self.gate, n * ff.max(qd)),
-            (&mut self.up, n * ff.max(2 * kvd)),
+            (&mut self.gate, n * ff.max(2 * qd)),
+            (&mut self.up, n * up_rows.max(2 * kvd)),
         ] {
             buf.resize(len, 0.0);
         }
