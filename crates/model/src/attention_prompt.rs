@@ -60,16 +60,20 @@ pub(crate) fn attention_prompt(
         .collect();
     let tasks: Vec<(usize, usize)> =
         (0..n_head).flat_map(|h| (0..n).step_by(QUERIES_PER_TASK).map(move |t0| (h, t0))).collect();
-    let results: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = tasks
+    let shared_out = SharedOut { ptr: out.as_mut_ptr(), len: out.len() };
+    // Each task writes its head's columns of its query rows straight into `out` (no per-task
+    // copy to gather); the probabilities buffer is reused across the tasks of a rayon split.
+    let task_weights: Vec<(usize, usize, Vec<f32>)> = tasks
         .into_par_iter()
-        .map(|(h, t0)| {
+        .map_init(Vec::new, |probs: &mut Vec<f32>, (h, t0)| {
             let t1 = (t0 + QUERIES_PER_TASK).min(n);
             let m = t1 - t0;
             let (kp, vp) = &packed[h / group];
             // Keys a query of this task may see: up to the last query's position.
             let len = pos0 + t1;
             let ld = len.div_ceil(NR) * NR;
-            let mut probs = vec![0f32; m * ld];
+            probs.clear();
+            probs.resize(m * ld, 0.0);
             for s0 in (0..len).step_by(NR) {
                 let nk = (len - s0).min(NR);
                 let panel = &kp[s0 / NR * d * NR..][..d * NR];
@@ -95,27 +99,24 @@ pub(crate) fn attention_prompt(
                     *v *= inv;
                 }
             }
-            let mut o = vec![0f32; m * d];
             for j0 in (0..d).step_by(NR) {
                 let nj = (d - j0).min(NR);
                 let panel = &vp[j0 / NR * n_keys * NR..][..len * NR];
                 for tt in (0..m).step_by(MR) {
                     let mr = (m - tt).min(MR);
-                    gemm::tile(&probs[tt * ld..], ld, mr, panel, &mut o[tt * d + j0..], d, nj);
+                    let c = shared_out.tile(t0 + tt, mr, qd, h * d + j0, nj);
+                    gemm::tile(&probs[tt * ld..], ld, mr, panel, c, qd, nj);
                 }
             }
-            let weights = if want_weights { probs } else { Vec::new() };
-            (h, t0, o, weights)
+            want_weights.then(|| (h, t0, probs.clone()))
         })
+        .flatten()
         .collect();
     let n_ctx = pos0 + n;
     let mut weights = want_weights.then(|| vec![0f32; n * n_head * n_ctx]);
-    for (h, t0, o, probs) in results {
-        let m = o.len() / d;
-        for i in 0..m {
-            out[(t0 + i) * qd + h * d..(t0 + i) * qd + (h + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
-        }
-        if let Some(w) = weights.as_mut() {
+    if let Some(w) = weights.as_mut() {
+        for (h, t0, probs) in task_weights {
+            let m = (n - t0).min(QUERIES_PER_TASK);
             let ld = probs.len() / m;
             for i in 0..m {
                 let row = (t0 + i) * n_head + h;
@@ -125,6 +126,32 @@ pub(crate) fn attention_prompt(
         }
     }
     weights
+}
+
+/// The attention output (`[n, n_head * d]`) shared by the tasks, each of which writes only its
+/// own head's columns of its own query rows.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint (query rows, head columns) blocks of the output, which outlives
+// them (the parallel section ends before `attention_prompt` returns).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The output from row `t`, column `c0` to the last of the `nc` columns of row `t + mr - 1`:
+    /// what a kernel tile of `mr` rows at stride `ld` writes.
+    #[allow(clippy::mut_from_ref)]
+    fn tile(&self, t: usize, mr: usize, ld: usize, c0: usize, nc: usize) -> &mut [f32] {
+        let start = t * ld + c0;
+        let end = (t + mr - 1) * ld + c0 + nc;
+        assert!(mr > 0 && c0 + nc <= ld && end <= self.len, "tile past the output");
+        // SAFETY: the range is inside the output (checked above), which outlives the tasks; the
+        // caller's tile writes only its own rows' columns `c0 .. c0 + nc`, which no other task
+        // writes or reads.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), end - start) }
+    }
 }
 
 #[cfg(test)]
