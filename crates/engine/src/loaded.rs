@@ -29,9 +29,11 @@ impl Model {
         let eos = tokenizer.eos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
         let template =
             ChatTemplate::from_gguf(&gguf, &bos, &eos).with_context(|| format!("{}: chat template", path.display()))?;
-        // The tokenizer has its own tables now: the metadata's copies of the vocabulary and merges
-        // would only hold resident memory for the rest of the run.
+        // The tokenizer has its own tables now: the metadata's copies of the vocabulary and merges,
+        // and the map's pages they were parsed from, would only hold resident memory for the rest
+        // of the run.
         gguf.release_arrays_longer_than(1024);
+        gguf.release_header_pages();
         let gguf: &'static GgufFile = Box::leak(Box::new(gguf));
         let weights = LlamaWeights::load(gguf).with_context(|| format!("{}", path.display()))?;
         if tokenizer.n_vocab() != weights.cfg.n_vocab {

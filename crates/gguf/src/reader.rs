@@ -103,6 +103,25 @@ impl GgufFile {
         released
     }
 
+    /// Hands the mapped pages of the header (metadata and tensor table: everything before the
+    /// data section, ~1.8 MB for SmolLM2's vocabulary and merges) back to the OS. Parsing copied
+    /// all of it, so from here on only the weights are read from the map; the pages stay in the
+    /// page cache, and reading them again would fault them back in. Best effort: an error only
+    /// leaves them resident.
+    pub fn release_header_pages(&self) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(m) = &self.bytes {
+            // Whole 4 KiB pages only: the data section's first page stays mapped.
+            let len = (self.data_offset as usize).min(m.len()) & !(4096 - 1);
+            if len > 0 {
+                // SAFETY: the map is a read-only shared mapping of the file and nothing borrows
+                // the header's bytes (parsing copied them). MADV_DONTNEED only drops the pages
+                // from this process: a later read faults the same bytes back in from the file.
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, len) };
+            }
+        }
+    }
+
     /// Memory-maps and validates `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
