@@ -27,6 +27,9 @@ pub enum TokenizerError {
     /// An SPM vocabulary without a token for a byte of the input and without an unknown token.
     #[error("no token for byte 0x{0:02X} (no <0x{0:02X}> byte token and no unknown token)")]
     NoByteToken(u8),
+    /// The token texts add up to more than the 32-bit offsets of the vocabulary can address.
+    #[error("the vocabulary's token texts take {bytes} bytes or more (at most 4 GiB)")]
+    VocabTooLarge { bytes: usize },
     /// A pre-tokenizer regex failed to compile or to run.
     #[error("pre-tokenizer regex {pattern:?}: {message}")]
     Regex { pattern: String, message: String },

@@ -138,7 +138,7 @@ impl Tokenizer {
                 })
                 .collect(),
         };
-        let mut vocab = Vocab::new(tokens.iter().map(|s| s.as_ref()), scores, kinds);
+        let mut vocab = Vocab::new(tokens.iter().map(|s| s.as_ref()), scores, kinds)?;
 
         let mut ids = SpecialIds::default();
         let (model, mut add_bos, mut add_space_prefix, clean_spaces) = if is_spm {
