@@ -137,6 +137,34 @@ fn micro_batches_match_one_batch() {
     }
 }
 
+/// Wants no activation: the forward pass then runs unsplit (observers see whole activations).
+struct Silent;
+
+impl Observer for Silent {
+    fn wants(&self, _: Option<usize>, _: &'static str) -> bool {
+        false
+    }
+    fn observe(&mut self, _: &Activation) {}
+}
+
+/// A long step computes the FFN's up projection in pieces of weight rows; every position's logits
+/// are bit for bit those of one piece (what a run with an observer computes).
+#[test]
+fn up_projection_pieces_match_one_piece() {
+    for name in ["F32", "Q4_0", "Q4_1", "Q8_0", "Q4_K"] {
+        let file = GgufFile::open(synth(name)).expect("open synth model");
+        let w = LlamaWeights::load(&file).expect("load weights");
+        let p = tokens(5, 300, w.cfg.n_vocab);
+        for precision in [Precision::Fast, Precision::Exact] {
+            let mut a = KvCache::new(&w.cfg, 300);
+            let pieces = forward(&w, &mut a, &p, precision, Logits::All, None).expect("pieces");
+            let mut b = KvCache::new(&w.cfg, 300);
+            let whole = forward(&w, &mut b, &p, precision, Logits::All, Some(&mut Silent)).expect("one piece");
+            assert_eq!(bits(&pieces), bits(&whole), "{name} {precision:?}");
+        }
+    }
+}
+
 /// Records every activation of a forward call in order.
 #[derive(Default)]
 struct Recorder(Vec<(String, Vec<f32>)>);
