@@ -65,9 +65,6 @@ unsafe fn group_scales(row: *const u8, b: usize) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi64_si128((h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48) as i64))
 }
 
-/// How far ahead of the group being multiplied [`kernel`] prefetches.
-const PREFETCH_BYTES: usize = 2048;
-
 /// # Safety
 /// AVX2/FMA/F16C; `row` holds `nb` blocks, `aq` `16 nb` pairs, `ad` `nb` scales.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -81,13 +78,8 @@ unsafe fn kernel(row: *const u8, nb: usize, aq: *const u32, ad: *const f32) -> f
         let add = |acc, sums, dw, da| _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(dw, da), acc);
         for g in 0..full {
             let b = g * LANES;
-            // Generation streams the rows once from DRAM: ask for the bytes ~2 KiB ahead, the
-            // group's (at most three) lines per group; past the row they are the next row's, which
-            // the caller multiplies next (prefetches never fault).
-            let ahead = row.wrapping_add(b * BLOCK_BYTES + PREFETCH_BYTES);
-            for line in 0..3 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-            }
+            // the group's (at most three) lines, 2 KiB ahead
+            crate::isa::prefetch_lines_ahead(row.wrapping_add(b * BLOCK_BYTES), 3);
             acc = add(acc, group_sums(row, aq, b), group_scales(row, b), _mm_loadu_ps(ad.add(b)));
         }
         let present = nb - full * LANES;

@@ -215,22 +215,6 @@ unsafe fn dot_i8<const N: usize>(
     _mm256_add_epi32(acc[0], acc[1])
 }
 
-/// How far ahead of the super-block being multiplied the kernels prefetch.
-const PREFETCH_BYTES: usize = 2048;
-
-/// Generation streams the rows once from DRAM: each kernel asks for the bytes ~2 KiB ahead of
-/// super-block `i` (of `bs` bytes), that super-block's lines, one super-block at a time. Past the
-/// row they are the next row's, which the caller multiplies next. A steady trickle: a whole row
-/// asked for at once stalls on the miss buffers.
-#[inline(always)]
-fn prefetch_ahead(row: &[u8], i: usize, bs: usize) {
-    let ahead = row.as_ptr().wrapping_add(i * bs + PREFETCH_BYTES);
-    for line in 0..bs.div_ceil(64) {
-        // SAFETY: a prefetch is a hint that never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8) };
-    }
-}
-
 /// Pointers to super-block `i` of an activation vector: quants, bsums, scale.
 #[inline(always)]
 unsafe fn act_block(a: &ActQ8K, i: usize) -> (*const u8, *const u8, f32) {
@@ -306,7 +290,7 @@ unsafe fn q4k<const N: usize, const FIVE: bool>(row: &[u8], acts: &[&ActQ8K; N],
     let mut acc = [_mm256_setzero_ps(); N];
     let mut accm = [_mm256_setzero_ps(); N];
     for i in 0..nb {
-        prefetch_ahead(row, i, bs);
+        crate::isa::prefetch_lines_ahead(row.as_ptr().wrapping_add(i * bs), bs.div_ceil(64));
         // SAFETY: block `i` lies inside `row` (nb whole blocks), every activation vector has `nb`
         // super-blocks (caller's contract); all loads are unaligned and stay within those bounds:
         // header 16 bytes, qh 32 bytes at 16 (Q5_K), qs 128 bytes at 16 or 48.
@@ -387,7 +371,7 @@ unsafe fn q4k_planes<const NT: usize, const FIVE: bool>(row: &[u8], acts: &[&Act
     let mut acc = [_mm256_setzero_ps(); NT];
     let mut accm = [_mm256_setzero_ps(); NT];
     for i in 0..nb {
-        prefetch_ahead(row, i, bs);
+        crate::isa::prefetch_lines_ahead(row.as_ptr().wrapping_add(i * bs), bs.div_ceil(64));
         // SAFETY: as in `q4k`: block `i` lies inside `row`, every activation vector has `nb`
         // super-blocks; all loads are unaligned and stay within those bounds.
         unsafe {
@@ -421,7 +405,7 @@ unsafe fn q6k<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N
     let m30 = _mm256_set1_epi8(0x30);
     let mut acc = [_mm256_setzero_ps(); N];
     for i in 0..nb {
-        prefetch_ahead(row, i, BS);
+        crate::isa::prefetch_lines_ahead(row.as_ptr().wrapping_add(i * BS), BS.div_ceil(64));
         // SAFETY: block `i` lies inside `row`; ql 128 bytes at 0, qh 64 at 128, scales 16 at 192,
         // d at 208; activation super-block `i` exists (caller's contract). Unaligned loads.
         unsafe {
@@ -470,7 +454,7 @@ unsafe fn q3k<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N
     let m04 = _mm256_set1_epi8(4);
     let mut acc = [_mm256_setzero_ps(); N];
     for i in 0..nb {
-        prefetch_ahead(row, i, BS);
+        crate::isa::prefetch_lines_ahead(row.as_ptr().wrapping_add(i * BS), BS.div_ceil(64));
         // SAFETY: block `i` lies inside `row`; hmask 32 bytes at 0, qs 64 at 32, scales 12 at 96,
         // d at 108; activation super-block `i` exists (caller's contract). Unaligned loads.
         unsafe {
@@ -527,7 +511,7 @@ unsafe fn q2k<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32; N
     let mut acc = [_mm256_setzero_ps(); N];
     let mut accm = [_mm256_setzero_ps(); N];
     for i in 0..nb {
-        prefetch_ahead(row, i, BS);
+        crate::isa::prefetch_lines_ahead(row.as_ptr().wrapping_add(i * BS), BS.div_ceil(64));
         // SAFETY: block `i` lies inside `row`; scales 16 bytes at 0, qs 64 at 16, d and dmin at 80
         // and 82; activation super-block `i` exists (caller's contract). Unaligned loads.
         unsafe {
@@ -572,7 +556,7 @@ unsafe fn iq4xs<const N: usize>(row: &[u8], acts: &[&ActQ8K; N], out: &mut [f32;
     let table = _mm256_broadcastsi128_si256(unsafe { load128(KVALUES_IQ4NL.as_ptr() as *const u8) });
     let mut acc = [_mm256_setzero_ps(); N];
     for i in 0..nb {
-        prefetch_ahead(row, i, BS);
+        crate::isa::prefetch_lines_ahead(row.as_ptr().wrapping_add(i * BS), BS.div_ceil(64));
         // SAFETY: block `i` lies inside `row`; d at 0, scales_h at 2, scales_l 4 bytes at 4, qs 128
         // at 8; activation super-block `i` exists (caller's contract). Unaligned loads.
         unsafe {

@@ -84,9 +84,6 @@ impl<const N: usize> ActPtrs<N> {
     }
 }
 
-/// How far ahead of the blocks being multiplied [`dot`] prefetches.
-pub(super) const PREFETCH_BYTES: usize = 2048;
-
 /// # Safety
 /// As [`DotFn`], with `acts.len() == N == K · P` and `out.len() == K`.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -118,13 +115,8 @@ unsafe fn dot<const T: u8, const K: usize, const P: usize, const N: usize>(
     while g + 2 <= full {
         unsafe {
             let w = w0.add(GROUP * bs * g);
-            // Generation streams the rows once from DRAM: ask for the bytes ~2 KiB ahead, the
-            // lines of these eight blocks; past the row they are the next row's, which the caller
-            // multiplies next (prefetches never fault).
-            let ahead = w.wrapping_add(PREFETCH_BYTES);
-            for line in 0..(2 * GROUP * bs).div_ceil(64) + 1 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-            }
+            // the lines of these eight blocks, 2 KiB ahead
+            crate::isa::prefetch_lines_ahead(w, (2 * GROUP * bs).div_ceil(64) + 1);
             group::<T, K, P, N, 4>(w, &base.at(g), &mut acc, &mut accm);
             group::<T, K, P, N, 4>(w.add(GROUP * bs), &base.at(g + 1), &mut acc2, &mut accm2);
         }
