@@ -174,7 +174,14 @@ fn forward_steps(
 
     // Observers see whole activations, so `ffn_up` is then computed in one piece.
     let up_rows = if obs.is_some() { ff } else { up_piece_rows(n, ff) };
-    ws.resize(n, e, qd, kvd, ff, up_rows);
+    let all_prompt = row_segments.iter().all(|(_, prompt)| *prompt);
+    let fuse = obs.is_none() && precision == Precision::Fast && all_prompt;
+    let ffn_units: Vec<Option<usize>> = w.layers.iter().map(|lw| ffn_piece_units(&lw.w_down, n, fuse)).collect();
+    // gate: q and the attention output, then the FFN's gate (whole, or a piece and the down sums).
+    let ffn_gate_len = |u: &Option<usize>| u.map_or(n * ff, |u| n * (u + e));
+    let gate_len = ffn_units.iter().map(ffn_gate_len).fold(2 * n * qd, usize::max);
+    let up_len = ffn_units.iter().map(|u| n * u.unwrap_or(up_rows)).fold(2 * n * kvd, usize::max);
+    ws.resize(n * e, gate_len, up_len);
     let Workspace { x, h, gate, up } = ws;
     for (s, span) in steps.iter().zip(&spans) {
         for (&tok, xr) in s.tokens.iter().zip(x[span.start * e..span.end * e].chunks_exact_mut(e)) {
@@ -261,6 +268,26 @@ fn forward_steps(
 
         rms_norm(x, &lw.ffn_norm, rms_eps, h);
         emit(&mut obs, li, "ffn_norm", n, e, h);
+        if let Some(units) = ffn_units[l] {
+            // A long prompt's FFN piece by piece of `units` hidden units: their gate and up rows,
+            // SwiGLU, and the down projection's matching columns added on, so no n × ff buffer
+            // exists. Each down output's chain goes on across the pieces: the bits of the
+            // whole-matrix path below.
+            let (g, down) = gate.split_at_mut(n * units);
+            let down = &mut down[..n * e];
+            for (i, r0) in (0..ff).step_by(units).enumerate() {
+                let rows = units.min(ff - r0);
+                let (g, u) = (&mut g[..n * rows], &mut up[..n * rows]);
+                let (w_gate, w_up) = (row_block(&lw.w_gate, r0, rows), row_block(&lw.w_up, r0, rows));
+                mm(&mut [(&w_gate, &mut *g), (&w_up, &mut *u)], h);
+                for (gr, ur) in g.chunks_exact_mut(rows).zip(u.chunks_exact(rows)) {
+                    swiglu_in_place(gr, ur, precision);
+                }
+                kiln_quant::gemm::int16::gemm_cols(&lw.w_down, r0, g, n, down, i > 0);
+            }
+            add_in_place(x, down);
+            continue;
+        }
         let gate = &mut gate[..n * ff];
         // `up` in pieces of `up_rows` weight rows, each consumed by SwiGLU before the next: the
         // first piece shares gate's call (one activation quantization, one parallel section).
@@ -405,6 +432,20 @@ fn up_piece_rows(n: usize, ff: usize) -> usize {
     ff.div_ceil(UP_PIECES).next_multiple_of(kiln_quant::gemm::NR).clamp(1, ff.max(1))
 }
 
+/// Hidden units per piece where a layer's FFN runs piece by piece (gate, up, SwiGLU, then the down
+/// projection's columns; see `forward_steps`), or `None` where it runs whole. Pieces need a long
+/// step of prompt kernels only (`fuse`: no observer, the default path, every row on the
+/// matrix-matrix path) and a down matrix whose products split along columns bit for bit; they are
+/// whole blocks of its format and whole panels.
+fn ffn_piece_units(w_down: &QMatrix, n: usize, fuse: bool) -> Option<usize> {
+    if !fuse || n < UP_SPLIT_TOKENS || !kiln_quant::gemm::splits_columns(w_down.ty) {
+        return None;
+    }
+    let ff = w_down.cols;
+    let align = kiln_quant::gemm::NR.max(w_down.ty.block_size());
+    Some(ff.div_ceil(UP_PIECES).next_multiple_of(align).min(ff))
+}
+
 /// Rows `r0 .. r0 + rows` of `m` as a matrix of their own (same type and activation planes).
 fn row_block<'a>(m: &QMatrix<'a>, r0: usize, rows: usize) -> QMatrix<'a> {
     if r0 == 0 && rows == m.rows {
@@ -423,21 +464,19 @@ fn row_block<'a>(m: &QMatrix<'a>, r0: usize, rows: usize) -> QMatrix<'a> {
 pub struct Workspace {
     x: Vec<f32>,
     h: Vec<f32>,
-    /// The FFN's gate and SwiGLU output; in the attention half, its output and q.
+    /// The FFN's gate and SwiGLU output (or, piece by piece, a piece of them and the down
+    /// projection's sums: [`ffn_piece_units`]); in the attention half, its output and q.
     gate: Vec<f32>,
-    /// A piece of the FFN's up projection ([`up_piece_rows`] per token); in the attention half,
-    /// k and v.
+    /// A piece of the FFN's up projection ([`up_piece_rows`] or [`ffn_piece_units`] per token); in
+    /// the attention half, k and v.
     up: Vec<f32>,
 }
 
 impl Workspace {
-    fn resize(&mut self, n: usize, e: usize, qd: usize, kvd: usize, ff: usize, up_rows: usize) {
-        for (buf, len) in [
-            (&mut self.x, n * e),
-            (&mut self.h, n * e),
-            (&mut self.gate, n * ff.max(2 * qd)),
-            (&mut self.up, n * up_rows.max(2 * kvd)),
-        ] {
+    fn resize(&mut self, x_len: usize, gate_len: usize, up_len: usize) {
+        for (buf, len) in
+            [(&mut self.x, x_len), (&mut self.h, x_len), (&mut self.gate, gate_len), (&mut self.up, up_len)]
+        {
             buf.resize(len, 0.0);
         }
     }

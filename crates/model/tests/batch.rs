@@ -147,11 +147,12 @@ impl Observer for Silent {
     fn observe(&mut self, _: &Activation) {}
 }
 
-/// A long step computes the FFN's up projection in pieces of weight rows; every position's logits
-/// are bit for bit those of one piece (what a run with an observer computes).
+/// A long step computes the FFN in pieces: on the default path with integer-form down matrices
+/// the whole FFN (gate and up rows, down columns), else the up projection's rows; every position's
+/// logits are bit for bit those of the whole FFN (what a run with an observer computes).
 #[test]
-fn up_projection_pieces_match_one_piece() {
-    for name in ["F32", "Q4_0", "Q4_1", "Q8_0", "Q4_K"] {
+fn ffn_pieces_match_the_whole_ffn() {
+    for name in ["F32", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "mixed"] {
         let file = GgufFile::open(synth(name)).expect("open synth model");
         let w = LlamaWeights::load(&file).expect("load weights");
         let p = tokens(5, 300, w.cfg.n_vocab);

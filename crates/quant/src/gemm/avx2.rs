@@ -78,6 +78,25 @@ pub(super) unsafe fn store_row(row: *mut f32, lo: __m256, hi: __m256, nvalid: us
     }
 }
 
+/// The inverse of [`store_row`]: `nvalid` floats from `row` as two vectors, zero past `nvalid`.
+///
+/// # Safety
+/// AVX2; `row` readable for `nvalid ≤ NR` floats.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn load_row(row: *const f32, nvalid: usize) -> (__m256, __m256) {
+    // SAFETY: the caller's contract; a partial row goes through a stack copy.
+    unsafe {
+        if nvalid == NR {
+            (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)))
+        } else {
+            let mut tmp = [0f32; NR];
+            std::ptr::copy_nonoverlapping(row, tmp.as_mut_ptr(), nvalid);
+            (_mm256_loadu_ps(tmp.as_ptr()), _mm256_loadu_ps(tmp.as_ptr().add(8)))
+        }
+    }
+}
+
 /// `panel[k * NR + j] = rows[j * ld + k]` for `j < NR`, `k < kc` (a multiple of 8), by 8 × 8 tiles.
 pub(super) fn transpose_into(rows: &[f32], ld: usize, kc: usize, panel: &mut [f32]) {
     assert!(kc.is_multiple_of(8) && kc <= ld && rows.len() >= (NR - 1) * ld + kc && panel.len() >= kc * NR);

@@ -124,7 +124,15 @@ pub struct IntPanel {
 impl IntPanel {
     /// Fills the panel with rows `r0 .. r0 + NR` of `w` (an [`int_weights::is_supported`] type).
     pub fn pack(&mut self, w: &QMatrix, r0: usize) {
-        let cols = w.cols;
+        self.pack_cols(w, r0, 0..w.cols);
+    }
+
+    /// [`Self::pack`] for columns `k` of the rows only (whole blocks of `w`'s format).
+    pub fn pack_cols(&mut self, w: &QMatrix, r0: usize, k: std::ops::Range<usize>) {
+        let bs = w.ty.block_size();
+        assert!(k.start.is_multiple_of(bs) && k.end.is_multiple_of(bs) && k.start < k.end && k.end <= w.cols);
+        let bytes = k.start / bs * w.ty.type_size()..k.end / bs * w.ty.type_size();
+        let cols = k.len();
         let (pairs, blocks) = (cols / 2, cols / BLOCK);
         self.has_min = int_weights::has_min(w.ty);
         self.q.resize(pairs * NR, 0);
@@ -137,7 +145,8 @@ impl IntPanel {
         for j in 0..NR {
             let dst = &mut self.rows[j * pairs..(j + 1) * pairs];
             if r0 + j < w.rows {
-                int_weights::decode_row(w.ty, w.row(r0 + j), &mut self.row_q, &mut self.row_scale, &mut self.row_min);
+                let src = &w.row(r0 + j)[bytes.clone()];
+                int_weights::decode_row(w.ty, src, &mut self.row_q, &mut self.row_scale, &mut self.row_min);
                 for (o, two) in dst.iter_mut().zip(self.row_q.chunks_exact(2)) {
                     *o = pair(two[0], two[1]);
                 }
@@ -168,8 +177,20 @@ impl IntPanel {
 
 /// The portable kernel and the oracle of the SIMD one: `c[t * ldc + j]` for tokens `t0 .. t0 + m`
 /// and rows `j < nvalid`, each the chain over blocks `b` of
-/// `acc = fma(Σ q·a as f32, scale_w · d_a, acc)` then (formats with mins) `acc = fma(min_w, sum_a, acc)`.
-pub fn tile_scalar(a: &ActI16, t0: usize, m: usize, panel: &IntPanel, c: &mut [f32], ldc: usize, nvalid: usize) {
+/// `acc = fma(Σ q·a as f32, scale_w · d_a, acc)` then (formats with mins) `acc = fma(min_w, sum_a, acc)`,
+/// from `acc = 0`, or with `accumulate` from the value in `c` (the chain goes on where an earlier
+/// call over the preceding columns left it, so column pieces give the same bits as one call).
+#[allow(clippy::too_many_arguments)]
+pub fn tile_scalar(
+    a: &ActI16,
+    t0: usize,
+    m: usize,
+    panel: &IntPanel,
+    c: &mut [f32],
+    ldc: usize,
+    nvalid: usize,
+    accumulate: bool,
+) {
     let (pairs, blocks) = (a.cols / 2, a.cols / BLOCK);
     for t in 0..m {
         let (aq, ad, asum) = (
@@ -178,7 +199,7 @@ pub fn tile_scalar(a: &ActI16, t0: usize, m: usize, panel: &IntPanel, c: &mut [f
             &a.sum[(t0 + t) * blocks..][..blocks],
         );
         for j in 0..nvalid {
-            let mut acc = 0f32;
+            let mut acc = if accumulate { c[t * ldc + j] } else { 0.0 };
             for b in 0..blocks {
                 let mut s = 0i32;
                 let half = BLOCK / 2;
@@ -197,15 +218,25 @@ pub fn tile_scalar(a: &ActI16, t0: usize, m: usize, panel: &IntPanel, c: &mut [f
 }
 
 /// One tile with the best kernel this CPU has.
-pub fn tile(a: &ActI16, t0: usize, m: usize, panel: &IntPanel, c: &mut [f32], ldc: usize, nvalid: usize) {
+#[allow(clippy::too_many_arguments)]
+pub fn tile(
+    a: &ActI16,
+    t0: usize,
+    m: usize,
+    panel: &IntPanel,
+    c: &mut [f32],
+    ldc: usize,
+    nvalid: usize,
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if isa() >= Isa::Avx2 {
-            super::int16_avx2::tile(a, t0, m, panel, c, ldc, nvalid);
+            super::int16_avx2::tile(a, t0, m, panel, c, ldc, nvalid, accumulate);
             return;
         }
     }
-    tile_scalar(a, t0, m, panel, c, ldc, nvalid);
+    tile_scalar(a, t0, m, panel, c, ldc, nvalid, accumulate);
 }
 
 thread_local! {
@@ -231,7 +262,32 @@ pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
             let panel = &mut *p.borrow_mut();
             panel.pack(w, r0);
             for t0 in (0..n).step_by(MR) {
-                tile(a, t0, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid);
+                tile(a, t0, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, false);
+            }
+        });
+    });
+    *ACT.lock().unwrap_or_else(|e| e.into_inner()) = Some(act);
+}
+
+/// One piece of a product split along the columns: `out[t * rows + r] (+)= Σ_c w[r, k0 + c] ·
+/// x[t * xc + c]` for the `xc = x.len() / n` columns from `k0` (whole blocks of `w`'s format), added
+/// to `out` with `accumulate`, else written. Pieces taken in column order with `accumulate` after
+/// the first give the same bits as [`gemm_many`] on the whole row (see [`tile_scalar`]), with
+/// quantized activations and a panel only a piece wide.
+pub fn gemm_cols(w: &QMatrix, k0: usize, x: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
+    assert!(int_weights::is_supported(w.ty), "{:?} has no integer form", w.ty);
+    assert!(n > 0 && x.len().is_multiple_of(n), "whole tokens");
+    let xc = x.len() / n;
+    assert!(out.len() == n * w.rows && k0 + xc <= w.cols, "piece inside the matrix");
+    let mut act = ACT.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+    act.quantize(x, n, xc);
+    let a = &act;
+    super::for_each_panel(&mut [(w, out)], |w, r0, nvalid, out| {
+        PANEL.with(|p| {
+            let panel = &mut *p.borrow_mut();
+            panel.pack_cols(w, r0, k0..k0 + xc);
+            for t0 in (0..n).step_by(MR) {
+                tile(a, t0, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, accumulate);
             }
         });
     });
@@ -359,13 +415,79 @@ mod tests {
                         let ldc = NR + 1;
                         let mut want = vec![0f32; m * ldc];
                         let mut got = vec![0f32; m * ldc];
-                        tile_scalar(&a, t0, m, &panel, &mut want, ldc, nvalid);
-                        tile(&a, t0, m, &panel, &mut got, ldc, nvalid);
+                        tile_scalar(&a, t0, m, &panel, &mut want, ldc, nvalid, false);
+                        tile(&a, t0, m, &panel, &mut got, ldc, nvalid, false);
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&got), bits(&want), "{ty:?} r0={r0} t0={t0} m={m}");
                     }
                 }
             }
+        }
+    }
+
+    /// The accumulating tiles (SIMD and oracle) go on from `c`: bit-identical to each other, and a
+    /// tile over the second half of the columns started from the first half's outputs equals one
+    /// tile over all of them.
+    #[test]
+    fn accumulating_tiles_continue_the_chain_bit_for_bit() {
+        let mut seed = 23;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+            let half = if ty.block_size() == 256 { 256 } else { 64 };
+            let (rows, cols, n) = (NR + 5, 2 * half, MR + 2);
+            let bytes = random_matrix(ty, rows, cols, &mut seed);
+            let w = QMatrix::new(ty, &bytes, rows, cols).expect("matrix");
+            let x = activations(n, cols, &mut seed);
+            let (mut whole, mut first, mut second) = (ActI16::default(), ActI16::default(), ActI16::default());
+            whole.quantize(&x, n, cols);
+            let split =
+                |h: usize| x.chunks_exact(cols).flat_map(|t| t[h * half..(h + 1) * half].to_vec()).collect::<Vec<_>>();
+            first.quantize(&split(0), n, half);
+            second.quantize(&split(1), n, half);
+            let mut panel = IntPanel::default();
+            for r0 in [0, NR] {
+                let nvalid = (rows - r0).min(NR);
+                for m in 1..=MR {
+                    let ldc = NR + 1;
+                    let mut want = vec![0f32; m * ldc];
+                    panel.pack(&w, r0);
+                    tile_scalar(&whole, 1, m, &panel, &mut want, ldc, nvalid, false);
+                    let mut simd = vec![0f32; m * ldc];
+                    let mut scalar = vec![0f32; m * ldc];
+                    panel.pack_cols(&w, r0, 0..half);
+                    tile(&first, 1, m, &panel, &mut simd, ldc, nvalid, false);
+                    tile_scalar(&first, 1, m, &panel, &mut scalar, ldc, nvalid, false);
+                    panel.pack_cols(&w, r0, half..cols);
+                    tile(&second, 1, m, &panel, &mut simd, ldc, nvalid, true);
+                    tile_scalar(&second, 1, m, &panel, &mut scalar, ldc, nvalid, true);
+                    assert_eq!(bits(&simd), bits(&want), "{ty:?} r0={r0} m={m} simd");
+                    assert_eq!(bits(&scalar), bits(&want), "{ty:?} r0={r0} m={m} scalar");
+                }
+            }
+        }
+    }
+
+    /// [`gemm_cols`] over column pieces in order (uneven pieces, rows and tokens off the tile
+    /// sizes) gives the bits of one [`gemm_many`] call.
+    #[test]
+    fn column_pieces_give_the_bits_of_the_whole_product() {
+        let mut seed = 29;
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+            let bs = ty.block_size().max(BLOCK);
+            let cols = 5 * bs;
+            let (rows, n) = (NR * 2 + 3, 2 * MR + 1);
+            let bytes = random_matrix(ty, rows, cols, &mut seed);
+            let w = QMatrix::new(ty, &bytes, rows, cols).expect("matrix");
+            let x = activations(n, cols, &mut seed);
+            let mut want = vec![f32::NAN; n * rows];
+            gemm_many(&mut [(&w, &mut want)], &x, n);
+            let mut got = vec![f32::NAN; n * rows];
+            for (i, k) in [0..2 * bs, 2 * bs..3 * bs, 3 * bs..cols].into_iter().enumerate() {
+                let piece: Vec<f32> = x.chunks_exact(cols).flat_map(|t| t[k.clone()].to_vec()).collect();
+                gemm_cols(&w, k.start, &piece, n, &mut got, i > 0);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{ty:?}");
         }
     }
 

@@ -8,7 +8,17 @@ use super::int16::{ActI16, IntPanel, MR};
 use super::int_weights::BLOCK;
 use super::NR;
 
-pub(super) fn tile(a: &ActI16, t0: usize, m: usize, panel: &IntPanel, c: &mut [f32], ldc: usize, nvalid: usize) {
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tile(
+    a: &ActI16,
+    t0: usize,
+    m: usize,
+    panel: &IntPanel,
+    c: &mut [f32],
+    ldc: usize,
+    nvalid: usize,
+    accumulate: bool,
+) {
     let (pairs, blocks) = (a.cols / 2, a.cols / BLOCK);
     assert!((1..=MR).contains(&m) && (1..=NR).contains(&nvalid));
     assert!(a.q.len() >= (t0 + m) * pairs && a.d.len() >= (t0 + m) * blocks && a.sum.len() >= (t0 + m) * blocks);
@@ -25,9 +35,9 @@ pub(super) fn tile(a: &ActI16, t0: usize, m: usize, panel: &IntPanel, c: &mut [f
         macro_rules! run {
             ($m:literal) => {
                 if panel.has_min {
-                    kernel::<$m, true>(aq, ad, asum, pairs, blocks, w, out, ldc, nvalid)
+                    kernel::<$m, true>(aq, ad, asum, pairs, blocks, w, out, ldc, nvalid, accumulate)
                 } else {
-                    kernel::<$m, false>(aq, ad, asum, pairs, blocks, w, out, ldc, nvalid)
+                    kernel::<$m, false>(aq, ad, asum, pairs, blocks, w, out, ldc, nvalid, accumulate)
                 }
             };
         }
@@ -43,7 +53,7 @@ pub(super) fn tile(a: &ActI16, t0: usize, m: usize, panel: &IntPanel, c: &mut [f
 /// # Safety
 /// AVX2 + FMA; `aq` readable for `M` tokens of `pairs` pairs, `ad`/`asum` for `M` tokens of
 /// `blocks`, the panel's arrays for `pairs * NR` and `blocks * NR`, `c` writable for `M` rows of
-/// `nvalid` at stride `ldc`.
+/// `nvalid` at stride `ldc` (and readable there with `accumulate`).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const M: usize, const MIN: bool>(
@@ -56,11 +66,17 @@ unsafe fn kernel<const M: usize, const MIN: bool>(
     c: *mut f32,
     ldc: usize,
     nvalid: usize,
+    accumulate: bool,
 ) {
     let mut acc_lo = [_mm256_setzero_ps(); M];
     let mut acc_hi = [_mm256_setzero_ps(); M];
     // SAFETY (whole body): offsets stay inside the regions of the contract.
     unsafe {
+        if accumulate {
+            for t in 0..M {
+                (acc_lo[t], acc_hi[t]) = super::avx2::load_row(c.add(t * ldc), nvalid);
+            }
+        }
         for b in 0..blocks {
             let mut s_lo = [_mm256_setzero_si256(); M];
             let mut s_hi = [_mm256_setzero_si256(); M];

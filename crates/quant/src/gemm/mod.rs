@@ -146,6 +146,12 @@ pub fn int16_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KILN_GEMM").as_deref() != Ok("f32"))
 }
 
+/// Whether [`gemm_many`] takes the integer kernel for `ty` on this machine: then a product can
+/// also be computed in column pieces ([`int16::gemm_cols`]) with the same bits.
+pub fn splits_columns(ty: kiln_gguf::GgmlType) -> bool {
+    available() && int16_enabled() && int_weights::is_supported(ty)
+}
+
 /// [`gemm`] for several matrices sharing the activations: quantized formats with an integer form
 /// go through the 16-bit kernel ([`int16`]), the others (float weights, Q2_K) through the f32 one.
 pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
