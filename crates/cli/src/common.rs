@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use kiln_engine::{Model, SamplingParams};
+use kiln_engine::{Model, SamplingParams, WeightPages};
 
 /// `-m PATH`, or the default model (fetched on first use).
 pub fn model_path(m: &Option<PathBuf>) -> Result<PathBuf> {
@@ -19,8 +19,22 @@ pub fn model_path(m: &Option<PathBuf>) -> Result<PathBuf> {
 }
 
 pub fn load_model(m: &Option<PathBuf>) -> Result<Model> {
+    load_model_with(m, WeightPages::Mapped)
+}
+
+/// [`load_model`] with the weights where `pages` says.
+pub fn load_model_with(m: &Option<PathBuf>, pages: WeightPages) -> Result<Model> {
     let p = model_path(m)?;
-    Model::load(&p)
+    Model::load_with(&p, pages)
+}
+
+/// The weights of a CPU run: a private copy on huge pages unless `--mmap` was given.
+pub fn cpu_weight_pages(mmap: bool) -> WeightPages {
+    if mmap {
+        WeightPages::Mapped
+    } else {
+        WeightPages::HugePages
+    }
 }
 
 /// Sizes the global thread pool; 0 means one thread per available core.

@@ -52,7 +52,8 @@ struct Case {
 }
 
 /// `kiln run --tokens … -n 16 --temp 0 --exact` prints the text of the fixture's greedy
-/// continuation (up to the first end-of-generation token, where kiln stops).
+/// continuation (up to the first end-of-generation token, where kiln stops), with the weights
+/// copied onto huge pages or read from the map.
 #[test]
 fn run_exact_greedy_reproduces_q4_k_continuations() {
     let model = synth("Q4_K");
@@ -61,20 +62,14 @@ fn run_exact_greedy_reproduces_q4_k_continuations() {
             .unwrap();
     let g = kiln_gguf::GgufFile::open(&model).unwrap();
     let tok = kiln_tokenizer::Tokenizer::from_gguf(&g).unwrap();
-    for case in &fx.cases {
+    // The weights copied onto huge pages (the default) and read from the map (`--mmap`).
+    for (case, pages) in fx.cases.iter().flat_map(|c| [(c, None), (c, Some("--mmap"))]) {
         let ids: Vec<String> = case.prompt_tokens.iter().map(|t| t.to_string()).collect();
-        let o = kiln(&[
-            "run",
-            "-m",
-            model.to_str().unwrap(),
-            "--tokens",
-            &ids.join(","),
-            "-n",
-            "16",
-            "--temp",
-            "0",
-            "--exact",
-        ]);
+        let ids = ids.join(",");
+        let mut args =
+            vec!["run", "-m", model.to_str().unwrap(), "--tokens", &ids, "-n", "16", "--temp", "0", "--exact"];
+        args.extend(pages);
+        let o = kiln(&args);
         assert!(o.status.success(), "case {}: {}", case.name, stderr(&o));
         let mut dec = tok.decoder();
         let mut want = String::new();

@@ -9,6 +9,6 @@ pub mod sampler;
 pub mod scheduler;
 mod session;
 
-pub use loaded::Model;
+pub use loaded::{Model, WeightPages};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::{GenerateOptions, Generation, Session, StopReason};

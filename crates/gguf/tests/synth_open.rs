@@ -16,3 +16,25 @@ fn every_synth_model_opens() {
     }
     assert_eq!(n, 17);
 }
+
+/// The copy of the data section holds every tensor's bytes exactly (read back through
+/// `tensor_data`, compared with the mapped file's), on Linux; elsewhere no copy is made.
+#[test]
+fn huge_page_copy_holds_the_same_tensor_bytes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/synth");
+    for name in ["synth-tiny-Q4_K.gguf", "synth-tiny-mixed.gguf", "synth-tiny-F16.gguf"] {
+        let mapped = GgufFile::open(dir.join(name)).expect("open");
+        let mut copied = GgufFile::open(dir.join(name)).expect("open");
+        let made = copied.copy_data_to_huge_pages().expect("copy");
+        assert_eq!(made, cfg!(target_os = "linux"), "{name}");
+        assert_eq!(copied.tensors, mapped.tensors);
+        for t in &mapped.tensors {
+            assert!(copied.tensor_data(t) == mapped.tensor_data(t), "{name}: {}", t.name);
+        }
+        // In-memory files have no file to copy from and keep their bytes.
+        let mut owned = GgufFile::from_bytes(mapped.bytes().to_vec()).expect("parse");
+        assert!(!owned.copy_data_to_huge_pages().expect("no copy"));
+        let t = &mapped.tensors[0];
+        assert!(owned.tensor_data(t) == mapped.tensor_data(t));
+    }
+}
