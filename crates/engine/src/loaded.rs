@@ -52,7 +52,10 @@ impl Model {
         gguf.release_arrays_longer_than(1024);
         gguf.release_header_pages();
         if pages == WeightPages::HugePages {
-            gguf.copy_data_to_huge_pages().with_context(|| format!("{}: copying the weights", path.display()))?;
+            // The map holds the same bytes: a failed copy (memory, I/O) costs speed, not the run.
+            if let Err(e) = gguf.copy_data_to_huge_pages() {
+                eprintln!("kiln: reading the weights from the file's map ({e})");
+            }
         }
         let gguf: &'static GgufFile = Box::leak(Box::new(gguf));
         let weights = LlamaWeights::load(gguf).with_context(|| format!("{}", path.display()))?;

@@ -80,7 +80,7 @@ pub(crate) fn attention_prompt(
                 for tt in (0..m).step_by(MR) {
                     let mr = (m - tt).min(MR);
                     let a = &q[(t0 + tt) * qd + h * d..];
-                    gemm::tile(a, qd, mr, panel, &mut probs[tt * ld + s0..], ld, nk);
+                    gemm::tile(a, qd, mr, panel, &mut probs[tt * ld + s0..], ld, nk, false);
                 }
             }
             // Softmax over each query's causal keys; the rest of its row becomes exact zeros.
@@ -105,7 +105,7 @@ pub(crate) fn attention_prompt(
                 for tt in (0..m).step_by(MR) {
                     let mr = (m - tt).min(MR);
                     let c = shared_out.tile(t0 + tt, mr, qd, h * d + j0, nj);
-                    gemm::tile(&probs[tt * ld..], ld, mr, panel, c, qd, nj);
+                    gemm::tile(&probs[tt * ld..], ld, mr, panel, c, qd, nj, false);
                 }
             }
             want_weights.then(|| (h, t0, probs.clone()))

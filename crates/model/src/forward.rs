@@ -172,15 +172,15 @@ fn forward_steps(
     let mm = |jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32]| matmul_segments(jobs, x, &row_segments, precision);
     let rms_eps = if fault == Some(Fault::NoRmsEps) { 0.0 } else { cfg.rms_eps };
 
-    // Observers see whole activations, so `ffn_up` is then computed in one piece.
-    let up_rows = if obs.is_some() { ff } else { up_piece_rows(n, ff) };
+    // Observers see whole activations, and the exact path and the generation kernels have no
+    // column pieces: the FFN then runs whole.
     let all_prompt = row_segments.iter().all(|(_, prompt)| *prompt);
-    let fuse = obs.is_none() && precision == Precision::Fast && all_prompt;
-    let ffn_units: Vec<Option<usize>> = w.layers.iter().map(|lw| ffn_piece_units(&lw.w_down, n, fuse)).collect();
-    // gate: q and the attention output, then the FFN's gate (whole, or a piece and the down sums).
-    let ffn_gate_len = |u: &Option<usize>| u.map_or(n * ff, |u| n * (u + e));
-    let gate_len = ffn_units.iter().map(ffn_gate_len).fold(2 * n * qd, usize::max);
-    let up_len = ffn_units.iter().map(|u| n * u.unwrap_or(up_rows)).fold(2 * n * kvd, usize::max);
+    let pieces = obs.is_none() && precision == Precision::Fast && all_prompt;
+    let ffn_units: Vec<Option<usize>> = w.layers.iter().map(|lw| ffn_piece_units(&lw.w_down, n, pieces)).collect();
+    // gate: q and the attention output, then the FFN's gate (whole, or a piece and the down sums);
+    // up: k and v, then the FFN's up (whole, or a piece).
+    let gate_len = ffn_units.iter().map(|u| u.map_or(n * ff, |u| n * (u + e))).fold(2 * n * qd, usize::max);
+    let up_len = ffn_units.iter().map(|u| n * u.unwrap_or(ff)).fold(2 * n * kvd, usize::max);
     ws.resize(n * e, gate_len, up_len);
     let Workspace { x, h, gate, up } = ws;
     for (s, span) in steps.iter().zip(&spans) {
@@ -283,29 +283,16 @@ fn forward_steps(
                 for (gr, ur) in g.chunks_exact_mut(rows).zip(u.chunks_exact(rows)) {
                     swiglu_in_place(gr, ur, precision);
                 }
-                kiln_quant::gemm::int16::gemm_cols(&lw.w_down, r0, g, n, down, i > 0);
+                kiln_quant::gemm::gemm_cols(&lw.w_down, r0, g, n, down, i > 0);
             }
             add_in_place(x, down);
             continue;
         }
-        let gate = &mut gate[..n * ff];
-        // `up` in pieces of `up_rows` weight rows, each consumed by SwiGLU before the next: the
-        // first piece shares gate's call (one activation quantization, one parallel section).
-        for r0 in (0..ff).step_by(up_rows) {
-            let rows = up_rows.min(ff - r0);
-            let w_up = row_block(&lw.w_up, r0, rows);
-            let up = &mut up[..n * rows];
-            if r0 == 0 {
-                mm(&mut [(&lw.w_gate, &mut *gate), (&w_up, &mut *up)], h);
-                emit(&mut obs, li, "ffn_gate", n, ff, gate);
-            } else {
-                mm(&mut [(&w_up, &mut *up)], h);
-            }
-            emit(&mut obs, li, "ffn_up", n, rows, up);
-            for (gr, ur) in gate.chunks_exact_mut(ff).zip(up.chunks_exact(rows)) {
-                swiglu_in_place(&mut gr[r0..r0 + rows], ur, precision);
-            }
-        }
+        let (gate, up) = (&mut gate[..n * ff], &mut up[..n * ff]);
+        mm(&mut [(&lw.w_gate, &mut *gate), (&lw.w_up, &mut *up)], h);
+        emit(&mut obs, li, "ffn_gate", n, ff, gate);
+        emit(&mut obs, li, "ffn_up", n, ff, up);
+        swiglu_in_place(gate, up, precision);
         emit(&mut obs, li, "ffn_swiglu", n, ff, gate);
         mm(&mut [(&lw.w_down, h)], gate);
         emit(&mut obs, li, "ffn_down", n, e, h);
@@ -415,35 +402,25 @@ fn transposed_head(m: &QMatrix, hn: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Tokens from which the FFN's up projection runs in [`UP_PIECES`] pieces of weight rows (below,
-/// its buffer is small and one call fewer parallel sections).
-const UP_SPLIT_TOKENS: usize = 256;
-/// Pieces of the up projection for long steps: its buffer shrinks to a quarter (SmolLM2-135M at
-/// pp512: 3.1 → 0.8 MB of peak memory) for a few more, smaller parallel sections.
-const UP_PIECES: usize = 4;
+/// Tokens from which a prompt's FFN runs in [`FFN_PIECES`] pieces (below, its buffers are small
+/// and one piece means fewer parallel sections).
+const FFN_PIECE_TOKENS: usize = 256;
+/// Pieces of a long prompt's FFN: its n × ff buffers shrink to a quarter and the down projection's
+/// activations to a piece's width (SmolLM2-135M at pp512: gate and up 3.1 + 3.1 MB whole).
+const FFN_PIECES: usize = 4;
 
-/// Weight rows of `ffn_up` computed at a time for a step of `n` tokens: all of them for short
-/// steps (generation), else a quarter rounded up to whole panels of the matrix-matrix kernel.
-/// Each output row is computed alone, so any split gives the same bits.
-fn up_piece_rows(n: usize, ff: usize) -> usize {
-    if n < UP_SPLIT_TOKENS {
-        return ff.max(1);
-    }
-    ff.div_ceil(UP_PIECES).next_multiple_of(kiln_quant::gemm::NR).clamp(1, ff.max(1))
-}
-
-/// Hidden units per piece where a layer's FFN runs piece by piece (gate, up, SwiGLU, then the down
-/// projection's columns; see `forward_steps`), or `None` where it runs whole. Pieces need a long
-/// step of prompt kernels only (`fuse`: no observer, the default path, every row on the
-/// matrix-matrix path) and a down matrix whose products split along columns bit for bit; they are
-/// whole blocks of its format and whole panels.
-fn ffn_piece_units(w_down: &QMatrix, n: usize, fuse: bool) -> Option<usize> {
-    if !fuse || n < UP_SPLIT_TOKENS || !kiln_quant::gemm::splits_columns(w_down.ty) {
+/// Hidden units per piece where a layer's FFN runs piece by piece (gate and up rows, SwiGLU, the
+/// down projection's matching columns; see `forward_steps`), or `None` where it runs whole. Pieces
+/// need a long step on the matrix-matrix kernels (`pieces`: no observer, the default path, every
+/// row a prompt's), whose column pieces give the bits of whole rows; they are whole blocks of the
+/// down matrix's format and whole panels.
+fn ffn_piece_units(w_down: &QMatrix, n: usize, pieces: bool) -> Option<usize> {
+    if !pieces || n < FFN_PIECE_TOKENS {
         return None;
     }
     let ff = w_down.cols;
     let align = kiln_quant::gemm::NR.max(w_down.ty.block_size());
-    Some(ff.div_ceil(UP_PIECES).next_multiple_of(align).min(ff))
+    Some(ff.div_ceil(FFN_PIECES).next_multiple_of(align).min(ff))
 }
 
 /// Rows `r0 .. r0 + rows` of `m` as a matrix of their own (same type and activation planes).
@@ -467,8 +444,7 @@ pub struct Workspace {
     /// The FFN's gate and SwiGLU output (or, piece by piece, a piece of them and the down
     /// projection's sums: [`ffn_piece_units`]); in the attention half, its output and q.
     gate: Vec<f32>,
-    /// A piece of the FFN's up projection ([`up_piece_rows`] or [`ffn_piece_units`] per token); in
-    /// the attention half, k and v.
+    /// The FFN's up projection (or a piece of it); in the attention half, k and v.
     up: Vec<f32>,
 }
 

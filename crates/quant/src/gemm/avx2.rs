@@ -5,8 +5,18 @@ use std::arch::x86_64::*;
 
 use super::{MR, NR};
 
-/// `c[t * ldc + j] = Σ_k a[t * lda + k] · panel[k * NR + j]` for `t < m`, `j < nvalid`.
-pub(super) fn tile(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32], ldc: usize, nvalid: usize) {
+/// `c[t * ldc + j] (+)= Σ_k a[t * lda + k] · panel[k * NR + j]` for `t < m`, `j < nvalid`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tile(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    nvalid: usize,
+    accumulate: bool,
+) {
     let k = panel.len() / NR;
     assert!((1..=MR).contains(&m) && (1..=NR).contains(&nvalid) && panel.len() == k * NR);
     assert!(a.len() >= (m - 1) * lda + k, "activation tile out of bounds");
@@ -15,19 +25,20 @@ pub(super) fn tile(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32]
     // keep every read of `a`/`panel` and every write of `c` in bounds.
     unsafe {
         match m {
-            1 => kernel::<1>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid),
-            2 => kernel::<2>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid),
-            3 => kernel::<3>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid),
-            4 => kernel::<4>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid),
-            5 => kernel::<5>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid),
-            _ => kernel::<6>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid),
+            1 => kernel::<1>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid, accumulate),
+            2 => kernel::<2>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid, accumulate),
+            3 => kernel::<3>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid, accumulate),
+            4 => kernel::<4>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid, accumulate),
+            5 => kernel::<5>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid, accumulate),
+            _ => kernel::<6>(a.as_ptr(), lda, panel.as_ptr(), k, c.as_mut_ptr(), ldc, nvalid, accumulate),
         }
     }
 }
 
 /// # Safety
 /// AVX2 + FMA; `a` readable for `M` rows of `k` at stride `lda`, `b` for `k * NR`, `c` writable
-/// for `M` rows of `nvalid` at stride `ldc`.
+/// for `M` rows of `nvalid` at stride `ldc` (and readable there with `accumulate`).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel<const M: usize>(
     a: *const f32,
@@ -37,11 +48,17 @@ unsafe fn kernel<const M: usize>(
     c: *mut f32,
     ldc: usize,
     nvalid: usize,
+    accumulate: bool,
 ) {
     let mut lo = [_mm256_setzero_ps(); M];
     let mut hi = [_mm256_setzero_ps(); M];
     // SAFETY (whole body): offsets stay inside the regions of the contract.
     unsafe {
+        if accumulate {
+            for t in 0..M {
+                (lo[t], hi[t]) = load_row(c.add(t * ldc), nvalid);
+            }
+        }
         for kk in 0..k {
             let b0 = _mm256_loadu_ps(b.add(kk * NR));
             let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));

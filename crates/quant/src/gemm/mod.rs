@@ -49,16 +49,24 @@ const KC: usize = 256;
 /// Dequantizes weight rows `r0 .. r0 + NR` (zeros past the last row) into `panel`, k-major:
 /// `panel[k * NR + j] = w[r0 + j, k]`. `rows_buf` is scratch of `NR * KC` values.
 pub fn pack_panel(w: &QMatrix, r0: usize, rows_buf: &mut [f32], panel: &mut [f32]) {
-    let cols = w.cols;
-    debug_assert!(rows_buf.len() == NR * KC && panel.len() == cols * NR);
+    pack_panel_cols(w, r0, 0..w.cols, rows_buf, panel);
+}
+
+/// [`pack_panel`] for columns `k` of the rows only (whole blocks of `w`'s format):
+/// `panel[i * NR + j] = w[r0 + j, k.start + i]`.
+pub fn pack_panel_cols(w: &QMatrix, r0: usize, k: std::ops::Range<usize>, rows_buf: &mut [f32], panel: &mut [f32]) {
     let (bs, ts) = (w.ty.block_size(), w.ty.type_size());
+    assert!(k.start.is_multiple_of(bs) && k.end.is_multiple_of(bs) && k.end <= w.cols, "whole blocks");
+    let cols = k.len();
+    debug_assert!(rows_buf.len() == NR * KC && panel.len() == cols * NR);
     let mut c0 = 0;
     while c0 < cols {
         let kc = (cols - c0).min(KC);
         for j in 0..NR {
             let dst = &mut rows_buf[j * KC..j * KC + kc];
             if r0 + j < w.rows {
-                let src = &w.row(r0 + j)[c0 / bs * ts..(c0 + kc) / bs * ts];
+                let at = k.start + c0;
+                let src = &w.row(r0 + j)[at / bs * ts..(at + kc) / bs * ts];
                 if !dequantize_fast(w.ty, src, dst) {
                     crate::dequantize_row(w.ty, src, dst).expect("geometry validated in QMatrix::new");
                 }
@@ -101,13 +109,25 @@ fn transpose_into(rows: &[f32], kc: usize, panel: &mut [f32]) {
 
 /// The portable kernel, and the oracle of the SIMD one: `c[t * ldc + j] = Σ_k a[t * lda + k] ·
 /// panel[k * NR + j]` for `t < m` tokens and `j < nvalid` rows, each a fused multiply-add chain in
-/// ascending `k` (so the SIMD kernel's FMAs give bit-identical results).
-pub fn tile_scalar(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32], ldc: usize, nvalid: usize) {
+/// ascending `k` (so the SIMD kernel's FMAs give bit-identical results), from 0 or, with
+/// `accumulate`, from the value in `c` (the chain of an earlier call over the preceding columns
+/// goes on, so column pieces give the bits of one call).
+#[allow(clippy::too_many_arguments)]
+pub fn tile_scalar(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    nvalid: usize,
+    accumulate: bool,
+) {
     let k = panel.len() / NR;
     for t in 0..m {
         let at = &a[t * lda..t * lda + k];
         for j in 0..nvalid {
-            let mut acc = 0f32;
+            let mut acc = if accumulate { c[t * ldc + j] } else { 0.0 };
             for (kk, &av) in at.iter().enumerate() {
                 acc = av.mul_add(panel[kk * NR + j], acc);
             }
@@ -118,15 +138,25 @@ pub fn tile_scalar(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32]
 
 /// One tile with the best kernel this CPU has (also used by prompt attention, with keys or
 /// values as the panel).
-pub fn tile(a: &[f32], lda: usize, m: usize, panel: &[f32], c: &mut [f32], ldc: usize, nvalid: usize) {
+#[allow(clippy::too_many_arguments)]
+pub fn tile(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    nvalid: usize,
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if isa() >= Isa::Avx2 {
-            avx2::tile(a, lda, m, panel, c, ldc, nvalid);
+            avx2::tile(a, lda, m, panel, c, ldc, nvalid, accumulate);
             return;
         }
     }
-    tile_scalar(a, lda, m, panel, c, ldc, nvalid);
+    tile_scalar(a, lda, m, panel, c, ldc, nvalid, accumulate);
 }
 
 thread_local! {
@@ -146,10 +176,30 @@ pub fn int16_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KILN_GEMM").as_deref() != Ok("f32"))
 }
 
-/// Whether [`gemm_many`] takes the integer kernel for `ty` on this machine: then a product can
-/// also be computed in column pieces ([`int16::gemm_cols`]) with the same bits.
-pub fn splits_columns(ty: kiln_gguf::GgmlType) -> bool {
-    available() && int16_enabled() && int_weights::is_supported(ty)
+/// One piece of a product split along the columns, on the kernel [`gemm_many`] takes for `w`:
+/// `out[t * rows + r] (+)= Σ_c w[r, k0 + c] · x[t * xc + c]` for the `xc = x.len() / n` columns
+/// from `k0` (whole blocks of `w`'s format), added to `out` with `accumulate`, else written.
+/// Pieces taken in column order with `accumulate` after the first continue each output's chain:
+/// the bits of one [`gemm_many`] call over whole rows, with activations and panels a piece wide.
+pub fn gemm_cols(w: &QMatrix, k0: usize, x: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
+    if int16_enabled() && int_weights::is_supported(w.ty) {
+        int16::gemm_cols(w, k0, x, n, out, accumulate);
+        return;
+    }
+    assert!(n > 0 && x.len().is_multiple_of(n), "whole tokens");
+    let xc = x.len() / n;
+    assert!(out.len() == n * w.rows && k0 + xc <= w.cols, "piece inside the matrix");
+    for_each_panel(&mut [(w, out)], |w, r0, nvalid, out| {
+        SCRATCH.with(|s| {
+            let (buf, panel) = &mut *s.borrow_mut();
+            buf.resize(NR * KC, 0.0);
+            panel.resize(xc * NR, 0.0);
+            pack_panel_cols(w, r0, k0..k0 + xc, buf, panel);
+            for t0 in (0..n).step_by(MR) {
+                tile(&x[t0 * xc..], xc, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, accumulate);
+            }
+        });
+    });
 }
 
 /// [`gemm`] for several matrices sharing the activations: quantized formats with an integer form
@@ -180,7 +230,7 @@ pub fn gemm_many_f32(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
             panel.resize(cols * NR, 0.0);
             pack_panel(w, r0, buf, panel);
             for t0 in (0..n).step_by(MR) {
-                tile(&x[t0 * cols..], cols, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid);
+                tile(&x[t0 * cols..], cols, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, false);
             }
         });
     });
@@ -266,8 +316,8 @@ mod tests {
                     let ldc = NR + 2;
                     let mut want = vec![0f32; m * ldc];
                     let mut got = vec![0f32; m * ldc];
-                    tile_scalar(&a, lda, m, &panel, &mut want, ldc, nvalid);
-                    tile(&a, lda, m, &panel, &mut got, ldc, nvalid);
+                    tile_scalar(&a, lda, m, &panel, &mut want, ldc, nvalid, false);
+                    tile(&a, lda, m, &panel, &mut got, ldc, nvalid, false);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "k={k} m={m} nvalid={nvalid}");
                 }
@@ -338,6 +388,71 @@ mod tests {
             if dequantize_fast(GgmlType::Q4_K, &src, &mut got) {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "Q4_K {nb} blocks");
+            }
+        }
+    }
+
+    /// [`gemm_cols`] over column pieces in order gives the bits of one call over whole rows, on
+    /// the f32 kernel (F32, F16, and Q2_K with its 256-element blocks) and the integer one (Q8_0).
+    #[test]
+    fn column_pieces_give_the_bits_of_the_whole_product() {
+        let mut seed = 13;
+        let (rows, n) = (NR * 2 + 5, 2 * MR + 1);
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q2_K, GgmlType::Q8_0] {
+            let bs = ty.block_size().max(32);
+            let cols = 5 * bs;
+            let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+            let bytes: Vec<u8> = match ty {
+                GgmlType::F32 => wf.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                GgmlType::F16 => wf.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+                GgmlType::Q2_K => {
+                    // Random scales and quants, finite super-block scales (d, dmin at bytes 80..84).
+                    let mut b: Vec<u8> =
+                        (0..rows * cols / 256 * 84).map(|_| (lcg(&mut seed) * 512.0) as i32 as u8).collect();
+                    for blk in b.chunks_exact_mut(crate::q2_k::BLOCK_BYTES) {
+                        blk[80..82].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+                        blk[82..84].copy_from_slice(&half::f16::from_f32(0.003).to_le_bytes());
+                    }
+                    b
+                }
+                _ => {
+                    let mut b = vec![0u8; rows * cols / 32 * crate::q8_0::BLOCK_BYTES];
+                    let rb = cols / 32 * crate::q8_0::BLOCK_BYTES;
+                    wf.chunks_exact(cols)
+                        .zip(b.chunks_exact_mut(rb))
+                        .for_each(|(r, o)| crate::q8_0::quantize_row(r, o));
+                    b
+                }
+            };
+            let w = QMatrix::new(ty, &bytes, rows, cols).expect("matrix");
+            let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed)).collect();
+            let mut want = vec![f32::NAN; n * rows];
+            gemm(&w, &x, n, &mut want);
+            let mut got = vec![f32::NAN; n * rows];
+            for (i, k) in [0..2 * bs, 2 * bs..3 * bs, 3 * bs..cols].into_iter().enumerate() {
+                let piece: Vec<f32> = x.chunks_exact(cols).flat_map(|t| t[k.clone()].to_vec()).collect();
+                gemm_cols(&w, k.start, &piece, n, &mut got, i > 0);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{ty:?}");
+        }
+    }
+
+    /// With `accumulate`, the SIMD tile continues from `c` exactly as the oracle does.
+    #[test]
+    fn accumulating_simd_tile_matches_scalar_oracle() {
+        let mut seed = 19;
+        let k = 37;
+        let panel: Vec<f32> = (0..k * NR).map(|_| lcg(&mut seed)).collect();
+        for m in 1..=MR {
+            let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+            for nvalid in [1, 9, NR] {
+                let start: Vec<f32> = (0..m * NR).map(|_| lcg(&mut seed)).collect();
+                let (mut want, mut got) = (start.clone(), start);
+                tile_scalar(&a, k, m, &panel, &mut want, NR, nvalid, true);
+                tile(&a, k, m, &panel, &mut got, NR, nvalid, true);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "m={m} nvalid={nvalid}");
             }
         }
     }
