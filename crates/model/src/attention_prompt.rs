@@ -10,23 +10,23 @@ use rayon::prelude::*;
 /// Queries per task: enough to amortise packing keys and values, few enough to balance the pool.
 const QUERIES_PER_TASK: usize = 8 * MR;
 
-/// Causal attention of the `n` queries `q` (`[n, n_head * d]`, positions `pos0 ..`) over `keys`
-/// and `values` (`[pos, n_head_kv * d]`, already holding the prompt's own positions). Writes
-/// `out` (`[n, n_head * d]`); returns the softmax weights `[n * n_head, pos0 + n]` when asked.
+/// Causal attention of the `n` queries `qo` (`[n, n_head * d]`, positions `pos0 ..`) over `keys`
+/// and `values` (`[pos, n_head_kv * d]`, already holding the prompt's own positions), each query
+/// head replaced by its output in place (no second `[n, n_head * d]` buffer); returns the softmax
+/// weights `[n * n_head, pos0 + n]` when asked.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_prompt(
     n_head: usize,
     n_head_kv: usize,
     d: usize,
     pos0: usize,
-    q: &[f32],
+    qo: &mut [f32],
     keys: &[f32],
     values: &[f32],
     want_weights: bool,
-    out: &mut [f32],
 ) -> Option<Vec<f32>> {
     let (qd, kvd) = (n_head * d, n_head_kv * d);
-    let n = q.len() / qd;
+    let n = qo.len() / qd;
     let group = n_head / n_head_kv;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let n_keys = pos0 + n;
@@ -60,56 +60,61 @@ pub(crate) fn attention_prompt(
         .collect();
     let tasks: Vec<(usize, usize)> =
         (0..n_head).flat_map(|h| (0..n).step_by(QUERIES_PER_TASK).map(move |t0| (h, t0))).collect();
-    let shared_out = SharedOut { ptr: out.as_mut_ptr(), len: out.len() };
-    // Each task writes its head's columns of its query rows straight into `out` (no per-task
-    // copy to gather); the probabilities buffer is reused across the tasks of a rayon split.
+    let shared_out = SharedOut { ptr: qo.as_mut_ptr(), len: qo.len() };
+    // Each task copies its head's columns of its query rows out first, then writes their outputs
+    // straight back in their place (no per-task copy to gather); the probabilities and query
+    // buffers are reused across the tasks of a rayon split.
     let task_weights: Vec<(usize, usize, Vec<f32>)> = tasks
         .into_par_iter()
-        .map_init(Vec::new, |probs: &mut Vec<f32>, (h, t0)| {
-            let t1 = (t0 + QUERIES_PER_TASK).min(n);
-            let m = t1 - t0;
-            let (kp, vp) = &packed[h / group];
-            // Keys a query of this task may see: up to the last query's position.
-            let len = pos0 + t1;
-            let ld = len.div_ceil(NR) * NR;
-            probs.clear();
-            probs.resize(m * ld, 0.0);
-            for s0 in (0..len).step_by(NR) {
-                let nk = (len - s0).min(NR);
-                let panel = &kp[s0 / NR * d * NR..][..d * NR];
-                for tt in (0..m).step_by(MR) {
-                    let mr = (m - tt).min(MR);
-                    let a = &q[(t0 + tt) * qd + h * d..];
-                    gemm::tile(a, qd, mr, panel, &mut probs[tt * ld + s0..], ld, nk, false);
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(probs, q): &mut (Vec<f32>, Vec<f32>), (h, t0)| {
+                let t1 = (t0 + QUERIES_PER_TASK).min(n);
+                let m = t1 - t0;
+                q.resize(m * d, 0.0);
+                shared_out.read_block(t0, m, qd, h * d, d, q);
+                let (kp, vp) = &packed[h / group];
+                // Keys a query of this task may see: up to the last query's position.
+                let len = pos0 + t1;
+                let ld = len.div_ceil(NR) * NR;
+                probs.clear();
+                probs.resize(m * ld, 0.0);
+                for s0 in (0..len).step_by(NR) {
+                    let nk = (len - s0).min(NR);
+                    let panel = &kp[s0 / NR * d * NR..][..d * NR];
+                    for tt in (0..m).step_by(MR) {
+                        let mr = (m - tt).min(MR);
+                        gemm::tile(&q[tt * d..], d, mr, panel, &mut probs[tt * ld + s0..], ld, nk, false);
+                    }
                 }
-            }
-            // Softmax over each query's causal keys; the rest of its row becomes exact zeros.
-            for (i, row) in probs.chunks_exact_mut(ld).enumerate() {
-                let visible = pos0 + t0 + i + 1;
-                let (seen, unseen) = row.split_at_mut(visible);
-                unseen.fill(0.0);
-                let max = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
-                let mut sum = 0f64;
-                for v in seen.iter_mut() {
-                    *v = (*v * scale - max).exp();
-                    sum += *v as f64;
+                // Softmax over each query's causal keys; the rest of its row becomes exact zeros.
+                for (i, row) in probs.chunks_exact_mut(ld).enumerate() {
+                    let visible = pos0 + t0 + i + 1;
+                    let (seen, unseen) = row.split_at_mut(visible);
+                    unseen.fill(0.0);
+                    let max = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
+                    let mut sum = 0f64;
+                    for v in seen.iter_mut() {
+                        *v = (*v * scale - max).exp();
+                        sum += *v as f64;
+                    }
+                    let inv = (1.0 / sum) as f32;
+                    for v in seen.iter_mut() {
+                        *v *= inv;
+                    }
                 }
-                let inv = (1.0 / sum) as f32;
-                for v in seen.iter_mut() {
-                    *v *= inv;
+                for j0 in (0..d).step_by(NR) {
+                    let nj = (d - j0).min(NR);
+                    let panel = &vp[j0 / NR * n_keys * NR..][..len * NR];
+                    for tt in (0..m).step_by(MR) {
+                        let mr = (m - tt).min(MR);
+                        let c = shared_out.tile(t0 + tt, mr, qd, h * d + j0, nj);
+                        gemm::tile(&probs[tt * ld..], ld, mr, panel, c, qd, nj, false);
+                    }
                 }
-            }
-            for j0 in (0..d).step_by(NR) {
-                let nj = (d - j0).min(NR);
-                let panel = &vp[j0 / NR * n_keys * NR..][..len * NR];
-                for tt in (0..m).step_by(MR) {
-                    let mr = (m - tt).min(MR);
-                    let c = shared_out.tile(t0 + tt, mr, qd, h * d + j0, nj);
-                    gemm::tile(&probs[tt * ld..], ld, mr, panel, c, qd, nj, false);
-                }
-            }
-            want_weights.then(|| (h, t0, probs.clone()))
-        })
+                want_weights.then(|| (h, t0, probs.clone()))
+            },
+        )
         .flatten()
         .collect();
     let n_ctx = pos0 + n;
@@ -128,8 +133,8 @@ pub(crate) fn attention_prompt(
     weights
 }
 
-/// The attention output (`[n, n_head * d]`) shared by the tasks, each of which writes only its
-/// own head's columns of its own query rows.
+/// The queries, then the attention output (`[n, n_head * d]`), shared by the tasks, each of which
+/// reads and writes only its own head's columns of its own query rows.
 struct SharedOut {
     ptr: *mut f32,
     len: usize,
@@ -140,6 +145,16 @@ struct SharedOut {
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
+    /// Copies columns `c0 .. c0 + nc` of rows `t .. t + m` (stride `ld`) into `dst` (`m × nc`).
+    fn read_block(&self, t: usize, m: usize, ld: usize, c0: usize, nc: usize, dst: &mut [f32]) {
+        assert!(c0 + nc <= ld && (t + m) * ld <= self.len && dst.len() == m * nc, "block past the buffer");
+        for (i, row) in dst.chunks_exact_mut(nc).enumerate() {
+            // SAFETY: in bounds (checked above); these columns of these rows are the calling
+            // task's own, which no other task writes or reads.
+            unsafe { std::ptr::copy_nonoverlapping(self.ptr.add((t + i) * ld + c0), row.as_mut_ptr(), nc) };
+        }
+    }
+
     /// The output from row `t`, column `c0` to the last of the `nc` columns of row `t + mr - 1`:
     /// what a kernel tile of `mr` rows at stride `ld` writes.
     #[allow(clippy::mut_from_ref)]
@@ -212,8 +227,8 @@ mod tests {
             let q: Vec<f32> = (0..n * qd).map(|_| lcg(&mut seed)).collect();
             let k: Vec<f32> = (0..(pos0 + n) * kvd).map(|_| lcg(&mut seed)).collect();
             let v: Vec<f32> = (0..(pos0 + n) * kvd).map(|_| lcg(&mut seed)).collect();
-            let mut out = vec![f32::NAN; n * qd];
-            let weights = attention_prompt(n_head, n_head_kv, d, pos0, &q, &k, &v, true, &mut out).expect("weights");
+            let mut out = q.clone();
+            let weights = attention_prompt(n_head, n_head_kv, d, pos0, &mut out, &k, &v, true).expect("weights");
             let (want_out, want_w) = naive(n_head, n_head_kv, d, pos0, &q, &k, &v);
             for (i, (&g, &w)) in out.iter().zip(&want_out).enumerate() {
                 assert!((g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "out[{i}]: {g} vs {w}");

@@ -177,9 +177,9 @@ fn forward_steps(
     let all_prompt = row_segments.iter().all(|(_, prompt)| *prompt);
     let pieces = obs.is_none() && precision == Precision::Fast && all_prompt;
     let ffn_units: Vec<Option<usize>> = w.layers.iter().map(|lw| ffn_piece_units(&lw.w_down, n, pieces)).collect();
-    // gate: q and the attention output, then the FFN's gate (whole, or a piece and the down sums);
-    // up: k and v, then the FFN's up (whole, or a piece).
-    let gate_len = ffn_units.iter().map(|u| u.map_or(n * ff, |u| n * (u + e))).fold(2 * n * qd, usize::max);
+    // gate: q (then the attention output), then the FFN's gate (whole, or a piece and the down
+    // sums); up: k and v, then the FFN's up (whole, or a piece).
+    let gate_len = ffn_units.iter().map(|u| u.map_or(n * ff, |u| n * (u + e))).fold(n * qd, usize::max);
     let up_len = ffn_units.iter().map(|u| n * u.unwrap_or(ff)).fold(2 * n * kvd, usize::max);
     ws.resize(n * e, gate_len, up_len);
     let Workspace { x, h, gate, up } = ws;
@@ -201,10 +201,10 @@ fn forward_steps(
         emit(&mut obs, li, "attn_norm", n, e, h);
 
         // Buffers live only in the attention half borrow the FFN's, which are free then: k and v
-        // from `up`, the attention output and q from `gate`; projections land in `h` once the
-        // matmul that read it is done.
+        // from `up`, q from `gate` (attention replaces each query head by its output in place);
+        // projections land in `h` once the matmul that read it is done.
         let (k, v) = up[..2 * n * kvd].split_at_mut(n * kvd);
-        let (attn, q) = gate[..2 * n * qd].split_at_mut(n * qd);
+        let q = &mut gate[..n * qd];
         if l == 0 && fault == Some(Fault::F16Matmul) {
             let rounded: Vec<f32> = h.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
             mm(&mut [(&lw.wq, &mut *q)], &rounded);
@@ -241,24 +241,24 @@ fn forward_steps(
                 prompt: precision == Precision::Fast && matmul::uses_gemm(span.len()),
             })
             .collect();
-        let mut weights = attention(cfg.n_head, cfg.n_head_kv, cfg.head_dim, &seqs, q, precision, want_weights, attn);
+        let mut weights = attention(cfg.n_head, cfg.n_head_kv, cfg.head_dim, &seqs, q, precision, want_weights);
         for sq in seqs.iter().filter(|sq| sq.prompt) {
             let w = attention_prompt(
                 cfg.n_head,
                 cfg.n_head_kv,
                 cfg.head_dim,
                 sq.pos0,
-                &q[sq.rows.start * qd..sq.rows.end * qd],
+                &mut q[sq.rows.start * qd..sq.rows.end * qd],
                 sq.keys,
                 sq.values,
                 want_weights,
-                &mut attn[sq.rows.start * qd..sq.rows.end * qd],
             );
             weights = weights.or(w);
         }
         if let Some(wts) = &weights {
             emit(&mut obs, li, "kq_soft_max", n * cfg.n_head, seqs[0].pos0 + n, wts);
         }
+        let attn = q;
         emit(&mut obs, li, "attn_out", n, qd, attn);
 
         mm(&mut [(&lw.wo, h)], attn);
@@ -442,7 +442,8 @@ pub struct Workspace {
     x: Vec<f32>,
     h: Vec<f32>,
     /// The FFN's gate and SwiGLU output (or, piece by piece, a piece of them and the down
-    /// projection's sums: [`ffn_piece_units`]); in the attention half, its output and q.
+    /// projection's sums: [`ffn_piece_units`]); in the attention half, q and then in its place
+    /// the attention output.
     gate: Vec<f32>,
     /// The FFN's up projection (or a piece of it); in the attention half, k and v.
     up: Vec<f32>,
@@ -585,8 +586,9 @@ struct AttnSeq<'a> {
     prompt: bool,
 }
 
-/// Causal multi-head attention of each sequence's queries over its own cache.
-/// Returns the softmax weights `[n * n_head, pos0 + n]` of a single sequence when asked (zeros past
+/// Causal multi-head attention of each sequence's queries (`qo`, `[n, n_head * d]`) over its own
+/// cache, each query head replaced by its output in place (sequences marked `prompt` are left to
+/// [`attention_prompt`]). Returns the softmax weights `[n * n_head, pos0 + n]` of a single sequence when asked (zeros past
 /// each causal limit).
 #[allow(clippy::too_many_arguments)]
 fn attention(
@@ -594,16 +596,15 @@ fn attention(
     n_head_kv: usize,
     d: usize,
     seqs: &[AttnSeq],
-    q: &[f32],
+    qo: &mut [f32],
     precision: Precision,
     want_weights: bool,
-    out: &mut [f32],
 ) -> Option<Vec<f32>> {
     let kvd = n_head_kv * d;
     let group = n_head / n_head_kv;
     let scale = 1.0 / (d as f64).sqrt();
     // Which sequence each stacked token row belongs to.
-    let mut seq_of_row = Vec::with_capacity(q.len() / (n_head * d));
+    let mut seq_of_row = Vec::with_capacity(qo.len() / (n_head * d));
     for (i, s) in seqs.iter().enumerate() {
         seq_of_row.extend(std::iter::repeat_n(i, s.rows.len()));
     }
@@ -611,24 +612,28 @@ fn attention(
     if seqs.iter().all(|s| s.prompt) {
         return None;
     }
-    let mut weights = want_weights.then(|| vec![0f32; q.len() / d * n_ctx]);
+    let mut weights = want_weights.then(|| vec![0f32; qo.len() / d * n_ctx]);
     let wchunks: Vec<Option<&mut [f32]>> = match weights.as_mut() {
         Some(wv) => wv.chunks_mut(n_ctx).map(Some).collect(),
-        None => (0..q.len() / d).map(|_| None).collect(),
+        None => (0..qo.len() / d).map(|_| None).collect(),
     };
-    out.par_chunks_mut(d)
-        .zip(q.par_chunks(d))
+    qo.par_chunks_mut(d)
         .zip(wchunks)
         .enumerate()
-        // Score buffers are reused across the (token, head) items of a rayon split.
+        // Score buffers (and the query's copy) are reused across the (token, head) items of a
+        // rayon split.
         .for_each_init(
-            || (Vec::<f64>::new(), Vec::<f64>::new(), Vec::<f32>::new()),
-            |(scores64, acc, scores32), (idx, ((o, qh), wrow))| {
+            || (Vec::<f64>::new(), Vec::<f64>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
+            |(scores64, acc, scores32, qh), (idx, (o, wrow))| {
                 let (row, h) = (idx / n_head, idx % n_head);
                 let seq = &seqs[seq_of_row[row]];
                 if seq.prompt {
                     return;
                 }
+                // The query head is read whole before its output overwrites it.
+                qh.clear();
+                qh.extend_from_slice(o);
+                let qh = &qh[..];
                 let (keys, values) = (seq.keys, seq.values);
                 let kh = h / group;
                 let len = seq.pos0 + (row - seq.rows.start) + 1;
