@@ -588,8 +588,8 @@ struct AttnSeq<'a> {
 
 /// Causal multi-head attention of each sequence's queries (`qo`, `[n, n_head * d]`) over its own
 /// cache, each query head replaced by its output in place (sequences marked `prompt` are left to
-/// [`attention_prompt`]). Returns the softmax weights `[n * n_head, pos0 + n]` of a single sequence when asked (zeros past
-/// each causal limit).
+/// [`attention_prompt`]). Returns the softmax weights `[n * n_head, pos0 + n]` of a single
+/// sequence when asked (zeros past each causal limit).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     n_head: usize,

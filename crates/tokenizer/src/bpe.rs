@@ -124,13 +124,7 @@ impl MergeTable {
     fn new(mut entries: Vec<MergeEntry>, n_pieces: usize) -> MergeTable {
         entries.sort_unstable_by_key(|e| (e.left, e.right, e.rank));
         entries.dedup_by_key(|e| (e.left, e.right));
-        let mut starts = vec![0u32; n_pieces + 1];
-        for e in &entries {
-            starts[e.left as usize + 1] += 1;
-        }
-        for p in 0..n_pieces {
-            starts[p + 1] += starts[p];
-        }
+        let starts = crate::vocab::group_starts(entries.iter().map(|e| e.left as usize), n_pieces);
         let rules = entries.iter().map(|e| [e.right, e.rank, e.merged]).collect();
         MergeTable { starts, rules }
     }

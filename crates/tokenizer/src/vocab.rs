@@ -179,25 +179,15 @@ impl TextIndex {
         let bits = n.next_power_of_two().trailing_zeros().max(1);
         let shift = 64 - bits;
         let group_of: Vec<u32> = (0..n).map(|id| (text_hash(&texts[id]) >> shift) as u32).collect();
-        // Counting sort of the ids by group: counts, their running sums, then each id at its
-        // group's cursor (ascending ids within a group).
-        let mut starts = vec![0u32; (1usize << bits) + 1];
-        for &g in &group_of {
-            starts[g as usize + 1] += 1;
-        }
-        for g in 1..starts.len() {
-            starts[g] += starts[g - 1];
-        }
+        // Counting sort of the ids by group: each id at its group's cursor (ascending ids within
+        // a group).
+        let starts = group_starts(group_of.iter().map(|&g| g as usize), 1 << bits);
+        let mut cursor = starts.clone();
         let mut ids = vec![0u32; n];
         for (id, &g) in group_of.iter().enumerate() {
-            ids[starts[g as usize] as usize] = id as u32;
-            starts[g as usize] += 1;
+            ids[cursor[g as usize] as usize] = id as u32;
+            cursor[g as usize] += 1;
         }
-        // The cursors ended at their group's end, i.e. the next group's start: shift them back.
-        for g in (1..starts.len()).rev() {
-            starts[g] = starts[g - 1];
-        }
-        starts[0] = 0;
         TextIndex { shift, starts, ids }
     }
 
@@ -206,6 +196,19 @@ impl TextIndex {
         let g = (text_hash(text) >> self.shift) as usize;
         &self.ids[self.starts[g] as usize..self.starts[g + 1] as usize]
     }
+}
+
+/// Where each of `n_groups` groups starts in an array sorted by group (group `g` is
+/// `starts[g] .. starts[g + 1]`), from the group of every element: counts, then running sums.
+pub(crate) fn group_starts(groups: impl Iterator<Item = usize>, n_groups: usize) -> Vec<u32> {
+    let mut starts = vec![0u32; n_groups + 1];
+    for g in groups {
+        starts[g + 1] += 1;
+    }
+    for g in 0..n_groups {
+        starts[g + 1] += starts[g];
+    }
+    starts
 }
 
 /// The hash of a token text (SipHash with fixed keys: the same in every run).
