@@ -254,19 +254,7 @@ pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
     for (w, _) in jobs.iter() {
         assert!(int_weights::is_supported(w.ty), "{:?} has no integer form", w.ty);
     }
-    let mut act = ACT.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-    act.quantize(x, n, cols);
-    let a = &act;
-    super::for_each_panel(jobs, |w, r0, nvalid, out| {
-        PANEL.with(|p| {
-            let panel = &mut *p.borrow_mut();
-            panel.pack(w, r0);
-            for t0 in (0..n).step_by(MR) {
-                tile(a, t0, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, false);
-            }
-        });
-    });
-    *ACT.lock().unwrap_or_else(|e| e.into_inner()) = Some(act);
+    int_panels(jobs, x, n, 0..cols, false);
 }
 
 /// One piece of a product split along the columns: `out[t * rows + r] (+)= Σ_c w[r, k0 + c] ·
@@ -276,16 +264,20 @@ pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
 /// quantized activations and a panel only a piece wide.
 pub fn gemm_cols(w: &QMatrix, k0: usize, x: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
     assert!(int_weights::is_supported(w.ty), "{:?} has no integer form", w.ty);
-    assert!(n > 0 && x.len().is_multiple_of(n), "whole tokens");
-    let xc = x.len() / n;
-    assert!(out.len() == n * w.rows && k0 + xc <= w.cols, "piece inside the matrix");
+    let k = super::piece_cols(w, k0, x, n, out);
+    int_panels(&mut [(w, out)], x, n, k, accumulate);
+}
+
+/// The kernel over columns `k` of every job's rows (`x`: `n` tokens of `k.len()` columns, quantized
+/// once), written or, with `accumulate`, added on.
+fn int_panels(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize, k: std::ops::Range<usize>, accumulate: bool) {
     let mut act = ACT.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-    act.quantize(x, n, xc);
+    act.quantize(x, n, k.len());
     let a = &act;
-    super::for_each_panel(&mut [(w, out)], |w, r0, nvalid, out| {
+    super::for_each_panel(jobs, |w, r0, nvalid, out| {
         PANEL.with(|p| {
             let panel = &mut *p.borrow_mut();
-            panel.pack_cols(w, r0, k0..k0 + xc);
+            panel.pack_cols(w, r0, k.clone());
             for t0 in (0..n).step_by(MR) {
                 tile(a, t0, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, accumulate);
             }

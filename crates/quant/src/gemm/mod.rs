@@ -186,20 +186,17 @@ pub fn gemm_cols(w: &QMatrix, k0: usize, x: &[f32], n: usize, out: &mut [f32], a
         int16::gemm_cols(w, k0, x, n, out, accumulate);
         return;
     }
+    let k = piece_cols(w, k0, x, n, out);
+    f32_panels(&mut [(w, out)], x, n, k, accumulate);
+}
+
+/// Checks one column piece of `w` (`x`: `n` tokens of the piece's columns from `k0`; `out`:
+/// `[n, rows]`) and returns its columns.
+fn piece_cols(w: &QMatrix, k0: usize, x: &[f32], n: usize, out: &[f32]) -> std::ops::Range<usize> {
     assert!(n > 0 && x.len().is_multiple_of(n), "whole tokens");
     let xc = x.len() / n;
     assert!(out.len() == n * w.rows && k0 + xc <= w.cols, "piece inside the matrix");
-    for_each_panel(&mut [(w, out)], |w, r0, nvalid, out| {
-        SCRATCH.with(|s| {
-            let (buf, panel) = &mut *s.borrow_mut();
-            buf.resize(NR * KC, 0.0);
-            panel.resize(xc * NR, 0.0);
-            pack_panel_cols(w, r0, k0..k0 + xc, buf, panel);
-            for t0 in (0..n).step_by(MR) {
-                tile(&x[t0 * xc..], xc, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, accumulate);
-            }
-        });
-    });
+    k0..k0 + xc
 }
 
 /// [`gemm`] for several matrices sharing the activations: quantized formats with an integer form
@@ -223,14 +220,21 @@ pub fn gemm_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
 /// The f32 kernel for every job.
 pub fn gemm_many_f32(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize) {
     let Some(cols) = check_jobs(jobs, x, n) else { return };
+    f32_panels(jobs, x, n, 0..cols, false);
+}
+
+/// The f32 kernel over columns `k` of every job's rows (`x`: `n` tokens of `k.len()` columns),
+/// written or, with `accumulate`, added on (see [`tile_scalar`]).
+fn f32_panels(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize, k: std::ops::Range<usize>, accumulate: bool) {
+    let xc = k.len();
     for_each_panel(jobs, |w, r0, nvalid, out| {
         SCRATCH.with(|s| {
             let (buf, panel) = &mut *s.borrow_mut();
             buf.resize(NR * KC, 0.0);
-            panel.resize(cols * NR, 0.0);
-            pack_panel(w, r0, buf, panel);
+            panel.resize(xc * NR, 0.0);
+            pack_panel_cols(w, r0, k.clone(), buf, panel);
             for t0 in (0..n).step_by(MR) {
-                tile(&x[t0 * cols..], cols, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, false);
+                tile(&x[t0 * xc..], xc, (n - t0).min(MR), panel, out.rows_from(t0), w.rows, nvalid, accumulate);
             }
         });
     });
