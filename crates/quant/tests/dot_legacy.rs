@@ -28,7 +28,8 @@ use rand::SeedableRng;
 const TYPES: [GgmlType; 6] =
     [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL];
 
-const LENGTHS: [usize; 4] = [32, 96, 32 * 17, 4096 + 32];
+// 12 and 23 blocks: eight-block steps, then a lone group of four, then a partial group
+const LENGTHS: [usize; 6] = [32, 96, 32 * 12, 32 * 17, 32 * 23, 4096 + 32];
 
 fn quantized(x: &[f32]) -> ActQ8 {
     let mut a = ActQ8::new();

@@ -24,7 +24,8 @@ use rand::{Rng, SeedableRng};
 const TYPES: [GgmlType; 6] =
     [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL];
 
-const LENGTHS: [usize; 5] = [32, 96, 128, 32 * 17, 4096 + 32];
+// 12 and 23 blocks: eight-block steps, then a lone group of four, then a partial group
+const LENGTHS: [usize; 7] = [32, 96, 128, 32 * 12, 32 * 17, 32 * 23, 4096 + 32];
 
 /// Mostly uniform, some outliers, sometimes an all-zero block or a block of exact halves (ties).
 fn random_act(rng: &mut StdRng, n: usize) -> Vec<f32> {

@@ -102,11 +102,10 @@ unsafe fn dot<const T: u8, const K: usize, const P: usize, const N: usize>(
         d: std::array::from_fn(|i| acts[i].raw().0.as_ptr()),
         sums: std::array::from_fn(|i| acts[i].raw().2.as_ptr()),
     };
-    // two sets of accumulators, for two groups in flight per iteration
-    let mut acc = [_mm_setzero_ps(); K];
-    let mut accm = [_mm_setzero_ps(); K];
-    let mut acc2 = [_mm_setzero_ps(); K];
-    let mut accm2 = [_mm_setzero_ps(); K];
+    // Lane `j` of the eight-block accumulators takes blocks `8i + j`: the low half is the
+    // accumulator of the even groups, the high half that of the odd ones.
+    let mut acc8 = [_mm256_setzero_ps(); K];
+    let mut accm8 = [_mm256_setzero_ps(); K];
     let w0 = row.as_ptr();
     let mut g = 0;
     // SAFETY (all blocks below): a well-formed ActQ8 of `nb` blocks stores `nb.div_ceil(4)` whole
@@ -117,11 +116,14 @@ unsafe fn dot<const T: u8, const K: usize, const P: usize, const N: usize>(
             let w = w0.add(GROUP * bs * g);
             // the lines of these eight blocks, 2 KiB ahead
             crate::isa::prefetch_lines_ahead(w, (2 * GROUP * bs).div_ceil(64) + 1);
-            group::<T, K, P, N, 4>(w, &base.at(g), &mut acc, &mut accm);
-            group::<T, K, P, N, 4>(w.add(GROUP * bs), &base.at(g + 1), &mut acc2, &mut accm2);
+            eight::<T, K, P, N>(w, &base.at(g), &mut acc8, &mut accm8);
         }
         g += 2;
     }
+    let mut acc: [__m128; K] = std::array::from_fn(|k| _mm256_castps256_ps128(acc8[k]));
+    let mut accm: [__m128; K] = std::array::from_fn(|k| _mm256_castps256_ps128(accm8[k]));
+    let acc2: [__m128; K] = std::array::from_fn(|k| _mm256_extractf128_ps::<1>(acc8[k]));
+    let accm2: [__m128; K] = std::array::from_fn(|k| _mm256_extractf128_ps::<1>(accm8[k]));
     if g < full {
         unsafe { group::<T, K, P, N, 4>(w0.add(GROUP * bs * g), &base.at(g), &mut acc, &mut accm) };
     }
@@ -242,6 +244,120 @@ unsafe fn group<const T: u8, const K: usize, const P: usize, const N: usize, con
             }
         }
     }
+}
+
+/// Eight whole blocks starting at `w` (two groups) against the activation groups at `a` and the
+/// next one, for `K` activations of `P` planes: the exact integer sums per block of [`group`],
+/// with the reduction, the scale loads and the f32 update done once for all eight blocks in
+/// 256-bit registers. Lane `j` of `acc` / `accm` takes block `j`'s term, so each lane sees the
+/// same sequence of updates as lane `j mod 4` of the four-block path's even (`j < 4`) or odd
+/// group accumulator.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `w` points to eight whole blocks of format `T`; each `a.qs[i]` to 256 readable
+/// quants (pair-interleaved), each `a.d[i]` and `a.sums[i]` to eight readable values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn eight<const T: u8, const K: usize, const P: usize, const N: usize>(
+    w: *const u8,
+    a: &ActPtrs<N>,
+    acc: &mut [__m256; K],
+    accm: &mut [__m256; K],
+) {
+    let bs = block_bytes(T);
+    let has_m = T == T_Q4_1 || T == T_Q5_1;
+    let signed = T == T_Q8_0 || T == T_IQ4_NL;
+    // SAFETY: every read stays inside the eight blocks at `w` and the activation ranges of the
+    // contract; all loads are unaligned.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let c256 = _mm256_set1_epi16(256);
+        let mut pr = [[_mm256_setzero_si256(); 4]; K];
+        // pair by pair, so that only one pair's weights (and signs) are live at a time
+        for p in 0..4 {
+            let pa = w.add(2 * p * bs);
+            let v = unpack::<T, true>(pa, pa.add(bs));
+            let wu = if signed { [_mm256_abs_epi8(v[0]), _mm256_abs_epi8(v[1])] } else { v };
+            for k in 0..K {
+                for pl in 0..P {
+                    let q = a.qs[k * P + pl];
+                    let widen = if P == 2 && pl == 0 { c256 } else { ones };
+                    let a0 = _mm256_loadu_si256(q.add(64 * p) as *const __m256i);
+                    let a1 = _mm256_loadu_si256(q.add(64 * p + 32) as *const __m256i);
+                    let s = if signed {
+                        let m0 = _mm256_maddubs_epi16(wu[0], _mm256_sign_epi8(a0, v[0]));
+                        let m1 = _mm256_maddubs_epi16(wu[1], _mm256_sign_epi8(a1, v[1]));
+                        _mm256_add_epi32(_mm256_madd_epi16(m0, widen), _mm256_madd_epi16(m1, widen))
+                    } else {
+                        let m = _mm256_add_epi16(_mm256_maddubs_epi16(wu[0], a0), _mm256_maddubs_epi16(wu[1], a1));
+                        _mm256_madd_epi16(m, widen)
+                    };
+                    pr[k][p] = if pl == 0 { s } else { _mm256_add_epi32(pr[k][p], s) };
+                }
+            }
+        }
+        let dw = _mm256_cvtph_ps(halves8(w, bs, 0));
+        let mw = if has_m { _mm256_cvtph_ps(halves8(w, bs, 2)) } else { _mm256_setzero_ps() };
+        for k in 0..K {
+            let mut isum = reduce_eight(pr[k]);
+            let mut sv = _mm256_loadu_si256(a.sums[k * P] as *const __m256i);
+            if P == 2 {
+                sv =
+                    _mm256_add_epi32(_mm256_slli_epi32(sv, 8), _mm256_loadu_si256(a.sums[k * P + 1] as *const __m256i));
+            }
+            if T == T_Q4_0 {
+                isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sv, 3));
+            } else if T == T_Q5_0 {
+                isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sv, 4));
+            }
+            let da = _mm256_loadu_ps(a.d[k * P + P - 1]);
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, da), acc[k]);
+            if has_m {
+                accm[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sv), _mm256_mul_ps(mw, da), accm[k]);
+            }
+        }
+    }
+}
+
+/// The f16 at byte `off` of each of the eight blocks (`bs` bytes each) at `w`, in block order.
+/// Block `j`'s value is word `j` of the 16 bytes at `w + (bs - 2) j + off`, so eight overlapping
+/// loads and seven word blends gather them without scalar code.
+///
+/// # Safety
+/// AVX2; `w` points to eight whole blocks of `bs >= 4` bytes and `off + 2 <= bs`, `off <= 2`
+/// (every load ends at `w + 7 bs + 2 + off <= w + 8 bs`).
+#[inline(always)]
+unsafe fn halves8(w: *const u8, bs: usize, off: usize) -> __m128i {
+    // SAFETY: load `j` covers `w + (bs - 2) j + off .. + 16`, inside the eight blocks (contract).
+    unsafe {
+        let ld = |j: usize| _mm_loadu_si128(w.add((bs - 2) * j + off) as *const __m128i);
+        let mut x = ld(0);
+        x = _mm_blend_epi16::<0b0000_0010>(x, ld(1));
+        x = _mm_blend_epi16::<0b0000_0100>(x, ld(2));
+        x = _mm_blend_epi16::<0b0000_1000>(x, ld(3));
+        x = _mm_blend_epi16::<0b0001_0000>(x, ld(4));
+        x = _mm_blend_epi16::<0b0010_0000>(x, ld(5));
+        x = _mm_blend_epi16::<0b0100_0000>(x, ld(6));
+        _mm_blend_epi16::<0b1000_0000>(x, ld(7))
+    }
+}
+
+/// `pr[p]` holds 4 partial sums of block `2p` in its low lane and of block `2p + 1` in its high
+/// lane; lane `j` of the result is the total of block `j` (0..8).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn reduce_eight(pr: [__m256i; 4]) -> __m256i {
+    // per pair of pairs: low lane [b0, b2, b0, b2], high lane [b1, b3, b1, b3] (as reduce_pairs)
+    let fold = |p01: __m256i, p23: __m256i| {
+        let t = _mm256_add_epi32(_mm256_unpacklo_epi32(p01, p23), _mm256_unpackhi_epi32(p01, p23));
+        _mm256_add_epi32(t, _mm256_shuffle_epi32::<0b01_00_11_10>(t))
+    };
+    let u = fold(pr[0], pr[1]);
+    let v = fold(pr[2], pr[3]);
+    // [b0 b2 b0 b2 | b4 b6 b4 b6] and [b1 b3 b1 b3 | b5 b7 b5 b7] interleave to b0..b7
+    let x = _mm256_permute2x128_si256::<0x20>(u, v);
+    let y = _mm256_permute2x128_si256::<0x31>(u, v);
+    _mm256_unpacklo_epi32(x, y)
 }
 
 /// # Safety
