@@ -272,13 +272,13 @@ unsafe fn eight<const T: u8, const K: usize, const P: usize, const N: usize>(
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let c256 = _mm256_set1_epi16(256);
-        let mut pr = [[_mm256_setzero_si256(); 4]; K];
+        let mut pr = [[_mm256_setzero_si256(); K]; 4];
         // pair by pair, so that only one pair's weights (and signs) are live at a time
-        for p in 0..4 {
+        for (p, prp) in pr.iter_mut().enumerate() {
             let pa = w.add(2 * p * bs);
             let v = unpack::<T, true>(pa, pa.add(bs));
             let wu = if signed { [_mm256_abs_epi8(v[0]), _mm256_abs_epi8(v[1])] } else { v };
-            for k in 0..K {
+            for (k, sum) in prp.iter_mut().enumerate() {
                 for pl in 0..P {
                     let q = a.qs[k * P + pl];
                     let widen = if P == 2 && pl == 0 { c256 } else { ones };
@@ -292,14 +292,14 @@ unsafe fn eight<const T: u8, const K: usize, const P: usize, const N: usize>(
                         let m = _mm256_add_epi16(_mm256_maddubs_epi16(wu[0], a0), _mm256_maddubs_epi16(wu[1], a1));
                         _mm256_madd_epi16(m, widen)
                     };
-                    pr[k][p] = if pl == 0 { s } else { _mm256_add_epi32(pr[k][p], s) };
+                    *sum = if pl == 0 { s } else { _mm256_add_epi32(*sum, s) };
                 }
             }
         }
         let dw = _mm256_cvtph_ps(halves8(w, bs, 0));
         let mw = if has_m { _mm256_cvtph_ps(halves8(w, bs, 2)) } else { _mm256_setzero_ps() };
         for k in 0..K {
-            let mut isum = reduce_eight(pr[k]);
+            let mut isum = reduce_eight(std::array::from_fn(|p| pr[p][k]));
             let mut sv = _mm256_loadu_si256(a.sums[k * P] as *const __m256i);
             if P == 2 {
                 sv =
