@@ -93,12 +93,11 @@ pub(crate) fn attention_prompt(
                     let (seen, unseen) = row.split_at_mut(visible);
                     unseen.fill(0.0);
                     let max = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
-                    let mut sum = 0f64;
                     for v in seen.iter_mut() {
-                        *v = (*v * scale - max).exp();
-                        sum += *v as f64;
+                        *v = *v * scale - max;
                     }
-                    let inv = (1.0 / sum) as f32;
+                    kiln_quant::exp::exp_in_place(seen);
+                    let inv = (1.0 / kiln_quant::exp::sum_f64(seen)) as f32;
                     for v in seen.iter_mut() {
                         *v *= inv;
                     }

@@ -280,9 +280,7 @@ fn forward_steps(
                 let (g, u) = (&mut g[..n * rows], &mut up[..n * rows]);
                 let (w_gate, w_up) = (row_block(&lw.w_gate, r0, rows), row_block(&lw.w_up, r0, rows));
                 mm(&mut [(&w_gate, &mut *g), (&w_up, &mut *u)], h);
-                for (gr, ur) in g.chunks_exact_mut(rows).zip(u.chunks_exact(rows)) {
-                    swiglu_in_place(gr, ur, precision);
-                }
+                swiglu_in_place(g, u, precision);
                 kiln_quant::gemm::gemm_cols(&lw.w_down, r0, g, n, down, i > 0);
             }
             add_in_place(x, down);
@@ -492,9 +490,16 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `gate = silu(gate) * up`: in f64 on the exact path, in f32 (with a correctly rounded-ish
-/// `expf`, a few ulp) on the default path, where f64 `exp` costs more than the products around it.
+/// `gate = silu(gate) * up`: in f64 on the exact path, in f32 on the default path (eight lanes at
+/// a time, `exp` within 1 ulp: [`kiln_quant::exp`]), where f64 `exp` costs more than the products
+/// around it.
 fn swiglu_in_place(gate: &mut [f32], up: &[f32], precision: Precision) {
+    // Element by element, so any split gives the same bits; a prompt's is worth the threads.
+    const CHUNK: usize = 1 << 14;
+    if gate.len() > CHUNK {
+        gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| swiglu_in_place(g, u, precision));
+        return;
+    }
     match precision {
         Precision::Exact => {
             for (g, &u) in gate.iter_mut().zip(up) {
@@ -502,11 +507,7 @@ fn swiglu_in_place(gate: &mut [f32], up: &[f32], precision: Precision) {
                 *g = (gv / (1.0 + (-gv).exp()) * u as f64) as f32;
             }
         }
-        Precision::Fast => {
-            for (g, &u) in gate.iter_mut().zip(up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        }
+        Precision::Fast => kiln_quant::exp::silu_mul_in_place(gate, up),
     }
 }
 
@@ -672,12 +673,11 @@ fn attention(
                         scores32.extend((0..len).map(|s| dot_f32(qh, key(s)) * sc));
                         let scores = scores32;
                         let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f64;
                         for s in scores.iter_mut() {
-                            *s = (*s - max).exp();
-                            sum += *s as f64;
+                            *s -= max;
                         }
-                        let inv = (1.0 / sum) as f32;
+                        kiln_quant::exp::exp_in_place(scores);
+                        let inv = (1.0 / kiln_quant::exp::sum_f64(scores)) as f32;
                         o.fill(0.0);
                         for (s, &p) in scores.iter().enumerate() {
                             let p = p * inv;

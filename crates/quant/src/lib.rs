@@ -11,6 +11,7 @@ pub mod dot_float;
 pub mod dot_i16;
 pub mod dot_kquant;
 pub mod dot_legacy;
+pub mod exp;
 pub mod float;
 pub mod gemm;
 pub mod iq4_nl;
