@@ -48,15 +48,6 @@ macro_rules! by_k2 {
     };
 }
 
-/// The one-plane kernels, indexed `[format code][K - 1]` (the codes are 0..=5 in the order of the
-/// table).
-pub(super) const KERNELS: [[DotFn; 4]; 6] =
-    [by_k!(T_Q4_0), by_k!(T_Q4_1), by_k!(T_Q5_0), by_k!(T_Q5_1), by_k!(T_Q8_0), by_k!(T_IQ4_NL)];
-
-/// The two-plane kernels, indexed `[format code][K - 1]`.
-pub(super) const KERNELS2: [[DotFn; 2]; 6] =
-    [by_k2!(T_Q4_0), by_k2!(T_Q4_1), by_k2!(T_Q5_0), by_k2!(T_Q5_1), by_k2!(T_Q8_0), by_k2!(T_IQ4_NL)];
-
 const _: () = assert!(T_Q4_0 == 0 && T_Q4_1 == 1 && T_Q5_0 == 2 && T_Q5_1 == 3 && T_Q8_0 == 4 && T_IQ4_NL == 5);
 
 /// Activation pointers of one group of four blocks, for each of the `N` activation vectors.
@@ -84,218 +75,295 @@ impl<const N: usize> ActPtrs<N> {
     }
 }
 
-/// # Safety
-/// As [`DotFn`], with `acts.len() == N == K · P` and `out.len() == K`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot<const T: u8, const K: usize, const P: usize, const N: usize>(
-    row: &[u8],
-    acts: &[&ActQ8],
-    out: &mut [f32],
-) {
-    let bs = block_bytes(T);
-    let nb = row.len() / bs;
-    let full = nb / GROUP;
-    let rem = nb % GROUP;
-    debug_assert!(acts.len() == N && N == K * P && out.len() == K);
-    let base = ActPtrs::<N> {
-        qs: std::array::from_fn(|i| acts[i].raw().1.as_ptr()),
-        d: std::array::from_fn(|i| acts[i].raw().0.as_ptr()),
-        sums: std::array::from_fn(|i| acts[i].raw().2.as_ptr()),
-    };
-    // Lane `j` of the eight-block accumulators takes blocks `8i + j`: the low half is the
-    // accumulator of the even groups, the high half that of the odd ones.
-    let mut acc8 = [_mm256_setzero_ps(); K];
-    let mut accm8 = [_mm256_setzero_ps(); K];
-    let w0 = row.as_ptr();
-    let mut g = 0;
-    // SAFETY (all blocks below): a well-formed ActQ8 of `nb` blocks stores `nb.div_ceil(4)` whole
-    // groups, zero-padded; groups `g < full` lie wholly inside `row`, and the last group (`full`
-    // when `rem > 0`) reads only its `rem` blocks of `row`.
-    while g + 2 <= full {
-        unsafe {
-            let w = w0.add(GROUP * bs * g);
-            // the lines of these eight blocks, 2 KiB ahead
-            crate::isa::prefetch_lines_ahead(w, (2 * GROUP * bs).div_ceil(64) + 1);
-            eight::<T, K, P, N>(w, &base.at(g), &mut acc8, &mut accm8);
-        }
-        g += 2;
-    }
-    let mut acc: [__m128; K] = std::array::from_fn(|k| _mm256_castps256_ps128(acc8[k]));
-    let mut accm: [__m128; K] = std::array::from_fn(|k| _mm256_castps256_ps128(accm8[k]));
-    let acc2: [__m128; K] = std::array::from_fn(|k| _mm256_extractf128_ps::<1>(acc8[k]));
-    let accm2: [__m128; K] = std::array::from_fn(|k| _mm256_extractf128_ps::<1>(accm8[k]));
-    if g < full {
-        unsafe { group::<T, K, P, N, 4>(w0.add(GROUP * bs * g), &base.at(g), &mut acc, &mut accm) };
-    }
-    // The last 1..=3 blocks: the missing blocks count as zero weights with zero scales, against the
-    // activations' zero padding (scale, quants, sums), so they add exact zeros.
-    let wt = unsafe { w0.add(GROUP * bs * full) };
-    match rem {
-        0 => {}
-        1 => unsafe { group::<T, K, P, N, 1>(wt, &base.at(full), &mut acc, &mut accm) },
-        2 => unsafe { group::<T, K, P, N, 2>(wt, &base.at(full), &mut acc, &mut accm) },
-        _ => unsafe { group::<T, K, P, N, 3>(wt, &base.at(full), &mut acc, &mut accm) },
-    }
-    for k in 0..K {
-        out[k] = hsum(_mm_add_ps(_mm_add_ps(acc[k], acc2[k]), _mm_add_ps(accm[k], accm2[k])));
-    }
-}
+/// The kernels of one level: `$feat` its target features; with `$vnni`, each pair of half-vectors
+/// is multiplied by two `vpdpbusd` (u8 × i8, four products added into each i32 lane) instead of
+/// `vpmaddubsw` + `vpmaddwd`, and a second plane goes on from the first's sums shifted by 8 bits.
+/// The per-block integers are the same either way, so both levels give the same bits.
+macro_rules! kernel_set {
+    ($feat:literal, $vnni:literal) => {
+        /// The one-plane kernels, indexed `[format code][K - 1]` (the codes are 0..=5 in the order of the
+        /// table).
+        pub(in crate::dot_legacy) const KERNELS: [[DotFn; 4]; 6] =
+            [by_k!(T_Q4_0), by_k!(T_Q4_1), by_k!(T_Q5_0), by_k!(T_Q5_1), by_k!(T_Q8_0), by_k!(T_IQ4_NL)];
 
-/// The first `R` (1..=4) blocks starting at `w` against the group of four activation blocks at `a`
-/// (blocks `R..4` count as zero weights with zero scales), for `K` activations of `P` planes.
-///
-/// With two planes the first plane's integer sums are scaled by 256 in the widening `vpmaddwd`
-/// (a multiply by 256 instead of 1) and added to the second's: per block `Σ w (256 a + a')`, an
-/// exact integer (at most `32 · 128 · 32639 < 2^31`), converted and scaled once with the second
-/// plane's `d / 256`.
-///
-/// # Safety
-/// AVX2/FMA/F16C; `w` points to `R` whole blocks of format `T`; each `a.qs[i]` to 128 readable
-/// quants (pair-interleaved), each `a.d[i]` and `a.sums[i]` to four readable values.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group<const T: u8, const K: usize, const P: usize, const N: usize, const R: usize>(
-    w: *const u8,
-    a: &ActPtrs<N>,
-    acc: &mut [__m128; K],
-    accm: &mut [__m128; K],
-) {
-    let bs = block_bytes(T);
-    let has_m = T == T_Q4_1 || T == T_Q5_1;
-    let signed = T == T_Q8_0 || T == T_IQ4_NL;
-    // blocks present in pair 1 (pair 0 always has at least one)
-    let pairs = if R > 2 { 2 } else { 1 };
-    // SAFETY: every read stays inside the `R` blocks at `w` (offsets `j · bs + 0 .. bs`, `j < R`)
-    // and the activation ranges of the contract; all loads are unaligned.
-    unsafe {
-        // [pair][half]: the unsigned operand (quants, or |w|) and, for signed formats, the sign.
-        let mut wu = [[_mm256_setzero_si256(); 2]; 2];
-        let mut ws = [[_mm256_setzero_si256(); 2]; 2];
-        for p in 0..pairs {
-            let pa = w.add(2 * p * bs);
-            let v = if R >= 2 * p + 2 { unpack::<T, true>(pa, pa.add(bs)) } else { unpack::<T, false>(pa, pa) };
-            for h in 0..2 {
-                if signed {
-                    wu[p][h] = _mm256_abs_epi8(v[h]);
-                    ws[p][h] = v[h];
+        /// The two-plane kernels, indexed `[format code][K - 1]`.
+        pub(in crate::dot_legacy) const KERNELS2: [[DotFn; 2]; 6] =
+            [by_k2!(T_Q4_0), by_k2!(T_Q4_1), by_k2!(T_Q5_0), by_k2!(T_Q5_1), by_k2!(T_Q8_0), by_k2!(T_IQ4_NL)];
+
+        /// # Safety
+        /// As [`DotFn`](super::DotFn), with `acts.len() == N == K · P` and `out.len() == K`.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot<const T: u8, const K: usize, const P: usize, const N: usize>(
+            row: &[u8],
+            acts: &[&ActQ8],
+            out: &mut [f32],
+        ) {
+            let bs = block_bytes(T);
+            let nb = row.len() / bs;
+            let full = nb / GROUP;
+            let rem = nb % GROUP;
+            debug_assert!(acts.len() == N && N == K * P && out.len() == K);
+            let base = ActPtrs::<N> {
+                qs: std::array::from_fn(|i| acts[i].raw().1.as_ptr()),
+                d: std::array::from_fn(|i| acts[i].raw().0.as_ptr()),
+                sums: std::array::from_fn(|i| acts[i].raw().2.as_ptr()),
+            };
+            // Lane `j` of the eight-block accumulators takes blocks `8i + j`: the low half is the
+            // accumulator of the even groups, the high half that of the odd ones.
+            let mut acc8 = [_mm256_setzero_ps(); K];
+            let mut accm8 = [_mm256_setzero_ps(); K];
+            let w0 = row.as_ptr();
+            let mut g = 0;
+            // SAFETY (all blocks below): a well-formed ActQ8 of `nb` blocks stores `nb.div_ceil(4)` whole
+            // groups, zero-padded; groups `g < full` lie wholly inside `row`, and the last group (`full`
+            // when `rem > 0`) reads only its `rem` blocks of `row`.
+            while g + 2 <= full {
+                unsafe {
+                    let w = w0.add(GROUP * bs * g);
+                    // the lines of these eight blocks, 2 KiB ahead
+                    crate::isa::prefetch_lines_ahead(w, (2 * GROUP * bs).div_ceil(64) + 1);
+                    eight::<T, K, P, N>(w, &base.at(g), &mut acc8, &mut accm8);
+                }
+                g += 2;
+            }
+            let mut acc: [__m128; K] = std::array::from_fn(|k| _mm256_castps256_ps128(acc8[k]));
+            let mut accm: [__m128; K] = std::array::from_fn(|k| _mm256_castps256_ps128(accm8[k]));
+            let acc2: [__m128; K] = std::array::from_fn(|k| _mm256_extractf128_ps::<1>(acc8[k]));
+            let accm2: [__m128; K] = std::array::from_fn(|k| _mm256_extractf128_ps::<1>(accm8[k]));
+            if g < full {
+                unsafe { group::<T, K, P, N, 4>(w0.add(GROUP * bs * g), &base.at(g), &mut acc, &mut accm) };
+            }
+            // The last 1..=3 blocks: the missing blocks count as zero weights with zero scales, against the
+            // activations' zero padding (scale, quants, sums), so they add exact zeros.
+            let wt = unsafe { w0.add(GROUP * bs * full) };
+            match rem {
+                0 => {}
+                1 => unsafe { group::<T, K, P, N, 1>(wt, &base.at(full), &mut acc, &mut accm) },
+                2 => unsafe { group::<T, K, P, N, 2>(wt, &base.at(full), &mut acc, &mut accm) },
+                _ => unsafe { group::<T, K, P, N, 3>(wt, &base.at(full), &mut acc, &mut accm) },
+            }
+            for k in 0..K {
+                out[k] = hsum(_mm_add_ps(_mm_add_ps(acc[k], acc2[k]), _mm_add_ps(accm[k], accm2[k])));
+            }
+        }
+
+        /// The first `R` (1..=4) blocks starting at `w` against the group of four activation blocks at `a`
+        /// (blocks `R..4` count as zero weights with zero scales), for `K` activations of `P` planes.
+        ///
+        /// With two planes the first plane's integer sums are scaled by 256 in the widening `vpmaddwd`
+        /// (a multiply by 256 instead of 1) and added to the second's: per block `Σ w (256 a + a')`, an
+        /// exact integer (at most `32 · 128 · 32639 < 2^31`), converted and scaled once with the second
+        /// plane's `d / 256`.
+        ///
+        /// # Safety
+        /// The module's features; `w` points to `R` whole blocks of format `T`; each `a.qs[i]` to 128 readable
+        /// quants (pair-interleaved), each `a.d[i]` and `a.sums[i]` to four readable values.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn group<const T: u8, const K: usize, const P: usize, const N: usize, const R: usize>(
+            w: *const u8,
+            a: &ActPtrs<N>,
+            acc: &mut [__m128; K],
+            accm: &mut [__m128; K],
+        ) {
+            let bs = block_bytes(T);
+            let has_m = T == T_Q4_1 || T == T_Q5_1;
+            let signed = T == T_Q8_0 || T == T_IQ4_NL;
+            // blocks present in pair 1 (pair 0 always has at least one)
+            let pairs = if R > 2 { 2 } else { 1 };
+            // SAFETY: every read stays inside the `R` blocks at `w` (offsets `j · bs + 0 .. bs`, `j < R`)
+            // and the activation ranges of the contract; all loads are unaligned.
+            unsafe {
+                // [pair][half]: the unsigned operand (quants, or |w|) and, for signed formats, the sign.
+                let mut wu = [[_mm256_setzero_si256(); 2]; 2];
+                let mut ws = [[_mm256_setzero_si256(); 2]; 2];
+                for p in 0..pairs {
+                    let pa = w.add(2 * p * bs);
+                    let v = if R >= 2 * p + 2 { unpack::<T, true>(pa, pa.add(bs)) } else { unpack::<T, false>(pa, pa) };
+                    for h in 0..2 {
+                        if signed {
+                            wu[p][h] = _mm256_abs_epi8(v[h]);
+                            ws[p][h] = v[h];
+                        } else {
+                            wu[p][h] = v[h];
+                        }
+                    }
+                }
+                let (dw, mw) = if has_m {
+                    let x = _mm_setr_epi32(
+                        rd32(w) as i32,
+                        if R > 1 { rd32(w.add(bs)) as i32 } else { 0 },
+                        if R > 2 { rd32(w.add(2 * bs)) as i32 } else { 0 },
+                        if R > 3 { rd32(w.add(3 * bs)) as i32 } else { 0 },
+                    );
+                    let x = _mm_shuffle_epi8(x, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+                    (_mm_cvtph_ps(x), _mm_cvtph_ps(_mm_unpackhi_epi64(x, x)))
                 } else {
-                    wu[p][h] = v[h];
+                    let mut h = u64::from(rd16(w));
+                    if R > 1 {
+                        h |= u64::from(rd16(w.add(bs))) << 16;
+                    }
+                    if R > 2 {
+                        h |= u64::from(rd16(w.add(2 * bs))) << 32;
+                    }
+                    if R > 3 {
+                        h |= u64::from(rd16(w.add(3 * bs))) << 48;
+                    }
+                    (_mm_cvtph_ps(_mm_cvtsi64_si128(h as i64)), _mm_setzero_ps())
+                };
+                let ones = _mm256_set1_epi16(1);
+                let c256 = _mm256_set1_epi16(256);
+                for k in 0..K {
+                    let mut pr = [_mm256_setzero_si256(); 2];
+                    for p in 0..pairs {
+                        for pl in 0..P {
+                            let q = a.qs[k * P + pl];
+                            let widen = if P == 2 && pl == 0 { c256 } else { ones };
+                            let a0 = _mm256_loadu_si256(q.add(64 * p) as *const __m256i);
+                            let a1 = _mm256_loadu_si256(q.add(64 * p + 32) as *const __m256i);
+                            if $vnni {
+                                let (s0, s1) = if signed {
+                                    (_mm256_sign_epi8(a0, ws[p][0]), _mm256_sign_epi8(a1, ws[p][1]))
+                                } else {
+                                    (a0, a1)
+                                };
+                                let start =
+                                    if pl == 0 { _mm256_setzero_si256() } else { _mm256_slli_epi32::<8>(pr[p]) };
+                                pr[p] = dp_halves(start, wu[p][0], s0, wu[p][1], s1);
+                                continue;
+                            }
+                            let v = if signed {
+                                let m0 = _mm256_maddubs_epi16(wu[p][0], _mm256_sign_epi8(a0, ws[p][0]));
+                                let m1 = _mm256_maddubs_epi16(wu[p][1], _mm256_sign_epi8(a1, ws[p][1]));
+                                _mm256_add_epi32(_mm256_madd_epi16(m0, widen), _mm256_madd_epi16(m1, widen))
+                            } else {
+                                let m = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(wu[p][0], a0),
+                                    _mm256_maddubs_epi16(wu[p][1], a1),
+                                );
+                                _mm256_madd_epi16(m, widen)
+                            };
+                            pr[p] = if pl == 0 { v } else { _mm256_add_epi32(pr[p], v) };
+                        }
+                    }
+                    let mut isum = reduce_pairs(pr[0], pr[1]);
+                    let mut sv = _mm_loadu_si128(a.sums[k * P] as *const __m128i);
+                    if P == 2 {
+                        sv = _mm_add_epi32(_mm_slli_epi32(sv, 8), _mm_loadu_si128(a.sums[k * P + 1] as *const __m128i));
+                    }
+                    if T == T_Q4_0 {
+                        isum = _mm_sub_epi32(isum, _mm_slli_epi32(sv, 3));
+                    } else if T == T_Q5_0 {
+                        isum = _mm_sub_epi32(isum, _mm_slli_epi32(sv, 4));
+                    }
+                    let da = _mm_loadu_ps(a.d[k * P + P - 1]);
+                    acc[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(dw, da), acc[k]);
+                    if has_m {
+                        accm[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(sv), _mm_mul_ps(mw, da), accm[k]);
+                    }
                 }
             }
         }
-        let (dw, mw) = if has_m {
-            let x = _mm_setr_epi32(
-                rd32(w) as i32,
-                if R > 1 { rd32(w.add(bs)) as i32 } else { 0 },
-                if R > 2 { rd32(w.add(2 * bs)) as i32 } else { 0 },
-                if R > 3 { rd32(w.add(3 * bs)) as i32 } else { 0 },
-            );
-            let x = _mm_shuffle_epi8(x, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
-            (_mm_cvtph_ps(x), _mm_cvtph_ps(_mm_unpackhi_epi64(x, x)))
-        } else {
-            let mut h = u64::from(rd16(w));
-            if R > 1 {
-                h |= u64::from(rd16(w.add(bs))) << 16;
-            }
-            if R > 2 {
-                h |= u64::from(rd16(w.add(2 * bs))) << 32;
-            }
-            if R > 3 {
-                h |= u64::from(rd16(w.add(3 * bs))) << 48;
-            }
-            (_mm_cvtph_ps(_mm_cvtsi64_si128(h as i64)), _mm_setzero_ps())
-        };
-        let ones = _mm256_set1_epi16(1);
-        let c256 = _mm256_set1_epi16(256);
-        for k in 0..K {
-            let mut pr = [_mm256_setzero_si256(); 2];
-            for p in 0..pairs {
-                for pl in 0..P {
-                    let q = a.qs[k * P + pl];
-                    let widen = if P == 2 && pl == 0 { c256 } else { ones };
-                    let a0 = _mm256_loadu_si256(q.add(64 * p) as *const __m256i);
-                    let a1 = _mm256_loadu_si256(q.add(64 * p + 32) as *const __m256i);
-                    let v = if signed {
-                        let m0 = _mm256_maddubs_epi16(wu[p][0], _mm256_sign_epi8(a0, ws[p][0]));
-                        let m1 = _mm256_maddubs_epi16(wu[p][1], _mm256_sign_epi8(a1, ws[p][1]));
-                        _mm256_add_epi32(_mm256_madd_epi16(m0, widen), _mm256_madd_epi16(m1, widen))
-                    } else {
-                        let m =
-                            _mm256_add_epi16(_mm256_maddubs_epi16(wu[p][0], a0), _mm256_maddubs_epi16(wu[p][1], a1));
-                        _mm256_madd_epi16(m, widen)
-                    };
-                    pr[p] = if pl == 0 { v } else { _mm256_add_epi32(pr[p], v) };
+
+        /// Eight whole blocks starting at `w` (two groups) against the activation groups at `a` and the
+        /// next one, for `K` activations of `P` planes: the exact integer sums per block of [`group`],
+        /// with the reduction, the scale loads and the f32 update done once for all eight blocks in
+        /// 256-bit registers. Lane `j` of `acc` / `accm` takes block `j`'s term, so each lane sees the
+        /// same sequence of updates as lane `j mod 4` of the four-block path's even (`j < 4`) or odd
+        /// group accumulator.
+        ///
+        /// # Safety
+        /// The module's features; `w` points to eight whole blocks of format `T`; each `a.qs[i]` to 256 readable
+        /// quants (pair-interleaved), each `a.d[i]` and `a.sums[i]` to eight readable values.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn eight<const T: u8, const K: usize, const P: usize, const N: usize>(
+            w: *const u8,
+            a: &ActPtrs<N>,
+            acc: &mut [__m256; K],
+            accm: &mut [__m256; K],
+        ) {
+            let bs = block_bytes(T);
+            let signed = T == T_Q8_0 || T == T_IQ4_NL;
+            // SAFETY: every read stays inside the eight blocks at `w` and the activation ranges of the
+            // contract; all loads are unaligned.
+            unsafe {
+                let ones = _mm256_set1_epi16(1);
+                let c256 = _mm256_set1_epi16(256);
+                let mut pr = [[_mm256_setzero_si256(); K]; 4];
+                // pair by pair, so that only one pair's weights (and signs) are live at a time
+                for (p, prp) in pr.iter_mut().enumerate() {
+                    let pa = w.add(2 * p * bs);
+                    let v = unpack::<T, true>(pa, pa.add(bs));
+                    let wu = if signed { [_mm256_abs_epi8(v[0]), _mm256_abs_epi8(v[1])] } else { v };
+                    for (k, sum) in prp.iter_mut().enumerate() {
+                        for pl in 0..P {
+                            let q = a.qs[k * P + pl];
+                            let widen = if P == 2 && pl == 0 { c256 } else { ones };
+                            let a0 = _mm256_loadu_si256(q.add(64 * p) as *const __m256i);
+                            let a1 = _mm256_loadu_si256(q.add(64 * p + 32) as *const __m256i);
+                            if $vnni {
+                                let (s0, s1) = if signed {
+                                    (_mm256_sign_epi8(a0, v[0]), _mm256_sign_epi8(a1, v[1]))
+                                } else {
+                                    (a0, a1)
+                                };
+                                let start = if pl == 0 { _mm256_setzero_si256() } else { _mm256_slli_epi32::<8>(*sum) };
+                                *sum = dp_halves(start, wu[0], s0, wu[1], s1);
+                                continue;
+                            }
+                            let s = if signed {
+                                let m0 = _mm256_maddubs_epi16(wu[0], _mm256_sign_epi8(a0, v[0]));
+                                let m1 = _mm256_maddubs_epi16(wu[1], _mm256_sign_epi8(a1, v[1]));
+                                _mm256_add_epi32(_mm256_madd_epi16(m0, widen), _mm256_madd_epi16(m1, widen))
+                            } else {
+                                let m =
+                                    _mm256_add_epi16(_mm256_maddubs_epi16(wu[0], a0), _mm256_maddubs_epi16(wu[1], a1));
+                                _mm256_madd_epi16(m, widen)
+                            };
+                            *sum = if pl == 0 { s } else { _mm256_add_epi32(*sum, s) };
+                        }
+                    }
                 }
-            }
-            let mut isum = reduce_pairs(pr[0], pr[1]);
-            let mut sv = _mm_loadu_si128(a.sums[k * P] as *const __m128i);
-            if P == 2 {
-                sv = _mm_add_epi32(_mm_slli_epi32(sv, 8), _mm_loadu_si128(a.sums[k * P + 1] as *const __m128i));
-            }
-            if T == T_Q4_0 {
-                isum = _mm_sub_epi32(isum, _mm_slli_epi32(sv, 3));
-            } else if T == T_Q5_0 {
-                isum = _mm_sub_epi32(isum, _mm_slli_epi32(sv, 4));
-            }
-            let da = _mm_loadu_ps(a.d[k * P + P - 1]);
-            acc[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(dw, da), acc[k]);
-            if has_m {
-                accm[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(sv), _mm_mul_ps(mw, da), accm[k]);
+                finish_eight::<T, K, P, N>(w, a, pr, acc, accm);
             }
         }
-    }
+    };
 }
 
-/// Eight whole blocks starting at `w` (two groups) against the activation groups at `a` and the
-/// next one, for `K` activations of `P` planes: the exact integer sums per block of [`group`],
-/// with the reduction, the scale loads and the f32 update done once for all eight blocks in
-/// 256-bit registers. Lane `j` of `acc` / `accm` takes block `j`'s term, so each lane sees the
-/// same sequence of updates as lane `j mod 4` of the four-block path's even (`j < 4`) or odd
-/// group accumulator.
+/// AVX2 + FMA + F16C.
+mod base {
+    use super::*;
+    kernel_set!("avx2,fma,f16c", false);
+}
+
+/// AVX-512 VNNI on 256-bit vectors (AVX-512 VL), with AVX2 + FMA + F16C.
+pub(super) mod vnni {
+    use super::*;
+    kernel_set!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", true);
+}
+
+pub(super) use base::{KERNELS, KERNELS2};
+
+/// The end of an eight-block step: `pr[p][k]` holds activation `k`'s partial sums of blocks `2p`
+/// (low lane) and `2p + 1` (high lane); reduces them to the eight exact block sums, applies the
+/// Q4_0/Q5_0 offsets, scales and accumulates.
 ///
 /// # Safety
-/// AVX2/FMA/F16C; `w` points to eight whole blocks of format `T`; each `a.qs[i]` to 256 readable
-/// quants (pair-interleaved), each `a.d[i]` and `a.sums[i]` to eight readable values.
+/// AVX2/FMA/F16C; as [`base::eight`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn eight<const T: u8, const K: usize, const P: usize, const N: usize>(
+unsafe fn finish_eight<const T: u8, const K: usize, const P: usize, const N: usize>(
     w: *const u8,
     a: &ActPtrs<N>,
+    pr: [[__m256i; K]; 4],
     acc: &mut [__m256; K],
     accm: &mut [__m256; K],
 ) {
     let bs = block_bytes(T);
     let has_m = T == T_Q4_1 || T == T_Q5_1;
-    let signed = T == T_Q8_0 || T == T_IQ4_NL;
-    // SAFETY: every read stays inside the eight blocks at `w` and the activation ranges of the
-    // contract; all loads are unaligned.
+    // SAFETY: the eight blocks at `w` and eight values at each `a.d[i]`, `a.sums[i]` (contract).
     unsafe {
-        let ones = _mm256_set1_epi16(1);
-        let c256 = _mm256_set1_epi16(256);
-        let mut pr = [[_mm256_setzero_si256(); K]; 4];
-        // pair by pair, so that only one pair's weights (and signs) are live at a time
-        for (p, prp) in pr.iter_mut().enumerate() {
-            let pa = w.add(2 * p * bs);
-            let v = unpack::<T, true>(pa, pa.add(bs));
-            let wu = if signed { [_mm256_abs_epi8(v[0]), _mm256_abs_epi8(v[1])] } else { v };
-            for (k, sum) in prp.iter_mut().enumerate() {
-                for pl in 0..P {
-                    let q = a.qs[k * P + pl];
-                    let widen = if P == 2 && pl == 0 { c256 } else { ones };
-                    let a0 = _mm256_loadu_si256(q.add(64 * p) as *const __m256i);
-                    let a1 = _mm256_loadu_si256(q.add(64 * p + 32) as *const __m256i);
-                    let s = if signed {
-                        let m0 = _mm256_maddubs_epi16(wu[0], _mm256_sign_epi8(a0, v[0]));
-                        let m1 = _mm256_maddubs_epi16(wu[1], _mm256_sign_epi8(a1, v[1]));
-                        _mm256_add_epi32(_mm256_madd_epi16(m0, widen), _mm256_madd_epi16(m1, widen))
-                    } else {
-                        let m = _mm256_add_epi16(_mm256_maddubs_epi16(wu[0], a0), _mm256_maddubs_epi16(wu[1], a1));
-                        _mm256_madd_epi16(m, widen)
-                    };
-                    *sum = if pl == 0 { s } else { _mm256_add_epi32(*sum, s) };
-                }
-            }
-        }
         let dw = _mm256_cvtph_ps(halves8(w, bs, 0));
         let mw = if has_m { _mm256_cvtph_ps(halves8(w, bs, 2)) } else { _mm256_setzero_ps() };
         for k in 0..K {
@@ -317,6 +385,14 @@ unsafe fn eight<const T: u8, const K: usize, const P: usize, const N: usize>(
             }
         }
     }
+}
+
+/// `acc + Σ u0·s0 + Σ u1·s1` per i32 lane (four adjacent u8 × i8 products of each pair of
+/// vectors): the VNNI form of one plane's pair of half-vectors, exact (no saturation).
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn dp_halves(acc: __m256i, u0: __m256i, s0: __m256i, u1: __m256i, s1: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, u0, s0), u1, s1)
 }
 
 /// The f16 at byte `off` of each of the eight blocks (`bs` bytes each) at `w`, in block order.

@@ -25,8 +25,8 @@
 //!
 //! The kernel is picked once per process: the best one the CPU runs (runtime detection), or a
 //! lower one forced by the environment variable `KILN_ISA=scalar|avx2|avx512` (a level the CPU
-//! lacks, or that is not built, falls back to the best one below it). The AVX-512 level is not
-//! built yet: on such CPUs the AVX2 kernels run.
+//! lacks falls back to the best one below it). The AVX-512 level is the AVX2 kernels with the
+//! byte products in `vpdpbusd` (AVX-512 VNNI): the same integers per block, the same bits.
 
 use crate::act_q8::{ActQ8, QK};
 use crate::iq4_nl::KVALUES_IQ4NL;
@@ -153,7 +153,9 @@ const SCALAR_KERNELS2: [[DotFn; 2]; 6] = {
 fn kernels2(isa: Isa) -> &'static [[DotFn; 2]; 6] {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => &avx2::KERNELS2,
+        Isa::Avx512 => &avx2::vnni::KERNELS2,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => &avx2::KERNELS2,
         _ => &SCALAR_KERNELS2,
     }
 }
@@ -190,7 +192,9 @@ const SCALAR_KERNELS: [[DotFn; 4]; 6] = {
 fn kernels(isa: Isa) -> &'static [[DotFn; 4]; 6] {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => &avx2::KERNELS,
+        Isa::Avx512 => &avx2::vnni::KERNELS,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => &avx2::KERNELS,
         _ => &SCALAR_KERNELS,
     }
 }

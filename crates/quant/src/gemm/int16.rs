@@ -26,8 +26,12 @@ pub const MAX_A: i32 = 16383;
 // Exactness of the per-block integer sum (32 products of the largest magnitudes).
 const _: () = assert!((BLOCK as i64) * (MAX_Q as i64) * (MAX_A as i64) <= i32::MAX as i64);
 
-/// Tokens per kernel tile.
-pub const MR: usize = 4;
+/// Most tokens per kernel tile (the AVX-512 kernel's; the AVX2 kernel, with half the registers,
+/// takes a tile in pieces of at most [`MR_AVX2`]).
+pub const MR: usize = 8;
+
+/// Most tokens per AVX2 kernel call.
+pub const MR_AVX2: usize = 4;
 
 /// Pairs of 16-bit integers (element `2p` in the low half, `2p + 1` in the high half): the unit the
 /// kernel multiplies.
@@ -217,7 +221,7 @@ pub fn tile_scalar(
     }
 }
 
-/// One tile with the best kernel this CPU has.
+/// One tile (`m ≤ MR` tokens) with the best kernel this CPU has.
 #[allow(clippy::too_many_arguments)]
 pub fn tile(
     a: &ActI16,
@@ -229,10 +233,35 @@ pub fn tile(
     nvalid: usize,
     accumulate: bool,
 ) {
+    tile_at(isa(), a, t0, m, panel, c, ldc, nvalid, accumulate)
+}
+
+/// [`tile`] with the kernel of level `level`; panics if this CPU cannot run it.
+#[allow(clippy::too_many_arguments)]
+pub fn tile_at(
+    level: Isa,
+    a: &ActI16,
+    t0: usize,
+    m: usize,
+    panel: &IntPanel,
+    c: &mut [f32],
+    ldc: usize,
+    nvalid: usize,
+    accumulate: bool,
+) {
+    assert!(level <= crate::isa::detected_isa(), "int16: {} is not available on this CPU", level.name());
+    assert!((1..=MR).contains(&m), "int16: 1 to {MR} tokens per tile, got {m}");
     #[cfg(target_arch = "x86_64")]
     {
-        if isa() >= Isa::Avx2 {
-            super::int16_avx2::tile(a, t0, m, panel, c, ldc, nvalid, accumulate);
+        if level >= Isa::Avx512 {
+            super::int16_avx512::tile(a, t0, m, panel, c, ldc, nvalid, accumulate);
+            return;
+        }
+        if level >= Isa::Avx2 {
+            for s in (0..m).step_by(MR_AVX2) {
+                let ms = (m - s).min(MR_AVX2);
+                super::int16_avx2::tile(a, t0 + s, ms, panel, &mut c[s * ldc..], ldc, nvalid, accumulate);
+            }
             return;
         }
     }
@@ -408,9 +437,12 @@ mod tests {
                         let mut want = vec![0f32; m * ldc];
                         let mut got = vec![0f32; m * ldc];
                         tile_scalar(&a, t0, m, &panel, &mut want, ldc, nvalid, false);
-                        tile(&a, t0, m, &panel, &mut got, ldc, nvalid, false);
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&got), bits(&want), "{ty:?} r0={r0} t0={t0} m={m}");
+                        for level in crate::isa::available_isas() {
+                            got.fill(0.0);
+                            tile_at(level, &a, t0, m, &panel, &mut got, ldc, nvalid, false);
+                            assert_eq!(bits(&got), bits(&want), "{ty:?} {level:?} r0={r0} t0={t0} m={m}");
+                        }
                     }
                 }
             }
@@ -444,16 +476,20 @@ mod tests {
                     let mut want = vec![0f32; m * ldc];
                     panel.pack(&w, r0);
                     tile_scalar(&whole, 1, m, &panel, &mut want, ldc, nvalid, false);
-                    let mut simd = vec![0f32; m * ldc];
                     let mut scalar = vec![0f32; m * ldc];
                     panel.pack_cols(&w, r0, 0..half);
-                    tile(&first, 1, m, &panel, &mut simd, ldc, nvalid, false);
                     tile_scalar(&first, 1, m, &panel, &mut scalar, ldc, nvalid, false);
                     panel.pack_cols(&w, r0, half..cols);
-                    tile(&second, 1, m, &panel, &mut simd, ldc, nvalid, true);
                     tile_scalar(&second, 1, m, &panel, &mut scalar, ldc, nvalid, true);
-                    assert_eq!(bits(&simd), bits(&want), "{ty:?} r0={r0} m={m} simd");
                     assert_eq!(bits(&scalar), bits(&want), "{ty:?} r0={r0} m={m} scalar");
+                    for level in crate::isa::available_isas() {
+                        let mut simd = vec![0f32; m * ldc];
+                        panel.pack_cols(&w, r0, 0..half);
+                        tile_at(level, &first, 1, m, &panel, &mut simd, ldc, nvalid, false);
+                        panel.pack_cols(&w, r0, half..cols);
+                        tile_at(level, &second, 1, m, &panel, &mut simd, ldc, nvalid, true);
+                        assert_eq!(bits(&simd), bits(&want), "{ty:?} {level:?} r0={r0} m={m} simd");
+                    }
                 }
             }
         }

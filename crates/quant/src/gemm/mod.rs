@@ -19,6 +19,8 @@ mod avx2;
 pub mod int16;
 #[cfg(target_arch = "x86_64")]
 mod int16_avx2;
+#[cfg(target_arch = "x86_64")]
+mod int16_avx512;
 pub mod int_weights;
 
 use std::cell::RefCell;
