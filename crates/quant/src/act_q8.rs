@@ -22,6 +22,8 @@
 //! result is bit-identical to [`ActQ8::quantize_scalar`]: the same f32 multiply by the same
 //! reciprocal, rounded half to even, in both paths.
 
+use crate::aligned::AlignedI8;
+
 /// Elements per activation block.
 pub const QK: usize = 32;
 /// Blocks are stored padded to a multiple of this many.
@@ -41,7 +43,7 @@ pub struct ActQ8 {
     /// Scale per block, `amax / 127`, padded with zeros to a multiple of [`GROUP`].
     d: Vec<f32>,
     /// Quants in the pair-interleaved layout, padded with zeros.
-    qs: Vec<i8>,
+    qs: AlignedI8,
     /// Sum of the 32 quants of each block, padded with zeros.
     sums: Vec<i32>,
 }

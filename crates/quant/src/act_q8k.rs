@@ -13,6 +13,8 @@
 //! result is bit-identical to [`ActQ8K::quantize_scalar`]: the same f32 multiply by the same
 //! reciprocal, rounded half to even in both paths.
 
+use crate::aligned::AlignedI8;
+
 /// Elements per activation super-block.
 pub const QK_K: usize = 256;
 
@@ -22,7 +24,7 @@ pub struct ActQ8K {
     /// Scale per super-block: `amax / 127`.
     pub d: Vec<f32>,
     /// Quants, 256 per super-block, in `-127..=127`.
-    pub qs: Vec<i8>,
+    pub qs: AlignedI8,
     /// Sums of the quants per group of 16 elements, 16 per super-block.
     pub bsums: Vec<i16>,
 }

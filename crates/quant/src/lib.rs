@@ -7,6 +7,7 @@
 
 pub mod act_q8;
 pub mod act_q8k;
+pub mod aligned;
 pub mod dot_float;
 pub mod dot_i16;
 pub mod dot_kquant;

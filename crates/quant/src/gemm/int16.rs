@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use crate::aligned::AlignedVec;
+
 use std::cell::RefCell;
 
 use super::int_weights::{self, BLOCK, MAX_Q};
@@ -53,7 +55,7 @@ pub struct ActI16 {
     pub n: usize,
     pub cols: usize,
     /// `[n][cols / 2]` pairs.
-    pub q: Vec<u32>,
+    pub q: AlignedVec<u32>,
     /// `[n][cols / 32]` scales.
     pub d: Vec<f32>,
     /// `[n][cols / 32]` represented block sums, `d · Σ q`.
@@ -114,7 +116,7 @@ pub fn quantize_block_scalar(x: &[f32; BLOCK], q: &mut [u32; BLOCK / 2]) -> (f32
 /// pair, `scale[b * NR + j]` and `min[b * NR + j]` its block `b`. Rows past the matrix are zero.
 #[derive(Default)]
 pub struct IntPanel {
-    pub q: Vec<u32>,
+    pub q: AlignedVec<u32>,
     pub scale: Vec<f32>,
     pub min: Vec<f32>,
     pub has_min: bool,
