@@ -14,7 +14,7 @@ use kiln_quant::act_q8k::ActQ8K;
 use kiln_quant::dequantize_row;
 use kiln_quant::dot_kquant::{
     available_isas, vec_dot_q8k, vec_dot_q8k_planes, vec_dot_q8k_planes_isa, vec_dot_q8k_planes_unopt,
-    vec_dot_q8k_planes_unopt_with_magnitude, vec_dot_q8k_rows_planes,
+    vec_dot_q8k_planes_unopt_with_magnitude, vec_dot_q8k_rows_planes, Isa,
 };
 mod common;
 
@@ -60,6 +60,17 @@ fn check(ty: GgmlType, w_row: &[u8], x: &[f32], what: &str) {
     let (oracle, mag) = vec_dot_q8k_planes_unopt_with_magnitude(ty, w_row, &a, &r);
     assert_eq!(oracle.to_bits(), vec_dot_q8k_planes_unopt(ty, w_row, &a, &r).to_bits());
     let tol = 1e-5 * mag + 1e-30;
+    // The SIMD levels (AVX2, AVX-512 VNNI) form the same integers in the same lanes.
+    let simd: Vec<u32> = available_isas()
+        .into_iter()
+        .filter(|&isa| isa >= Isa::Avx2)
+        .map(|isa| {
+            let mut out = [0f32];
+            vec_dot_q8k_planes_isa(isa, ty, w_row, &[&a, &r], &mut out);
+            out[0].to_bits()
+        })
+        .collect();
+    assert!(simd.windows(2).all(|w| w[0] == w[1]), "{ty:?} {what}: SIMD levels differ: {simd:?}");
     for isa in available_isas() {
         let mut out = [0f32];
         vec_dot_q8k_planes_isa(isa, ty, w_row, &[&a, &r], &mut out);

@@ -65,6 +65,13 @@ fn kernels_match_oracle() {
                 let (oracle, mag) = vec_dot_q8_unopt_with_magnitude(ty, &row, &act);
                 assert_eq!(oracle.to_bits(), vec_dot_q8_unopt(ty, &row, &act).to_bits());
                 let tol = acc_tol(n / 32, mag);
+                // The SIMD levels (AVX2, AVX-512 VNNI) form the same integers in the same lanes.
+                let simd: Vec<u32> = available_isas()
+                    .into_iter()
+                    .filter(|&isa| isa >= Isa::Avx2)
+                    .map(|isa| vec_dot_q8_isa(isa, ty, &row, &act).to_bits())
+                    .collect();
+                assert!(simd.windows(2).all(|w| w[0] == w[1]), "{ty:?} n={n}: SIMD levels differ: {simd:?}");
                 for isa in available_isas() {
                     let got = vec_dot_q8_isa(isa, ty, &row, &act);
                     let err = f64::from((got - oracle).abs());

@@ -109,6 +109,17 @@ fn two_plane_kernels_match_oracle() {
                 for (o, (a, r)) in oracle.iter().zip(&p) {
                     assert_eq!(o.0.to_bits(), vec_dot_q8_planes_unopt(ty, &row, a, r).to_bits());
                 }
+                // The SIMD levels (AVX2, AVX-512 VNNI) form the same integers in the same lanes.
+                let simd: Vec<[u32; 2]> = available_isas()
+                    .into_iter()
+                    .filter(|&isa| isa >= Isa::Avx2)
+                    .map(|isa| {
+                        let mut out = [0f32; 2];
+                        vec_dot_q8_planes_isa(isa, ty, &row, &refs, &mut out);
+                        out.map(f32::to_bits)
+                    })
+                    .collect();
+                assert!(simd.windows(2).all(|w| w[0] == w[1]), "{ty:?} n={n}: SIMD levels differ: {simd:?}");
                 for isa in available_isas() {
                     for k in 1..=2 {
                         let mut out = [0f32; 2];

@@ -1,4 +1,5 @@
-//! AVX2 + FMA + F16C kernels for the legacy formats.
+//! AVX2 + FMA + F16C kernels for the legacy formats, and the same kernels with AVX-512 VNNI byte
+//! products (module [`vnni`], generated from the same source by `kernel_set!`).
 //!
 //! Blocks are taken four at a time, as two pairs. The activations are stored pair-interleaved
 //! (see [`crate::act_q8`]): for blocks `A`, `B` the two 256-bit vectors are `[A0..16 | B0..16]` and
@@ -30,7 +31,8 @@ use crate::iq4_nl::KVALUES_IQ4NL;
 /// P]` (see [`super::vec_dot_q8_planes`] for what two planes mean).
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C. `row` must be whole blocks of the kernel's format, every
+/// The CPU must have the kernel's level (AVX2, FMA and F16C; for [`vnni`] also AVX-512
+/// F/BW/VL/VNNI). `row` must be whole blocks of the kernel's format, every
 /// activation vector well formed ([`ActQ8::is_well_formed`]) with exactly that many blocks,
 /// `acts.len() == K · P` and `out.len() == K`; with two planes, each second plane's scales are
 /// its first plane's divided by 256 ([`ActQ8::quantize_residual`]).
@@ -151,8 +153,9 @@ macro_rules! kernel_set {
         /// (blocks `R..4` count as zero weights with zero scales), for `K` activations of `P` planes.
         ///
         /// With two planes the first plane's integer sums are scaled by 256 in the widening `vpmaddwd`
-        /// (a multiply by 256 instead of 1) and added to the second's: per block `Σ w (256 a + a')`, an
-        /// exact integer (at most `32 · 128 · 32639 < 2^31`), converted and scaled once with the second
+        /// (a multiply by 256 instead of 1; with VNNI, shifted left by 8 as the start of the second
+        /// plane's `vpdpbusd`) and added to the second's: per block `Σ w (256 a + a')`, an exact
+        /// integer (at most `32 · 128 · 32639 < 2^31`), converted and scaled once with the second
         /// plane's `d / 256`.
         ///
         /// # Safety
