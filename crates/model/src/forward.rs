@@ -1,6 +1,6 @@
 //! The Llama forward pass: one function, top to bottom, over a batch of consecutive tokens.
 
-use kiln_quant::matmul::{self, dot_f32, dot_f64, QMatrix};
+use kiln_quant::matmul::{self, dot_f64, QMatrix};
 use rayon::prelude::*;
 
 use crate::attention_prompt::attention_prompt;
@@ -670,7 +670,8 @@ fn attention(
                     Precision::Fast => {
                         let sc = scale as f32;
                         scores32.clear();
-                        scores32.extend((0..len).map(|s| dot_f32(qh, key(s)) * sc));
+                        scores32.resize(len, 0.0);
+                        matmul::dot_f32_rows(qh, &keys[kh * d..], kvd, sc, scores32);
                         let scores = scores32;
                         let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                         for s in scores.iter_mut() {
@@ -679,12 +680,7 @@ fn attention(
                         kiln_quant::exp::exp_in_place(scores);
                         let inv = (1.0 / kiln_quant::exp::sum_f64(scores)) as f32;
                         o.fill(0.0);
-                        for (s, &p) in scores.iter().enumerate() {
-                            let p = p * inv;
-                            for (a, &vv) in o.iter_mut().zip(val(s)) {
-                                *a += p * vv;
-                            }
-                        }
+                        matmul::axpy_f32_rows(o, scores, inv, &values[kh * d..], kvd);
                         if let Some(wr) = wrow {
                             for (wv, &p) in wr.iter_mut().zip(scores.iter()) {
                                 *wv = p * inv;

@@ -421,8 +421,30 @@ pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     s
 }
 
-/// Dot product in f32 with 16 independent lanes, which the compiler maps onto SIMD registers.
+/// Dot product in f32 with 16 independent lanes, which the compiler maps onto SIMD registers:
+/// 256-bit ones where AVX2 runs (a build for baseline x86-64 gets 128-bit ones). Each lane is the
+/// same chain of separate multiplies and adds at every width, so the result does not depend on it.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::isa() >= crate::isa::Isa::Avx2 {
+        // SAFETY: AVX2 was detected.
+        return unsafe { dot_f32_avx2(a, b) };
+    }
+    dot_f32_lanes(a, b)
+}
+
+/// [`dot_f32`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_f32_lanes(a, b)
+}
+
+#[inline(always)]
+fn dot_f32_lanes(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
     let mut ca = a.chunks_exact(L);
@@ -447,9 +469,143 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + s
 }
 
+/// Attention scores of one query: `out[s] = dot_f32(q, rows[s · stride ..][..q.len()]) · scale` for
+/// `s < out.len()` (the keys of one head, `stride` apart). The same arithmetic as [`dot_f32`] key by
+/// key, in one loop (no call per key, the query kept in registers).
+pub fn dot_f32_rows(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(rows.len() >= last * stride + q.len(), "dot_f32_rows: rows too short");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::isa() >= crate::isa::Isa::Avx2 {
+        // SAFETY: AVX2 was detected.
+        unsafe { dot_f32_rows_avx2(q, rows, stride, scale, out) };
+        return;
+    }
+    dot_f32_rows_lanes(q, rows, stride, scale, out)
+}
+
+/// [`dot_f32_rows`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_f32_rows_avx2(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    dot_f32_rows_lanes(q, rows, stride, scale, out)
+}
+
+#[inline(always)]
+fn dot_f32_rows_lanes(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    for (s, o) in out.iter_mut().enumerate() {
+        *o = dot_f32_lanes(q, &rows[s * stride..s * stride + q.len()]) * scale;
+    }
+}
+
+/// Attention output of one query: `o[i] += (p[s] · scale) · rows[s · stride + i]` for `s` in order
+/// (a multiply, then an add, per element: the softmax-weighted values of one head, `stride` apart).
+/// Head sizes 64 and 128 keep `o` in registers across the values.
+pub fn axpy_f32_rows(o: &mut [f32], p: &[f32], scale: f32, rows: &[f32], stride: usize) {
+    if let Some(last) = p.len().checked_sub(1) {
+        assert!(rows.len() >= last * stride + o.len(), "axpy_f32_rows: rows too short");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::isa() >= crate::isa::Isa::Avx2 {
+        // SAFETY: AVX2 was detected.
+        unsafe { axpy_f32_rows_avx2(o, p, scale, rows, stride) };
+        return;
+    }
+    axpy_f32_rows_lanes(o, p, scale, rows, stride)
+}
+
+/// [`axpy_f32_rows`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn axpy_f32_rows_avx2(o: &mut [f32], p: &[f32], scale: f32, rows: &[f32], stride: usize) {
+    axpy_f32_rows_lanes(o, p, scale, rows, stride)
+}
+
+#[inline(always)]
+fn axpy_f32_rows_lanes(o: &mut [f32], p: &[f32], scale: f32, rows: &[f32], stride: usize) {
+    match o.len() {
+        64 => axpy_rows_fixed::<64>(o, p, scale, rows, stride),
+        128 => axpy_rows_fixed::<128>(o, p, scale, rows, stride),
+        d => {
+            for (s, &ps) in p.iter().enumerate() {
+                let w = ps * scale;
+                for (oi, &v) in o.iter_mut().zip(&rows[s * stride..s * stride + d]) {
+                    *oi += w * v;
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn axpy_rows_fixed<const D: usize>(o: &mut [f32], p: &[f32], scale: f32, rows: &[f32], stride: usize) {
+    let mut acc = [0f32; D];
+    acc.copy_from_slice(&o[..D]);
+    for (s, &ps) in p.iter().enumerate() {
+        let w = ps * scale;
+        let v: &[f32; D] = rows[s * stride..s * stride + D].try_into().expect("D values");
+        for i in 0..D {
+            acc[i] += w * v[i];
+        }
+    }
+    o[..D].copy_from_slice(&acc);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The attention helpers give, bit for bit, the per-key `dot_f32` and the element-wise
+    /// multiply-then-add chain in key order, at every head size (fixed 64 / 128, generic others),
+    /// with and without SIMD.
+    #[test]
+    fn attention_rows_match_per_key_chains_bit_for_bit() {
+        let mut seed = 0x5eedu64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for d in [16usize, 40, 64, 128, 72] {
+            for (n, extra) in [(1usize, 0usize), (7, 3), (33, d)] {
+                let stride = d + extra;
+                let q: Vec<f32> = (0..d).map(|_| next()).collect();
+                let rows: Vec<f32> = (0..n * stride).map(|_| next()).collect();
+                let scale = 0.125f32;
+                let mut got = vec![0f32; n];
+                dot_f32_rows(&q, &rows, stride, scale, &mut got);
+                let mut portable = vec![0f32; n];
+                dot_f32_rows_lanes(&q, &rows, stride, scale, &mut portable);
+                for s in 0..n {
+                    let want = dot_f32(&q, &rows[s * stride..s * stride + d]) * scale;
+                    assert_eq!(got[s].to_bits(), want.to_bits(), "scores d={d} n={n} s={s}");
+                    assert_eq!(portable[s].to_bits(), want.to_bits(), "portable scores d={d} n={n} s={s}");
+                }
+                let p: Vec<f32> = (0..n).map(|_| next().abs()).collect();
+                let start: Vec<f32> = (0..d).map(|_| next()).collect();
+                let mut want = start.clone();
+                for (s, &ps) in p.iter().enumerate() {
+                    let w = ps * scale;
+                    for (i, o) in want.iter_mut().enumerate() {
+                        *o += w * rows[s * stride + i];
+                    }
+                }
+                let mut o = start.clone();
+                axpy_f32_rows(&mut o, &p, scale, &rows, stride);
+                let mut portable = start.clone();
+                axpy_f32_rows_lanes(&mut portable, &p, scale, &rows, stride);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&o), bits(&want), "values d={d} n={n}");
+                assert_eq!(bits(&portable), bits(&want), "portable values d={d} n={n}");
+            }
+        }
+    }
 
     #[test]
     fn f32_matrix_products_match_naive() {
