@@ -324,19 +324,42 @@ pub(super) fn has_planes_kernel(ty: GgmlType) -> bool {
 /// (each lane of the first is at most `8 · 63 · 4 · 31 · 127 < 2^23`, so the sum stays below
 /// `2^31`), then converted and scaled once by `d · d′`; the mins likewise from both planes' bsums.
 ///
+/// With `vnni` the byte products run in `vpdpbusd` ([`q4k_planes_vnni`]): the same integers per
+/// lane, the same bits.
+///
 /// # Safety
 /// As [`vec_dot_multi`], with `acts.len() == 2 · out.len()`, `out.len()` 1 or 2, and `ty` one of
-/// [`has_planes_kernel`].
-pub(super) unsafe fn vec_dot_planes(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+/// [`has_planes_kernel`]; with `vnni`, the CPU must also have AVX-512 F/BW/VL/VNNI.
+pub(super) unsafe fn vec_dot_planes(vnni: bool, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
     // SAFETY: forwarded from this function's contract.
     unsafe {
-        match (ty, out.len()) {
-            (GgmlType::Q4_K, 1) => q4k_planes::<1, false>(row, acts, out),
-            (GgmlType::Q4_K, 2) => q4k_planes::<2, false>(row, acts, out),
-            (GgmlType::Q5_K, 1) => q4k_planes::<1, true>(row, acts, out),
-            (GgmlType::Q5_K, 2) => q4k_planes::<2, true>(row, acts, out),
-            (other, n) => unreachable!("{other:?} × {n}"),
+        match (ty, out.len(), vnni) {
+            (GgmlType::Q4_K, 1, false) => q4k_planes::<1, false>(row, acts, out),
+            (GgmlType::Q4_K, 2, false) => q4k_planes::<2, false>(row, acts, out),
+            (GgmlType::Q5_K, 1, false) => q4k_planes::<1, true>(row, acts, out),
+            (GgmlType::Q5_K, 2, false) => q4k_planes::<2, true>(row, acts, out),
+            (GgmlType::Q4_K, 1, true) => q4k_planes_vnni::<1, false>(row, acts, out),
+            (GgmlType::Q4_K, 2, true) => q4k_planes_vnni::<2, false>(row, acts, out),
+            (GgmlType::Q5_K, 1, true) => q4k_planes_vnni::<1, true>(row, acts, out),
+            (GgmlType::Q5_K, 2, true) => q4k_planes_vnni::<2, true>(row, acts, out),
+            (other, n, _) => unreachable!("{other:?} × {n}"),
         }
+    }
+}
+
+/// The mins' integer term of two planes: `(Σ m·bsums₁) << 8 + Σ m·bsums₂`, 8 × i32.
+///
+/// # Safety
+/// AVX2; `bsums1` and `bsums2` point to 16 readable i16 each.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mins_planes(mins: __m256i, bsums1: *const u8, bsums2: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        _mm256_add_epi32(
+            _mm256_slli_epi32(_mm256_madd_epi16(mins, load(bsums1)), 8),
+            _mm256_madd_epi16(mins, load(bsums2)),
+        )
     }
 }
 
@@ -384,34 +407,13 @@ unsafe fn q4k_planes<const NT: usize, const FIVE: bool>(row: &[u8], acts: &[&Act
                 let (q2, bsums2, da2) = act_block(acts[2 * t + 1], i);
                 let sumi = dot_u8_planes::<NT>(&w, &s, &pre, q1, q2);
                 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * da2), _mm256_cvtepi32_ps(sumi), acc[t]);
-                let pm = _mm256_add_epi32(
-                    _mm256_slli_epi32(_mm256_madd_epi16(mins, load(bsums1)), 8),
-                    _mm256_madd_epi16(mins, load(bsums2)),
-                );
+                let pm = mins_planes(mins, bsums1, bsums2);
                 accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * da2), _mm256_cvtepi32_ps(pm), accm[t]);
             }
         }
     }
     for t in 0..NT {
         out[t] = hsum_ps(acc[t]) - hsum_ps(accm[t]);
-    }
-}
-
-/// [`vec_dot_planes`] with AVX-512 VNNI (see [`q4k_planes_vnni`]): the same integers per lane, the
-/// same bits.
-///
-/// # Safety
-/// As [`vec_dot_planes`], and the CPU must have AVX-512 F/BW/VL/VNNI.
-pub(super) unsafe fn vec_dot_planes_vnni(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
-    // SAFETY: forwarded from this function's contract.
-    unsafe {
-        match (ty, out.len()) {
-            (GgmlType::Q4_K, 1) => q4k_planes_vnni::<1, false>(row, acts, out),
-            (GgmlType::Q4_K, 2) => q4k_planes_vnni::<2, false>(row, acts, out),
-            (GgmlType::Q5_K, 1) => q4k_planes_vnni::<1, true>(row, acts, out),
-            (GgmlType::Q5_K, 2) => q4k_planes_vnni::<2, true>(row, acts, out),
-            (other, n) => unreachable!("{other:?} × {n}"),
-        }
     }
 }
 
@@ -447,10 +449,7 @@ unsafe fn q4k_planes_vnni<const NT: usize, const FIVE: bool>(row: &[u8], acts: &
                 }
                 let sumi = _mm256_add_epi32(part[0], part[1]);
                 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * da2), _mm256_cvtepi32_ps(sumi), acc[t]);
-                let pm = _mm256_add_epi32(
-                    _mm256_slli_epi32(_mm256_madd_epi16(mins, load(bsums1)), 8),
-                    _mm256_madd_epi16(mins, load(bsums2)),
-                );
+                let pm = mins_planes(mins, bsums1, bsums2);
                 accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * da2), _mm256_cvtepi32_ps(pm), accm[t]);
             }
         }

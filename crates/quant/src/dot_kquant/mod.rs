@@ -183,14 +183,14 @@ fn planes_unchecked(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &
         Isa::Avx512 if avx2::has_planes_kernel(ty) => {
             // SAFETY: AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C) were detected; geometry and
             // planes are checked, `acts.len() == 2 · out.len()` with `out.len()` 1 or 2.
-            unsafe { avx2::vec_dot_planes_vnni(ty, row, acts, out) }
+            unsafe { avx2::vec_dot_planes(true, ty, row, acts, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
             if avx2::has_planes_kernel(ty) {
                 // SAFETY: AVX2, FMA and F16C were detected; geometry and planes are checked,
                 // `acts.len() == 2 · out.len()` with `out.len()` 1 or 2.
-                unsafe { avx2::vec_dot_planes(ty, row, acts, out) }
+                unsafe { avx2::vec_dot_planes(false, ty, row, acts, out) }
             } else {
                 let mut both = [0f32; 4];
                 let both = &mut both[..acts.len()];

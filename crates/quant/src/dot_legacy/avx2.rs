@@ -287,6 +287,7 @@ macro_rules! kernel_set {
             accm: &mut [__m256; K],
         ) {
             let bs = block_bytes(T);
+            let has_m = T == T_Q4_1 || T == T_Q5_1;
             let signed = T == T_Q8_0 || T == T_IQ4_NL;
             // SAFETY: every read stays inside the eight blocks at `w` and the activation ranges of the
             // contract; all loads are unaligned.
@@ -328,7 +329,28 @@ macro_rules! kernel_set {
                         }
                     }
                 }
-                finish_eight::<T, K, P, N>(w, a, pr, acc, accm);
+                let dw = _mm256_cvtph_ps(halves8(w, bs, 0));
+                let mw = if has_m { _mm256_cvtph_ps(halves8(w, bs, 2)) } else { _mm256_setzero_ps() };
+                for k in 0..K {
+                    let mut isum = reduce_eight(std::array::from_fn(|p| pr[p][k]));
+                    let mut sv = _mm256_loadu_si256(a.sums[k * P] as *const __m256i);
+                    if P == 2 {
+                        sv = _mm256_add_epi32(
+                            _mm256_slli_epi32(sv, 8),
+                            _mm256_loadu_si256(a.sums[k * P + 1] as *const __m256i),
+                        );
+                    }
+                    if T == T_Q4_0 {
+                        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sv, 3));
+                    } else if T == T_Q5_0 {
+                        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sv, 4));
+                    }
+                    let da = _mm256_loadu_ps(a.d[k * P + P - 1]);
+                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, da), acc[k]);
+                    if has_m {
+                        accm[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sv), _mm256_mul_ps(mw, da), accm[k]);
+                    }
+                }
             }
         }
     };
@@ -347,48 +369,6 @@ pub(super) mod vnni {
 }
 
 pub(super) use base::{KERNELS, KERNELS2};
-
-/// The end of an eight-block step: `pr[p][k]` holds activation `k`'s partial sums of blocks `2p`
-/// (low lane) and `2p + 1` (high lane); reduces them to the eight exact block sums, applies the
-/// Q4_0/Q5_0 offsets, scales and accumulates.
-///
-/// # Safety
-/// AVX2/FMA/F16C; as [`base::eight`].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn finish_eight<const T: u8, const K: usize, const P: usize, const N: usize>(
-    w: *const u8,
-    a: &ActPtrs<N>,
-    pr: [[__m256i; K]; 4],
-    acc: &mut [__m256; K],
-    accm: &mut [__m256; K],
-) {
-    let bs = block_bytes(T);
-    let has_m = T == T_Q4_1 || T == T_Q5_1;
-    // SAFETY: the eight blocks at `w` and eight values at each `a.d[i]`, `a.sums[i]` (contract).
-    unsafe {
-        let dw = _mm256_cvtph_ps(halves8(w, bs, 0));
-        let mw = if has_m { _mm256_cvtph_ps(halves8(w, bs, 2)) } else { _mm256_setzero_ps() };
-        for k in 0..K {
-            let mut isum = reduce_eight(std::array::from_fn(|p| pr[p][k]));
-            let mut sv = _mm256_loadu_si256(a.sums[k * P] as *const __m256i);
-            if P == 2 {
-                sv =
-                    _mm256_add_epi32(_mm256_slli_epi32(sv, 8), _mm256_loadu_si256(a.sums[k * P + 1] as *const __m256i));
-            }
-            if T == T_Q4_0 {
-                isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sv, 3));
-            } else if T == T_Q5_0 {
-                isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sv, 4));
-            }
-            let da = _mm256_loadu_ps(a.d[k * P + P - 1]);
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, da), acc[k]);
-            if has_m {
-                accm[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sv), _mm256_mul_ps(mw, da), accm[k]);
-            }
-        }
-    }
-}
 
 /// `acc + Σ u0·s0 + Σ u1·s1` per i32 lane (four adjacent u8 × i8 products of each pair of
 /// vectors): the VNNI form of one plane's pair of half-vectors, exact (no saturation).

@@ -223,6 +223,48 @@ pub fn tile_scalar(
     }
 }
 
+/// The raw pointers a SIMD tile kernel reads and writes, after the bounds checks every kernel
+/// needs: tokens `t0 .. t0 + m` (`1 ≤ m ≤ max_m`) of `a`, the whole panel, and `m` output rows of
+/// `nvalid ≤ NR` values at stride `ldc` in `c`.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct TilePtrs {
+    pub pairs: usize,
+    pub blocks: usize,
+    pub aq: *const u32,
+    pub ad: *const f32,
+    pub asum: *const f32,
+    pub w: (*const u32, *const f32, *const f32),
+    pub out: *mut f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tile_ptrs(
+    a: &ActI16,
+    t0: usize,
+    m: usize,
+    max_m: usize,
+    panel: &IntPanel,
+    c: &mut [f32],
+    ldc: usize,
+    nvalid: usize,
+) -> TilePtrs {
+    let (pairs, blocks) = (a.cols / 2, a.cols / BLOCK);
+    assert!((1..=max_m).contains(&m) && (1..=NR).contains(&nvalid));
+    assert!(a.q.len() >= (t0 + m) * pairs && a.d.len() >= (t0 + m) * blocks && a.sum.len() >= (t0 + m) * blocks);
+    assert!(panel.q.len() >= pairs * NR && panel.scale.len() >= blocks * NR && panel.min.len() >= blocks * NR);
+    assert!(c.len() >= (m - 1) * ldc + nvalid, "output tile out of bounds");
+    TilePtrs {
+        pairs,
+        blocks,
+        aq: a.q[t0 * pairs..].as_ptr(),
+        ad: a.d[t0 * blocks..].as_ptr(),
+        asum: a.sum[t0 * blocks..].as_ptr(),
+        w: (panel.q.as_ptr(), panel.scale.as_ptr(), panel.min.as_ptr()),
+        out: c.as_mut_ptr(),
+    }
+}
+
 /// One tile (`m ≤ MR` tokens) with the best kernel this CPU has.
 #[allow(clippy::too_many_arguments)]
 pub fn tile(

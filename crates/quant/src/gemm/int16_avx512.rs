@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::int16::{ActI16, IntPanel, MR};
+use super::int16::{ActI16, IntPanel, TilePtrs, MR};
 use super::int_weights::BLOCK;
 use super::NR;
 
@@ -26,19 +26,10 @@ pub(super) fn tile(
     nvalid: usize,
     accumulate: bool,
 ) {
-    let (pairs, blocks) = (a.cols / 2, a.cols / BLOCK);
-    assert!((1..=MR).contains(&m) && (1..=NR).contains(&nvalid));
-    assert!(a.q.len() >= (t0 + m) * pairs && a.d.len() >= (t0 + m) * blocks && a.sum.len() >= (t0 + m) * blocks);
-    assert!(panel.q.len() >= pairs * NR && panel.scale.len() >= blocks * NR && panel.min.len() >= blocks * NR);
-    assert!(c.len() >= (m - 1) * ldc + nvalid, "output tile out of bounds");
-    let aq = a.q[t0 * pairs..].as_ptr();
-    let ad = a.d[t0 * blocks..].as_ptr();
-    let asum = a.sum[t0 * blocks..].as_ptr();
-    let w = (panel.q.as_ptr(), panel.scale.as_ptr(), panel.min.as_ptr());
-    let out = c.as_mut_ptr();
+    let TilePtrs { pairs, blocks, aq, ad, asum, w, out } = super::int16::tile_ptrs(a, t0, m, MR, panel, c, ldc, nvalid);
     // SAFETY: the caller's CPU has AVX-512 F and VNNI (dispatch in `super::int16::tile_at`); the
-    // asserts above keep every read of the activations and the panel and every write of `c` in
-    // bounds.
+    // checks of `tile_ptrs` keep every read of the activations and the panel and every write of `c`
+    // in bounds.
     unsafe {
         macro_rules! run {
             ($m:literal) => {
