@@ -118,6 +118,10 @@ impl CudaModel {
             let mut layouts = Vec::new();
             for m in parts {
                 dev.kernels.for_type(m.ty)?;
+                if m.is_interleaved() {
+                    // The CPU's eight-row layout (a private copy made for the CPU kernels).
+                    bail!("the CUDA backend reads weights in the file's layout: load the model without the CPU's interleaved copy");
+                }
                 float_weights |= matches!(m.ty, GgmlType::F16 | GgmlType::BF16);
                 let row_bytes = m.data.len() / m.rows;
                 let block = match m.ty {

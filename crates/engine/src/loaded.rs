@@ -25,7 +25,9 @@ pub enum WeightPages {
     #[default]
     Mapped,
     /// A private copy on 2 MiB pages where the kernel allows ([`GgufFile::copy_data_to_huge_pages`]):
-    /// one more read of the file at load, fewer TLB misses while generating on the CPU.
+    /// one more read of the file at load, fewer TLB misses while generating on the CPU, and the
+    /// Q4_K/Q5_K matrices woven for the eight-row generation kernels
+    /// ([`kiln_model::interleave_matrices`]). CPU only: other backends read the file's layout.
     HugePages,
 }
 
@@ -51,14 +53,23 @@ impl Model {
         // of the run.
         gguf.release_arrays_longer_than(1024);
         gguf.release_header_pages();
+        let mut interleaved = Vec::new();
         if pages == WeightPages::HugePages {
             // The map holds the same bytes: a failed copy (memory, I/O) costs speed, not the run.
-            if let Err(e) = gguf.copy_data_to_huge_pages() {
-                eprintln!("kiln: reading the weights from the file's map ({e})");
+            match gguf.copy_data_to_huge_pages() {
+                // The copy is private: the generation kernels' row-interleaved layout is made in
+                // place (same bytes, same results, faster generation).
+                Ok(true) => {
+                    interleaved =
+                        kiln_model::interleave_matrices(&mut gguf).with_context(|| format!("{}", path.display()))?
+                }
+                Ok(false) => {}
+                Err(e) => eprintln!("kiln: reading the weights from the file's map ({e})"),
             }
         }
         let gguf: &'static GgufFile = Box::leak(Box::new(gguf));
-        let weights = LlamaWeights::load(gguf).with_context(|| format!("{}", path.display()))?;
+        let weights =
+            LlamaWeights::load_interleaved(gguf, &interleaved).with_context(|| format!("{}", path.display()))?;
         if tokenizer.n_vocab() != weights.cfg.n_vocab {
             anyhow::bail!(
                 "{}: tokenizer has {} tokens but token_embd.weight has {} rows",

@@ -334,6 +334,26 @@ impl GgufFile {
         }
     }
 
+    /// The bytes of tensor `name` in the private copy of the data section, to rearrange in place
+    /// before anything borrows them: `None` without a copy ([`Self::copy_data_to_huge_pages`]), for
+    /// an unknown name, or where the tensor's bytes overlap another tensor's (a change would reach
+    /// that one too).
+    pub fn tensor_data_mut(&mut self, name: &str) -> Option<&mut [u8]> {
+        let t = self.tensor(name)?;
+        let range = t.offset..t.offset + t.n_bytes;
+        let overlaps = self
+            .tensors
+            .iter()
+            .filter(|o| o.name != t.name && o.n_bytes > 0)
+            .any(|o| o.offset < range.end && range.start < o.offset + o.n_bytes);
+        if overlaps || range.is_empty() {
+            return None;
+        }
+        let (at, len) = (range.start as usize, range.end as usize - range.start as usize);
+        let r = self.resident.as_mut()?;
+        Some(&mut r.map[r.start..r.start + r.len][at..at + len])
+    }
+
     /// The whole file's bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

@@ -278,7 +278,7 @@ fn forward_steps(
             for (i, r0) in (0..ff).step_by(units).enumerate() {
                 let rows = units.min(ff - r0);
                 let (g, u) = (&mut g[..n * rows], &mut up[..n * rows]);
-                let (w_gate, w_up) = (row_block(&lw.w_gate, r0, rows), row_block(&lw.w_up, r0, rows));
+                let (w_gate, w_up) = (lw.w_gate.row_block(r0, rows), lw.w_up.row_block(r0, rows));
                 mm(&mut [(&w_gate, &mut *g), (&w_up, &mut *u)], h);
                 swiglu_in_place(g, u, precision);
                 kiln_quant::gemm::gemm_cols(&lw.w_down, r0, g, n, down, i > 0);
@@ -419,18 +419,6 @@ fn ffn_piece_units(w_down: &QMatrix, n: usize, pieces: bool) -> Option<usize> {
     let ff = w_down.cols;
     let align = kiln_quant::gemm::NR.max(w_down.ty.block_size());
     Some(ff.div_ceil(FFN_PIECES).next_multiple_of(align).min(ff))
-}
-
-/// Rows `r0 .. r0 + rows` of `m` as a matrix of their own (same type and activation planes).
-fn row_block<'a>(m: &QMatrix<'a>, r0: usize, rows: usize) -> QMatrix<'a> {
-    if r0 == 0 && rows == m.rows {
-        return *m;
-    }
-    let row_bytes = m.data.len() / m.rows;
-    let data = &m.data[r0 * row_bytes..(r0 + rows) * row_bytes];
-    QMatrix::new(m.ty, data, rows, m.cols)
-        .expect("whole rows of a validated matrix form a valid matrix")
-        .with_act_planes(m.act_planes)
 }
 
 /// Activation buffers of a forward call, reused between calls: a sequence's own live in its

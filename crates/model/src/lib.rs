@@ -19,4 +19,4 @@ pub use forward::{
 };
 pub use kv_cache::KvCache;
 pub use observer::{Activation, Observer};
-pub use weights::{LayerWeights, LlamaWeights};
+pub use weights::{interleave_matrices, LayerWeights, LlamaWeights};

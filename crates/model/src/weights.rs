@@ -29,8 +29,57 @@ pub struct LlamaWeights<'a> {
     pub rope_freqs: Option<Vec<f32>>,
 }
 
+/// Names of the matrices every generated token multiplies by (the LM head when it is its own
+/// tensor, not the embedding table).
+fn product_matrices(cfg: &LlamaConfig) -> Vec<String> {
+    let mut names = Vec::with_capacity(7 * cfg.n_layer + 1);
+    for l in 0..cfg.n_layer {
+        for s in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
+            names.push(format!("blk.{l}.{s}.weight"));
+        }
+    }
+    names.push("output.weight".to_string());
+    names
+}
+
+/// Weaves the product matrices that have an interleaved layout ([`kiln_quant::interleave`]) in
+/// `g`'s private copy of the data ([`GgufFile::copy_data_to_huge_pages`]), for the generation
+/// kernels that read eight rows at once; returns their names, to pass to
+/// [`LlamaWeights::load_interleaved`]. Nothing changes without a copy, with one activation plane
+/// (`KILN_ACT=q8`, whose kernels read rows), or for matrices of other types or shapes.
+pub fn interleave_matrices(g: &mut GgufFile) -> Result<Vec<String>, ModelError> {
+    let cfg = LlamaConfig::from_gguf(g)?;
+    if kiln_quant::matmul::activation_planes() != 2 {
+        return Ok(Vec::new());
+    }
+    let mut done = Vec::new();
+    for name in product_matrices(&cfg) {
+        let Some(t) = g.tensor(&name) else { continue };
+        let ty = t.ggml_type;
+        let [cols, rows] = t.dims[..] else { continue };
+        let (cols, rows) = (cols as usize, rows as usize);
+        if !kiln_quant::interleave::supports(ty) || rows < kiln_quant::interleave::GROUP || !cols.is_multiple_of(256) {
+            continue;
+        }
+        let row_bytes = cols / 256 * ty.type_size();
+        let Some(data) = g.tensor_data_mut(&name) else { continue };
+        if data.len() != rows * row_bytes {
+            continue;
+        }
+        kiln_quant::interleave::interleave(ty, data, rows, row_bytes);
+        done.push(name);
+    }
+    Ok(done)
+}
+
 impl<'a> LlamaWeights<'a> {
     pub fn load(g: &'a GgufFile) -> Result<LlamaWeights<'a>, ModelError> {
+        LlamaWeights::load_interleaved(g, &[])
+    }
+
+    /// [`Self::load`] where the tensors named in `interleaved` were woven by
+    /// [`interleave_matrices`].
+    pub fn load_interleaved(g: &'a GgufFile, interleaved: &[String]) -> Result<LlamaWeights<'a>, ModelError> {
         let cfg = LlamaConfig::from_gguf(g)?;
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix<'a>, ModelError> {
             let t = g.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
@@ -38,8 +87,13 @@ impl<'a> LlamaWeights<'a> {
             if t.dims != expected {
                 return Err(ModelError::BadShape { name: name.to_string(), found: t.dims.clone(), expected });
             }
-            QMatrix::new(t.ggml_type, g.tensor_data(t), rows, cols)
-                .map_err(|source| ModelError::Tensor { name: name.to_string(), source })
+            let data = g.tensor_data(t);
+            if interleaved.iter().any(|n| n == name) {
+                QMatrix::new_interleaved(t.ggml_type, data, rows, cols)
+            } else {
+                QMatrix::new(t.ggml_type, data, rows, cols)
+            }
+            .map_err(|source| ModelError::Tensor { name: name.to_string(), source })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
             let t = g.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;

@@ -15,6 +15,7 @@ pub mod dot_legacy;
 pub mod exp;
 pub mod float;
 pub mod gemm;
+pub mod interleave;
 pub mod iq4_nl;
 pub mod iq4_xs;
 pub mod isa;

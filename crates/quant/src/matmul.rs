@@ -23,6 +23,8 @@ pub struct QMatrix<'a> {
     row_bytes: usize,
     /// 8-bit activation planes for the default path's quantized products (1 or 2; see [`matmul`]).
     pub act_planes: usize,
+    /// Whole groups of rows stored woven together ([`crate::interleave`]).
+    interleaved: bool,
 }
 
 impl<'a> QMatrix<'a> {
@@ -42,7 +44,58 @@ impl<'a> QMatrix<'a> {
                 got: data.len(),
             });
         }
-        Ok(QMatrix { ty, data, rows, cols, row_bytes, act_planes: activation_planes() })
+        Ok(QMatrix { ty, data, rows, cols, row_bytes, act_planes: activation_planes(), interleaved: false })
+    }
+
+    /// A matrix whose `data` was woven by [`crate::interleave::interleave`] (a [`crate::interleave::supports`] type).
+    pub fn new_interleaved(ty: GgmlType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        if !crate::interleave::supports(ty) {
+            return Err(QuantError::Unsupported(ty));
+        }
+        Ok(QMatrix { interleaved: true, ..QMatrix::new(ty, data, rows, cols)? })
+    }
+
+    /// Whether whole groups of rows are stored woven together ([`crate::interleave`]).
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
+    }
+
+    /// Bytes of one row in the file's layout.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// Rows `r0 .. r0 + rows` as a matrix of their own (same type, layout and activation planes).
+    /// An interleaved matrix splits at whole groups only: `r0` a multiple of the group, and
+    /// `rows` too unless the block runs to the last row.
+    pub fn row_block(&self, r0: usize, rows: usize) -> QMatrix<'a> {
+        assert!(r0 + rows <= self.rows, "row_block: rows {r0}+{rows} of {}", self.rows);
+        if self.interleaved {
+            let g = crate::interleave::GROUP;
+            assert!(
+                r0.is_multiple_of(g) && (rows.is_multiple_of(g) || r0 + rows == self.rows),
+                "row_block: an interleaved matrix splits at whole groups of {g} rows"
+            );
+        }
+        QMatrix { data: &self.data[r0 * self.row_bytes..(r0 + rows) * self.row_bytes], rows, ..*self }
+    }
+
+    /// Row `r` in the file's layout. Panics on an interleaved matrix (use [`Self::row_blocks`]).
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        assert!(!self.interleaved, "QMatrix::row of an interleaved matrix");
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Blocks `blocks` of row `r` in the file's layout: borrowed from the matrix, or (interleaved)
+    /// copied into `buf`.
+    pub fn row_blocks<'b>(&'b self, r: usize, blocks: std::ops::Range<usize>, buf: &'b mut Vec<u8>) -> &'b [u8] {
+        let ts = self.ty.type_size();
+        if !self.interleaved {
+            return &self.data[r * self.row_bytes + blocks.start * ts..r * self.row_bytes + blocks.end * ts];
+        }
+        buf.resize(blocks.len() * ts, 0);
+        crate::interleave::row_blocks(self.ty, self.data, self.rows, self.row_bytes, r, blocks, buf);
+        buf
     }
 
     /// The same matrix with `planes` (1 or 2) activation planes on the default path.
@@ -51,13 +104,11 @@ impl<'a> QMatrix<'a> {
         self
     }
 
-    pub fn row(&self, r: usize) -> &'a [u8] {
-        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
-    }
-
     /// Dequantizes row `r` into `out` (`cols` long). Infallible: the geometry was checked in `new`.
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
-        dequantize_row(self.ty, self.row(r), out).expect("geometry validated in QMatrix::new");
+        let mut buf = Vec::new();
+        let row = self.row_blocks(r, 0..self.cols / self.ty.block_size(), &mut buf);
+        dequantize_row(self.ty, row, out).expect("geometry validated in QMatrix::new");
     }
 }
 
@@ -216,6 +267,8 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
     };
     let mut tasks = Vec::new();
     for (j, (w, _)) in jobs.iter().enumerate() {
+        // Interleaved matrices split at whole pairs of groups (their kernel's step).
+        let per = if w.interleaved { per.next_multiple_of(2 * crate::interleave::GROUP) } else { per };
         tasks.extend((0..w.rows).step_by(per).map(|r0| (j, r0, (r0 + per).min(w.rows))));
     }
     let outs: Vec<(QMatrix, OutPtr)> = jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()))).collect();
@@ -238,10 +291,17 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
             }),
             ActFormat::Q8K => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
                 let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);
-                if planes == 2 {
-                    crate::dot_kquant::vec_dot_q8k_rows_planes(ty, data, w.row_bytes, &refs[..k], parts);
-                } else {
-                    crate::dot_kquant::vec_dot_q8k_rows(ty, data, w.row_bytes, &refs[..k], parts);
+                match (planes, w.interleaved) {
+                    (2, true) => {
+                        crate::dot_kquant::vec_dot_q8k_rows_planes_interleaved(ty, data, w.row_bytes, &refs[..k], parts)
+                    }
+                    (2, false) => crate::dot_kquant::vec_dot_q8k_rows_planes(ty, data, w.row_bytes, &refs[..k], parts),
+                    (_, true) => {
+                        // One plane has no interleaved kernel: the rows back in the file's layout.
+                        let rows = crate::interleave::deinterleave(ty, data, data.len() / w.row_bytes, w.row_bytes);
+                        crate::dot_kquant::vec_dot_q8k_rows(ty, &rows, w.row_bytes, &refs[..k], parts);
+                    }
+                    (_, false) => crate::dot_kquant::vec_dot_q8k_rows(ty, data, w.row_bytes, &refs[..k], parts),
                 }
             }),
         }

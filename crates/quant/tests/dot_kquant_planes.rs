@@ -71,6 +71,19 @@ fn check(ty: GgmlType, w_row: &[u8], x: &[f32], what: &str) {
         })
         .collect();
     assert!(simd.windows(2).all(|w| w[0] == w[1]), "{ty:?} {what}: SIMD levels differ: {simd:?}");
+    // The fused Q4_K/Q5_K kernels total each super-block's integers exactly and scale them as the
+    // oracle does: its bits.
+    if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
+        for (&bits, isa) in simd.iter().zip(available_isas().into_iter().filter(|&i| i >= Isa::Avx2)) {
+            assert_eq!(
+                bits,
+                oracle.to_bits(),
+                "{ty:?} {what} {}: {} vs oracle {oracle}",
+                isa.name(),
+                f32::from_bits(bits)
+            );
+        }
+    }
     for isa in available_isas() {
         let mut out = [0f32];
         vec_dot_q8k_planes_isa(isa, ty, w_row, &[&a, &r], &mut out);
@@ -192,5 +205,120 @@ fn rows_match_single_calls_and_reject_foreign_planes() {
             vec_dot_q8k_planes(ty, &data[..rb], &[&p[0].0, &own], &mut out);
         });
         assert!(bad.is_err(), "{ty:?}: foreign second plane accepted");
+    }
+}
+
+/// The interleaved kernels ([`kiln_quant::interleave`]) against the oracle on every row: random
+/// and extreme blocks, whole groups and a tail, one group and pairs of groups, 1 and 2 tokens, every
+/// level — bit for bit.
+#[test]
+fn interleaved_rows_give_the_oracle_bits() {
+    use kiln_quant::dot_kquant::vec_dot_q8k_rows_planes_interleaved_isa;
+    use kiln_quant::interleave;
+    let mut rng = StdRng::seed_from_u64(88);
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
+        for (rows, n, fill) in
+            [(8, 256, None), (16, 768, None), (24, 512, None), (13, 256, None), (37, 1024, None), (5, 256, None)]
+                .into_iter()
+                .chain([0x00u8, 0xFF, 0x55, 0xAA].map(|f| (17, 512, Some(f))))
+        {
+            let plain: Vec<u8> = (0..rows).flat_map(|_| row(&mut rng, ty, n, fill)).collect();
+            let rb = plain.len() / rows;
+            let mut woven = plain.clone();
+            interleave::interleave(ty, &mut woven, rows, rb);
+            for tokens in 1..=2 {
+                let xs: Vec<Vec<f32>> = (0..tokens)
+                    .map(|t| if fill.is_some() && t == 0 { vec![1.0f32; n] } else { random_x(&mut rng, n) })
+                    .collect();
+                let p: Vec<(ActQ8K, ActQ8K)> = xs.iter().map(|x| planes(x)).collect();
+                let refs: Vec<&ActQ8K> = p.iter().flat_map(|(a, r)| [a, r]).collect();
+                for isa in available_isas() {
+                    let mut got = vec![0f32; rows * tokens];
+                    vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, &woven, rb, &refs, &mut got);
+                    for r in 0..rows {
+                        for (t, (a, b)) in p.iter().enumerate() {
+                            let want = vec_dot_q8k_planes_unopt(ty, &plain[r * rb..(r + 1) * rb], a, b);
+                            assert_eq!(
+                                got[r * tokens + t].to_bits(),
+                                want.to_bits(),
+                                "{ty:?} {} rows={rows} n={n} fill={fill:?} row {r} token {t}: {} vs {want}",
+                                isa.name(),
+                                got[r * tokens + t]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Two-plane matrix-vector timing, 1 thread, row-at-a-time vs interleaved:
+/// `cargo test --release --test dot_kquant_planes -- --ignored --nocapture` (`KILN_BENCH_ROWS`:
+/// 64 keeps a Q4_K matrix in L2; the default 4096 streams it from memory).
+#[test]
+#[ignore]
+fn bench_planes_matvec() {
+    use kiln_quant::dot_kquant::{vec_dot_q8k_rows_planes_interleaved_isa, Isa};
+    use std::time::Instant;
+    let rows: usize = std::env::var("KILN_BENCH_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(4096);
+    let cols: usize = std::env::var("KILN_BENCH_COLS").ok().and_then(|s| s.parse().ok()).unwrap_or(4096);
+    let mut rng = StdRng::seed_from_u64(1);
+    let (a, r) = planes(&random_x(&mut rng, cols));
+    let refs = [&a, &r];
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
+        let plain: Vec<u8> = (0..rows).flat_map(|_| row(&mut rng, ty, cols, None)).collect();
+        let rb = plain.len() / rows;
+        let mut woven = plain.clone();
+        kiln_quant::interleave::interleave(ty, &mut woven, rows, rb);
+        let mut y = vec![0f32; rows];
+        let reps = (200_000 / rows).clamp(20, 2000);
+        for isa in available_isas().into_iter().filter(|&i| i >= Isa::Avx2) {
+            let mut time = |f: &mut dyn FnMut(&mut [f32])| {
+                let mut best = f64::INFINITY;
+                for _ in 0..reps {
+                    let t = Instant::now();
+                    f(&mut y);
+                    best = best.min(t.elapsed().as_secs_f64());
+                    std::hint::black_box(&y);
+                }
+                best
+            };
+            let rowwise = time(&mut |y| {
+                for (i, yr) in y.iter_mut().enumerate() {
+                    let mut o = [0f32];
+                    vec_dot_q8k_planes_isa(isa, ty, &plain[i * rb..(i + 1) * rb], &refs, &mut o);
+                    *yr = o[0];
+                }
+            });
+            let inter = time(&mut |y| vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, &woven, rb, &refs, y));
+            // Two threads, each over its own half of the rows (as generation splits them).
+            let half = rows / 32 * 16;
+            let two = {
+                let mut best = f64::INFINITY;
+                for _ in 0..reps {
+                    let t = Instant::now();
+                    std::thread::scope(|s| {
+                        let (y0, y1) = y.split_at_mut(half);
+                        let (w0, w1) = woven.split_at(half * rb);
+                        s.spawn(|| vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w0, rb, &refs, y0));
+                        vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w1, rb, &refs, y1);
+                    });
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                best
+            };
+            println!("    two threads: interleaved {:5.1} GB/s", plain.len() as f64 / two / 1e9);
+            let blocks = (rows * cols / 256) as f64;
+            println!(
+                "{:>5} {:>6} {rows}x{cols}: rows {:6.2} ns/super-block ({:5.1} GB/s) | interleaved {:6.2} ns ({:5.1} GB/s)",
+                ty.name(),
+                isa.name(),
+                rowwise / blocks * 1e9,
+                plain.len() as f64 / rowwise / 1e9,
+                inter / blocks * 1e9,
+                plain.len() as f64 / inter / 1e9,
+            );
+        }
     }
 }

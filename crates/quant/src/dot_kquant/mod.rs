@@ -29,6 +29,8 @@ use kiln_gguf::GgmlType;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod rows8;
 
 const QK_K: usize = 256;
 
@@ -251,6 +253,68 @@ pub fn vec_dot_q8k_rows_planes(ty: GgmlType, data: &[u8], row_bytes: usize, acts
             crate::isa::prefetch(data.get((i + 2) * row_bytes..(i + 3) * row_bytes));
         }
         planes_unchecked(level, ty, row, acts, o);
+    }
+}
+
+/// [`vec_dot_q8k_rows_planes`] over rows of an interleaved Q4_K/Q5_K matrix
+/// ([`crate::interleave`]): `data` starts at a group of rows; its whole groups are woven, any
+/// rows after them (the matrix's last, fewer than a group) are in the file's layout. The results
+/// are bit-identical to the row-at-a-time kernels and the scalar oracle.
+pub fn vec_dot_q8k_rows_planes_interleaved(
+    ty: GgmlType,
+    data: &[u8],
+    row_bytes: usize,
+    acts: &[&ActQ8K],
+    out: &mut [f32],
+) {
+    vec_dot_q8k_rows_planes_interleaved_isa(isa(), ty, data, row_bytes, acts, out)
+}
+
+/// [`vec_dot_q8k_rows_planes_interleaved`] with an explicit level; panics if this CPU cannot run
+/// `isa`.
+pub fn vec_dot_q8k_rows_planes_interleaved_isa(
+    isa: Isa,
+    ty: GgmlType,
+    data: &[u8],
+    row_bytes: usize,
+    acts: &[&ActQ8K],
+    out: &mut [f32],
+) {
+    use crate::interleave::GROUP;
+    let k = acts.len() / 2;
+    assert!((1..=2).contains(&k) && acts.len() == 2 * k, "dot_kquant: 1 or 2 two-plane activations");
+    assert!(crate::interleave::supports(ty), "dot_kquant: {ty:?} has no interleaved layout");
+    if !check_rows(ty, data, row_bytes, acts, k, out.len()) {
+        return;
+    }
+    check_planes(acts);
+    assert_available(isa);
+    let rows = data.len() / row_bytes;
+    let group_bytes = GROUP * row_bytes;
+    let (woven, plain) = data.split_at(rows / GROUP * group_bytes);
+    let (out_woven, out_plain) = out.split_at_mut(rows / GROUP * GROUP * k);
+    let nb = row_bytes / ty.type_size();
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 if !woven.is_empty() => {
+            // SAFETY: `isa` runs on this CPU (AVX2, FMA, F16C; AVX-512 F/BW/VL/VNNI for
+            // `Avx512`); `woven` is whole groups of rows of `nb` super-blocks (the caller's layout),
+            // every activation vector has `nb` super-blocks (checked), planes checked, and `out`
+            // holds `k` results per row.
+            unsafe { rows8::groups(isa == Isa::Avx512, ty, woven, group_bytes, nb, acts, out_woven) }
+        }
+        _ => {
+            let mut row = vec![0u8; row_bytes];
+            for (group, o) in woven.chunks_exact(group_bytes).zip(out_woven.chunks_exact_mut(GROUP * k)) {
+                for (r, o) in o.chunks_exact_mut(k).enumerate() {
+                    crate::interleave::row_blocks(ty, group, GROUP, row_bytes, r, 0..nb, &mut row);
+                    planes_unchecked(isa, ty, &row, acts, o);
+                }
+            }
+        }
+    }
+    for (row, o) in plain.chunks_exact(row_bytes).zip(out_plain.chunks_exact_mut(k)) {
+        planes_unchecked(isa, ty, row, acts, o);
     }
 }
 

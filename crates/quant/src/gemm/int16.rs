@@ -137,7 +137,8 @@ impl IntPanel {
     pub fn pack_cols(&mut self, w: &QMatrix, r0: usize, k: std::ops::Range<usize>) {
         let bs = w.ty.block_size();
         assert!(k.start.is_multiple_of(bs) && k.end.is_multiple_of(bs) && k.start < k.end && k.end <= w.cols);
-        let bytes = k.start / bs * w.ty.type_size()..k.end / bs * w.ty.type_size();
+        let blocks_of_row = k.start / bs..k.end / bs;
+        let mut buf = Vec::new();
         let cols = k.len();
         let (pairs, blocks) = (cols / 2, cols / BLOCK);
         self.has_min = int_weights::has_min(w.ty);
@@ -151,7 +152,7 @@ impl IntPanel {
         for j in 0..NR {
             let dst = &mut self.rows[j * pairs..(j + 1) * pairs];
             if r0 + j < w.rows {
-                let src = &w.row(r0 + j)[bytes.clone()];
+                let src = w.row_blocks(r0 + j, blocks_of_row.clone(), &mut buf);
                 int_weights::decode_row(w.ty, src, &mut self.row_q, &mut self.row_scale, &mut self.row_min);
                 for (o, two) in dst.iter_mut().zip(self.row_q.chunks_exact(2)) {
                     *o = pair(two[0], two[1]);

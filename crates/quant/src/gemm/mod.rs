@@ -62,13 +62,15 @@ pub fn pack_panel_cols(w: &QMatrix, r0: usize, k: std::ops::Range<usize>, rows_b
     let cols = k.len();
     debug_assert!(rows_buf.len() == NR * KC && panel.len() == cols * NR);
     let mut c0 = 0;
+    let mut buf = Vec::new();
     while c0 < cols {
         let kc = (cols - c0).min(KC);
         for j in 0..NR {
             let dst = &mut rows_buf[j * KC..j * KC + kc];
             if r0 + j < w.rows {
                 let at = k.start + c0;
-                let src = &w.row(r0 + j)[at / bs * ts..(at + kc) / bs * ts];
+                let src = w.row_blocks(r0 + j, at / bs..(at + kc) / bs, &mut buf);
+                debug_assert_eq!(src.len(), kc / bs * ts);
                 if !dequantize_fast(w.ty, src, dst) {
                     crate::dequantize_row(w.ty, src, dst).expect("geometry validated in QMatrix::new");
                 }
