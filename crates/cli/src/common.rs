@@ -18,8 +18,9 @@ pub fn model_path(m: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// The model for the CPU's default path (see [`Model::load`]).
 pub fn load_model(m: &Option<PathBuf>) -> Result<Model> {
-    load_model_with(m, WeightPages::Mapped)
+    load_model_with(m, WeightPages::HugePages)
 }
 
 /// [`load_model`] with the weights where `pages` says.

@@ -21,20 +21,23 @@ pub struct Model {
 /// Where the weights are read from after loading.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightPages {
-    /// The file's memory map (page-cache pages, shared with other processes): the quickest load.
-    #[default]
+    /// The file's memory map (page-cache pages, shared with other processes): the quickest load;
+    /// the row-at-a-time kernels read the file's layout (for Q4_0 their f32 sums run in another
+    /// order than the interleaved kernels', so logits can differ in the last bits).
     Mapped,
     /// A private copy on 2 MiB pages where the kernel allows ([`GgufFile::copy_data_to_huge_pages`]):
     /// one more read of the file at load, fewer TLB misses while generating on the CPU, and the
-    /// Q4_K/Q5_K matrices woven for the eight-row generation kernels
+    /// Q4_0/Q4_K/Q5_K matrices woven for the eight-row generation kernels
     /// ([`kiln_model::interleave_matrices`]). CPU only: other backends read the file's layout.
+    #[default]
     HugePages,
 }
 
 impl Model {
-    /// Opens and validates `path`, the weights read from the file's memory map.
+    /// Opens and validates `path` for the CPU's default path: the weights in a private copy
+    /// ([`WeightPages::HugePages`], interleaved where the generation kernels want it).
     pub fn load(path: &Path) -> Result<Model> {
-        Model::load_with(path, WeightPages::Mapped)
+        Model::load_with(path, WeightPages::HugePages)
     }
 
     /// Opens and validates `path`. The file stays memory-mapped (or its copy resident) for the rest

@@ -58,10 +58,11 @@ pub fn interleave_matrices(g: &mut GgufFile) -> Result<Vec<String>, ModelError> 
         let ty = t.ggml_type;
         let [cols, rows] = t.dims[..] else { continue };
         let (cols, rows) = (cols as usize, rows as usize);
-        if !kiln_quant::interleave::supports(ty) || rows < kiln_quant::interleave::GROUP || !cols.is_multiple_of(256) {
+        let bs = ty.block_size();
+        if !kiln_quant::interleave::supports(ty) || rows < kiln_quant::interleave::GROUP || !cols.is_multiple_of(bs) {
             continue;
         }
-        let row_bytes = cols / 256 * ty.type_size();
+        let row_bytes = cols / bs * ty.type_size();
         let Some(data) = g.tensor_data_mut(&name) else { continue };
         if data.len() != rows * row_bytes {
             continue;

@@ -1,4 +1,4 @@
-//! Row-interleaved storage of Q4_K / Q5_K matrices for the generation kernels.
+//! Row-interleaved storage of Q4_0, Q4_K and Q5_K matrices for the generation kernels.
 //!
 //! A matrix-vector kernel that reads one row at a time ends every super-block with a horizontal
 //! sum and applies each sub-block's scale to a vector of partial sums of that one row. With the
@@ -8,13 +8,14 @@
 //!
 //! The layout is a permutation of the file's bytes, nothing added or dropped. Rows `16g .. 16g +
 //! 16` (whole groups of [`GROUP`] only) keep their place as one stretch of `16 · row_bytes`; inside
-//! it, super-block `i` of the sixteen rows is one *unit* of `16 · block` bytes at `i · 16 · block`,
-//! made of two *half-units* (rows 0–7, rows 8–15) of `8 · block` bytes, so a kernel reads one
-//! steady stream while each broadcast activation word serves sixteen rows. In a half-unit a block
-//! is read as 4-byte words (Q4_K 36, Q5_K 44): word 0 (`d`, `dmin`) of row `r` goes to `d` at `2r`
-//! and `dmin` at `16 + 2r`, word `k ≥ 1` to `32k + 4r`. So the slot of word `k` is the 32 bytes of
-//! that word for all eight rows: the scale words 1–3, Q5_K's `qh` words 4–11, then the quant
-//! words. Rows past the last whole group stay as they were.
+//! it, block `i` of the sixteen rows is one *unit* of `16 · block` bytes at `i · 16 · block`, so a
+//! kernel reads one
+//! steady stream while each broadcast activation word serves sixteen rows. A block is read as `h`
+//! 2-byte header fields (Q4_0: `d`; Q4_K, Q5_K: `d`, `dmin`) and then 4-byte words (Q4_0 4,
+//! Q4_K 35, Q5_K 43): field `f` of row `r` goes to `32f + 2r`, word `k` to `32h + 64k + 4r`. So the
+//! 64-byte slot of word `k` holds that word of all sixteen rows (rows 0–7 in its first 32 bytes,
+//! one 256-bit vector with a row per lane): for the k-quants the scale words 0–2, Q5_K's `qh`
+//! words 3–10, then the quant words. Rows past the last whole group stay as they were.
 
 use kiln_gguf::GgmlType;
 
@@ -25,7 +26,16 @@ pub const LANES: usize = 8;
 
 /// Whether `ty` has the interleaved layout (and its kernels).
 pub fn supports(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K)
+    header_fields(ty).is_some()
+}
+
+/// The 2-byte header fields that lead a block of `ty` (the rest is 4-byte words).
+fn header_fields(ty: GgmlType) -> Option<usize> {
+    match ty {
+        GgmlType::Q4_0 => Some(1),
+        GgmlType::Q4_K | GgmlType::Q5_K => Some(2),
+        _ => None,
+    }
 }
 
 /// Weaves the whole groups of rows of a `ty` matrix (`rows` rows of `row_bytes` bytes in `data`)
@@ -39,7 +49,7 @@ pub fn interleave(ty: GgmlType, data: &mut [u8], rows: usize, row_bytes: usize) 
         for (i, dst) in woven.chunks_exact_mut(GROUP * bs).enumerate() {
             for r in 0..GROUP {
                 let src = &group[r * row_bytes + i * bs..r * row_bytes + (i + 1) * bs];
-                put_block(bs, dst, r, src);
+                put_block(ty, dst, r, src);
             }
         }
         group.copy_from_slice(&woven);
@@ -49,22 +59,30 @@ pub fn interleave(ty: GgmlType, data: &mut [u8], rows: usize, row_bytes: usize) 
 /// Bytes of one slot: one 4-byte word of every row of the group.
 const SLOT: usize = 4 * GROUP;
 
-/// Row `r`'s block (`out`, one block of `bs` bytes) out of a unit of `GROUP` blocks.
-pub fn take_block(bs: usize, unit: &[u8], r: usize, out: &mut [u8]) {
+/// Row `r`'s block (`out`, one block of `ty`) out of a unit of `GROUP` blocks.
+pub fn take_block(ty: GgmlType, unit: &[u8], r: usize, out: &mut [u8]) {
+    let (bs, h) = (ty.type_size(), header_fields(ty).expect("an interleaved type"));
     debug_assert!(unit.len() == GROUP * bs && out.len() == bs && r < GROUP);
-    out[0..2].copy_from_slice(&unit[2 * r..2 * r + 2]);
-    out[2..4].copy_from_slice(&unit[2 * GROUP + 2 * r..2 * GROUP + 2 * r + 2]);
-    for k in 1..bs / 4 {
-        out[4 * k..4 * k + 4].copy_from_slice(&unit[SLOT * k + 4 * r..SLOT * k + 4 * r + 4]);
+    for f in 0..h {
+        out[2 * f..2 * f + 2].copy_from_slice(&unit[2 * GROUP * f + 2 * r..2 * GROUP * f + 2 * r + 2]);
+    }
+    let words = 2 * GROUP * h;
+    for k in 0..(bs - 2 * h) / 4 {
+        let at = words + SLOT * k + 4 * r;
+        out[2 * h + 4 * k..2 * h + 4 * k + 4].copy_from_slice(&unit[at..at + 4]);
     }
 }
 
 /// Writes `block` as row `r`'s share of `unit` (the inverse of [`take_block`]).
-fn put_block(bs: usize, unit: &mut [u8], r: usize, block: &[u8]) {
-    unit[2 * r..2 * r + 2].copy_from_slice(&block[0..2]);
-    unit[2 * GROUP + 2 * r..2 * GROUP + 2 * r + 2].copy_from_slice(&block[2..4]);
-    for k in 1..bs / 4 {
-        unit[SLOT * k + 4 * r..SLOT * k + 4 * r + 4].copy_from_slice(&block[4 * k..4 * k + 4]);
+fn put_block(ty: GgmlType, unit: &mut [u8], r: usize, block: &[u8]) {
+    let (bs, h) = (ty.type_size(), header_fields(ty).expect("an interleaved type"));
+    for f in 0..h {
+        unit[2 * GROUP * f + 2 * r..2 * GROUP * f + 2 * r + 2].copy_from_slice(&block[2 * f..2 * f + 2]);
+    }
+    let words = 2 * GROUP * h;
+    for k in 0..(bs - 2 * h) / 4 {
+        let at = words + SLOT * k + 4 * r;
+        unit[at..at + 4].copy_from_slice(&block[2 * h + 4 * k..2 * h + 4 * k + 4]);
     }
 }
 
@@ -87,7 +105,7 @@ pub fn row_blocks(
     }
     let group = &data[r / GROUP * GROUP * row_bytes..(r / GROUP + 1) * GROUP * row_bytes];
     for (i, o) in blocks.zip(out.chunks_exact_mut(bs)) {
-        take_block(bs, &group[i * GROUP * bs..(i + 1) * GROUP * bs], r % GROUP, o);
+        take_block(ty, &group[i * GROUP * bs..(i + 1) * GROUP * bs], r % GROUP, o);
     }
 }
 
@@ -117,7 +135,7 @@ mod tests {
 
     #[test]
     fn every_row_reads_back_as_the_file_had_it() {
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q5_K] {
             let bs = ty.type_size();
             for (rows, blocks) in [(16, 1), (32, 3), (13, 2), (7, 2), (40, 5), (16, 2)] {
                 let rb = blocks * bs;

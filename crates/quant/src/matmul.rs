@@ -287,7 +287,19 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
             }),
             ActFormat::Q8 => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
                 let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
-                crate::dot_legacy::vec_dot_q8_rows_planes(ty, data, w.row_bytes, &refs[..k], planes, parts);
+                match (planes, w.interleaved) {
+                    (2, true) => {
+                        crate::dot_legacy::vec_dot_q8_rows_planes_interleaved(ty, data, w.row_bytes, &refs[..k], parts)
+                    }
+                    (_, true) => {
+                        // One plane has no interleaved kernel: the rows back in the file's layout.
+                        let rows = crate::interleave::deinterleave(ty, data, data.len() / w.row_bytes, w.row_bytes);
+                        crate::dot_legacy::vec_dot_q8_rows_planes(ty, &rows, w.row_bytes, &refs[..k], planes, parts);
+                    }
+                    (_, false) => {
+                        crate::dot_legacy::vec_dot_q8_rows_planes(ty, data, w.row_bytes, &refs[..k], planes, parts)
+                    }
+                }
             }),
             ActFormat::Q8K => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
                 let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);

@@ -256,3 +256,84 @@ fn bench_planes() {
     }
     let _ = (Isa::Scalar, vec_dot_q8_x4 as fn(_, _, _, _));
 }
+
+/// The interleaved Q4_0 kernels ([`kiln_quant::interleave`]) against the oracle on every row:
+/// whole groups and a tail, odd block counts, 1 and 2 tokens, every level — bit for bit.
+#[test]
+fn interleaved_q4_0_rows_give_the_oracle_bits() {
+    use kiln_quant::dot_legacy::vec_dot_q8_rows_planes_interleaved_isa;
+    use kiln_quant::interleave;
+    let ty = GgmlType::Q4_0;
+    let mut rng = StdRng::seed_from_u64(77);
+    for (rows, n) in [(16, 32), (32, 96), (13, 64), (37, 32 * 23), (5, 32), (48, 4096 + 32)] {
+        let plain: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut rng, ty, n)).collect();
+        let rb = plain.len() / rows;
+        let mut woven = plain.clone();
+        interleave::interleave(ty, &mut woven, rows, rb);
+        for tokens in 1..=2 {
+            let p: Vec<(ActQ8, ActQ8)> = (0..tokens).map(|_| planes(&random_act(&mut rng, n))).collect();
+            let refs: Vec<&ActQ8> = p.iter().flat_map(|(a, r)| [a, r]).collect();
+            for isa in available_isas() {
+                let mut got = vec![0f32; rows * tokens];
+                vec_dot_q8_rows_planes_interleaved_isa(isa, ty, &woven, rb, &refs, &mut got);
+                for r in 0..rows {
+                    for (t, (a, b)) in p.iter().enumerate() {
+                        let want = vec_dot_q8_planes_unopt(ty, &plain[r * rb..(r + 1) * rb], a, b);
+                        assert_eq!(
+                            got[r * tokens + t].to_bits(),
+                            want.to_bits(),
+                            "{} rows={rows} n={n} row {r} token {t}: {} vs {want}",
+                            isa.name(),
+                            got[r * tokens + t]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Two-plane Q4_0 matrix-vector timing, 1 thread, row-at-a-time vs interleaved:
+/// `cargo test --release --test dot_legacy_planes -- --ignored --nocapture bench_planes` (`KILN_BENCH_ROWS`,
+/// `KILN_BENCH_COLS`: 64 × 4096 stays in L2; 65536 × 2048 streams from memory).
+#[test]
+#[ignore]
+fn bench_planes_interleaved() {
+    use kiln_quant::dot_legacy::vec_dot_q8_rows_planes_interleaved_isa;
+    use std::time::Instant;
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (rows, cols) = (env("KILN_BENCH_ROWS", 4096), env("KILN_BENCH_COLS", 4096));
+    let ty = GgmlType::Q4_0;
+    let mut rng = StdRng::seed_from_u64(1);
+    let (a, r) = planes(&random_act(&mut rng, cols));
+    let refs = [&a, &r];
+    let plain: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut rng, ty, cols)).collect();
+    let rb = plain.len() / rows;
+    let mut woven = plain.clone();
+    kiln_quant::interleave::interleave(ty, &mut woven, rows, rb);
+    let mut y = vec![0f32; rows];
+    let reps = (200_000 / rows).clamp(10, 2000);
+    for isa in available_isas().into_iter().filter(|&i| i >= Isa::Avx2) {
+        let mut time = |f: &mut dyn FnMut(&mut [f32])| {
+            let mut best = f64::INFINITY;
+            for _ in 0..reps {
+                let t = Instant::now();
+                f(&mut y);
+                best = best.min(t.elapsed().as_secs_f64());
+                std::hint::black_box(&y);
+            }
+            best
+        };
+        let rowwise = time(&mut |y| vec_dot_q8_rows_planes(ty, &plain, rb, &refs, 2, y));
+        let inter = time(&mut |y| vec_dot_q8_rows_planes_interleaved_isa(isa, ty, &woven, rb, &refs, y));
+        let blocks = (rows * cols / 32) as f64;
+        println!(
+            "Q4_0 {:>6} {rows}x{cols}: rows {:6.3} ns/block ({:5.1} GB/s) | interleaved {:6.3} ns ({:5.1} GB/s)",
+            isa.name(),
+            rowwise / blocks * 1e9,
+            plain.len() as f64 / rowwise / 1e9,
+            inter / blocks * 1e9,
+            plain.len() as f64 / inter / 1e9,
+        );
+    }
+}

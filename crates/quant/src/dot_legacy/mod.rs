@@ -36,6 +36,8 @@ use std::sync::OnceLock;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod rows8;
 
 use crate::isa::isa;
 pub use crate::isa::{active_isa, available_isas, detected_isa, Isa};
@@ -414,6 +416,76 @@ fn decode(t: u8, b: &[u8]) -> ([i32; QK], f32, f32) {
         _ => unreachable!("dot_legacy: unknown format code {t}"),
     }
     (w, d, m)
+}
+
+/// [`vec_dot_q8_rows_planes`] with two planes over rows of an interleaved Q4_0 matrix
+/// ([`crate::interleave`]): `data` starts at a group of rows; its whole groups are woven, any rows
+/// after them (the matrix's last, fewer than a group) are in the file's layout. Every result has
+/// the bits of the scalar oracle [`vec_dot_q8_planes_unopt`] (the row-at-a-time SIMD kernels sum
+/// their blocks in another order).
+pub fn vec_dot_q8_rows_planes_interleaved(
+    ty: GgmlType,
+    data: &[u8],
+    row_bytes: usize,
+    acts: &[&ActQ8],
+    out: &mut [f32],
+) {
+    vec_dot_q8_rows_planes_interleaved_isa(isa(), ty, data, row_bytes, acts, out)
+}
+
+/// [`vec_dot_q8_rows_planes_interleaved`] with an explicit level; panics if this CPU cannot run
+/// `isa`.
+pub fn vec_dot_q8_rows_planes_interleaved_isa(
+    isa: Isa,
+    ty: GgmlType,
+    data: &[u8],
+    row_bytes: usize,
+    acts: &[&ActQ8],
+    out: &mut [f32],
+) {
+    use crate::interleave::GROUP;
+    assert!(ty == GgmlType::Q4_0, "dot_legacy: {ty:?} has no interleaved kernel");
+    let k = acts.len() / 2;
+    assert!((1..=2).contains(&k) && acts.len() == 2 * k, "dot_legacy: 1 or 2 two-plane activations");
+    assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_legacy: data is not whole rows");
+    let rows = data.len() / row_bytes;
+    assert_eq!(out.len(), rows * k, "dot_legacy: output length");
+    assert!(isa <= detected_isa(), "dot_legacy: {} is not available on this CPU", isa.name());
+    if rows == 0 {
+        return;
+    }
+    let t = T_Q4_0;
+    for a in acts {
+        check_t(t, ty, &data[..row_bytes], a);
+    }
+    check_planes(acts);
+    let group_bytes = GROUP * row_bytes;
+    let (woven, plain) = data.split_at(rows / GROUP * group_bytes);
+    let (out_woven, out_plain) = out.split_at_mut(rows / GROUP * GROUP * k);
+    let nb = row_bytes / block_bytes(t);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: `isa` runs on this CPU (AVX2, FMA, F16C; AVX-512 F/BW/VL/VNNI for `Avx512`);
+            // `woven` is whole groups of Q4_0 rows of `nb` blocks (the caller's layout), every
+            // activation vector is well formed with `nb` blocks (checked), the planes are checked,
+            // and `out` holds `k` results per row.
+            unsafe { rows8::groups(isa == Isa::Avx512, woven, group_bytes, nb, acts, out_woven) }
+        }
+        _ => {
+            let mut row = vec![0u8; row_bytes];
+            for (group, o) in woven.chunks_exact(group_bytes).zip(out_woven.chunks_exact_mut(GROUP * k)) {
+                for (r, o) in o.chunks_exact_mut(k).enumerate() {
+                    crate::interleave::row_blocks(ty, group, GROUP, row_bytes, r, 0..nb, &mut row);
+                    scalar_k2::<T_Q4_0>(&row, acts, o);
+                }
+            }
+        }
+    }
+    // The rows past the groups take the oracle too: one definition for the whole matrix.
+    for (row, o) in plain.chunks_exact(row_bytes).zip(out_plain.chunks_exact_mut(k)) {
+        scalar_k2::<T_Q4_0>(row, acts, o);
+    }
 }
 
 /// One plane (`planes = [a]`): the activation quants `a` under the scale `da`. Two planes (`[a,
