@@ -22,8 +22,8 @@ pub struct Model {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightPages {
     /// The file's memory map (page-cache pages, shared with other processes): the quickest load;
-    /// the row-at-a-time kernels read the file's layout (for Q4_0 their f32 sums run in another
-    /// order than the interleaved kernels', so logits can differ in the last bits).
+    /// the row-at-a-time kernels read the file's layout (for Q4_0/Q4_K/Q5_K their f32 sums run in
+    /// another order than the interleaved kernels', so logits can differ in the last bits).
     Mapped,
     /// A private copy on 2 MiB pages where the kernel allows ([`GgufFile::copy_data_to_huge_pages`]):
     /// one more read of the file at load, fewer TLB misses while generating on the CPU, and the

@@ -42,7 +42,8 @@ pub struct Args {
     #[arg(short = 'c', long)]
     pub ctx: Option<usize>,
     /// Read the weights from the file's memory map instead of a private copy on 2 MiB pages
-    /// (quicker start, pages shared with other processes; generation a few percent slower).
+    /// (quicker start, pages shared with other processes; slower generation: the Q4_0/Q4_K/Q5_K
+    /// matrices stay in the file's row layout, not interleaved for the eight-row kernels).
     #[arg(long)]
     pub mmap: bool,
     /// Threads (0: one per core).

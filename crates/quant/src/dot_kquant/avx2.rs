@@ -393,7 +393,8 @@ unsafe fn q4k_planes<const NT: usize, const FIVE: bool>(row: &[u8], acts: &[&Act
     let bs = if FIVE { 176 } else { 144 };
     let nb = row.len() / bs;
     let masks = scale_masks();
-    let mut sum = [0f32; NT];
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let mut accm = [_mm256_setzero_ps(); NT];
     for i in 0..nb {
         crate::isa::prefetch_lines_ahead(row.as_ptr().wrapping_add(i * bs), bs.div_ceil(64));
         // SAFETY: as in `q4k`: block `i` lies inside `row`, every activation vector has `nb`
@@ -405,35 +406,15 @@ unsafe fn q4k_planes<const NT: usize, const FIVE: bool>(row: &[u8], acts: &[&Act
                 let (q1, bsums1, _) = act_block(acts[2 * t], i);
                 let (q2, bsums2, da2) = act_block(acts[2 * t + 1], i);
                 let sumi = dot_u8_planes::<NT>(&w, &s, &pre, q1, q2);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * da2), _mm256_cvtepi32_ps(sumi), acc[t]);
                 let pm = mins_planes(mins, bsums1, bsums2);
-                sum[t] += planes_block_value(d, dmin, da2, sumi, pm);
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * da2), _mm256_cvtepi32_ps(pm), accm[t]);
             }
         }
     }
-    out[..NT].copy_from_slice(&sum);
-}
-
-/// One super-block's share of a two-plane dot product from its integer lanes: `sumi` and `pm`
-/// hold the scaled quant sums and the mins term of `256 a + a′` spread over 8 lanes (each lane fits
-/// i32, their total may not). The totals are formed exactly in i64 and then scaled as the oracle
-/// does (`dd · isum − dm · msum` in f32, see `scalar_dot`), so the kernels give its bits.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn planes_block_value(d: f32, dmin: f32, da: f32, sumi: __m256i, pm: __m256i) -> f32 {
-    let (isum, msum) = (hsum_i64(sumi), hsum_i64(pm));
-    (d * da) * isum as f32 - (dmin * da) * msum as f32
-}
-
-/// The exact sum of 8 i32 lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_i64(v: __m256i) -> i64 {
-    let wide = _mm256_add_epi64(
-        _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
-        _mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(v)),
-    );
-    let two = _mm_add_epi64(_mm256_castsi256_si128(wide), _mm256_extracti128_si256::<1>(wide));
-    _mm_cvtsi128_si64(two).wrapping_add(_mm_extract_epi64::<1>(two))
+    for t in 0..NT {
+        out[t] = hsum_ps(acc[t]) - hsum_ps(accm[t]);
+    }
 }
 
 /// [`q4k_planes`] with the byte products in `vpdpbusd`: per chunk of 32 (one sub-block) the first
@@ -446,7 +427,8 @@ unsafe fn q4k_planes_vnni<const NT: usize, const FIVE: bool>(row: &[u8], acts: &
     let bs = if FIVE { 176 } else { 144 };
     let nb = row.len() / bs;
     let masks = scale_masks();
-    let mut sum = [0f32; NT];
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let mut accm = [_mm256_setzero_ps(); NT];
     let mut scs = [0i32; 8];
     for i in 0..nb {
         crate::isa::prefetch_lines_ahead(row.as_ptr().wrapping_add(i * bs), bs.div_ceil(64));
@@ -466,12 +448,15 @@ unsafe fn q4k_planes_vnni<const NT: usize, const FIVE: bool>(row: &[u8], acts: &
                     part[c % 2] = _mm256_add_epi32(part[c % 2], _mm256_mullo_epi32(x, _mm256_set1_epi32(scs[c])));
                 }
                 let sumi = _mm256_add_epi32(part[0], part[1]);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * da2), _mm256_cvtepi32_ps(sumi), acc[t]);
                 let pm = mins_planes(mins, bsums1, bsums2);
-                sum[t] += planes_block_value(d, dmin, da2, sumi, pm);
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * da2), _mm256_cvtepi32_ps(pm), accm[t]);
             }
         }
     }
-    out[..NT].copy_from_slice(&sum);
+    for t in 0..NT {
+        out[t] = hsum_ps(acc[t]) - hsum_ps(accm[t]);
+    }
 }
 
 /// Q6_K: 16 groups of 16, quants 0..64 biased by 32, signed 8-bit scales.

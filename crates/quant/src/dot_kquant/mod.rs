@@ -15,7 +15,9 @@
 //! [`vec_dot_q8k_unopt`] is the scalar oracle: it decodes every quant to a signed integer, forms the
 //! integer sums per group (activation sums from the quants themselves, not from `bsums`) and applies
 //! the scales in that order. The SIMD kernels compute the same integers; only the order of the f32
-//! accumulation differs.
+//! accumulation differs, except over interleaved rows ([`vec_dot_q8k_rows_planes_interleaved`],
+//! the default path's generation products), whose kernels total each super-block's integers
+//! exactly and then take the oracle's f32 steps: its bits.
 //!
 //! The kernel is picked once per process: the best one the CPU runs (runtime detection), or a lower
 //! one forced by the environment variable `KILN_ISA=scalar|avx2|avx512` (a level the CPU lacks, or
@@ -258,8 +260,9 @@ pub fn vec_dot_q8k_rows_planes(ty: GgmlType, data: &[u8], row_bytes: usize, acts
 
 /// [`vec_dot_q8k_rows_planes`] over rows of an interleaved Q4_K/Q5_K matrix
 /// ([`crate::interleave`]): `data` starts at a group of rows; its whole groups are woven, any
-/// rows after them (the matrix's last, fewer than a group) are in the file's layout. The results
-/// are bit-identical to the row-at-a-time kernels and the scalar oracle.
+/// rows after them (the matrix's last, fewer than a group) are in the file's layout. Every result
+/// has the bits of the scalar oracle [`vec_dot_q8k_planes_unopt`] (the row-at-a-time SIMD kernels
+/// sum lane-wise partial totals in f32).
 pub fn vec_dot_q8k_rows_planes_interleaved(
     ty: GgmlType,
     data: &[u8],
@@ -308,13 +311,21 @@ pub fn vec_dot_q8k_rows_planes_interleaved_isa(
             for (group, o) in woven.chunks_exact(group_bytes).zip(out_woven.chunks_exact_mut(GROUP * k)) {
                 for (r, o) in o.chunks_exact_mut(k).enumerate() {
                     crate::interleave::row_blocks(ty, group, GROUP, row_bytes, r, 0..nb, &mut row);
-                    planes_unchecked(isa, ty, &row, acts, o);
+                    oracle_planes(ty, &row, acts, o);
                 }
             }
         }
     }
+    // The rows past the groups take the oracle too: one definition for the whole matrix.
     for (row, o) in plain.chunks_exact(row_bytes).zip(out_plain.chunks_exact_mut(k)) {
-        planes_unchecked(isa, ty, row, acts, o);
+        oracle_planes(ty, row, acts, o);
+    }
+}
+
+/// The scalar oracle for each two-plane activation of `acts`.
+fn oracle_planes(ty: GgmlType, row: &[u8], acts: &[&ActQ8K], out: &mut [f32]) {
+    for (o, p) in out.iter_mut().zip(acts.chunks_exact(2)) {
+        *o = scalar_dot(ty, row, p, &mut None);
     }
 }
 

@@ -9,7 +9,7 @@
 //! activation sums in `vpmaddwd`/`vpdpwssd` pairs. Each plane's total per super-block is exact in
 //! i32 (at most `8 · 63 · 32 · 31 · 127 < 2^31`); `256 · P1 + P2` is formed exactly in f64 and
 //! rounded once to f32, then scaled as the oracle does (`(d·da) · isum − (dmin·da) · msum`, see
-//! `scalar_dot`): the bits of the scalar oracle and of the row-at-a-time kernels.
+//! `scalar_dot`): the bits of the scalar oracle.
 //!
 //! Both halves of a group (rows 0–7 and 8–15, the two 32-byte halves of each 64-byte slot) run
 //! together, so each broadcast activation word serves 16 rows while the weights are read as one
