@@ -190,13 +190,16 @@ macro_rules! rows8_kernels {
                             let mut lo = [_mm256_setzero_si256(); G];
                             let mut hi = [_mm256_setzero_si256(); G];
                             for g in 0..G {
-                                let w = load(units[g].add(64 * (qs_slot + 8 * j + m)));
+                                // Q5_K's first quant words alternate with its qh words
+                                // (`interleave::slot_of`).
+                                let slot = if FIVE && j == 0 { 5 + 2 * m } else { qs_slot + 8 * j + m };
+                                let w = load(units[g].add(64 * slot));
                                 lo[g] = _mm256_and_si256(w, m4);
                                 hi[g] = _mm256_and_si256(_mm256_srli_epi16::<4>(w), m4);
                                 if FIVE {
                                     // Bit 2j (2j + 1) of qh byte l is the fifth bit of quant l of
                                     // sub-block 2j (2j + 1): moved to bit 4 of its byte.
-                                    let h = load(units[g].add(64 * (4 + m)));
+                                    let h = load(units[g].add(64 * (4 + 2 * m)));
                                     let m10 = _mm256_set1_epi8(0x10);
                                     let (ba, bb) = match j {
                                         0 => (_mm256_slli_epi16::<4>(h), _mm256_slli_epi16::<3>(h)),
