@@ -78,6 +78,26 @@ impl ActQ8K {
     pub fn quantize_residual(&mut self, first: &ActQ8K, x: &[f32]) {
         assert_eq!(x.len(), first.len(), "ActQ8K: residual of a different length");
         self.resize(x.len());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::dot_kquant::active_isa() != "scalar" {
+                // SAFETY: as in `quantize`: AVX2 and FMA were detected; `resize` made the buffers
+                // `x.len()` (and `first`'s are as long, asserted above).
+                unsafe { residual_avx2(x, &first.d, &first.qs, &mut self.d, &mut self.qs, &mut self.bsums) };
+                return;
+            }
+        }
+        self.residual_blocks_scalar(first, x);
+    }
+
+    /// [`Self::quantize_residual`] with plain scalar code: the reference for the SIMD path.
+    pub fn quantize_residual_scalar(&mut self, first: &ActQ8K, x: &[f32]) {
+        assert_eq!(x.len(), first.len(), "ActQ8K: residual of a different length");
+        self.resize(x.len());
+        self.residual_blocks_scalar(first, x);
+    }
+
+    fn residual_blocks_scalar(&mut self, first: &ActQ8K, x: &[f32]) {
         for (b, xb) in x.chunks_exact(QK_K).enumerate() {
             let d = first.d[b];
             let qb = &mut self.qs[b * QK_K..(b + 1) * QK_K];
@@ -192,6 +212,52 @@ unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i1
     }
 }
 
+/// The residual plane of one vector (see [`ActQ8K::quantize_residual`]): per element the same f32
+/// steps as the scalar code (`v − d·q` as a product then a difference, times `256 / d`, rounded to
+/// nearest even, clamped to ±127), eight lanes at a time.
+///
+/// # Safety
+/// AVX2 and FMA; `x`, `q1` and `qs` are `256 · d1.len()` long, `d` as long as `d1`, `bsums` 16 per
+/// super-block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn residual_avx2(x: &[f32], d1: &[f32], q1: &[i8], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() == q1.len() && x.len() == qs.len() && d1.len() * QK_K == x.len());
+    debug_assert!(d.len() == d1.len() && bsums.len() == d1.len() * 16);
+    for (b, (&db, dout)) in d1.iter().zip(d.iter_mut()).enumerate() {
+        let qb = &mut qs[b * QK_K..(b + 1) * QK_K];
+        if db != 0.0 {
+            let m = 256.0 / db;
+            // SAFETY: every load reads 8 floats or 8 bytes inside block `b` of `x` / `q1`, every
+            // store writes 32 bytes inside `qb`; all unaligned.
+            unsafe {
+                let (dv, mv) = (_mm256_set1_ps(db), _mm256_set1_ps(m));
+                let (lim_hi, lim_lo) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
+                let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+                for c in 0..QK_K / 32 {
+                    let at = b * QK_K + 32 * c;
+                    let mut r = [_mm256_setzero_si256(); 4];
+                    for (k, rk) in r.iter_mut().enumerate() {
+                        let v = _mm256_loadu_ps(x.as_ptr().add(at + 8 * k));
+                        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q1.as_ptr().add(at + 8 * k) as *const __m128i));
+                        let res = _mm256_sub_ps(v, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(q)));
+                        let t = _mm256_round_ps(_mm256_mul_ps(res, mv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                        *rk = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, lim_lo), lim_hi));
+                    }
+                    let bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+                    _mm256_storeu_si256(
+                        qb.as_mut_ptr().add(32 * c) as *mut __m256i,
+                        _mm256_permutevar8x32_epi32(bytes, perm),
+                    );
+                }
+            }
+        }
+        *dout = db / 256.0;
+        fill_bsums(qb, &mut bsums[16 * b..16 * b + 16]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,11 +292,19 @@ mod tests {
         for n in [256usize, 768, 4096] {
             let mut x: Vec<f32> = (0..n).map(|i| next() * (1 + i % 7) as f32).collect();
             x[5] = 0.5; // exact ties after scaling are exercised by the rounding below
+            if n > 256 {
+                x[256..512].fill(0.0); // an all-zero super-block: d = 0, no residual
+            }
             let mut a = ActQ8K::new();
             let mut b = ActQ8K::new();
             a.quantize(&x);
             b.quantize_scalar(&x);
             assert_eq!(a, b);
+            let (mut ra, mut rb) = (ActQ8K::new(), ActQ8K::new());
+            ra.quantize_residual(&a, &x);
+            rb.quantize_residual_scalar(&a, &x);
+            assert_eq!(ra, rb, "residual plane, n={n}");
+            assert!(rb.qs.iter().any(|&q| q != 0));
         }
     }
 }
