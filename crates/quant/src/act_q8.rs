@@ -146,6 +146,26 @@ impl ActQ8 {
     pub fn quantize_residual(&mut self, first: &ActQ8, x: &[f32]) {
         assert_eq!(x.len(), first.len(), "ActQ8: residual of a different length");
         self.resize(x.len());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::dot_legacy::simd_available() {
+                // SAFETY: as in `quantize`; `resize` gave this vector the block count of `first`
+                // (asserted the same length), whose buffers are as long.
+                unsafe { residual_avx2(x, first, &mut self.d, &mut self.qs, &mut self.sums) };
+                return;
+            }
+        }
+        self.residual_blocks_scalar(first, x);
+    }
+
+    /// [`Self::quantize_residual`] with plain scalar code: the reference for the SIMD path.
+    pub fn quantize_residual_scalar(&mut self, first: &ActQ8, x: &[f32]) {
+        assert_eq!(x.len(), first.len(), "ActQ8: residual of a different length");
+        self.resize(x.len());
+        self.residual_blocks_scalar(first, x);
+    }
+
+    fn residual_blocks_scalar(&mut self, first: &ActQ8, x: &[f32]) {
         for (b, xb) in x.chunks_exact(QK).enumerate() {
             let d = first.d[b];
             if d == 0.0 {
@@ -284,6 +304,58 @@ unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], qs: &mut [i8], sums: &mut [i32
     }
 }
 
+/// The residual plane (see [`ActQ8::quantize_residual`]): per element the scalar code's f32 steps
+/// (`v − d·q` as a product then a difference, times `256 / d`, rounded to nearest even, clamped to
+/// ±127), eight lanes at a time, stored by halves like every plane.
+///
+/// # Safety
+/// AVX2; `x` is `32 · nb` long for the `nb` blocks of `first`, and `d`, `qs`, `sums` have this
+/// vector's padded lengths for them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn residual_avx2(x: &[f32], first: &ActQ8, d: &mut [f32], qs: &mut [i8], sums: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let nb = x.len() / QK;
+    debug_assert!(first.d.len() >= nb && d.len() >= nb && sums.len() >= nb && qs.len() >= nb.div_ceil(2) * 64);
+    for b in 0..nb {
+        let db = first.d[b];
+        let halves = [half_offset(b, 0), half_offset(b, 1)];
+        if db == 0.0 {
+            d[b] = 0.0;
+            sums[b] = 0;
+            for o in halves {
+                qs[o..o + 16].fill(0);
+            }
+            continue;
+        }
+        let m = 256.0 / db;
+        // SAFETY: the loads read 8 floats of block `b` of `x` and 8 quants of one of its halves
+        // in `first.qs`; the stores write its two 16-byte halves in `qs`; all unaligned.
+        unsafe {
+            let (dv, mv) = (_mm256_set1_ps(db), _mm256_set1_ps(m));
+            let (lim_hi, lim_lo) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
+            let mut r = [_mm256_setzero_si256(); 4];
+            for (k, rk) in r.iter_mut().enumerate() {
+                let v = _mm256_loadu_ps(x.as_ptr().add(QK * b + 8 * k));
+                let src = first.qs.as_ptr().add(halves[k / 2] + 8 * (k % 2));
+                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(src as *const __m128i));
+                let res = _mm256_sub_ps(v, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(q)));
+                let t = _mm256_round_ps(_mm256_mul_ps(res, mv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                *rk = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, lim_lo), lim_hi));
+            }
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+            let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm_storeu_si128(qs.as_mut_ptr().add(halves[0]) as *mut __m128i, _mm256_castsi256_si128(bytes));
+            _mm_storeu_si128(qs.as_mut_ptr().add(halves[1]) as *mut __m128i, _mm256_extracti128_si256::<1>(bytes));
+            let s8 = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256::<1>(s8));
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            sums[b] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
+        }
+        d[b] = db / 256.0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +414,11 @@ mod tests {
             b.quantize_scalar(&x);
             assert_eq!(a, b);
             assert!(a.is_well_formed());
+            let (mut ra, mut rb) = (ActQ8::new(), ActQ8::new());
+            ra.quantize_residual(&a, &x);
+            rb.quantize_residual_scalar(&a, &x);
+            assert_eq!(ra, rb, "residual plane, n={n}");
+            assert!(ra.is_well_formed() && rb.qs.iter().any(|&q| q != 0));
             let ptrs = (a.d.as_ptr(), a.qs.as_ptr(), a.sums.as_ptr());
             a.quantize(&x);
             assert_eq!(ptrs, (a.d.as_ptr(), a.qs.as_ptr(), a.sums.as_ptr()));
