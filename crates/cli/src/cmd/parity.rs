@@ -96,7 +96,13 @@ pub fn main(a: Args) -> Result<ExitCode> {
             skipped.push(fixture.model.clone());
             continue;
         };
-        let model = Model::load(&model_path)?;
+        // The CPU's default path reads the interleaved private copy; the CUDA backend uploads the
+        // file's layout.
+        let pages = match a.backend {
+            Backend::Cuda => kiln_engine::WeightPages::Mapped,
+            Backend::Cpu => kiln_engine::WeightPages::HugePages,
+        };
+        let model = Model::load_with(&model_path, pages)?;
         let t0 = std::time::Instant::now();
         #[cfg(feature = "cuda")]
         let report = match device.take() {
