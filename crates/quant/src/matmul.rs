@@ -267,8 +267,8 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
     };
     let mut tasks = Vec::new();
     for (j, (w, _)) in jobs.iter().enumerate() {
-        // Interleaved matrices split at whole pairs of groups (their kernel's step).
-        let per = if w.interleaved { per.next_multiple_of(2 * crate::interleave::GROUP) } else { per };
+        // Interleaved matrices split at whole groups (their kernels' step).
+        let per = if w.interleaved { per.next_multiple_of(crate::interleave::GROUP) } else { per };
         tasks.extend((0..w.rows).step_by(per).map(|r0| (j, r0, (r0 + per).min(w.rows))));
     }
     let outs: Vec<(QMatrix, OutPtr)> = jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()))).collect();
