@@ -107,7 +107,7 @@ macro_rules! rows8_kernels {
         }
 
         /// One group of 16 interleaved rows (at `data`, `nb` units) against `NT` two-plane
-        /// activations: `out[(8g + r) · NT + t]` for row `r` of half-unit `g`.
+        /// activations: `out[(8g + r) · NT + t]` for row `r` of half `g` (rows `8g .. 8g + 8`).
         ///
         /// # Safety
         /// The CPU has the set's features; `data` holds one group (`nb` units of `16 · block`
