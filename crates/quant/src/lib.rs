@@ -5,6 +5,9 @@
 //! integers in f32, in the same order of operations as the format's definition, so the results are
 //! bit-identical to the gguf Python package (checked against `shared/fixtures/dequant`).
 
+#[macro_use]
+mod byte_dot;
+
 pub mod act_q8;
 pub mod act_q8k;
 pub mod aligned;

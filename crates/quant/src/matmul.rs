@@ -60,11 +60,6 @@ impl<'a> QMatrix<'a> {
         self.interleaved
     }
 
-    /// Bytes of one row in the file's layout.
-    pub fn row_bytes(&self) -> usize {
-        self.row_bytes
-    }
-
     /// Rows `r0 .. r0 + rows` as a matrix of their own (same type, layout and activation planes).
     /// An interleaved matrix splits at whole groups only: `r0` a multiple of the group, and
     /// `rows` too unless the block runs to the last row.

@@ -48,18 +48,7 @@ macro_rules! rows8_kernels {
         use crate::act_q8k::ActQ8K;
         use std::arch::x86_64::*;
 
-        /// `acc + Σ_{4 bytes} w · a` per i32 lane (u8 × i8).
-        #[inline(always)]
-        unsafe fn dp(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-            // SAFETY: the enclosing kernel's target features (AVX-512 VNNI + VL in the VNNI set).
-            unsafe {
-                if $vnni {
-                    _mm256_dpbusd_epi32(acc, w, a)
-                } else {
-                    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)))
-                }
-            }
-        }
+        byte_dot_helpers!($vnni);
 
         /// `acc + Σ_{2 i16} a · b` per i32 lane.
         #[inline(always)]
@@ -72,12 +61,6 @@ macro_rules! rows8_kernels {
                     _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
                 }
             }
-        }
-
-        #[inline(always)]
-        unsafe fn bcast(p: *const u8) -> __m256i {
-            // SAFETY: the caller guarantees 4 readable bytes at `p`.
-            unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
         }
 
         #[inline(always)]
