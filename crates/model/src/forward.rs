@@ -4,6 +4,7 @@ use kiln_quant::matmul::{self, dot_f64, QMatrix};
 use rayon::prelude::*;
 
 use crate::attention_prompt::attention_prompt;
+use crate::forward_lockstep::{forward_lockstep, LockstepBuffers};
 use crate::{Activation, Fault, KvCache, LlamaConfig, LlamaWeights, ModelError, Observer, RopeScaling};
 
 /// Which arithmetic the forward pass uses.
@@ -77,7 +78,9 @@ pub fn forward_ubatched(
     let result = run_in_pool(|| {
         if obs.is_some() || tokens.len() <= ubatch {
             let mut steps = [SeqStep { cache: &mut *cache, tokens, want }];
-            return Ok(forward_steps(w, &mut steps, precision, &mut ws, obs, fault)?.pop().unwrap_or_default());
+            return Ok(forward_steps(w, &mut steps, precision, &mut ws, obs, fault, GenerationPass::Auto)?
+                .pop()
+                .unwrap_or_default());
         }
         // Nothing runs unless all of it can (no half-filled cache on error).
         check_step(&w.cfg, cache, tokens)?;
@@ -85,7 +88,9 @@ pub fn forward_ubatched(
         let mut out = Vec::new();
         for part in tokens.chunks(size) {
             let mut steps = [SeqStep { cache: &mut *cache, tokens: part, want }];
-            let logits = forward_steps(w, &mut steps, precision, &mut ws, None, fault)?.pop().unwrap_or_default();
+            let logits = forward_steps(w, &mut steps, precision, &mut ws, None, fault, GenerationPass::Auto)?
+                .pop()
+                .unwrap_or_default();
             match want {
                 Logits::All => out.extend_from_slice(&logits),
                 Logits::Last => out = logits,
@@ -129,7 +134,32 @@ pub fn forward_batch(
     ws: &mut Workspace,
     obs: Option<&mut dyn Observer>,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    run_in_pool(|| forward_steps(w, steps, precision, ws, obs, None))
+    run_in_pool(|| forward_steps(w, steps, precision, ws, obs, None, GenerationPass::Auto))
+}
+
+/// How a generation step's parallel work is organised (the results are the same bits either way).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenerationPass {
+    /// Lock step where it applies (see below) and no other lock-step pass runs; sections otherwise.
+    Auto,
+    /// One parallel section per operation.
+    Sections,
+    /// Every pool thread through every operation ([`crate::forward_lockstep`]). Panics where it does
+    /// not apply (an observer, a fault, the exact path, a step long enough for the prompt kernels,
+    /// heads over 512) or while another lock-step pass runs.
+    Lockstep,
+}
+
+/// [`forward_batch`] with the generation pass chosen (to compare the two).
+#[doc(hidden)]
+pub fn forward_batch_with(
+    w: &LlamaWeights,
+    steps: &mut [SeqStep<'_>],
+    ws: &mut Workspace,
+    pass: GenerationPass,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    run_in_pool(|| forward_steps(w, steps, Precision::Fast, ws, None, None, pass))
 }
 
 /// Runs `f` on a pool thread: the many short parallel sections inside then start by work stealing
@@ -150,6 +180,7 @@ fn forward_steps(
     ws: &mut Workspace,
     mut obs: Option<&mut dyn Observer>,
     fault: Option<Fault>,
+    pass: GenerationPass,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
     let cfg = &w.cfg;
     for s in steps.iter() {
@@ -171,6 +202,50 @@ fn forward_steps(
     let row_segments = segments(spans.iter().cloned());
     let mm = |jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32]| matmul_segments(jobs, x, &row_segments, precision);
     let rms_eps = if fault == Some(Fault::NoRmsEps) { 0.0 } else { cfg.rms_eps };
+    let pairing = if fault == Some(Fault::RopePairing) { RopePairing::Halves } else { RopePairing::Adjacent };
+    let ropes: Vec<RopeTable> = steps.iter().map(|s| RopeTable::new(w, s.cache.len, s.tokens.len(), pairing)).collect();
+    // The rows whose logits are wanted.
+    let out_rows: Vec<std::ops::Range<usize>> = steps
+        .iter()
+        .zip(&spans)
+        .map(|(s, span)| match s.want {
+            _ if span.is_empty() => span.clone(),
+            Logits::All => span.clone(),
+            Logits::Last => span.end - 1..span.end,
+        })
+        .collect();
+    let split_logits = |logits: Vec<f32>| {
+        let nv = cfg.n_vocab;
+        let mut at = 0;
+        out_rows
+            .iter()
+            .map(|r| {
+                at += r.len();
+                logits[(at - r.len()) * nv..at * nv].to_vec()
+            })
+            .collect::<Vec<_>>()
+    };
+
+    let lockstep_fits = obs.is_none()
+        && fault.is_none()
+        && precision == Precision::Fast
+        && row_segments.iter().all(|(_, prompt)| !prompt)
+        && cfg.head_dim <= crate::forward_lockstep::MAX_HEAD_DIM;
+    let lockstep = match pass {
+        GenerationPass::Sections => false,
+        GenerationPass::Auto => lockstep_fits && crate::forward_lockstep::enabled(),
+        GenerationPass::Lockstep => {
+            assert!(lockstep_fits, "the lock-step pass does not apply to this call");
+            true
+        }
+    };
+    if lockstep {
+        if let Some(logits) = forward_lockstep(w, steps, &spans, &ropes, &out_rows, rms_eps, &mut ws.lockstep) {
+            return Ok(split_logits(logits));
+        }
+        // Another pass runs: take the sections (waiting for it here could hold a thread it needs).
+        assert!(pass != GenerationPass::Lockstep, "another lock-step pass is running");
+    }
 
     // Observers see whole activations, and the exact path and the generation kernels have no
     // column pieces: the FFN then runs whole.
@@ -182,7 +257,7 @@ fn forward_steps(
     let gate_len = ffn_units.iter().map(|u| u.map_or(n * ff, |u| n * (u + e))).fold(n * qd, usize::max);
     let up_len = ffn_units.iter().map(|u| n * u.unwrap_or(ff)).fold(2 * n * kvd, usize::max);
     ws.resize(n * e, gate_len, up_len);
-    let Workspace { x, h, gate, up } = ws;
+    let Workspace { x, h, gate, up, .. } = ws;
     for (s, span) in steps.iter().zip(&spans) {
         for (&tok, xr) in s.tokens.iter().zip(x[span.start * e..span.end * e].chunks_exact_mut(e)) {
             w.token_embd.dequantize_row_into(tok as usize, xr);
@@ -190,8 +265,6 @@ fn forward_steps(
     }
     emit(&mut obs, None, "token_embd", n, e, x);
 
-    let pairing = if fault == Some(Fault::RopePairing) { RopePairing::Halves } else { RopePairing::Adjacent };
-    let ropes: Vec<RopeTable> = steps.iter().map(|s| RopeTable::new(w, s.cache.len, s.tokens.len(), pairing)).collect();
     // Attention weights are reported only for a single sequence (rows of one causal triangle).
     let single = steps.len() == 1;
 
@@ -302,15 +375,6 @@ fn forward_steps(
     }
 
     // The rows whose logits are wanted, stacked, through one output matmul.
-    let out_rows: Vec<std::ops::Range<usize>> = steps
-        .iter()
-        .zip(&spans)
-        .map(|(s, span)| match s.want {
-            _ if span.is_empty() => span.clone(),
-            Logits::All => span.clone(),
-            Logits::Last => span.end - 1..span.end,
-        })
-        .collect();
     let n_out: usize = out_rows.iter().map(|r| r.len()).sum();
     let mut xs = Vec::with_capacity(n_out * e);
     for r in &out_rows {
@@ -332,13 +396,7 @@ fn forward_steps(
         matmul_segments(&mut [(&w.output, &mut logits)], &hn, &out_segments, precision);
     }
     emit(&mut obs, None, "logits", n_out, nv, &logits);
-    let mut result = Vec::with_capacity(steps.len());
-    let mut at = 0;
-    for r in &out_rows {
-        result.push(logits[at * nv..(at + r.len()) * nv].to_vec());
-        at += r.len();
-    }
-    Ok(result)
+    Ok(split_logits(logits))
 }
 
 /// Consecutive row ranges of the stacked batch that take the same default-path kernel: `(rows,
@@ -433,6 +491,8 @@ pub struct Workspace {
     gate: Vec<f32>,
     /// The FFN's up projection (or a piece of it); in the attention half, k and v.
     up: Vec<f32>,
+    /// The lock-step generation pass's buffers.
+    lockstep: LockstepBuffers,
 }
 
 impl Workspace {
@@ -461,7 +521,7 @@ fn emit(
 }
 
 /// `out = x / sqrt(mean(x²) + eps) * weight`, row by row; the mean is taken in f64.
-fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
     let e = weight.len();
     for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
         let ss: f64 = xr.iter().map(|&v| v as f64 * v as f64).sum();
@@ -472,7 +532,7 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
     }
 }
 
-fn add_in_place(x: &mut [f32], y: &[f32]) {
+pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
@@ -509,7 +569,7 @@ enum RopePairing {
 }
 
 /// Rotation angles for one sequence's positions, computed in f64 once per forward call.
-struct RopeTable {
+pub(crate) struct RopeTable {
     /// `[n_tokens][n_rot / 2]` (cos, sin) pairs.
     cos_sin: Vec<(f32, f32)>,
     half: usize,
@@ -547,19 +607,27 @@ impl RopeTable {
         let n = self.cos_sin.len() / self.half;
         let row = x.len() / n;
         for (t, xr) in x.chunks_exact_mut(row).enumerate() {
-            let cs = &self.cos_sin[t * self.half..(t + 1) * self.half];
             for head in xr.chunks_exact_mut(head_dim) {
-                for (i, &(c, s)) in cs.iter().enumerate() {
-                    let (ia, ib) = match self.pairing {
-                        RopePairing::Adjacent => (2 * i, 2 * i + 1),
-                        RopePairing::Halves => (i, i + self.half),
-                    };
-                    let (a, b) = (head[ia] as f64, head[ib] as f64);
-                    let (c, s) = (c as f64, s as f64);
-                    head[ia] = (a * c - b * s) as f32;
-                    head[ib] = (a * s + b * c) as f32;
-                }
+                self.apply_head(t, head);
             }
+        }
+    }
+
+    /// Rotates one head of the call's token `t` (its first `n_rot` dims).
+    pub(crate) fn apply_head(&self, t: usize, head: &mut [f32]) {
+        if self.half == 0 {
+            return;
+        }
+        let cs = &self.cos_sin[t * self.half..(t + 1) * self.half];
+        for (i, &(c, s)) in cs.iter().enumerate() {
+            let (ia, ib) = match self.pairing {
+                RopePairing::Adjacent => (2 * i, 2 * i + 1),
+                RopePairing::Halves => (i, i + self.half),
+            };
+            let (a, b) = (head[ia] as f64, head[ib] as f64);
+            let (c, s) = (c as f64, s as f64);
+            head[ia] = (a * c - b * s) as f32;
+            head[ib] = (a * s + b * c) as f32;
         }
     }
 }

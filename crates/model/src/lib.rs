@@ -7,7 +7,9 @@ mod config;
 mod error;
 mod fault;
 mod forward;
+mod forward_lockstep;
 mod kv_cache;
+mod lockstep_sync;
 mod observer;
 mod weights;
 
@@ -15,7 +17,8 @@ pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
 pub use error::ModelError;
 pub use fault::Fault;
 pub use forward::{
-    forward, forward_batch, forward_faulty, forward_ubatched, Logits, Precision, SeqStep, Workspace, MAX_UBATCH,
+    forward, forward_batch, forward_batch_with, forward_faulty, forward_ubatched, GenerationPass, Logits, Precision,
+    SeqStep, Workspace, MAX_UBATCH,
 };
 pub use kv_cache::KvCache;
 pub use observer::{Activation, Observer};

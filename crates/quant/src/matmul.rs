@@ -155,24 +155,6 @@ pub fn act_format_for(ty: GgmlType, planes: usize) -> ActFormat {
     }
 }
 
-/// Quantized activations kept between calls, so that steady-state generation allocates nothing.
-#[derive(Default)]
-struct Scratch {
-    q8: Vec<ActQ8>,
-    q8k: Vec<ActQ8K>,
-    i16: ActI16,
-}
-
-static SCRATCH_POOL: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
-
-fn take_scratch() -> Scratch {
-    SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
-}
-
-fn return_scratch(s: Scratch) {
-    SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner()).push(s);
-}
-
 /// The default path: same result layout as [`matmul_exact`]. From [`gemm::MIN_TOKENS`] tokens
 /// (prompts) the weights are dequantized panel by panel and multiplied in f32 ([`gemm`]); fewer
 /// tokens (generation) go through [`matmul_dot`].
@@ -220,100 +202,178 @@ pub fn matmul_dot_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n: usize)
         }
         return;
     }
-    let needs = |f: ActFormat| jobs.iter().any(|(w, _)| act_format_for(w.ty, planes) == f);
-    let mut scratch = take_scratch();
-    if needs(ActFormat::Q8) {
-        prepare(
-            &mut scratch.q8,
-            x,
-            n,
-            cols,
-            planes,
-            ActQ8::new,
-            |a, x| a.quantize(x),
-            |first, second, x| second.quantize_residual(first, x),
-        );
-    }
-    if needs(ActFormat::Q8K) {
-        prepare(
-            &mut scratch.q8k,
-            x,
-            n,
-            cols,
-            planes,
-            ActQ8K::new,
-            |a, x| a.quantize(x),
-            |first, second, x| second.quantize_residual(first, x),
-        );
-    }
-    if needs(ActFormat::I16) {
-        scratch.i16.quantize(x, n, cols);
-    }
-    let (q8, q8k, a16) = (&scratch.q8[..], &scratch.q8k[..], &scratch.i16);
+    let mut acts = take_activations();
+    let mats: Vec<&QMatrix> = jobs.iter().map(|(w, _)| &**w).collect();
+    acts.quantize(&mats, x, n, true);
 
     // Tasks of rows over all the matrices: enough to balance the threads, tiles of rows small
     // enough to stay in L1 while the token groups stream past.
-    let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
-    let threads = rayon::current_num_threads().max(1);
+    let mut tasks = Vec::new();
+    dot_tasks_into(&mats, n, rayon::current_num_threads(), &mut tasks);
+    let outs: Vec<(QMatrix, OutPtr)> = jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()))).collect();
+    tasks.into_par_iter().for_each(|(j, rows)| {
+        let (w, ptr) = (&outs[j].0, outs[j].1);
+        dot_task(w, &acts, x, rows, ptr);
+    });
+    return_activations(acts);
+}
+
+/// Row tasks `(matrix index, rows)` of a generation product over `mats` for `threads` threads, into
+/// `tasks`: a few per thread to balance them, interleaved matrices split at whole groups (their
+/// kernels' step).
+pub fn dot_tasks_into(mats: &[&QMatrix], n: usize, threads: usize, tasks: &mut Vec<(usize, std::ops::Range<usize>)>) {
+    let total_rows: usize = mats.iter().map(|w| w.rows).sum();
+    let threads = threads.max(1);
     let per = if n == 1 {
         total_rows.div_ceil(threads * 8).clamp(1, 256)
     } else {
         total_rows.div_ceil(threads * 4).clamp(1, 16)
     };
-    let mut tasks = Vec::new();
-    for (j, (w, _)) in jobs.iter().enumerate() {
-        // Interleaved matrices split at whole groups (their kernels' step).
+    tasks.clear();
+    for (j, w) in mats.iter().enumerate() {
         let per = if w.interleaved { per.next_multiple_of(crate::interleave::GROUP) } else { per };
-        tasks.extend((0..w.rows).step_by(per).map(|r0| (j, r0, (r0 + per).min(w.rows))));
+        tasks.extend((0..w.rows).step_by(per).map(|r0| (j, r0..(r0 + per).min(w.rows))));
     }
-    let outs: Vec<(QMatrix, OutPtr)> = jobs.iter_mut().map(|(w, out)| (**w, OutPtr(out.as_mut_ptr()))).collect();
-    tasks.into_par_iter().for_each(|(j, r0, r1)| {
-        let (w, ptr) = (&outs[j].0, outs[j].1);
-        let ty = w.ty;
-        match act_format_for(ty, planes) {
-            ActFormat::I16 => tile_rows(w, n, r0..r1, ptr, 1, |row, t0, res| {
-                res[0] = crate::dot_i16::vec_dot_q8_0(row, a16, t0);
-            }),
-            ActFormat::F32 => tile_rows(w, n, r0..r1, ptr, TOKEN_GROUP, |row, t0, res| {
-                for (i, r) in res.iter_mut().enumerate() {
-                    let t = t0 + i;
-                    *r = crate::dot_float::vec_dot_f32(ty, row, &x[t * cols..(t + 1) * cols]);
-                }
-            }),
-            ActFormat::Q8 => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
-                let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
-                match (planes, w.interleaved) {
-                    (2, true) => {
-                        crate::dot_legacy::vec_dot_q8_rows_planes_interleaved(ty, data, w.row_bytes, &refs[..k], parts)
-                    }
-                    (_, true) => {
-                        // One plane has no interleaved kernel: the rows back in the file's layout.
-                        let rows = crate::interleave::deinterleave(ty, data, data.len() / w.row_bytes, w.row_bytes);
-                        crate::dot_legacy::vec_dot_q8_rows_planes(ty, &rows, w.row_bytes, &refs[..k], planes, parts);
-                    }
-                    (_, false) => {
-                        crate::dot_legacy::vec_dot_q8_rows_planes(ty, data, w.row_bytes, &refs[..k], planes, parts)
-                    }
-                }
-            }),
-            ActFormat::Q8K => rows_by_groups(w, n, r0..r1, ptr, planes, |data, t0, k, parts| {
-                let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);
-                match (planes, w.interleaved) {
-                    (2, true) => {
-                        crate::dot_kquant::vec_dot_q8k_rows_planes_interleaved(ty, data, w.row_bytes, &refs[..k], parts)
-                    }
-                    (2, false) => crate::dot_kquant::vec_dot_q8k_rows_planes(ty, data, w.row_bytes, &refs[..k], parts),
-                    (_, true) => {
-                        // One plane has no interleaved kernel: the rows back in the file's layout.
-                        let rows = crate::interleave::deinterleave(ty, data, data.len() / w.row_bytes, w.row_bytes);
-                        crate::dot_kquant::vec_dot_q8k_rows(ty, &rows, w.row_bytes, &refs[..k], parts);
-                    }
-                    (_, false) => crate::dot_kquant::vec_dot_q8k_rows(ty, data, w.row_bytes, &refs[..k], parts),
-                }
-            }),
+}
+
+/// Rows `rows` of `w` against activations quantized by [`DotActivations::quantize`] (from `x`,
+/// which the float formats read directly), written to `out[t * rows.len() + (r - rows.start)]`:
+/// the results of [`matmul_dot_many`] for those rows, bit for bit. An interleaved matrix's `rows`
+/// start at a whole group and end at one or at the last row.
+pub fn matmul_dot_rows(w: &QMatrix, acts: &DotActivations, x: &[f32], rows: std::ops::Range<usize>, out: &mut [f32]) {
+    assert_eq!(out.len(), acts.n * rows.len(), "output length");
+    assert_eq!(x.len(), acts.n * w.cols, "activation length");
+    assert!(acts.covers(w), "activations quantized for this matrix's format");
+    let block = w.row_block(rows.start, rows.len());
+    dot_task(&block, acts, x, 0..rows.len(), OutPtr(out.as_mut_ptr()));
+}
+
+/// Activations quantized for the generation kernels, in every format a set of matrices calls
+/// for; kept between calls so that steady-state generation allocates nothing.
+#[derive(Default)]
+pub struct DotActivations {
+    q8: Vec<ActQ8>,
+    q8k: Vec<ActQ8K>,
+    i16: ActI16,
+    /// Tokens, columns and planes of the last [`Self::quantize`], and which formats it made.
+    n: usize,
+    cols: usize,
+    planes: usize,
+    formats: [bool; 3],
+}
+
+impl DotActivations {
+    /// Quantizes the `n` vectors of `x` for the products with `mats` (same columns and activation
+    /// planes), on the calling thread unless `parallel`.
+    pub fn quantize(&mut self, mats: &[&QMatrix], x: &[f32], n: usize, parallel: bool) {
+        let Some(first) = mats.first() else { return };
+        let (cols, planes) = (first.cols, first.act_planes);
+        assert!(mats.iter().all(|w| w.cols == cols && w.act_planes == planes), "matrices share the activations");
+        assert_eq!(x.len(), n * cols, "activation length");
+        let needs = |f: ActFormat| mats.iter().any(|w| act_format_for(w.ty, planes) == f);
+        (self.n, self.cols, self.planes) = (n, cols, planes);
+        self.formats = [needs(ActFormat::Q8), needs(ActFormat::Q8K), needs(ActFormat::I16)];
+        if self.formats[0] {
+            prepare(
+                &mut self.q8,
+                x,
+                n,
+                cols,
+                planes,
+                parallel,
+                ActQ8::new,
+                |a, x| a.quantize(x),
+                |first, second, x| second.quantize_residual(first, x),
+            );
         }
-    });
-    return_scratch(scratch);
+        if self.formats[1] {
+            prepare(
+                &mut self.q8k,
+                x,
+                n,
+                cols,
+                planes,
+                parallel,
+                ActQ8K::new,
+                |a, x| a.quantize(x),
+                |first, second, x| second.quantize_residual(first, x),
+            );
+        }
+        if self.formats[2] {
+            self.i16.quantize(x, n, cols);
+        }
+    }
+
+    /// Whether the last [`Self::quantize`] made what `w`'s kernels read.
+    fn covers(&self, w: &QMatrix) -> bool {
+        w.cols == self.cols
+            && w.act_planes == self.planes
+            && match act_format_for(w.ty, self.planes) {
+                ActFormat::F32 => true,
+                ActFormat::Q8 => self.formats[0],
+                ActFormat::Q8K => self.formats[1],
+                ActFormat::I16 => self.formats[2],
+            }
+    }
+}
+
+static ACTIVATIONS_POOL: Mutex<Vec<DotActivations>> = Mutex::new(Vec::new());
+
+fn take_activations() -> DotActivations {
+    ACTIVATIONS_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
+}
+
+fn return_activations(a: DotActivations) {
+    ACTIVATIONS_POOL.lock().unwrap_or_else(|e| e.into_inner()).push(a);
+}
+
+/// One row task of a generation product: rows `rows` of `w` against every token of `acts`, written
+/// to `out[t * w.rows + r]`.
+fn dot_task(w: &QMatrix, acts: &DotActivations, x: &[f32], rows: std::ops::Range<usize>, ptr: OutPtr) {
+    let (n, planes, cols, ty) = (acts.n, acts.planes, w.cols, w.ty);
+    let (q8, q8k, a16) = (&acts.q8[..], &acts.q8k[..], &acts.i16);
+    match act_format_for(ty, planes) {
+        ActFormat::I16 => tile_rows(w, n, rows, ptr, 1, |row, t0, res| {
+            res[0] = crate::dot_i16::vec_dot_q8_0(row, a16, t0);
+        }),
+        ActFormat::F32 => tile_rows(w, n, rows, ptr, TOKEN_GROUP, |row, t0, res| {
+            for (i, r) in res.iter_mut().enumerate() {
+                let t = t0 + i;
+                *r = crate::dot_float::vec_dot_f32(ty, row, &x[t * cols..(t + 1) * cols]);
+            }
+        }),
+        ActFormat::Q8 => rows_by_groups(w, n, rows, ptr, planes, |data, t0, k, parts| {
+            let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
+            match (planes, w.interleaved) {
+                (2, true) => {
+                    crate::dot_legacy::vec_dot_q8_rows_planes_interleaved(ty, data, w.row_bytes, &refs[..k], parts)
+                }
+                (_, true) => {
+                    // One plane has no interleaved kernel: the rows back in the file's layout.
+                    let rows = crate::interleave::deinterleave(ty, data, data.len() / w.row_bytes, w.row_bytes);
+                    crate::dot_legacy::vec_dot_q8_rows_planes(ty, &rows, w.row_bytes, &refs[..k], planes, parts);
+                }
+                (_, false) => {
+                    crate::dot_legacy::vec_dot_q8_rows_planes(ty, data, w.row_bytes, &refs[..k], planes, parts)
+                }
+            }
+        }),
+        ActFormat::Q8K => rows_by_groups(w, n, rows, ptr, planes, |data, t0, k, parts| {
+            let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);
+            match (planes, w.interleaved) {
+                (2, true) => {
+                    crate::dot_kquant::vec_dot_q8k_rows_planes_interleaved(ty, data, w.row_bytes, &refs[..k], parts)
+                }
+                (2, false) => crate::dot_kquant::vec_dot_q8k_rows_planes(ty, data, w.row_bytes, &refs[..k], parts),
+                (_, true) => {
+                    // One plane has no interleaved kernel: the rows back in the file's layout.
+                    let rows = crate::interleave::deinterleave(ty, data, data.len() / w.row_bytes, w.row_bytes);
+                    crate::dot_kquant::vec_dot_q8k_rows(ty, &rows, w.row_bytes, &refs[..k], parts);
+                }
+                (_, false) => crate::dot_kquant::vec_dot_q8k_rows(ty, data, w.row_bytes, &refs[..k], parts),
+            }
+        }),
+    }
 }
 
 /// 8-bit planes per activation vector: 1 = x ≈ d·q (llama.cpp's choice); 2 = x ≈ d·q + d'·q',
@@ -336,6 +396,7 @@ fn prepare<A: Send>(
     n: usize,
     cols: usize,
     planes: usize,
+    parallel: bool,
     new: fn() -> A,
     quantize: impl Fn(&mut A, &[f32]) + Sync,
     second_plane: impl Fn(&A, &mut A, &[f32]) + Sync,
@@ -351,7 +412,7 @@ fn prepare<A: Send>(
         }
     };
     // A few vectors are quicker to quantize here than to hand to the pool.
-    if n <= TOKEN_GROUP {
+    if !parallel || n <= TOKEN_GROUP {
         for (a, xt) in acts[..n * planes].chunks_mut(planes).zip(x.chunks_exact(cols)) {
             one(a, xt);
         }

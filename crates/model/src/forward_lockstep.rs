@@ -1,0 +1,346 @@
+//! The generation forward pass with every pool thread running every operation in lock step.
+//!
+//! Generating a token runs ~5 parallel operations per layer (q/k/v, attention, output projection,
+//! gate/up, down), each a few hundred microseconds of streaming weights. Forked and joined one by
+//! one, every operation pays for waking the pool and for threads that sleep between them; here
+//! one pool broadcast runs the whole token: each thread keeps its own copy of the residual stream
+//! (and does the cheap row-wise work — norms, activation quantization, SwiGLU — itself, on the same
+//! inputs, so every copy holds the same bits), claims row tasks of each product from a shared
+//! counter, and meets the others at a spinning barrier where the next operation needs all of the
+//! last one's results.
+//!
+//! Every number is computed by the same functions, in the same order, as in
+//! [`crate::forward::forward`]'s sections, so the logits are bit-identical to that path (tested).
+//! The keys and values of this step go to the caches after the pass (attention reads them from the
+//! pass's own buffers meanwhile), so the caches are only read by the threads.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use kiln_quant::matmul::{self, DotActivations, QMatrix};
+
+use crate::forward::{add_in_place, rms_norm, RopeTable, SeqStep};
+use crate::lockstep_sync::{PassShares, SharedF32, SpinBarrier};
+use crate::LlamaWeights;
+
+/// The pass's buffers, kept with a sequence's (or a batch's) workspace between calls.
+#[derive(Default)]
+pub(crate) struct LockstepBuffers {
+    /// Query projection, then (in its own buffer) the attention output.
+    q: SharedF32,
+    attn: SharedF32,
+    /// Output of the attention projection, then of the down projection.
+    proj: SharedF32,
+    gate: SharedF32,
+    up: SharedF32,
+    /// Each layer's keys (before RoPE) and values of this step, `[layer][n][kv_dim]`.
+    keys: SharedF32,
+    values: SharedF32,
+    logits: SharedF32,
+    shares: PassShares,
+    /// One per pool thread, indexed by the broadcast index.
+    threads: Vec<Mutex<ThreadBuffers>>,
+}
+
+impl std::fmt::Debug for LockstepBuffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockstepBuffers").field("threads", &self.threads.len()).finish_non_exhaustive()
+    }
+}
+
+/// One thread's own buffers.
+#[derive(Default)]
+struct ThreadBuffers {
+    /// The residual stream `[n][n_embd]` (every thread holds the same bits).
+    x: Vec<f32>,
+    /// Normed rows, the attention output or the SwiGLU product: whatever the next product reads.
+    input: Vec<f32>,
+    /// The up projection, read back for SwiGLU; the projections' results, read back for the residual.
+    other: Vec<f32>,
+    acts: DotActivations,
+    /// A row task's results, `[n][rows]`.
+    out: Vec<f32>,
+    tasks: Vec<(usize, std::ops::Range<usize>)>,
+    /// Attention: one query head, the step's new keys and values of one head, scores.
+    query: Vec<f32>,
+    new_keys: Vec<f32>,
+    new_values: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// Whether the process may use the lock-step pass (`KILN_LOCKSTEP=0` turns it off, to compare).
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_LOCKSTEP").map_or(true, |v| v != "0"))
+}
+
+/// Held while a lock-step pass runs. Two passes broadcast to the same pool at once could each
+/// hold a thread spinning for one the other holds; a second caller takes the sectioned path.
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+struct RunningGuard;
+
+impl RunningGuard {
+    fn try_acquire() -> Option<RunningGuard> {
+        RUNNING.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).ok().map(|_| RunningGuard)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        RUNNING.store(false, Ordering::Release);
+    }
+}
+
+/// One sequence as the threads see it: its rows in the stacked batch, its cache (read only) and
+/// its positions' rotations.
+struct SeqView<'a> {
+    rows: std::ops::Range<usize>,
+    pos0: usize,
+    keys: &'a [Vec<f32>],
+    values: &'a [Vec<f32>],
+    rope: &'a RopeTable,
+}
+
+/// The generation pass over `steps` (already checked: they fit their caches and the vocabulary;
+/// every step short enough for the generation kernels). Returns the logits of the rows in
+/// `out_rows`, stacked, or `None` when another lock-step pass is running (the caller then takes
+/// the sectioned path). Appends the step's keys and values to the caches.
+pub(crate) fn forward_lockstep(
+    w: &LlamaWeights,
+    steps: &mut [SeqStep<'_>],
+    spans: &[std::ops::Range<usize>],
+    ropes: &[RopeTable],
+    out_rows: &[std::ops::Range<usize>],
+    rms_eps: f64,
+    buffers: &mut LockstepBuffers,
+) -> Option<Vec<f32>> {
+    let _running = RunningGuard::try_acquire()?;
+    let cfg = &w.cfg;
+    let n = spans.last().map_or(0, |s| s.end);
+    let n_out: usize = out_rows.iter().map(|r| r.len()).sum();
+    let threads = rayon::current_num_threads().max(1);
+    let (e, qd, kvd, ff, nl) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff, cfg.n_layer);
+    for (buf, len) in [
+        (&mut buffers.q, n * qd),
+        (&mut buffers.attn, n * qd),
+        (&mut buffers.proj, n * e),
+        (&mut buffers.gate, n * ff),
+        (&mut buffers.up, n * ff),
+        (&mut buffers.keys, nl * n * kvd),
+        (&mut buffers.values, nl * n * kvd),
+        (&mut buffers.logits, n_out * cfg.n_vocab),
+    ] {
+        buf.resize(len);
+    }
+    // Five operations per layer and the LM head.
+    buffers.shares.reset(OPS_PER_LAYER * nl + 1, threads);
+    buffers.threads.resize_with(threads, Default::default);
+
+    let seqs: Vec<SeqView> = steps
+        .iter()
+        .zip(spans)
+        .zip(ropes)
+        .map(|((s, span), rope)| SeqView {
+            rows: span.clone(),
+            pos0: s.cache.len,
+            keys: &s.cache.keys,
+            values: &s.cache.values,
+            rope,
+        })
+        .collect();
+    let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+    let barrier = SpinBarrier::new(threads);
+    let pass =
+        Pass { w, seqs: &seqs, tokens: &tokens, out_rows, rms_eps, n, threads, shared: &*buffers, barrier: &barrier };
+    rayon::broadcast(|ctx| {
+        let _poison = barrier.poison_on_panic();
+        let mut own = buffers.threads[ctx.index()].lock().unwrap_or_else(|e| e.into_inner());
+        pass.run(ctx.index(), &mut own);
+    });
+    drop(seqs);
+
+    // The step's keys (rotated as the attention saw them) and values into the caches.
+    let mut row = vec![0f32; kvd];
+    for ((s, span), rope) in steps.iter_mut().zip(spans).zip(ropes) {
+        let p0 = s.cache.len;
+        for l in 0..nl {
+            for (t, i) in span.clone().enumerate() {
+                let at = (p0 + t) * kvd;
+                buffers.keys.load((l * n + i) * kvd, &mut row);
+                for head in row.chunks_exact_mut(cfg.head_dim) {
+                    rope.apply_head(t, head);
+                }
+                s.cache.keys[l][at..at + kvd].copy_from_slice(&row);
+                buffers.values.load((l * n + i) * kvd, &mut s.cache.values[l][at..at + kvd]);
+            }
+        }
+        s.cache.len += span.len();
+    }
+    let mut logits = vec![0f32; n_out * cfg.n_vocab];
+    buffers.logits.load(0, &mut logits);
+    Some(logits)
+}
+
+/// What every thread of one pass reads.
+struct Pass<'a> {
+    w: &'a LlamaWeights<'a>,
+    seqs: &'a [SeqView<'a>],
+    tokens: &'a [u32],
+    out_rows: &'a [std::ops::Range<usize>],
+    rms_eps: f64,
+    n: usize,
+    threads: usize,
+    shared: &'a LockstepBuffers,
+    barrier: &'a SpinBarrier,
+}
+
+impl Pass<'_> {
+    /// One thread's whole pass.
+    fn run(&self, me: usize, own: &mut ThreadBuffers) {
+        let (w, cfg, n, sh) = (self.w, &self.w.cfg, self.n, self.shared);
+        let (e, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        // Operations in order: their index picks their task shares.
+        let mut op = 0..;
+        let mut next_op = || (me, op.next().unwrap_or_default());
+        own.x.resize(n * e, 0.0);
+        for (&tok, xr) in self.tokens.iter().zip(own.x.chunks_exact_mut(e)) {
+            w.token_embd.dequantize_row_into(tok as usize, xr);
+        }
+        for (l, lw) in w.layers.iter().enumerate() {
+            let (keys, values) = (l * n * kvd, l * n * kvd);
+            own.input.resize(n * e, 0.0);
+            rms_norm(&own.x, &lw.attn_norm, self.rms_eps, &mut own.input);
+            self.product(own, &[(&lw.wq, &sh.q, 0), (&lw.wk, &sh.keys, keys), (&lw.wv, &sh.values, values)], next_op());
+            self.barrier.wait();
+
+            self.attention(own, l, next_op());
+            self.barrier.wait();
+
+            own.input.resize(n * qd, 0.0);
+            sh.attn.load(0, &mut own.input);
+            self.product(own, &[(&lw.wo, &sh.proj, 0)], next_op());
+            self.barrier.wait();
+
+            own.other.resize(n * e, 0.0);
+            sh.proj.load(0, &mut own.other);
+            add_in_place(&mut own.x, &own.other);
+            own.input.resize(n * e, 0.0);
+            rms_norm(&own.x, &lw.ffn_norm, self.rms_eps, &mut own.input);
+            self.product(own, &[(&lw.w_gate, &sh.gate, 0), (&lw.w_up, &sh.up, 0)], next_op());
+            self.barrier.wait();
+
+            own.input.resize(n * ff, 0.0);
+            own.other.resize(n * ff, 0.0);
+            sh.gate.load(0, &mut own.input);
+            sh.up.load(0, &mut own.other);
+            kiln_quant::exp::silu_mul_in_place(&mut own.input, &own.other);
+            self.product(own, &[(&lw.w_down, &sh.proj, 0)], next_op());
+            self.barrier.wait();
+
+            own.other.resize(n * e, 0.0);
+            sh.proj.load(0, &mut own.other);
+            add_in_place(&mut own.x, &own.other);
+        }
+
+        // The LM head over the rows whose logits are wanted.
+        let n_out: usize = self.out_rows.iter().map(|r| r.len()).sum();
+        own.other.clear();
+        for r in self.out_rows {
+            own.other.extend_from_slice(&own.x[r.start * e..r.end * e]);
+        }
+        own.input.resize(n_out * e, 0.0);
+        rms_norm(&own.other, &w.output_norm, self.rms_eps, &mut own.input);
+        self.product_of(own, n_out, &[(&w.output, &sh.logits, 0)], next_op());
+    }
+
+    /// `out_j = input · m_jᵀ` for the pass's `n` rows of `own.input`: the activations quantized
+    /// by each thread, row tasks taken from operation `op`'s shares, results stored from `at_j`
+    /// in `out_j`.
+    fn product(&self, own: &mut ThreadBuffers, jobs: &[(&QMatrix, &SharedF32, usize)], op: (usize, usize)) {
+        self.product_of(own, self.n, jobs, op)
+    }
+
+    fn product_of(
+        &self,
+        own: &mut ThreadBuffers,
+        n: usize,
+        jobs: &[(&QMatrix, &SharedF32, usize)],
+        op: (usize, usize),
+    ) {
+        let Some(last) = jobs.len().checked_sub(1) else { return };
+        let mats: [&QMatrix; MAX_JOBS] = std::array::from_fn(|j| jobs[j.min(last)].0);
+        let mats = &mats[..jobs.len()];
+        let x = &own.input[..n * mats[0].cols];
+        own.acts.quantize(mats, x, n, false);
+        matmul::dot_tasks_into(mats, n, self.threads, &mut own.tasks);
+        let (me, op) = op;
+        let shares = self.shared.shares.operation(op, own.tasks.len());
+        while let Some(i) = shares.next(me) {
+            let (j, rows) = own.tasks[i].clone();
+            let (m, out, at) = jobs[j];
+            own.out.resize(n * rows.len(), 0.0);
+            matmul::matmul_dot_rows(m, &own.acts, x, rows.clone(), &mut own.out);
+            out.store_columns(m.rows, at + rows.start, n, &own.out);
+        }
+    }
+
+    /// Causal attention of layer `l` for every (row, key-value head) task of operation `op`:
+    /// the group's query heads over the cache's positions and the step's new ones, outputs to
+    /// `attn`. The arithmetic of [`crate::forward`]'s generation attention, key by key.
+    fn attention(&self, own: &mut ThreadBuffers, l: usize, op: (usize, usize)) {
+        let cfg = &self.w.cfg;
+        let (d, qd, kvd, n_kv) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim(), cfg.n_head_kv);
+        let group = cfg.n_head / n_kv;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let sh = self.shared;
+        let base = l * self.n * kvd;
+        let (me, op) = op;
+        let shares = sh.shares.operation(op, self.n * n_kv);
+        while let Some(task) = shares.next(me) {
+            let (row, kh) = (task / n_kv, task % n_kv);
+            let Some(seq) = self.seqs.iter().find(|s| s.rows.contains(&row)) else { break };
+            let new = row - seq.rows.start + 1;
+            let (old, len) = (seq.pos0, seq.pos0 + new);
+            // This step's keys of the head up to this row, rotated; its values.
+            own.new_keys.resize(new * d, 0.0);
+            own.new_values.resize(new * d, 0.0);
+            for (t, (k, v)) in own.new_keys.chunks_exact_mut(d).zip(own.new_values.chunks_exact_mut(d)).enumerate() {
+                let at = base + (seq.rows.start + t) * kvd + kh * d;
+                sh.keys.load(at, k);
+                seq.rope.apply_head(t, k);
+                sh.values.load(at, v);
+            }
+            let (cache_k, cache_v) = (&seq.keys[l][kh * d..], &seq.values[l][kh * d..]);
+            own.query.resize(d, 0.0);
+            own.scores.resize(len, 0.0);
+            for h in kh * group..(kh + 1) * group {
+                sh.q.load(row * qd + h * d, &mut own.query);
+                seq.rope.apply_head(new - 1, &mut own.query);
+                let (q, scores) = (&own.query[..], &mut own.scores[..]);
+                matmul::dot_f32_rows(q, cache_k, kvd, scale, &mut scores[..old]);
+                matmul::dot_f32_rows(q, &own.new_keys, d, scale, &mut scores[old..]);
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                for s in scores.iter_mut() {
+                    *s -= max;
+                }
+                kiln_quant::exp::exp_in_place(scores);
+                let inv = (1.0 / kiln_quant::exp::sum_f64(scores)) as f32;
+                let mut o = [0f32; MAX_HEAD_DIM];
+                let o = &mut o[..d];
+                matmul::axpy_f32_rows(o, &scores[..old], inv, cache_v, kvd);
+                matmul::axpy_f32_rows(o, &scores[old..], inv, &own.new_values, d);
+                sh.attn.store(row * qd + h * d, o);
+            }
+        }
+    }
+}
+
+/// Parallel operations per layer: q/k/v, attention, output projection, gate/up, down.
+const OPS_PER_LAYER: usize = 5;
+
+/// Most products sharing one operation's activations (q, k and v).
+const MAX_JOBS: usize = 3;
+
+/// Largest head size of the lock-step pass (its attention keeps one head's output on the stack).
+pub(crate) const MAX_HEAD_DIM: usize = 512;
