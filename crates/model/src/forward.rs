@@ -146,8 +146,8 @@ pub enum GenerationPass {
     /// One parallel section per operation.
     Sections,
     /// Every pool thread through every operation ([`crate::forward_lockstep`]). Panics where it does
-    /// not apply (an observer, a fault, the exact path, a step long enough for the prompt kernels,
-    /// heads over 512) or while another lock-step pass runs.
+    /// not apply (an observer, a fault, the exact path, a step long enough for the prompt kernels)
+    /// or while another lock-step pass runs.
     Lockstep,
 }
 
@@ -229,8 +229,7 @@ fn forward_steps(
     let lockstep_fits = obs.is_none()
         && fault.is_none()
         && precision == Precision::Fast
-        && row_segments.iter().all(|(_, prompt)| !prompt)
-        && cfg.head_dim <= crate::forward_lockstep::MAX_HEAD_DIM;
+        && row_segments.iter().all(|(_, prompt)| !prompt);
     let lockstep = match pass {
         GenerationPass::Sections => false,
         GenerationPass::Auto => lockstep_fits && crate::forward_lockstep::enabled(),

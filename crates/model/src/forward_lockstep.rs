@@ -66,12 +66,20 @@ struct ThreadBuffers {
     new_keys: Vec<f32>,
     new_values: Vec<f32>,
     scores: Vec<f32>,
+    head_out: Vec<f32>,
 }
 
-/// Whether the process may use the lock-step pass (`KILN_LOCKSTEP=0` turns it off, to compare).
+/// Whether the lock-step pass is for this pool: no more threads than the cores the process may
+/// run on (a thread spinning for one that waits for a core wastes that core: with 4 threads on 2
+/// cores the pass ran at a quarter of the sections' speed). `KILN_LOCKSTEP=0` turns it off, to
+/// compare.
 pub(crate) fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KILN_LOCKSTEP").map_or(true, |v| v != "0"))
+    static ON: std::sync::OnceLock<(bool, usize)> = std::sync::OnceLock::new();
+    let (on, cores) = *ON.get_or_init(|| {
+        let on = std::env::var("KILN_LOCKSTEP").map_or(true, |v| v != "0");
+        (on, std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    on && rayon::current_num_threads() <= cores
 }
 
 /// Held while a lock-step pass runs. Two passes broadcast to the same pool at once could each
@@ -326,8 +334,9 @@ impl Pass<'_> {
                 }
                 kiln_quant::exp::exp_in_place(scores);
                 let inv = (1.0 / kiln_quant::exp::sum_f64(scores)) as f32;
-                let mut o = [0f32; MAX_HEAD_DIM];
-                let o = &mut o[..d];
+                own.head_out.clear();
+                own.head_out.resize(d, 0.0);
+                let o = &mut own.head_out[..];
                 matmul::axpy_f32_rows(o, &scores[..old], inv, cache_v, kvd);
                 matmul::axpy_f32_rows(o, &scores[old..], inv, &own.new_values, d);
                 sh.attn.store(row * qd + h * d, o);
@@ -341,6 +350,3 @@ const OPS_PER_LAYER: usize = 5;
 
 /// Most products sharing one operation's activations (q, k and v).
 const MAX_JOBS: usize = 3;
-
-/// Largest head size of the lock-step pass (its attention keeps one head's output on the stack).
-pub(crate) const MAX_HEAD_DIM: usize = 512;

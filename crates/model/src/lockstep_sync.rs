@@ -17,7 +17,7 @@ pub(crate) struct SpinBarrier {
 }
 
 /// Spins before a waiting thread starts yielding its core.
-const SPINS_BEFORE_YIELD: u32 = 1 << 12;
+const SPINS_BEFORE_YIELD: u32 = 1 << 8;
 
 impl SpinBarrier {
     pub(crate) fn new(threads: usize) -> SpinBarrier {
