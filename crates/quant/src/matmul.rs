@@ -755,6 +755,47 @@ mod tests {
         }
     }
 
+    /// Row ranges through `matmul_dot_rows` give `matmul_dot_many`'s results for those rows, bit
+    /// for bit: every activation format (Q8, Q8K, I16, F32), 1 and 3 tokens, ranges that end in
+    /// the middle, at the last row, and a single row.
+    #[test]
+    fn row_ranges_match_the_whole_product_bit_for_bit() {
+        let (cols, n_rows) = (512, 70);
+        let wf: Vec<f32> = (0..n_rows * cols).map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0).collect();
+        let mut q8_0 = vec![0u8; n_rows * cols / 32 * crate::q8_0::BLOCK_BYTES];
+        crate::q8_0::quantize_row(&wf, &mut q8_0);
+        let mut q4_k = Vec::new();
+        crate::q4_k::quantize_row(&wf, &mut q4_k);
+        let mut q4_0 = vec![0u8; n_rows * cols / 32 * 18];
+        crate::q4_0::quantize_row(&wf, &mut q4_0);
+        let f32_bytes: Vec<u8> = wf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mats = [
+            QMatrix::new(GgmlType::Q8_0, &q8_0, n_rows, cols).unwrap(),
+            QMatrix::new(GgmlType::Q4_K, &q4_k, n_rows, cols).unwrap(),
+            QMatrix::new(GgmlType::Q4_0, &q4_0, n_rows, cols).unwrap(),
+            QMatrix::new(GgmlType::F32, &f32_bytes, n_rows, cols).unwrap(),
+        ];
+        for n in [1, 3] {
+            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let refs: Vec<&QMatrix> = mats.iter().collect();
+            let mut acts = DotActivations::default();
+            acts.quantize(&refs, &x, n, false);
+            for m in &mats {
+                let mut whole = vec![0f32; n * n_rows];
+                matmul_dot(m, &x, n, &mut whole);
+                for rows in [0..16, 16..69, 32..70, 69..70] {
+                    let mut part = vec![0f32; n * rows.len()];
+                    matmul_dot_rows(m, &acts, &x, rows.clone(), &mut part);
+                    for t in 0..n {
+                        let want: Vec<u32> = whole[t * n_rows..][rows.clone()].iter().map(|v| v.to_bits()).collect();
+                        let got: Vec<u32> = part[t * rows.len()..][..rows.len()].iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{:?}, {n} tokens, rows {rows:?}, token {t}", m.ty);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn rows_kernels_match_the_one_row_kernels_bit_for_bit() {
         let cols = 512;
