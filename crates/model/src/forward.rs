@@ -723,21 +723,10 @@ fn attention(
                         }
                     }
                     Precision::Fast => {
-                        let sc = scale as f32;
-                        scores32.clear();
-                        scores32.resize(len, 0.0);
-                        matmul::dot_f32_rows(qh, &keys[kh * d..], kvd, sc, scores32);
-                        let scores = scores32;
-                        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                        for s in scores.iter_mut() {
-                            *s -= max;
-                        }
-                        kiln_quant::exp::exp_in_place(scores);
-                        let inv = (1.0 / kiln_quant::exp::sum_f64(scores)) as f32;
-                        o.fill(0.0);
-                        matmul::axpy_f32_rows(o, scores, inv, &values[kh * d..], kvd);
+                        let run = KeyValueRun { keys: &keys[kh * d..], values: &values[kh * d..], stride: kvd, len };
+                        let inv = attend_head(qh, &[run], scale as f32, scores32, o);
                         if let Some(wr) = wrow {
-                            for (wv, &p) in wr.iter_mut().zip(scores.iter()) {
+                            for (wv, &p) in wr.iter_mut().zip(scores32.iter()) {
                                 *wv = p * inv;
                             }
                         }
@@ -746,4 +735,41 @@ fn attention(
             },
         );
     weights
+}
+
+/// `len` consecutive positions of one key-value head: key `s` at `keys[s · stride ..][..d]`, its
+/// value at `values[s · stride ..][..d]`.
+pub(crate) struct KeyValueRun<'a> {
+    pub(crate) keys: &'a [f32],
+    pub(crate) values: &'a [f32],
+    pub(crate) stride: usize,
+    pub(crate) len: usize,
+}
+
+/// One query head's attention on the default path over the positions of `runs`, in order (the
+/// cache's, then, in the lock-step pass, the step's own): scores `q · k · scale` key by key, the
+/// softmax with `exp` eight lanes at a time and its sum in f64, then `o` = the weighted values, a
+/// multiply and an add per element in position order. Leaves the softmax numerators in `scores`
+/// and returns the reciprocal of their sum (the weights are `scores[s] · inv`).
+pub(crate) fn attend_head(q: &[f32], runs: &[KeyValueRun], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) -> f32 {
+    scores.clear();
+    scores.resize(runs.iter().map(|r| r.len).sum(), 0.0);
+    let mut at = 0;
+    for r in runs {
+        matmul::dot_f32_rows(q, r.keys, r.stride, scale, &mut scores[at..at + r.len]);
+        at += r.len;
+    }
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    for s in scores.iter_mut() {
+        *s -= max;
+    }
+    kiln_quant::exp::exp_in_place(scores);
+    let inv = (1.0 / kiln_quant::exp::sum_f64(scores)) as f32;
+    o.fill(0.0);
+    let mut at = 0;
+    for r in runs {
+        matmul::axpy_f32_rows(o, &scores[at..at + r.len], inv, r.values, r.stride);
+        at += r.len;
+    }
+    inv
 }

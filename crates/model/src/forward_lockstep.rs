@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use kiln_quant::matmul::{self, DotActivations, QMatrix};
 
-use crate::forward::{add_in_place, rms_norm, RopeTable, SeqStep};
+use crate::forward::{add_in_place, attend_head, rms_norm, KeyValueRun, RopeTable, SeqStep};
 use crate::lockstep_sync::{PassShares, SharedF32, SpinBarrier};
 use crate::LlamaWeights;
 
@@ -309,7 +309,7 @@ impl Pass<'_> {
             let (row, kh) = (task / n_kv, task % n_kv);
             let Some(seq) = self.seqs.iter().find(|s| s.rows.contains(&row)) else { break };
             let new = row - seq.rows.start + 1;
-            let (old, len) = (seq.pos0, seq.pos0 + new);
+            let old = seq.pos0;
             // This step's keys of the head up to this row, rotated; its values.
             own.new_keys.resize(new * d, 0.0);
             own.new_values.resize(new * d, 0.0);
@@ -321,25 +321,16 @@ impl Pass<'_> {
             }
             let (cache_k, cache_v) = (&seq.keys[l][kh * d..], &seq.values[l][kh * d..]);
             own.query.resize(d, 0.0);
-            own.scores.resize(len, 0.0);
+            own.head_out.resize(d, 0.0);
             for h in kh * group..(kh + 1) * group {
                 sh.q.load(row * qd + h * d, &mut own.query);
                 seq.rope.apply_head(new - 1, &mut own.query);
-                let (q, scores) = (&own.query[..], &mut own.scores[..]);
-                matmul::dot_f32_rows(q, cache_k, kvd, scale, &mut scores[..old]);
-                matmul::dot_f32_rows(q, &own.new_keys, d, scale, &mut scores[old..]);
-                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                for s in scores.iter_mut() {
-                    *s -= max;
-                }
-                kiln_quant::exp::exp_in_place(scores);
-                let inv = (1.0 / kiln_quant::exp::sum_f64(scores)) as f32;
-                own.head_out.clear();
-                own.head_out.resize(d, 0.0);
-                let o = &mut own.head_out[..];
-                matmul::axpy_f32_rows(o, &scores[..old], inv, cache_v, kvd);
-                matmul::axpy_f32_rows(o, &scores[old..], inv, &own.new_values, d);
-                sh.attn.store(row * qd + h * d, o);
+                let runs = [
+                    KeyValueRun { keys: cache_k, values: cache_v, stride: kvd, len: old },
+                    KeyValueRun { keys: &own.new_keys, values: &own.new_values, stride: d, len: new },
+                ];
+                attend_head(&own.query, &runs, scale, &mut own.scores, &mut own.head_out);
+                sh.attn.store(row * qd + h * d, &own.head_out);
             }
         }
     }
