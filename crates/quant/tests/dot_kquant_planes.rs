@@ -309,3 +309,57 @@ fn bench_planes_matvec() {
         }
     }
 }
+
+/// Two-plane Q4_K generation kernel from memory at two row widths of about the same bytes (2048
+/// columns like TinyLlama's q/k/v/o/gate/up, 5632 like its down projection), one thread and two,
+/// as the mean over 10 alternating calls: where a 16-row group's weights outgrow L1, the next
+/// super-block's activations must be prefetched (see `dot_kquant/rows8.rs`).
+/// `cargo test --release -p kiln-quant --test dot_kquant_planes bench_interleaved_widths -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_interleaved_widths() {
+    use kiln_quant::dot_kquant::vec_dot_q8k_rows_planes_interleaved_isa;
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(1);
+    let ty = GgmlType::Q4_K;
+    let Some(&isa) = available_isas().iter().rfind(|&&i| i >= Isa::Avx2) else { return };
+    let mut cases = Vec::new();
+    for (rows, cols) in [(65536usize, 2048usize), (23824, 5632)] {
+        let (a, r) = planes(&random_x(&mut rng, cols));
+        let plain: Vec<u8> = (0..rows).flat_map(|_| row(&mut rng, ty, cols, None)).collect();
+        let rb = plain.len() / rows;
+        let mut woven = plain;
+        kiln_quant::interleave::interleave(ty, &mut woven, rows, rb);
+        cases.push((rows, cols, a, r, woven, rb));
+    }
+    let mut gbs = [[0f64; 2]; 2];
+    const ROUNDS: usize = 10;
+    for _ in 0..ROUNDS {
+        for (c, (rows, _, a, r, woven, rb)) in cases.iter().enumerate() {
+            let refs = [a, r];
+            let mut y = vec![0f32; *rows];
+            let t = Instant::now();
+            vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, woven, *rb, &refs, &mut y);
+            gbs[c][0] += woven.len() as f64 / t.elapsed().as_secs_f64() / 1e9 / ROUNDS as f64;
+            let half = rows / 32 * 16;
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                let (y0, y1) = y.split_at_mut(half);
+                let (w0, w1) = woven.split_at(half * rb);
+                s.spawn(|| vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w0, *rb, &refs, y0));
+                vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w1, *rb, &refs, y1);
+            });
+            gbs[c][1] += woven.len() as f64 / t.elapsed().as_secs_f64() / 1e9 / ROUNDS as f64;
+        }
+    }
+    for (c, case) in cases.iter().enumerate() {
+        println!(
+            "Q4_K {} {}x{}: one thread {:.1} GB/s, two {:.1} GB/s",
+            isa.name(),
+            case.0,
+            case.1,
+            gbs[c][0],
+            gbs[c][1]
+        );
+    }
+}
