@@ -5,9 +5,10 @@
 //! one, every operation pays for waking the pool and for threads that sleep between them; here
 //! one pool broadcast runs the whole token: each thread keeps its own copy of the residual stream
 //! (and does the cheap row-wise work — norms, activation quantization, SwiGLU — itself, on the same
-//! inputs, so every copy holds the same bits), claims row tasks of each product from a shared
-//! counter, and meets the others at a spinning barrier where the next operation needs all of the
-//! last one's results.
+//! inputs, so every copy holds the same bits), takes each product's row tasks from the front of its
+//! own contiguous share (one stream of weights for the prefetchers) and then from the back of
+//! another's, and meets the others at a spinning barrier where the next operation needs all of
+//! the last one's results.
 //!
 //! Every number is computed by the same functions, in the same order, as in
 //! [`crate::forward::forward`]'s sections, so the logits are bit-identical to that path (tested).
