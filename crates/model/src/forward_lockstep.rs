@@ -217,10 +217,11 @@ impl Pass<'_> {
             w.token_embd.dequantize_row_into(tok as usize, xr);
         }
         for (l, lw) in w.layers.iter().enumerate() {
-            let (keys, values) = (l * n * kvd, l * n * kvd);
+            // This layer's keys and values of the step, in `keys` and `values` alike.
+            let kv_at = l * n * kvd;
             own.input.resize(n * e, 0.0);
             rms_norm(&own.x, &lw.attn_norm, self.rms_eps, &mut own.input);
-            self.product(own, &[(&lw.wq, &sh.q, 0), (&lw.wk, &sh.keys, keys), (&lw.wv, &sh.values, values)], next_op());
+            self.product(own, &[(&lw.wq, &sh.q, 0), (&lw.wk, &sh.keys, kv_at), (&lw.wv, &sh.values, kv_at)], next_op());
             self.barrier.wait();
 
             self.attention(own, l, next_op());

@@ -279,22 +279,9 @@ fn bench_planes_matvec() {
                 }
             });
             let inter = time(&mut |y| vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, &woven, rb, &refs, y));
-            // Two threads, each over its own half of the rows (as generation splits them).
-            let half = rows / 32 * 16;
-            let two = {
-                let mut best = f64::INFINITY;
-                for _ in 0..reps {
-                    let t = Instant::now();
-                    std::thread::scope(|s| {
-                        let (y0, y1) = y.split_at_mut(half);
-                        let (w0, w1) = woven.split_at(half * rb);
-                        s.spawn(|| vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w0, rb, &refs, y0));
-                        vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w1, rb, &refs, y1);
-                    });
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                best
-            };
+            let two = (0..reps)
+                .map(|_| interleaved_on_two_threads(isa, ty, &woven, rb, &refs, &mut y))
+                .fold(f64::INFINITY, f64::min);
             println!("    two threads: interleaved {:5.1} GB/s", plain.len() as f64 / two / 1e9);
             let blocks = (rows * cols / 256) as f64;
             println!(
@@ -341,15 +328,8 @@ fn bench_interleaved_widths() {
             let t = Instant::now();
             vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, woven, *rb, &refs, &mut y);
             gbs[c][0] += woven.len() as f64 / t.elapsed().as_secs_f64() / 1e9 / ROUNDS as f64;
-            let half = rows / 32 * 16;
-            let t = Instant::now();
-            std::thread::scope(|s| {
-                let (y0, y1) = y.split_at_mut(half);
-                let (w0, w1) = woven.split_at(half * rb);
-                s.spawn(|| vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w0, *rb, &refs, y0));
-                vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w1, *rb, &refs, y1);
-            });
-            gbs[c][1] += woven.len() as f64 / t.elapsed().as_secs_f64() / 1e9 / ROUNDS as f64;
+            let two = interleaved_on_two_threads(isa, ty, woven, *rb, &refs, &mut y);
+            gbs[c][1] += woven.len() as f64 / two / 1e9 / ROUNDS as f64;
         }
     }
     for (c, case) in cases.iter().enumerate() {
@@ -362,4 +342,26 @@ fn bench_interleaved_widths() {
             gbs[c][1]
         );
     }
+}
+
+/// Seconds for one product of the woven matrix on two threads, each over its own half of the
+/// whole groups (as generation splits them).
+fn interleaved_on_two_threads(
+    isa: kiln_quant::dot_kquant::Isa,
+    ty: GgmlType,
+    woven: &[u8],
+    rb: usize,
+    refs: &[&ActQ8K],
+    y: &mut [f32],
+) -> f64 {
+    use kiln_quant::dot_kquant::vec_dot_q8k_rows_planes_interleaved_isa;
+    let half = y.len() / 32 * 16;
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let (y0, y1) = y.split_at_mut(half);
+        let (w0, w1) = woven.split_at(half * rb);
+        s.spawn(|| vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w0, rb, refs, y0));
+        vec_dot_q8k_rows_planes_interleaved_isa(isa, ty, w1, rb, refs, y1);
+    });
+    t.elapsed().as_secs_f64()
 }
