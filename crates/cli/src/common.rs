@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use kiln_engine::{Model, SamplingParams, WeightPages};
+use kiln_tokenizer::template::ChatTemplate;
+use kiln_tokenizer::Tokenizer;
 
 /// `-m PATH`, or the default model (fetched on first use).
 pub fn model_path(m: &Option<PathBuf>) -> Result<PathBuf> {
@@ -133,6 +135,50 @@ pub fn default_fixture_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     bail!("no fixture directory given and ../shared/fixtures/parity not found")
 }
 
+/// `--chat-template NAME`, shared by run, chat, serve and template.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TemplateArgs {
+    /// Use llama.cpp's built-in chat format NAME instead of the file's template (for models
+    /// without one): chatml, llama2, llama2-sys, llama3, gemma, mistral-v7, phi3, zephyr, ...
+    #[arg(long = "chat-template", value_name = "NAME")]
+    pub chat_template: Option<String>,
+}
+
+impl TemplateArgs {
+    /// Fails on an unknown name (listing the known ones) before anything slow is done.
+    pub fn check(&self) -> Result<()> {
+        self.builtin(None).map(|_| ())
+    }
+
+    /// The built-in template asked for, with `tok`'s BOS/EOS texts; `None` without the flag.
+    pub fn builtin(&self, tok: Option<&Tokenizer>) -> Result<Option<ChatTemplate>> {
+        let Some(name) = &self.chat_template else { return Ok(None) };
+        let text = |id: Option<u32>| id.and_then(|i| tok?.token_text(i)).unwrap_or("").to_string();
+        let (bos, eos) = (text(tok.and_then(|t| t.bos())), text(tok.and_then(|t| t.eos())));
+        Ok(Some(ChatTemplate::builtin(name, &bos, &eos).context("--chat-template")?))
+    }
+
+    /// Puts the built-in template asked for in place of the file's; says on stderr when the model
+    /// ends up with none, so that `what` (the prompt, the messages) goes in as plain text.
+    pub fn apply(&self, model: &mut Model, what: &str) -> Result<()> {
+        if let Some(t) = self.builtin(Some(&model.tokenizer))? {
+            model.template = Some(t);
+        }
+        if model.template.is_none() {
+            eprintln!("kiln: {}", no_template_notice(&model.path, what));
+        }
+        Ok(())
+    }
+}
+
+/// The one-line notice for a model without a chat template.
+pub fn no_template_notice(path: &Path, what: &str) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    format!(
+        "{name} has no chat template; {what} as plain text (give --chat-template NAME, e.g. chatml, for a chat format)"
+    )
+}
+
 /// Encodes a user prompt: through the chat template unless `raw` or the model has none.
 pub fn encode_prompt(model: &Model, system: Option<&str>, prompt: &str, raw: bool) -> Result<Vec<u32>> {
     use kiln_tokenizer::template::ChatMessage;
@@ -141,9 +187,9 @@ pub fn encode_prompt(model: &Model, system: Option<&str>, prompt: &str, raw: boo
         (Some(t), false) => {
             let mut msgs = Vec::new();
             if let Some(s) = system {
-                msgs.push(ChatMessage { role: "system".into(), content: s.into() });
+                msgs.push(ChatMessage::new("system", s));
             }
-            msgs.push(ChatMessage { role: "user".into(), content: prompt.into() });
+            msgs.push(ChatMessage::new("user", prompt));
             let text = t.render(&msgs, true)?;
             encode_rendered(model, &text)
         }

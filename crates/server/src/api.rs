@@ -110,7 +110,7 @@ pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
         }
         // The newer name of the system role; templates know only "system".
         let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
-        msgs.push(ChatMessage { role, content: m.text()? });
+        msgs.push(ChatMessage::new(role, m.text()?));
     }
     let text = match &st.model.template {
         Some(t) => t.render(&msgs, true).map_err(|e| ApiError::bad_param("messages", format!("{e}")))?,

@@ -1,13 +1,16 @@
 //! Chat templates: the Jinja template a model ships in `tokenizer.chat_template`, rendered the
-//! way Hugging Face transformers renders it.
+//! way Hugging Face transformers renders it, or one of llama.cpp's built-in formats chosen by name
+//! (see [`ChatTemplate::builtin`]).
 //!
 //! transformers compiles templates with
 //! `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])`
 //! and adds the `raise_exception` and `strftime_now` globals and a `tojson` filter that is plain
 //! `json.dumps(ensure_ascii=False)`. This module sets minijinja up the same way and adds the Python
 //! string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...) through
-//! `minijinja-contrib`'s pycompat layer. The context holds `messages`, `add_generation_prompt`,
-//! `bos_token` and `eos_token`.
+//! `minijinja-contrib`'s pycompat layer; maps keep their insertion order (minijinja's
+//! `preserve_order`), as Python dicts do, so `tojson` writes keys in the order given. The context
+//! holds `messages`, `tools` (`none` unless given, as transformers passes it), `documents` (`none`),
+//! `add_generation_prompt`, `bos_token` and `eos_token`.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -16,6 +19,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use minijinja::value::{Enumerator, Kwargs, Object, ObjectRepr, ValueKind};
 use minijinja::{context, AutoEscape, Environment, Error, ErrorKind, Value};
 
+mod builtin;
+use builtin::{Builtin, BUILTINS};
+
 /// The GGUF metadata key holding the template.
 pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 
@@ -23,17 +29,50 @@ pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 /// caller sees: errors are reported with line numbers only).
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// One turn of a conversation.
+/// A JSON value handed to templates as given (tool definitions, tool calls). Object keys keep the
+/// order they were written in, as Python's `json.loads` keeps them, so a template's `tojson` prints
+/// them as transformers does; deserialize straight into this type (not through a
+/// `serde_json::Value`, whose maps sort their keys) to keep that order.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Json(Value);
+
+impl Json {
+    /// Parses JSON text.
+    pub fn parse(text: &str) -> Result<Json, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+/// One turn of a conversation. The optional fields are the OpenAI-style tool-use fields that
+/// templates such as Qwen2.5's read; templates see only the fields that are set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
+    /// Empty for an assistant turn that only calls tools.
+    #[serde(default)]
     pub content: String,
+    /// The assistant's tool calls: a list of `{"type": "function", "function": {"name": ...,
+    /// "arguments": {...}}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Json>,
+    /// On a `tool` message: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// On a `tool` message: the function's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
     }
+}
+
+/// The names [`ChatTemplate::builtin`] accepts, as llama.cpp spells them.
+pub fn builtin_names() -> Vec<&'static str> {
+    BUILTINS.iter().map(|(n, _)| *n).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +89,9 @@ pub enum TemplateError {
     /// `tokenizer.chat_template` exists but could not be read as a string.
     #[error("GGUF metadata `{CHAT_TEMPLATE_KEY}`: {0}")]
     Metadata(#[source] kiln_gguf::GgufError),
+    /// [`ChatTemplate::builtin`] was given a name it does not know.
+    #[error("unknown chat template {name:?}; known: {}", builtin_names().join(", "))]
+    UnknownBuiltin { name: String },
 }
 
 fn at_line(line: Option<usize>) -> String {
@@ -102,10 +144,16 @@ impl TemplateError {
 
 /// A compiled chat template.
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    kind: Kind,
     source: String,
     bos_token: String,
     eos_token: String,
+}
+
+enum Kind {
+    // Boxed: an environment is hundreds of bytes, a built-in one.
+    Jinja(Box<Environment<'static>>),
+    Builtin(Builtin),
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -133,7 +181,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned()).map_err(TemplateError::syntax)?;
         Ok(ChatTemplate {
-            env,
+            kind: Kind::Jinja(Box::new(env)),
             source: source.to_owned(),
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
@@ -148,13 +196,46 @@ impl ChatTemplate {
         }
     }
 
+    /// llama.cpp's built-in format `name` (`chatml`, `llama2`, `llama3`, `gemma`, ...: see
+    /// [`builtin_names`]), for models whose file carries no template. It renders what llama.cpp's
+    /// formatter of that name does; the tokens are kept for [`ChatTemplate::bos_token`] and
+    /// [`ChatTemplate::eos_token`] only.
+    pub fn builtin(name: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
+        let b = Builtin::from_name(name).ok_or_else(|| TemplateError::UnknownBuiltin { name: name.to_owned() })?;
+        Ok(ChatTemplate {
+            kind: Kind::Builtin(b),
+            source: name.to_owned(),
+            bos_token: bos_token.to_owned(),
+            eos_token: eos_token.to_owned(),
+        })
+    }
+
     /// Renders the conversation; with `add_generation_prompt` the template appends the header
     /// that opens the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with tool definitions (`tools`: a list of `{"type": "function",
+    /// "function": {...}}`), which templates with tool support describe to the model. Built-in
+    /// formats ignore tools, as llama.cpp's do.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let env = match &self.kind {
+            Kind::Jinja(env) => env,
+            Kind::Builtin(b) => return Ok(b.render(messages, add_generation_prompt)),
+        };
         let messages: Vec<Value> = messages.iter().map(|m| Value::from_object(MessageValue::new(m))).collect();
-        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(TemplateError::render)?;
+        let tmpl = env.get_template(TEMPLATE_NAME).map_err(TemplateError::render)?;
         tmpl.render(context! {
             messages => messages,
+            // transformers always passes these, `None` when absent: `tools is defined` holds.
+            tools => tools.map(|t| t.0.clone()).unwrap_or(Value::from(())),
+            documents => Value::from(()),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
@@ -162,9 +243,17 @@ impl ChatTemplate {
         .map_err(TemplateError::render)
     }
 
-    /// The template text as given.
+    /// The template text as given, or the built-in format's name.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The name of the built-in format, `None` for a Jinja template.
+    pub fn builtin_name(&self) -> Option<&'static str> {
+        match self.kind {
+            Kind::Builtin(b) => Some(b.name()),
+            Kind::Jinja(_) => None,
+        }
     }
 
     pub fn bos_token(&self) -> &str {
@@ -176,18 +265,28 @@ impl ChatTemplate {
     }
 }
 
-/// A message as the template sees it: a map whose keys keep Python's insertion order (`role`,
-/// then `content`), so `message.items()` and `message | tojson` match transformers. Both
+/// A message as the template sees it: a map of the fields that are set, in Python's insertion
+/// order (`role`, `content`, then the tool fields), so `message.items()` and `message | tojson`
+/// match transformers and `message.tool_calls` is undefined on a message without calls. Both
 /// `message.role` and `message['role']` work.
 #[derive(Debug)]
 struct MessageValue {
-    role: Value,
-    content: Value,
+    fields: Vec<(&'static str, Value)>,
 }
 
 impl MessageValue {
     fn new(m: &ChatMessage) -> Self {
-        MessageValue { role: Value::from(m.role.as_str()), content: Value::from(m.content.as_str()) }
+        let mut fields = vec![("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))];
+        if let Some(t) = &m.tool_calls {
+            fields.push(("tool_calls", t.0.clone()));
+        }
+        if let Some(id) = &m.tool_call_id {
+            fields.push(("tool_call_id", Value::from(id.as_str())));
+        }
+        if let Some(n) = &m.name {
+            fields.push(("name", Value::from(n.as_str())));
+        }
+        MessageValue { fields }
     }
 }
 
@@ -197,15 +296,12 @@ impl Object for MessageValue {
     }
 
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        match key.as_str()? {
-            "role" => Some(self.role.clone()),
-            "content" => Some(self.content.clone()),
-            _ => None,
-        }
+        let key = key.as_str()?;
+        self.fields.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        Enumerator::Str(&["role", "content"])
+        Enumerator::Values(self.fields.iter().map(|(k, _)| Value::from(*k)).collect())
     }
 }
 
@@ -335,11 +431,13 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 }
 
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
-/// sort_keys=False)`, so `", "` and `": "` separators without `indent`, and no HTML escaping.
+/// sort_keys=False)`, so `", "` and `": "` separators without `indent` (`","` and `": "` with
+/// it, as Python picks them), and no HTML escaping.
 fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<Value> = kwargs.get("indent")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Value> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
     let indent = match indent {
         None => None,
@@ -350,9 +448,28 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
             _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
         },
     };
+    let (item_sep, key_sep) = match separators {
+        Some(v) if !(v.is_none() || v.is_undefined()) => {
+            let parts: Vec<Value> = v.try_iter()?.collect();
+            match parts.as_slice() {
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
+                    (a.as_str().unwrap_or_default().to_owned(), b.as_str().unwrap_or_default().to_owned())
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be a pair of strings (item, key)",
+                    ))
+                }
+            }
+        }
+        _ => ((if indent.is_some() { "," } else { ", " }).to_owned(), ": ".to_owned()),
+    };
     let mut w = JsonWriter {
         out: String::new(),
         indent,
+        item_sep,
+        key_sep,
         ensure_ascii: ensure_ascii.unwrap_or(false),
         sort_keys: sort_keys.unwrap_or(false),
     };
@@ -363,6 +480,8 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
 struct JsonWriter {
     out: String,
     indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
     ensure_ascii: bool,
     sort_keys: bool,
 }
@@ -378,7 +497,7 @@ impl JsonWriter {
     }
 
     fn item_separator(&mut self) {
-        self.out.push_str(if self.indent.is_some() { "," } else { ", " });
+        self.out.push_str(&self.item_sep);
     }
 
     fn value(&mut self, v: &Value, depth: usize) -> Result<(), Error> {
@@ -451,7 +570,7 @@ impl JsonWriter {
             }
             self.newline(depth + 1);
             self.string(k);
-            self.out.push_str(": ");
+            self.out.push_str(&self.key_sep);
             self.value(item, depth + 1)?;
         }
         self.newline(depth);
@@ -542,7 +661,14 @@ mod tests {
             (123456.0, "123456.0"),
         ];
         for (f, want) in cases {
-            let mut w = JsonWriter { out: String::new(), indent: None, ensure_ascii: false, sort_keys: false };
+            let mut w = JsonWriter {
+                out: String::new(),
+                indent: None,
+                item_sep: ", ".into(),
+                key_sep: ": ".into(),
+                ensure_ascii: false,
+                sort_keys: false,
+            };
             w.float(f);
             assert_eq!(w.out, want, "{f}");
         }

@@ -47,15 +47,16 @@ fn read_tests(path: &Path) -> Vec<(String, Vec<u32>)> {
     inputs.into_iter().zip(outputs).collect()
 }
 
-/// Encodes every test string as test-tokenizer-0 does (no BOS, specials not parsed) and checks the
-/// ids; returns the tokenizer and the cases for further checks.
-fn check_vocab(name: &str) -> (Tokenizer, Vec<(String, Vec<u32>)>) {
+/// Encodes every test string without BOS and checks the ids; returns the tokenizer and the cases
+/// for further checks. `parse_special` as the `.out` was made: test-tokenizer-0 does not parse
+/// special-token text, `llama-tokenize` (the Gemma 3 vectors) does.
+fn check_vocab(name: &str, parse_special: bool) -> (Tokenizer, Vec<(String, Vec<u32>)>) {
     let (g, path) = vocab(name);
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let cases = read_tests(&path);
     let mut failures = Vec::new();
     for (text, want) in &cases {
-        let got = tok.encode(text, false, false).unwrap();
+        let got = tok.encode(text, false, parse_special).unwrap();
         if &got != want {
             failures.push(format!("{text:?}\n   want {want:?}\n    got {got:?}"));
         }
@@ -67,7 +68,7 @@ fn check_vocab(name: &str) -> (Tokenizer, Vec<(String, Vec<u32>)>) {
 
 #[test]
 fn llama_spm_vocab_matches_llama_cpp() {
-    let (tok, cases) = check_vocab("ggml-vocab-llama-spm.gguf");
+    let (tok, cases) = check_vocab("ggml-vocab-llama-spm.gguf", false);
     assert_eq!(tok.n_vocab(), 32000);
     assert_eq!((tok.bos(), tok.eos()), (Some(1), Some(2)));
     assert!(tok.add_bos() && !tok.add_eos());
@@ -100,7 +101,7 @@ fn hf_clean_up(s: &str) -> String {
 
 #[test]
 fn gpt2_vocab_matches_llama_cpp() {
-    let (tok, cases) = check_vocab("ggml-vocab-gpt-2.gguf");
+    let (tok, cases) = check_vocab("ggml-vocab-gpt-2.gguf", false);
     assert_eq!(tok.n_vocab(), 50257);
     // Byte-level BPE loses nothing either, except that decoding cleans up spaces before
     // punctuation and contractions like llama.cpp (so " Hello , world" comes back as "Hello,").
@@ -398,4 +399,61 @@ fn long_words_are_fast() {
     let m = spm.encode(&text, false, true).unwrap().len();
     let dt_spm = t.elapsed();
     println!("{} kB of text: BPE {n} tokens in {dt_bpe:?}, SPM {m} tokens in {dt_spm:?}", text.len() / 1000);
+}
+
+#[test]
+fn gemma3_vocab_matches_llama_cpp() {
+    let (tok, cases) = check_vocab("ggml-vocab-gemma3.gguf", true);
+    assert_eq!(cases.len(), 66);
+    assert_eq!(tok.n_vocab(), 262_144);
+    assert_eq!((tok.bos(), tok.eos()), (Some(2), Some(1)));
+}
+
+/// Prompts of the Qwen2, Qwen3 and Gemma 3 parity fixtures (the fixtures with an `architecture`),
+/// tokenized as llama.cpp did (specials parsed, BOS as the model asks). The real Gemma 3 270M
+/// fixture is checked with ggml-vocab-gemma3.gguf, which carries that model's tokenizer metadata.
+#[test]
+fn qwen_and_gemma3_prompts_tokenize_like_llama_cpp() {
+    #[derive(serde::Deserialize)]
+    struct Header {
+        model: String,
+        architecture: Option<String>,
+    }
+    let dir = shared().join("fixtures/parity");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    let mut per_arch: HashMap<String, usize> = HashMap::new();
+    for p in paths.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+        let h: Header = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let Some(arch) = h.architecture else { continue };
+        let model = if h.model == "gemma-3-270m-q4_k_m.gguf" {
+            shared().join("fixtures/tokenizer/ggml-vocab-gemma3.gguf")
+        } else {
+            shared().join("models/synth").join(&h.model)
+        };
+        *per_arch.entry(arch).or_default() += check_parity(p, &model);
+    }
+    println!("prompts matching llama.cpp per architecture: {per_arch:?}");
+    // qwen2 / qwen3: 2 files of 5 prompts each; gemma3: 2 synth files of 5 (the `bos` case has no
+    // text) and the real model's 6.
+    assert_eq!(per_arch.get("qwen2"), Some(&10));
+    assert_eq!(per_arch.get("qwen3"), Some(&10));
+    assert_eq!(per_arch.get("gemma3"), Some(&16));
+}
+
+/// Empty text is no tokens (llama.cpp prints an empty list), with or without special parsing;
+/// with `add_special` just the BOS where the model adds one.
+#[test]
+fn empty_text_is_no_tokens() {
+    let spm = Tokenizer::from_gguf(&vocab("ggml-vocab-gemma3.gguf").0).unwrap();
+    let qwen = Tokenizer::from_gguf(&GgufFile::open(shared().join("models/synth/synth-qwen2-tiny-Q8_0.gguf")).unwrap())
+        .unwrap();
+    for tok in [&spm, &qwen] {
+        for parse_special in [false, true] {
+            assert_eq!(tok.encode("", false, parse_special).unwrap(), Vec::<u32>::new());
+        }
+    }
+    assert_eq!(spm.encode("", true, true).unwrap(), [2]);
+    assert!(!qwen.add_bos());
+    assert_eq!(qwen.encode("", true, true).unwrap(), Vec::<u32>::new());
 }

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_tokenizer::template::{ChatMessage, ChatTemplate, TemplateError};
+use kiln_tokenizer::template::{builtin_names, ChatMessage, ChatTemplate, Json, TemplateError};
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage { role: role.to_owned(), content: content.to_owned() }
+    ChatMessage::new(role, content)
 }
 
 fn template_file(name: &str) -> String {
@@ -292,6 +292,17 @@ fn tojson_matches_python_json_dumps() {
     )
     .unwrap();
     assert_eq!(t.render(&[], false).unwrap(), r#"{"a": {}, "b": [1, 2.5, null, true]}|[]|"\u00e9""#);
+
+    // Python's json.dumps with explicit separators (compact, and odd ones with an indent).
+    let t = ChatTemplate::new(
+        "{{ {'a': [1, {'b': 'é'}]} | tojson(separators=(',', ':')) }}|{{ {'a': [1, 2]} | tojson(indent=1, separators=[', ', ' = ']) }}",
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(t.render(&[], false).unwrap(), "{\"a\":[1,{\"b\":\"é\"}]}|{\n \"a\" = [\n  1, \n  2\n ]\n}");
+    let t = ChatTemplate::new("{{ 1 | tojson(separators=',') }}", "", "").unwrap();
+    assert!(matches!(t.render(&[], false), Err(TemplateError::Render { .. })));
 }
 
 #[test]
@@ -340,4 +351,141 @@ fn chat_message_serde_round_trip() {
     assert_eq!(json, r#"{"role":"user","content":"hi"}"#);
     let back: ChatMessage = serde_json::from_str(&json).unwrap();
     assert_eq!(back, m);
+}
+
+/// `qwen2.5_expected.json` (made by `gen_qwen25.py` with transformers' own renderer): one case per
+/// conversation and generation-prompt flag.
+#[derive(serde::Deserialize)]
+struct QwenCase {
+    name: String,
+    add_generation_prompt: bool,
+    // Deserialized straight from the file so that object keys keep their order.
+    tools: Option<Json>,
+    messages: Vec<ChatMessage>,
+    expected: String,
+}
+
+#[test]
+fn qwen25_renders_like_transformers() {
+    let src = template_file("qwen2.5.jinja");
+    // The synth Qwen2 and Qwen3 models carry exactly this template.
+    for m in ["synth-qwen2-tiny-Q8_0.gguf", "synth-qwen3-tiny-Q4_K.gguf"] {
+        let g = kiln_gguf::GgufFile::open(shared_dir().join("models/synth").join(m)).expect("open synth gguf");
+        let t = ChatTemplate::from_gguf(&g, "<|endoftext|>", "<|im_end|>").unwrap().expect("has a template");
+        assert_eq!(t.source(), src, "{m}");
+    }
+    let t = ChatTemplate::new(&src, "<|endoftext|>", "<|im_end|>").unwrap();
+    let cases: Vec<QwenCase> = serde_json::from_str(&template_file("qwen2.5_expected.json")).unwrap();
+    assert_eq!(cases.len(), 10);
+    let mut with_tools = 0;
+    for c in &cases {
+        let got = t.render_with_tools(&c.messages, c.tools.as_ref(), c.add_generation_prompt).unwrap();
+        assert_eq!(got, c.expected, "case {} (generation prompt {})", c.name, c.add_generation_prompt);
+        with_tools += usize::from(c.tools.is_some());
+    }
+    assert_eq!(with_tools, 4);
+    // A spot check of what the tools case must contain: transformers' tojson separators, non-ASCII
+    // kept, keys in the order given ("tz" before "24h").
+    let tools = cases.iter().find(|c| c.name == "tools_system_two_calls").unwrap();
+    assert!(tools.expected.contains(r#""description": "The city, e.g. Zürich or 東京"}}"#));
+    assert!(tools
+        .expected
+        .contains(r#"{"name": "get_time", "arguments": {"tz": "Europe/Zurich", "24h": true, "n": 1.5}}"#));
+}
+
+#[test]
+fn tool_fields_reach_the_template() {
+    let t = ChatTemplate::new(
+        "{% for m in messages %}{{ m | tojson }}|{{ m.tool_calls is defined }}|{% endfor %}{{ tools | tojson }}",
+        "",
+        "",
+    )
+    .unwrap();
+    let call = ChatMessage {
+        tool_calls: Some(Json::parse(r#"[{"function": {"name": "f", "arguments": {"z": 1, "a": "é"}}}]"#).unwrap()),
+        ..ChatMessage::new("assistant", "")
+    };
+    let reply =
+        ChatMessage { tool_call_id: Some("c1".into()), name: Some("f".into()), ..ChatMessage::new("tool", "2") };
+    let tools = Json::parse(r#"[{"type": "function", "function": {"name": "f"}}]"#).unwrap();
+    let out = t.render_with_tools(&[call.clone(), reply.clone()], Some(&tools), false).unwrap();
+    assert_eq!(
+        out,
+        r#"{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {"z": 1, "a": "é"}}}]}|True|"#
+            .to_owned()
+            + r#"{"role": "tool", "content": "2", "tool_call_id": "c1", "name": "f"}|False|"#
+            + r#"[{"type": "function", "function": {"name": "f"}}]"#
+    );
+    // Without tools the template sees `none`, as transformers passes it.
+    assert_eq!(t.render(&[], false).unwrap(), "null");
+
+    // The tool fields survive serde (as an API would receive them) and are left out when unset.
+    let json = serde_json::to_string(&call).unwrap();
+    assert_eq!(
+        json,
+        r#"{"role":"assistant","content":"","tool_calls":[{"function":{"name":"f","arguments":{"z":1,"a":"é"}}}]}"#
+    );
+    assert_eq!(serde_json::from_str::<ChatMessage>(&json).unwrap(), call);
+    let back: ChatMessage = serde_json::from_str(r#"{"role": "tool", "tool_call_id": "c1", "name": "f"}"#).unwrap();
+    assert_eq!(back, ChatMessage { content: String::new(), ..reply });
+}
+
+/// `builtin_llama_cpp.json` (made by `gen_builtin.cpp` from llama.cpp's own formatter): every
+/// built-in name on four conversations, with and without the generation prompt.
+#[derive(serde::Deserialize)]
+struct BuiltinFixture {
+    conversations: std::collections::HashMap<String, Vec<ChatMessage>>,
+    cases: Vec<BuiltinCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct BuiltinCase {
+    template: String,
+    conversation: String,
+    add_generation_prompt: bool,
+    expected: String,
+}
+
+#[test]
+fn builtin_templates_match_llama_cpp() {
+    let fx: BuiltinFixture = serde_json::from_str(&template_file("builtin_llama_cpp.json")).unwrap();
+    assert_eq!(fx.cases.len(), 160);
+    let names = builtin_names();
+    assert_eq!(names.len(), 20);
+    for name in &names {
+        assert_eq!(fx.cases.iter().filter(|c| &c.template == name).count(), 8, "{name}");
+    }
+    for c in &fx.cases {
+        let t = ChatTemplate::builtin(&c.template, "<s>", "</s>").unwrap();
+        assert_eq!(t.builtin_name(), Some(c.template.as_str()));
+        let got = t.render(&fx.conversations[&c.conversation], c.add_generation_prompt).unwrap();
+        assert_eq!(
+            got, c.expected,
+            "{} on {} (generation prompt {})",
+            c.template, c.conversation, c.add_generation_prompt
+        );
+    }
+    // Two renderings written out, to show what the fixture holds: llama2 folds the system message
+    // into the first turn; gemma merges it into the first user turn, trimmed.
+    let conv = &fx.conversations["multi_turn"];
+    let t = ChatTemplate::builtin("llama2", "<s>", "</s>").unwrap();
+    assert_eq!(
+        t.render(conv, true).unwrap(),
+        "[INST] You are a helpful assistant\nHello [/INST]Hi there</s>[INST] Who are you [/INST]   I am an assistant   </s>[INST] Another question [/INST]"
+    );
+    let t = ChatTemplate::builtin("gemma", "<bos>", "<eos>").unwrap();
+    assert_eq!(
+        t.render(&fx.conversations["system_user"], true).unwrap(),
+        "<start_of_turn>user\nBe terse.\n\nHéllo wörld 🦙\n\nline two<end_of_turn>\n<start_of_turn>model\n"
+    );
+}
+
+#[test]
+fn unknown_builtin_lists_the_names() {
+    let err = ChatTemplate::builtin("chatml2", "", "").unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(&err, TemplateError::UnknownBuiltin { name } if name == "chatml2"), "{err:?}");
+    assert!(!text.contains('\n'), "{text}");
+    assert!(text.starts_with("unknown chat template \"chatml2\"; known: chatml, llama2, "), "{text}");
+    assert!(text.contains("gemma") && text.contains("llama3") && text.contains("mistral-v7") && text.contains("phi3"));
 }

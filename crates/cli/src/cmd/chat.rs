@@ -33,23 +33,25 @@ pub struct Args {
     #[arg(long)]
     pub exact: bool,
     #[command(flatten)]
+    pub template: common::TemplateArgs,
+    #[command(flatten)]
     pub sampling: SamplingArgs,
 }
 
 const HELP: &str = "commands: /reset (new conversation), /raw (toggle the chat template), /exit";
 
 pub fn main(a: Args) -> Result<ExitCode> {
+    a.template.check()?;
     let params = a.sampling.params()?;
     common::set_threads(a.threads)?;
-    let model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    let mut model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    // Without a template, each line continues the transcript as plain text (raw mode).
+    a.template.apply(&mut model, "your lines continue the transcript")?;
     let n_ctx = a.ctx.unwrap_or_else(|| model.default_ctx()).max(1);
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
     let mut session = Session::new(&model, n_ctx, precision);
     let mut sampler = Sampler::new(params);
     let mut raw = model.template.is_none();
-    if raw {
-        eprintln!("kiln: this model has no chat template; chatting in raw mode (your text continues the transcript)");
-    }
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -58,7 +60,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
     }
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(s) = &a.system {
-        messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+        messages.push(ChatMessage::new("system", s.as_str()));
     }
     eprintln!("kiln chat — {} ({HELP})", model.path.display());
     let stdin = std::io::stdin();
@@ -106,7 +108,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
             p.extend(model.tokenizer.encode(input, add_special, false)?);
             p
         } else {
-            messages.push(ChatMessage { role: "user".into(), content: input.to_string() });
+            messages.push(ChatMessage::new("user", input));
             let text = model.template.as_ref().context("no chat template")?.render(&messages, true)?;
             common::encode_rendered(&model, &text)?
         };
@@ -134,7 +136,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
         match result {
             Ok(g) => {
                 if !raw {
-                    messages.push(ChatMessage { role: "assistant".into(), content: g.text.clone() });
+                    messages.push(ChatMessage::new("assistant", g.text.as_str()));
                 }
                 if g.stop_reason == kiln_engine::StopReason::Cancelled {
                     eprintln!("(stopped)");

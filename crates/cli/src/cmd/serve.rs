@@ -45,6 +45,8 @@ pub struct Args {
     /// Use the exact reference path (f64 sums) instead of the default fast path.
     #[arg(long)]
     pub exact: bool,
+    #[command(flatten)]
+    pub template: common::TemplateArgs,
 }
 
 pub fn main(a: Args) -> Result<ExitCode> {
@@ -63,8 +65,12 @@ pub fn main(a: Args) -> Result<ExitCode> {
     if a.api_key.as_deref() == Some("") {
         bail!("--api-key is empty");
     }
+    a.template.check()?;
     common::set_threads(a.threads)?;
-    let model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    let mut model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    // The server renders chat requests with `model.template`; without one it writes the messages
+    // as a plain `role: content` transcript.
+    a.template.apply(&mut model, "chat messages go in")?;
     let mut cfg = kiln_server::Config::new(&model);
     cfg.host = a.host;
     cfg.port = a.port;

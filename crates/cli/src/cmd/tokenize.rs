@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use kiln_gguf::GgufFile;
 use kiln_tokenizer::Tokenizer;
 
@@ -29,9 +29,6 @@ pub fn main(a: Args) -> Result<ExitCode> {
     let g = GgufFile::open(&path).with_context(|| path.display().to_string())?;
     let tok = Tokenizer::from_gguf(&g).with_context(|| format!("{}: tokenizer", path.display()))?;
     let text = if a.text == "-" { common::read_stdin()? } else { a.text.clone() };
-    if text.is_empty() && a.no_bos {
-        bail!("nothing to tokenize: the text is empty");
-    }
     let ids = tok.encode(&text, !a.no_bos, !a.no_special)?;
     if a.pieces {
         for id in &ids {
@@ -39,6 +36,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
             println!("{id}\t{}", String::from_utf8_lossy(&piece).escape_debug());
         }
     } else {
+        // No tokens (empty text without BOS) print an empty line, as llama.cpp prints an empty list.
         let s: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
         println!("{}", s.join(","));
     }
