@@ -96,6 +96,31 @@ fn default_model_knows_the_capital_of_france() {
     assert!(stdout(&o).contains("Paris"), "answer: {}", stdout(&o));
 }
 
+/// The real Gemma 3 270M (a base model, no chat template) continues a raw prompt exactly as the
+/// float64 reference does (`../shared/tools/ref_models.py`'s greedy continuation of
+/// `[2, 818, 5279, 529, 7001, 563]`: ids 506 5279 529 506 2891 529 7001 236761).
+#[test]
+fn gemma3_270m_continues_like_the_float64_reference() {
+    let path = match kiln_engine::default_model::GEMMA3_270M.ensure() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("SKIPPED: Gemma 3 270M could not be fetched: {e:#}");
+            return;
+        }
+    };
+    let m = path.to_str().unwrap();
+    let o = kiln(&["run", "-m", m, "--raw", "The capital of France is", "-n", "8", "--temp", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim_end(), " the capital of the country of France.");
+    let o = kiln(&["tokenize", "-m", m, "The capital of France is"]);
+    assert_eq!(stdout(&o).trim(), "2,818,5279,529,7001,563");
+    // Without a chat template, a chat prompt is used as plain text, with a notice.
+    let o = kiln(&["run", "-m", m, "The capital of France is", "-n", "8", "--temp", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("has no chat template"), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim_end(), " the capital of the country of France.");
+}
+
 #[test]
 fn tokenize_prints_ids_and_pieces() {
     let m = synth("F32");
@@ -150,6 +175,63 @@ fn template_renders_the_tinyllama_prompt() {
     let o = kiln(&["template", "-m", m.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("<|user|>"), "{}", stdout(&o));
+}
+
+fn synth_arch(name: &str) -> PathBuf {
+    shared().join("models/synth").join(format!("synth-{name}.gguf"))
+}
+
+/// Empty text without BOS is no tokens (an empty line), for SentencePiece and BPE alike.
+#[test]
+fn tokenize_empty_text() {
+    for m in ["gemma3-tiny-Q8_0", "qwen2-tiny-Q8_0"] {
+        let o = kiln(&["tokenize", "-m", synth_arch(m).to_str().unwrap(), "--no-bos", ""]);
+        assert!(o.status.success(), "{m}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "\n", "{m}");
+    }
+    // With BOS, Gemma's BOS alone.
+    let o = kiln(&["tokenize", "-m", synth_arch("gemma3-tiny-Q8_0").to_str().unwrap(), ""]);
+    assert_eq!(stdout(&o), "2\n");
+}
+
+/// `--chat-template NAME` for a model without a template (synth Gemma 3 carries none), or in place
+/// of the file's; an unknown name is a one-line error listing the known ones.
+#[test]
+fn builtin_chat_template_by_name() {
+    let gemma = synth_arch("gemma3-tiny-Q8_0");
+    let gemma = gemma.to_str().unwrap();
+    let o = kiln(&["template", "-m", gemma, "--chat-template", "gemma"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "<start_of_turn>user\nHello!<end_of_turn>\n<start_of_turn>model\n");
+    let o = kiln(&["template", "-m", synth("F32").to_str().unwrap(), "--chat-template", "chatml"]);
+    assert_eq!(stdout(&o), "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n");
+
+    let o = kiln(&["template", "-m", gemma]);
+    assert_one_line_error(&o, "has no chat template (tokenizer.chat_template); give --chat-template NAME");
+    for args in [&["template"][..], &["run", "hi"], &["chat"], &["serve"]] {
+        let o = kiln(&[args, &["-m", gemma, "--chat-template", "gemma-9"]].concat());
+        assert_one_line_error(&o, "unknown chat template \"gemma-9\"; known: chatml, llama2, ");
+    }
+
+    // run: without a template the prompt is plain text, with a notice; with one it is rendered.
+    let tok = kiln_tokenizer::Tokenizer::from_gguf(&kiln_gguf::GgufFile::open(gemma).unwrap()).unwrap();
+    let plain = tok.encode("Hello", true, false).unwrap().len();
+    let chat = tok.encode("<start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n", true, true).unwrap().len();
+    let o = kiln(&["run", "-m", gemma, "-n", "1", "--temp", "0", "Hello"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with(
+            "kiln: synth-gemma3-tiny-Q8_0.gguf has no chat template; using the prompt as plain text \
+             (give --chat-template NAME"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains(&format!("prompt {plain} tokens")), "{}", stderr(&o));
+    let o = kiln(&["run", "-m", gemma, "-n", "1", "--temp", "0", "--chat-template", "gemma", "Hello"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("no chat template"), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("prompt {chat} tokens")), "{}", stderr(&o));
 }
 
 mod bad_input {

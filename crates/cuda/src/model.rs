@@ -7,7 +7,8 @@ use std::ffi::c_void;
 
 use cudarc::driver::{sys, CudaFunction, CudaGraph, CudaSlice, DevicePtr};
 use kiln_gguf::GgmlType;
-use kiln_model::{LlamaConfig, LlamaWeights, Logits, ModelError, RopeScaling};
+use kiln_model::arch::{FfnActivation, RopePairing};
+use kiln_model::{Logits, ModelConfig, ModelError, ModelWeights, RopeScaling};
 use kiln_quant::matmul::QMatrix;
 
 use crate::{Device, MATVEC_MAX_TOKENS};
@@ -79,13 +80,13 @@ struct Layer {
 /// A model's weights uploaded to one GPU.
 pub struct CudaModel {
     pub dev: Device,
-    pub cfg: LlamaConfig,
+    pub cfg: ModelConfig,
     token_embd: Mat,
     output: Mat,
     output_norm: u64,
     layers: Vec<Layer>,
     rope_freqs: Option<Vec<f32>>,
-    /// Weight bytes read per generated token (as `LlamaWeights::bytes_per_token`).
+    /// Weight bytes read per generated token (as `ModelWeights::bytes_per_token`).
     pub bytes_per_token: usize,
     /// Bytes uploaded.
     pub device_bytes: usize,
@@ -98,8 +99,16 @@ pub struct CudaModel {
 
 impl CudaModel {
     /// Uploads `w` to `dev`. Fails with one line when a tensor type or shape is not supported.
-    pub fn upload(dev: Device, w: &LlamaWeights) -> Result<CudaModel> {
+    pub fn upload(dev: Device, w: &ModelWeights) -> Result<CudaModel> {
         let cfg = w.cfg.clone();
+        let missing = missing_features(w);
+        if !missing.is_empty() {
+            bail!(
+                "the CUDA backend cannot run this {} model yet: it lacks {} (use the CPU backend)",
+                cfg.arch.name,
+                missing.join(", ")
+            );
+        }
         for (what, v) in [("embedding", cfg.n_embd), ("head size", cfg.head_dim), ("feed-forward", cfg.n_ff)] {
             if v % 8 != 0 {
                 bail!("the CUDA backend needs the {what} length to be a multiple of 8 (it is {v})");
@@ -461,7 +470,7 @@ impl<'m> CudaSession<'m> {
         }
         let half = (cfg.n_rot / 2) as i32;
         let (nh, nkv, d) = (cfg.n_head as i32, cfg.n_head_kv as i32, cfg.head_dim as i32);
-        let scale = (1.0 / (cfg.head_dim as f64).sqrt()) as f32;
+        let scale = cfg.attention_scale as f32;
         for (l, lw) in m.layers.iter().enumerate() {
             let (src, norm, planes) = self.normed_input(&lw.qkv, lw.attn_norm, self.x, n)?;
             let (qkv_wi, kvdi) = (qkv_w as i32, kvd as i32);
@@ -852,11 +861,45 @@ fn repack8(data: &[u8], block: usize, out: &mut Vec<u8>) {
     }
 }
 
+/// The parts of `w`'s architecture description that the CUDA kernels do not implement: each is
+/// read here at one fixed point, so a model that needs one is refused whole, by name.
+fn missing_features(w: &ModelWeights) -> Vec<&'static str> {
+    let cfg = &w.cfg;
+    let mut missing = Vec::new();
+    if cfg.rope_pairing != RopePairing::Adjacent {
+        missing.push("NEOX RoPE pairing");
+    }
+    if cfg.ffn_activation != FfnActivation::Silu {
+        missing.push("the GELU-tanh FFN");
+    }
+    if cfg.embedding_scale.is_some() {
+        missing.push("the embedding scale");
+    }
+    if cfg.layers.iter().any(|l| l.window.is_some()) || cfg.ropes.len() > 1 {
+        missing.push("sliding-window layers");
+    }
+    if cfg.logit_softcap.is_some() {
+        missing.push("the logit soft-cap");
+    }
+    let any = |f: fn(&kiln_model::LayerWeights) -> bool| w.layers.iter().any(f);
+    if any(|l| l.qkv_bias.is_some()) {
+        missing.push("q/k/v biases");
+    }
+    if any(|l| l.qk_norm.is_some()) {
+        missing.push("q/k norms");
+    }
+    if any(|l| l.post_norms.is_some()) {
+        missing.push("post-attention/FFN norms");
+    }
+    missing
+}
+
 /// `[pos][i] = (cos, sin)` of the RoPE angles for positions `0..n_ctx`, computed in f64 and
 /// rounded to f32 exactly as the CPU's `RopeTable`.
-fn rope_table(cfg: &LlamaConfig, freqs: Option<&[f32]>, n_ctx: usize) -> Vec<f32> {
+fn rope_table(cfg: &ModelConfig, freqs: Option<&[f32]>, n_ctx: usize) -> Vec<f32> {
     let half = cfg.n_rot / 2;
-    let scale = match cfg.rope_scaling {
+    let rope = cfg.rope();
+    let scale = match rope.scaling {
         RopeScaling::None => 1.0,
         RopeScaling::Linear(f) => 1.0 / f,
     };
@@ -864,7 +907,7 @@ fn rope_table(cfg: &LlamaConfig, freqs: Option<&[f32]>, n_ctx: usize) -> Vec<f32
     for pos in 0..n_ctx {
         let p = pos as f64 * scale;
         for i in 0..half {
-            let mut theta = cfg.rope_base.powf(-2.0 * i as f64 / cfg.n_rot as f64);
+            let mut theta = rope.base.powf(-2.0 * i as f64 / cfg.n_rot as f64);
             if let Some(f) = freqs {
                 theta /= f[i] as f64;
             }

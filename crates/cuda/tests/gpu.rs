@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use kiln_cuda::{CudaModel, CudaSession, Device};
 use kiln_gguf::GgufFile;
-use kiln_model::{forward, KvCache, LlamaWeights, Logits, Precision};
+use kiln_model::{forward, KvCache, Logits, ModelWeights, Precision};
 
 fn device_or_skip(test: &str) -> Option<Device> {
     match kiln_cuda::probe() {
@@ -65,7 +65,7 @@ fn probe_says_why_when_there_is_no_gpu() {
 fn gpu_logits_match_cpu_on_every_type() {
     let Some(dev) = device_or_skip("gpu_logits_match_cpu_on_every_type") else { return };
     let g = GgufFile::open(synth("synth-tiny-mixed.gguf")).expect("synth model");
-    let w = LlamaWeights::load(&g).expect("weights");
+    let w = ModelWeights::load(&g).expect("weights");
     let nv = w.cfg.n_vocab;
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % nv as u32).collect();
     let mut cache = KvCache::new(&w.cfg, tokens.len());
@@ -105,7 +105,7 @@ fn prompt_chunks_then_steps_match_cpu() {
             continue;
         }
         let g = GgufFile::open(&path).expect("synth model");
-        let w = LlamaWeights::load(&g).expect("weights");
+        let w = ModelWeights::load(&g).expect("weights");
         let nv = w.cfg.n_vocab;
         let tokens: Vec<u32> = (0..70).map(|i| (i * 53 + 11) % nv as u32).collect();
         let mut cache = KvCache::new(&w.cfg, tokens.len());

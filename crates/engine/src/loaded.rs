@@ -4,14 +4,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use kiln_gguf::GgufFile;
-use kiln_model::LlamaWeights;
+use kiln_model::ModelWeights;
 use kiln_tokenizer::template::ChatTemplate;
 use kiln_tokenizer::Tokenizer;
 
 pub struct Model {
     pub path: PathBuf,
     pub gguf: &'static GgufFile,
-    pub weights: LlamaWeights<'static>,
+    pub weights: ModelWeights<'static>,
     pub tokenizer: Tokenizer,
     /// `None` when the file has no chat template (raw-prompt mode).
     pub template: Option<ChatTemplate>,
@@ -72,7 +72,7 @@ impl Model {
         }
         let gguf: &'static GgufFile = Box::leak(Box::new(gguf));
         let weights =
-            LlamaWeights::load_interleaved(gguf, &interleaved).with_context(|| format!("{}", path.display()))?;
+            ModelWeights::load_interleaved(gguf, &interleaved).with_context(|| format!("{}", path.display()))?;
         if tokenizer.n_vocab() != weights.cfg.n_vocab {
             anyhow::bail!(
                 "{}: tokenizer has {} tokens but token_embd.weight has {} rows",

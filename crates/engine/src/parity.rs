@@ -312,12 +312,12 @@ pub fn resolve_model(fixture_dir: &Path, model_file: &str, fetch: bool) -> Resul
     if synth.is_file() {
         return Ok(Some(synth));
     }
-    if model_file == crate::default_model::FILE_NAME {
-        if let Some(p) = crate::default_model::cached_path() {
+    if let Some(known) = crate::default_model::known(model_file) {
+        if let Some(p) = known.cached_path() {
             return Ok(Some(p));
         }
         if fetch {
-            return crate::default_model::ensure().map(Some);
+            return known.ensure().map(Some);
         }
     }
     Ok(None)

@@ -5,6 +5,8 @@
 //! (fixed summation orders), so it does not depend on how the prompt is split or batched.
 
 use kiln_quant::gemm::{self, MR, NR};
+
+use crate::forward::AttnHeads;
 use rayon::prelude::*;
 
 /// Queries per task: enough to amortise packing keys and values, few enough to balance the pool.
@@ -13,22 +15,21 @@ const QUERIES_PER_TASK: usize = 8 * MR;
 /// Causal attention of the `n` queries `qo` (`[n, n_head * d]`, positions `pos0 ..`) over `keys`
 /// and `values` (`[pos, n_head_kv * d]`, already holding the prompt's own positions), each query
 /// head replaced by its output in place (no second `[n, n_head * d]` buffer); returns the softmax
-/// weights `[n * n_head, pos0 + n]` when asked.
-#[allow(clippy::too_many_arguments)]
+/// weights `[n * n_head, pos0 + n]` when asked. Keys before a query's window (`heads.window`) get
+/// weight exactly zero.
 pub(crate) fn attention_prompt(
-    n_head: usize,
-    n_head_kv: usize,
-    d: usize,
+    heads: &AttnHeads,
     pos0: usize,
     qo: &mut [f32],
     keys: &[f32],
     values: &[f32],
     want_weights: bool,
 ) -> Option<Vec<f32>> {
+    let AttnHeads { n_head, n_head_kv, d, .. } = *heads;
     let (qd, kvd) = (n_head * d, n_head_kv * d);
     let n = qo.len() / qd;
     let group = n_head / n_head_kv;
-    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let scale = heads.scale as f32;
     let n_keys = pos0 + n;
     let kblocks = n_keys.div_ceil(NR);
     let dblocks = d.div_ceil(NR);
@@ -92,6 +93,8 @@ pub(crate) fn attention_prompt(
                     let visible = pos0 + t0 + i + 1;
                     let (seen, unseen) = row.split_at_mut(visible);
                     unseen.fill(0.0);
+                    let (before, seen) = seen.split_at_mut(heads.first_key(visible - 1));
+                    before.fill(0.0);
                     let max = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
                     for v in seen.iter_mut() {
                         *v = *v * scale - max;
@@ -227,7 +230,8 @@ mod tests {
             let k: Vec<f32> = (0..(pos0 + n) * kvd).map(|_| lcg(&mut seed)).collect();
             let v: Vec<f32> = (0..(pos0 + n) * kvd).map(|_| lcg(&mut seed)).collect();
             let mut out = q.clone();
-            let weights = attention_prompt(n_head, n_head_kv, d, pos0, &mut out, &k, &v, true).expect("weights");
+            let heads = AttnHeads { n_head, n_head_kv, d, scale: 1.0 / (d as f64).sqrt(), window: None };
+            let weights = attention_prompt(&heads, pos0, &mut out, &k, &v, true).expect("weights");
             let (want_out, want_w) = naive(n_head, n_head_kv, d, pos0, &q, &k, &v);
             for (i, (&g, &w)) in out.iter().zip(&want_out).enumerate() {
                 assert!((g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "out[{i}]: {g} vs {w}");

@@ -6,14 +6,16 @@ pub enum ModelError {
     UnsupportedArchitecture { found: String, supported: String },
     #[error("model file has no general.architecture key")]
     NoArchitecture,
-    #[error("missing metadata key {0:?}")]
-    MissingKey(String),
-    #[error("missing tensor {0:?}")]
-    MissingTensor(String),
+    #[error("{arch} model: missing metadata key {key:?}")]
+    MissingKey { arch: &'static str, key: String },
+    #[error("{arch} model: missing tensor {name:?}")]
+    MissingTensor { arch: &'static str, name: String },
+    #[error("{arch} model: tensor {name:?} is not part of the {arch} architecture (kiln would ignore it)")]
+    UnexpectedTensor { arch: &'static str, name: String },
     #[error("tensor {name:?}: {source}")]
     Tensor { name: String, source: kiln_quant::QuantError },
-    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
-    BadShape { name: String, found: Vec<u64>, expected: Vec<u64> },
+    #[error("{arch} model: tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    BadShape { arch: &'static str, name: String, found: Vec<u64>, expected: Vec<u64> },
     #[error("invalid hyper-parameters: {0}")]
     BadConfig(String),
     #[error("token id {id} is out of range (vocabulary has {n_vocab} tokens)")]

@@ -1,19 +1,27 @@
 //! Deliberate bugs, injected on request to test that `kiln diff` finds the first wrong operation.
-//! Each reproduces a mistake seen in real GGUF engines.
+//! Each reproduces a mistake seen in real GGUF engines, as an edit of the model — its description
+//! or one weight — that the ordinary forward pass then runs: no fault is a branch in the pass.
 
 use std::fmt;
 use std::str::FromStr;
 
+use kiln_gguf::GgmlType;
+use kiln_quant::matmul::QMatrix;
+
+use crate::arch::RopePairing;
+use crate::ModelWeights;
+
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// RoPE rotates (x[i], x[i + n_rot/2]) instead of adjacent pairs: first wrong at `q_rope-0`.
+    /// RoPE rotates the other pairs (halves instead of adjacent pairs, or the reverse): first
+    /// wrong at `q_rope-0`.
     RopePairing,
     /// The LM head is read as if stored `[n_embd, n_vocab]`: first wrong at `logits`.
     TransposedLmHead,
     /// RMSNorm without its epsilon: first wrong at `attn_norm-0`.
     NoRmsEps,
-    /// Layer 0's q projection input is rounded through f16: first wrong at `q-0`.
+    /// Layer 0's q projection runs on f16 copies of its weights: first wrong at `q-0`.
     F16Matmul,
 }
 
@@ -27,6 +35,56 @@ impl Fault {
             Fault::NoRmsEps => "no-rms-eps",
             Fault::F16Matmul => "f16-matmul",
         }
+    }
+}
+
+impl Fault {
+    /// The model with this fault: `w` with its description or one weight edited. Edited weights
+    /// live in `storage`.
+    pub fn apply<'s>(self, w: &ModelWeights<'s>, storage: &'s mut Vec<u8>) -> ModelWeights<'s> {
+        let mut faulty = w.clone();
+        let cfg = &mut faulty.cfg;
+        match self {
+            Fault::RopePairing => {
+                cfg.rope_pairing = match cfg.rope_pairing {
+                    RopePairing::Adjacent => RopePairing::Halves,
+                    RopePairing::Halves => RopePairing::Adjacent,
+                }
+            }
+            Fault::NoRmsEps => cfg.rms_eps = 0.0,
+            Fault::TransposedLmHead => {
+                // The head's values in memory order, re-read with rows and columns swapped.
+                let m = &w.output;
+                let (nv, e) = (m.rows, m.cols);
+                let mut flat = vec![0f32; nv * e];
+                for (r, row) in flat.chunks_exact_mut(e).enumerate() {
+                    m.dequantize_row_into(r, row);
+                }
+                storage.clear();
+                for v in 0..nv {
+                    for i in 0..e {
+                        storage.extend_from_slice(&flat[i * nv + v].to_le_bytes());
+                    }
+                }
+                let bytes: &'s [u8] = storage;
+                faulty.output = QMatrix::new(GgmlType::F32, bytes, nv, e).expect("an F32 matrix of the head's shape");
+            }
+            Fault::F16Matmul => {
+                let m = &w.layers[0].wq;
+                let mut row = vec![0f32; m.cols];
+                storage.clear();
+                for r in 0..m.rows {
+                    m.dequantize_row_into(r, &mut row);
+                    for &v in &row {
+                        storage.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                    }
+                }
+                let bytes: &'s [u8] = storage;
+                faulty.layers[0].wq =
+                    QMatrix::new(GgmlType::F16, bytes, m.rows, m.cols).expect("an F16 matrix of q's shape");
+            }
+        }
+        faulty
     }
 }
 

@@ -1,11 +1,17 @@
-//! The Llama forward pass: one function, top to bottom, over a batch of consecutive tokens.
+//! The forward pass: one function, top to bottom, over a batch of consecutive tokens, for every
+//! architecture: the layer sequence is the same, and the [`ModelConfig`] (built from the file's
+//! [`crate::arch::Architecture`]) decides at a few fixed points what happens there — the
+//! embedding scale, q/k/v biases and per-head norms, RoPE's pairing and base, the attention's
+//! scale and window, the post-attention and post-FFN norms, the FFN's activation, the logits'
+//! soft-cap.
 
 use kiln_quant::matmul::{self, dot_f64, QMatrix};
 use rayon::prelude::*;
 
+use crate::arch::{FfnActivation, RopePairing};
 use crate::attention_prompt::attention_prompt;
 use crate::forward_lockstep::{forward_lockstep, LockstepBuffers};
-use crate::{Activation, Fault, KvCache, LlamaConfig, LlamaWeights, ModelError, Observer, RopeScaling};
+use crate::{Activation, Fault, KvCache, ModelConfig, ModelError, ModelWeights, Observer, Rope, RopeScaling};
 
 /// Which arithmetic the forward pass uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +34,7 @@ pub enum Logits {
 /// Runs `tokens` at positions `cache.len ..` through the model, appends their keys and values to
 /// the cache, and returns logits `[n_out, n_vocab]` (n_out = 1 for `Logits::Last`).
 pub fn forward(
-    w: &LlamaWeights,
+    w: &ModelWeights,
     cache: &mut KvCache,
     tokens: &[u32],
     precision: Precision,
@@ -41,7 +47,7 @@ pub fn forward(
 /// [`forward`] with a deliberate bug injected, for testing the diagnostics.
 #[doc(hidden)]
 pub fn forward_faulty(
-    w: &LlamaWeights,
+    w: &ModelWeights,
     cache: &mut KvCache,
     tokens: &[u32],
     precision: Precision,
@@ -49,7 +55,17 @@ pub fn forward_faulty(
     obs: Option<&mut dyn Observer>,
     fault: Option<Fault>,
 ) -> Result<Vec<f32>, ModelError> {
-    forward_ubatched(w, cache, tokens, precision, want, obs, fault, MAX_UBATCH)
+    // A fault is an edit of the model (its description or a weight), run by the ordinary pass.
+    let mut storage = Vec::new();
+    let faulty;
+    let w = match fault {
+        Some(f) => {
+            faulty = f.apply(w, &mut storage);
+            &faulty
+        }
+        None => w,
+    };
+    forward_ubatched(w, cache, tokens, precision, want, obs, MAX_UBATCH)
 }
 
 /// Most tokens of one sequence in one pass through the layers (llama.cpp's default `n_ubatch`).
@@ -63,13 +79,12 @@ pub const MAX_UBATCH: usize = 512;
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub fn forward_ubatched(
-    w: &LlamaWeights,
+    w: &ModelWeights,
     cache: &mut KvCache,
     tokens: &[u32],
     precision: Precision,
     want: Logits,
     obs: Option<&mut dyn Observer>,
-    fault: Option<Fault>,
     ubatch: usize,
 ) -> Result<Vec<f32>, ModelError> {
     let ubatch = ubatch.max(1);
@@ -78,7 +93,7 @@ pub fn forward_ubatched(
     let result = run_in_pool(|| {
         if obs.is_some() || tokens.len() <= ubatch {
             let mut steps = [SeqStep { cache: &mut *cache, tokens, want }];
-            return Ok(forward_steps(w, &mut steps, precision, &mut ws, obs, fault, GenerationPass::Auto)?
+            return Ok(forward_steps(w, &mut steps, precision, &mut ws, obs, GenerationPass::Auto)?
                 .pop()
                 .unwrap_or_default());
         }
@@ -88,9 +103,8 @@ pub fn forward_ubatched(
         let mut out = Vec::new();
         for part in tokens.chunks(size) {
             let mut steps = [SeqStep { cache: &mut *cache, tokens: part, want }];
-            let logits = forward_steps(w, &mut steps, precision, &mut ws, None, fault, GenerationPass::Auto)?
-                .pop()
-                .unwrap_or_default();
+            let logits =
+                forward_steps(w, &mut steps, precision, &mut ws, None, GenerationPass::Auto)?.pop().unwrap_or_default();
             match want {
                 Logits::All => out.extend_from_slice(&logits),
                 Logits::Last => out = logits,
@@ -103,7 +117,7 @@ pub fn forward_ubatched(
 }
 
 /// Whether `tokens` fit after the cache's contents and are all in the vocabulary.
-fn check_step(cfg: &LlamaConfig, cache: &KvCache, tokens: &[u32]) -> Result<(), ModelError> {
+fn check_step(cfg: &ModelConfig, cache: &KvCache, tokens: &[u32]) -> Result<(), ModelError> {
     let needed = cache.len + tokens.len();
     if needed > cache.n_ctx {
         return Err(ModelError::ContextFull { needed, n_ctx: cache.n_ctx });
@@ -128,13 +142,13 @@ pub struct SeqStep<'a> {
 /// computed independently of the others. All steps are checked before anything runs, so on error
 /// no cache is modified.
 pub fn forward_batch(
-    w: &LlamaWeights,
+    w: &ModelWeights,
     steps: &mut [SeqStep<'_>],
     precision: Precision,
     ws: &mut Workspace,
     obs: Option<&mut dyn Observer>,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    run_in_pool(|| forward_steps(w, steps, precision, ws, obs, None, GenerationPass::Auto))
+    run_in_pool(|| forward_steps(w, steps, precision, ws, obs, GenerationPass::Auto))
 }
 
 /// How a generation step's parallel work is organised (the results are the same bits either way).
@@ -154,12 +168,12 @@ pub enum GenerationPass {
 /// [`forward_batch`] with the generation pass chosen (to compare the two).
 #[doc(hidden)]
 pub fn forward_batch_with(
-    w: &LlamaWeights,
+    w: &ModelWeights,
     steps: &mut [SeqStep<'_>],
     ws: &mut Workspace,
     pass: GenerationPass,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    run_in_pool(|| forward_steps(w, steps, Precision::Fast, ws, None, None, pass))
+    run_in_pool(|| forward_steps(w, steps, Precision::Fast, ws, None, pass))
 }
 
 /// Runs `f` on a pool thread: the many short parallel sections inside then start by work stealing
@@ -174,12 +188,11 @@ fn run_in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 fn forward_steps(
-    w: &LlamaWeights,
+    w: &ModelWeights,
     steps: &mut [SeqStep<'_>],
     precision: Precision,
     ws: &mut Workspace,
     mut obs: Option<&mut dyn Observer>,
-    fault: Option<Fault>,
     pass: GenerationPass,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
     let cfg = &w.cfg;
@@ -201,9 +214,10 @@ fn forward_steps(
     // 8-bit dot kernels for generation), so batching never changes a sequence's results.
     let row_segments = segments(spans.iter().cloned());
     let mm = |jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32]| matmul_segments(jobs, x, &row_segments, precision);
-    let rms_eps = if fault == Some(Fault::NoRmsEps) { 0.0 } else { cfg.rms_eps };
-    let pairing = if fault == Some(Fault::RopePairing) { RopePairing::Halves } else { RopePairing::Adjacent };
-    let ropes: Vec<RopeTable> = steps.iter().map(|s| RopeTable::new(w, s.cache.len, s.tokens.len(), pairing)).collect();
+    let rms_eps = cfg.rms_eps;
+    // Per step, one table per RoPE variant of the model (layer `l` takes `cfg.layers[l].rope`).
+    let ropes: Vec<Vec<RopeTable>> =
+        steps.iter().map(|s| RopeTable::for_model(w, s.cache.len, s.tokens.len())).collect();
     // The rows whose logits are wanted.
     let out_rows: Vec<std::ops::Range<usize>> = steps
         .iter()
@@ -226,10 +240,7 @@ fn forward_steps(
             .collect::<Vec<_>>()
     };
 
-    let lockstep_fits = obs.is_none()
-        && fault.is_none()
-        && precision == Precision::Fast
-        && row_segments.iter().all(|(_, prompt)| !prompt);
+    let lockstep_fits = obs.is_none() && precision == Precision::Fast && row_segments.iter().all(|(_, prompt)| !prompt);
     let lockstep = match pass {
         GenerationPass::Sections => false,
         GenerationPass::Auto => lockstep_fits && crate::forward_lockstep::enabled(),
@@ -239,7 +250,8 @@ fn forward_steps(
         }
     };
     if lockstep {
-        if let Some(logits) = forward_lockstep(w, steps, &spans, &ropes, &out_rows, rms_eps, &mut ws.lockstep) {
+        if let Some(mut logits) = forward_lockstep(w, steps, &spans, &ropes, &out_rows, &mut ws.lockstep) {
+            soft_cap(cfg, &mut logits, precision);
             return Ok(split_logits(logits));
         }
         // Another pass runs: take the sections (waiting for it here could hold a thread it needs).
@@ -259,7 +271,7 @@ fn forward_steps(
     let Workspace { x, h, gate, up, .. } = ws;
     for (s, span) in steps.iter().zip(&spans) {
         for (&tok, xr) in s.tokens.iter().zip(x[span.start * e..span.end * e].chunks_exact_mut(e)) {
-            w.token_embd.dequantize_row_into(tok as usize, xr);
+            embed(w, tok, xr);
         }
     }
     emit(&mut obs, None, "token_embd", n, e, x);
@@ -277,19 +289,25 @@ fn forward_steps(
         // projections land in `h` once the matmul that read it is done.
         let (k, v) = up[..2 * n * kvd].split_at_mut(n * kvd);
         let q = &mut gate[..n * qd];
-        if l == 0 && fault == Some(Fault::F16Matmul) {
-            let rounded: Vec<f32> = h.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
-            mm(&mut [(&lw.wq, &mut *q)], &rounded);
-            mm(&mut [(&lw.wk, &mut *k), (&lw.wv, &mut *v)], h);
-        } else {
-            mm(&mut [(&lw.wq, &mut *q), (&lw.wk, &mut *k), (&lw.wv, &mut *v)], h);
+        mm(&mut [(&lw.wq, &mut *q), (&lw.wk, &mut *k), (&lw.wv, &mut *v)], h);
+        if let Some(b) = &lw.qkv_bias {
+            add_rows(q, &b.q);
+            add_rows(k, &b.k);
+            add_rows(v, &b.v);
         }
         emit(&mut obs, li, "q", n, qd, q);
         emit(&mut obs, li, "k", n, kvd, k);
         emit(&mut obs, li, "v", n, kvd, v);
+        if let Some(qk) = &lw.qk_norm {
+            rms_norm_in_place(q, &qk.q, rms_eps);
+            rms_norm_in_place(k, &qk.k, rms_eps);
+            emit(&mut obs, li, "q_norm", n, qd, q);
+            emit(&mut obs, li, "k_norm", n, kvd, k);
+        }
+        let layer = cfg.layers[l];
         for (rope, span) in ropes.iter().zip(&spans) {
-            rope.apply(&mut q[span.start * qd..span.end * qd], cfg.head_dim);
-            rope.apply(&mut k[span.start * kvd..span.end * kvd], cfg.head_dim);
+            rope[layer.rope].apply(&mut q[span.start * qd..span.end * qd], cfg.head_dim);
+            rope[layer.rope].apply(&mut k[span.start * kvd..span.end * kvd], cfg.head_dim);
         }
         emit(&mut obs, li, "q_rope", n, qd, q);
         emit(&mut obs, li, "k_rope", n, kvd, k);
@@ -313,12 +331,17 @@ fn forward_steps(
                 prompt: precision == Precision::Fast && matmul::uses_gemm(span.len()),
             })
             .collect();
-        let mut weights = attention(cfg.n_head, cfg.n_head_kv, cfg.head_dim, &seqs, q, precision, want_weights);
+        let heads = AttnHeads {
+            n_head: cfg.n_head,
+            n_head_kv: cfg.n_head_kv,
+            d: cfg.head_dim,
+            scale: cfg.attention_scale,
+            window: layer.window,
+        };
+        let mut weights = attention(&heads, &seqs, q, precision, want_weights);
         for sq in seqs.iter().filter(|sq| sq.prompt) {
             let w = attention_prompt(
-                cfg.n_head,
-                cfg.n_head_kv,
-                cfg.head_dim,
+                &heads,
                 sq.pos0,
                 &mut q[sq.rows.start * qd..sq.rows.end * qd],
                 sq.keys,
@@ -335,6 +358,10 @@ fn forward_steps(
 
         mm(&mut [(&lw.wo, h)], attn);
         emit(&mut obs, li, "attn_proj", n, e, h);
+        if let Some(pn) = &lw.post_norms {
+            rms_norm_in_place(h, &pn.attn, rms_eps);
+            emit(&mut obs, li, "attn_post_norm", n, e, h);
+        }
         add_in_place(x, h);
         emit(&mut obs, li, "attn_residual", n, e, x);
 
@@ -352,8 +379,11 @@ fn forward_steps(
                 let (g, u) = (&mut g[..n * rows], &mut up[..n * rows]);
                 let (w_gate, w_up) = (lw.w_gate.row_block(r0, rows), lw.w_up.row_block(r0, rows));
                 mm(&mut [(&w_gate, &mut *g), (&w_up, &mut *u)], h);
-                swiglu_in_place(g, u, precision);
+                ffn_act_in_place(cfg.ffn_activation, g, u, precision);
                 kiln_quant::gemm::gemm_cols(&lw.w_down, r0, g, n, down, i > 0);
+            }
+            if let Some(pn) = &lw.post_norms {
+                rms_norm_in_place(down, &pn.ffn, rms_eps);
             }
             add_in_place(x, down);
             continue;
@@ -362,10 +392,14 @@ fn forward_steps(
         mm(&mut [(&lw.w_gate, &mut *gate), (&lw.w_up, &mut *up)], h);
         emit(&mut obs, li, "ffn_gate", n, ff, gate);
         emit(&mut obs, li, "ffn_up", n, ff, up);
-        swiglu_in_place(gate, up, precision);
+        ffn_act_in_place(cfg.ffn_activation, gate, up, precision);
         emit(&mut obs, li, "ffn_swiglu", n, ff, gate);
         mm(&mut [(&lw.w_down, h)], gate);
         emit(&mut obs, li, "ffn_down", n, e, h);
+        if let Some(pn) = &lw.post_norms {
+            rms_norm_in_place(h, &pn.ffn, rms_eps);
+            emit(&mut obs, li, "ffn_post_norm", n, e, h);
+        }
         add_in_place(x, h);
         emit(&mut obs, li, "ffn_residual", n, e, x);
     }
@@ -384,16 +418,13 @@ fn forward_steps(
     emit(&mut obs, None, "output_norm", n_out, e, &hn);
     let nv = cfg.n_vocab;
     let mut logits = vec![0f32; n_out * nv];
-    if fault == Some(Fault::TransposedLmHead) {
-        transposed_head(&w.output, &hn, &mut logits);
-    } else {
-        let mut at = 0;
-        let out_segments = segments(out_rows.iter().map(|r| {
-            at += r.len();
-            at - r.len()..at
-        }));
-        matmul_segments(&mut [(&w.output, &mut logits)], &hn, &out_segments, precision);
-    }
+    let mut at = 0;
+    let out_segments = segments(out_rows.iter().map(|r| {
+        at += r.len();
+        at - r.len()..at
+    }));
+    matmul_segments(&mut [(&w.output, &mut logits)], &hn, &out_segments, precision);
+    soft_cap(cfg, &mut logits, precision);
     emit(&mut obs, None, "logits", n_out, nv, &logits);
     Ok(split_logits(logits))
 }
@@ -435,24 +466,6 @@ fn matmul_segments(
             matmul::matmul_many(&mut sub, xs, rows.len());
         } else {
             matmul::matmul_dot_many(&mut sub, xs, rows.len());
-        }
-    }
-}
-
-/// The LM head read with the wrong layout (`[n_embd, n_vocab]` instead of `[n_vocab, n_embd]`):
-/// the classic bug this fault reproduces.
-fn transposed_head(m: &QMatrix, hn: &[f32], out: &mut [f32]) {
-    let (nv, e) = (m.rows, m.cols);
-    let mut flat = vec![0f32; nv * e];
-    for (r, row) in flat.chunks_exact_mut(e).enumerate() {
-        m.dequantize_row_into(r, row);
-    }
-    for (ht, ot) in hn.chunks_exact(e).zip(out.chunks_exact_mut(nv)) {
-        ot.fill(0.0);
-        for (i, &hv) in ht.iter().enumerate() {
-            for (o, &wv) in ot.iter_mut().zip(&flat[i * nv..(i + 1) * nv]) {
-                *o += hv * wv;
-            }
         }
     }
 }
@@ -537,34 +550,75 @@ pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `gate = silu(gate) * up`: in f64 on the exact path, in f32 on the default path (eight lanes at
-/// a time, `exp` within 1 ulp: [`kiln_quant::exp`]), where f64 `exp` costs more than the products
-/// around it.
-fn swiglu_in_place(gate: &mut [f32], up: &[f32], precision: Precision) {
+/// [`rms_norm`] of each `weight.len()`-long piece of `x` in place (a row, or one head of a row):
+/// the same arithmetic, so the same bits.
+pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f64) {
+    let e = weight.len();
+    for xr in x.chunks_exact_mut(e) {
+        let ss: f64 = xr.iter().map(|&v| v as f64 * v as f64).sum();
+        let scale = 1.0 / (ss / e as f64 + eps).sqrt();
+        for (v, &g) in xr.iter_mut().zip(weight) {
+            *v = ((*v as f64 * scale) * g as f64) as f32;
+        }
+    }
+}
+
+/// Adds `bias` to every row of `x` (rows of `bias.len()`).
+pub(crate) fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for xr in x.chunks_exact_mut(bias.len()) {
+        add_in_place(xr, bias);
+    }
+}
+
+/// Token `tok`'s embedding row into `out`, times the architecture's embedding scale.
+pub(crate) fn embed(w: &ModelWeights, tok: u32, out: &mut [f32]) {
+    w.token_embd.dequantize_row_into(tok as usize, out);
+    if let Some(s) = w.cfg.embedding_scale {
+        for v in out.iter_mut() {
+            *v *= s;
+        }
+    }
+}
+
+/// The final soft-cap `c·tanh(l / c)`, where the architecture sets one (in f64 on the exact path).
+pub(crate) fn soft_cap(cfg: &ModelConfig, logits: &mut [f32], precision: Precision) {
+    let Some(c) = cfg.logit_softcap else { return };
+    match precision {
+        Precision::Exact => logits.iter_mut().for_each(|l| *l = (c * (*l as f64 / c).tanh()) as f32),
+        Precision::Fast => {
+            let c = c as f32;
+            logits.iter_mut().for_each(|l| *l = c * (*l / c).tanh());
+        }
+    }
+}
+
+/// The gated FFN's product `gate = act(gate) * up`: in f64 on the exact path, in f32 on the
+/// default path (eight lanes at a time, `exp` within 1 ulp: [`kiln_quant::exp`]), where f64 `exp`
+/// costs more than the products around it.
+pub(crate) fn ffn_act_in_place(act: FfnActivation, gate: &mut [f32], up: &[f32], precision: Precision) {
     // Element by element, so any split gives the same bits; a prompt's is worth the threads.
     const CHUNK: usize = 1 << 14;
     if gate.len() > CHUNK {
-        gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| swiglu_in_place(g, u, precision));
+        gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| ffn_act_in_place(act, g, u, precision));
         return;
     }
-    match precision {
-        Precision::Exact => {
+    match (precision, act) {
+        (Precision::Exact, FfnActivation::Silu) => {
             for (g, &u) in gate.iter_mut().zip(up) {
                 let gv = *g as f64;
                 *g = (gv / (1.0 + (-gv).exp()) * u as f64) as f32;
             }
         }
-        Precision::Fast => kiln_quant::exp::silu_mul_in_place(gate, up),
+        (Precision::Exact, FfnActivation::GeluTanh) => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            for (g, &u) in gate.iter_mut().zip(up) {
+                let gv = *g as f64;
+                *g = (0.5 * gv * (1.0 + (c * (gv + 0.044715 * gv * gv * gv)).tanh()) * u as f64) as f32;
+            }
+        }
+        (Precision::Fast, FfnActivation::Silu) => kiln_quant::exp::silu_mul_in_place(gate, up),
+        (Precision::Fast, FfnActivation::GeluTanh) => kiln_quant::exp::gelu_tanh_mul_in_place(gate, up),
     }
-}
-
-/// Which dimensions RoPE rotates together.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum RopePairing {
-    /// (x[2i], x[2i+1]): GGUF Llama weights are permuted for this "normal" pairing at conversion.
-    Adjacent,
-    /// (x[i], x[i + n_rot/2]): NeoX style; only reached through [`Fault::RopePairing`] for Llama.
-    Halves,
 }
 
 /// Rotation angles for one sequence's positions, computed in f64 once per forward call.
@@ -576,10 +630,15 @@ pub(crate) struct RopeTable {
 }
 
 impl RopeTable {
-    fn new(w: &LlamaWeights, pos0: usize, n: usize, pairing: RopePairing) -> RopeTable {
-        let cfg = &w.cfg;
+    /// One table per RoPE variant of the model ([`ModelConfig::ropes`]) for positions `pos0 ..
+    /// pos0 + n`.
+    pub(crate) fn for_model(w: &ModelWeights, pos0: usize, n: usize) -> Vec<RopeTable> {
+        w.cfg.ropes.iter().map(|r| RopeTable::new(&w.cfg, r, w.rope_freqs.as_deref(), pos0, n)).collect()
+    }
+
+    fn new(cfg: &ModelConfig, rope: &Rope, freqs: Option<&[f32]>, pos0: usize, n: usize) -> RopeTable {
         let half = cfg.n_rot / 2;
-        let scale = match cfg.rope_scaling {
+        let scale = match rope.scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Linear(f) => 1.0 / f,
         };
@@ -587,15 +646,15 @@ impl RopeTable {
         for t in 0..n {
             let p = (pos0 + t) as f64 * scale;
             for i in 0..half {
-                let mut theta = cfg.rope_base.powf(-2.0 * i as f64 / cfg.n_rot as f64);
-                if let Some(f) = &w.rope_freqs {
+                let mut theta = rope.base.powf(-2.0 * i as f64 / cfg.n_rot as f64);
+                if let Some(f) = freqs {
                     theta /= f[i] as f64;
                 }
                 let (s, c) = (p * theta).sin_cos();
                 cos_sin.push((c as f32, s as f32));
             }
         }
-        RopeTable { cos_sin, half, pairing }
+        RopeTable { cos_sin, half, pairing: cfg.rope_pairing }
     }
 
     /// Rotates the pairs of the first `n_rot` dims of every head of every token in `x`.
@@ -631,6 +690,23 @@ impl RopeTable {
     }
 }
 
+/// The attention's shape and the layer's options: heads, head size, score scale, window.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnHeads {
+    pub(crate) n_head: usize,
+    pub(crate) n_head_kv: usize,
+    pub(crate) d: usize,
+    pub(crate) scale: f64,
+    pub(crate) window: Option<usize>,
+}
+
+impl AttnHeads {
+    /// The first key position the query at position `pos` sees.
+    pub(crate) fn first_key(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+}
+
 /// One sequence's view for attention: its rows in the stacked batch and its cached keys/values
 /// (already holding this step's positions).
 struct AttnSeq<'a> {
@@ -646,19 +722,16 @@ struct AttnSeq<'a> {
 /// cache, each query head replaced by its output in place (sequences marked `prompt` are left to
 /// [`attention_prompt`]). Returns the softmax weights `[n * n_head, pos0 + n]` of a single
 /// sequence when asked (zeros past each causal limit).
-#[allow(clippy::too_many_arguments)]
 fn attention(
-    n_head: usize,
-    n_head_kv: usize,
-    d: usize,
+    heads: &AttnHeads,
     seqs: &[AttnSeq],
     qo: &mut [f32],
     precision: Precision,
     want_weights: bool,
 ) -> Option<Vec<f32>> {
+    let AttnHeads { n_head, n_head_kv, d, scale, .. } = *heads;
     let kvd = n_head_kv * d;
     let group = n_head / n_head_kv;
-    let scale = 1.0 / (d as f64).sqrt();
     // Which sequence each stacked token row belongs to.
     let mut seq_of_row = Vec::with_capacity(qo.len() / (n_head * d));
     for (i, s) in seqs.iter().enumerate() {
@@ -693,12 +766,13 @@ fn attention(
                 let (keys, values) = (seq.keys, seq.values);
                 let kh = h / group;
                 let len = seq.pos0 + (row - seq.rows.start) + 1;
+                let lo = heads.first_key(len - 1);
                 let key = |s: usize| &keys[s * kvd + kh * d..s * kvd + kh * d + d];
                 let val = |s: usize| &values[s * kvd + kh * d..s * kvd + kh * d + d];
                 match precision {
                     Precision::Exact => {
                         scores64.clear();
-                        scores64.extend((0..len).map(|s| dot_f64(qh, key(s)) * scale));
+                        scores64.extend((lo..len).map(|s| dot_f64(qh, key(s)) * scale));
                         let max = scores64.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                         for s in scores64.iter_mut() {
                             *s = (*s - max).exp();
@@ -707,7 +781,7 @@ fn attention(
                         let sum: f64 = exps.iter().sum();
                         acc.clear();
                         acc.resize(d, 0.0);
-                        for (s, &p) in exps.iter().enumerate() {
+                        for (s, &p) in (lo..len).zip(exps.iter()) {
                             let p = p / sum;
                             for (a, &vv) in acc.iter_mut().zip(val(s)) {
                                 *a += p * vv as f64;
@@ -717,16 +791,17 @@ fn attention(
                             *oo = *a as f32;
                         }
                         if let Some(wr) = wrow {
-                            for (wv, &p) in wr.iter_mut().zip(exps.iter()) {
+                            for (wv, &p) in wr[lo..].iter_mut().zip(exps.iter()) {
                                 *wv = (p / sum) as f32;
                             }
                         }
                     }
                     Precision::Fast => {
-                        let run = KeyValueRun { keys: &keys[kh * d..], values: &values[kh * d..], stride: kvd, len };
+                        let at = lo * kvd + kh * d;
+                        let run = KeyValueRun { keys: &keys[at..], values: &values[at..], stride: kvd, len: len - lo };
                         let inv = attend_head(qh, &[run], scale as f32, scores32, o);
                         if let Some(wr) = wrow {
-                            for (wv, &p) in wr.iter_mut().zip(scores32.iter()) {
+                            for (wv, &p) in wr[lo..].iter_mut().zip(scores32.iter()) {
                                 *wv = p * inv;
                             }
                         }

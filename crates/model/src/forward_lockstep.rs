@@ -20,9 +20,12 @@ use std::sync::Mutex;
 
 use kiln_quant::matmul::{self, DotActivations, QMatrix};
 
-use crate::forward::{add_in_place, attend_head, rms_norm, KeyValueRun, RopeTable, SeqStep};
+use crate::forward::{
+    add_in_place, attend_head, embed, ffn_act_in_place, rms_norm, rms_norm_in_place, AttnHeads, KeyValueRun, Precision,
+    RopeTable, SeqStep,
+};
 use crate::lockstep_sync::{PassShares, SharedF32, SpinBarrier};
-use crate::LlamaWeights;
+use crate::{LayerWeights, ModelWeights};
 
 /// The pass's buffers, kept with a sequence's (or a batch's) workspace between calls.
 #[derive(Default)]
@@ -34,7 +37,8 @@ pub(crate) struct LockstepBuffers {
     proj: SharedF32,
     gate: SharedF32,
     up: SharedF32,
-    /// Each layer's keys (before RoPE) and values of this step, `[layer][n][kv_dim]`.
+    /// Each layer's keys and values of this step as the projections give them (before bias,
+    /// norm and RoPE), `[layer][n][kv_dim]`.
     keys: SharedF32,
     values: SharedF32,
     logits: SharedF32,
@@ -108,7 +112,8 @@ struct SeqView<'a> {
     pos0: usize,
     keys: &'a [Vec<f32>],
     values: &'a [Vec<f32>],
-    rope: &'a RopeTable,
+    /// One table per RoPE variant of the model.
+    ropes: &'a [RopeTable],
 }
 
 /// The generation pass over `steps` (already checked: they fit their caches and the vocabulary;
@@ -116,12 +121,11 @@ struct SeqView<'a> {
 /// `out_rows`, stacked, or `None` when another lock-step pass is running (the caller then takes
 /// the sectioned path). Appends the step's keys and values to the caches.
 pub(crate) fn forward_lockstep(
-    w: &LlamaWeights,
+    w: &ModelWeights,
     steps: &mut [SeqStep<'_>],
     spans: &[std::ops::Range<usize>],
-    ropes: &[RopeTable],
+    ropes: &[Vec<RopeTable>],
     out_rows: &[std::ops::Range<usize>],
-    rms_eps: f64,
     buffers: &mut LockstepBuffers,
 ) -> Option<Vec<f32>> {
     let _running = RunningGuard::try_acquire()?;
@@ -150,18 +154,27 @@ pub(crate) fn forward_lockstep(
         .iter()
         .zip(spans)
         .zip(ropes)
-        .map(|((s, span), rope)| SeqView {
+        .map(|((s, span), ropes)| SeqView {
             rows: span.clone(),
             pos0: s.cache.len,
             keys: &s.cache.keys,
             values: &s.cache.values,
-            rope,
+            ropes,
         })
         .collect();
     let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
     let barrier = SpinBarrier::new(threads);
-    let pass =
-        Pass { w, seqs: &seqs, tokens: &tokens, out_rows, rms_eps, n, threads, shared: &*buffers, barrier: &barrier };
+    let pass = Pass {
+        w,
+        seqs: &seqs,
+        tokens: &tokens,
+        out_rows,
+        rms_eps: cfg.rms_eps,
+        n,
+        threads,
+        shared: &*buffers,
+        barrier: &barrier,
+    };
     rayon::broadcast(|ctx| {
         let _poison = barrier.poison_on_panic();
         let mut own = buffers.threads[ctx.index()].lock().unwrap_or_else(|e| e.into_inner());
@@ -169,19 +182,20 @@ pub(crate) fn forward_lockstep(
     });
     drop(seqs);
 
-    // The step's keys (rotated as the attention saw them) and values into the caches.
-    let mut row = vec![0f32; kvd];
-    for ((s, span), rope) in steps.iter_mut().zip(spans).zip(ropes) {
+    // The step's keys and values, as the attention saw them, into the caches.
+    let (mut key, mut value) = (vec![0f32; cfg.head_dim], vec![0f32; cfg.head_dim]);
+    for ((s, span), ropes) in steps.iter_mut().zip(spans).zip(ropes) {
         let p0 = s.cache.len;
-        for l in 0..nl {
+        for (l, lw) in w.layers.iter().enumerate() {
+            let rope = &ropes[cfg.layers[l].rope];
             for (t, i) in span.clone().enumerate() {
-                let at = (p0 + t) * kvd;
-                buffers.keys.load((l * n + i) * kvd, &mut row);
-                for head in row.chunks_exact_mut(cfg.head_dim) {
-                    rope.apply_head(t, head);
+                for kh in 0..cfg.n_head_kv {
+                    let from = (l * n + i) * kvd + kh * cfg.head_dim;
+                    let to = (p0 + t) * kvd + kh * cfg.head_dim;
+                    finish_key_value(w, lw, &buffers.keys, &buffers.values, from, kh, rope, t, &mut key, &mut value);
+                    s.cache.keys[l][to..to + cfg.head_dim].copy_from_slice(&key);
+                    s.cache.values[l][to..to + cfg.head_dim].copy_from_slice(&value);
                 }
-                s.cache.keys[l][at..at + kvd].copy_from_slice(&row);
-                buffers.values.load((l * n + i) * kvd, &mut s.cache.values[l][at..at + kvd]);
             }
         }
         s.cache.len += span.len();
@@ -191,9 +205,38 @@ pub(crate) fn forward_lockstep(
     Some(logits)
 }
 
+/// One key-value head of one position of this step as the attention uses it: the projections'
+/// outputs from `from` in `keys` and `values`, plus their biases, the key's norm and RoPE
+/// (the call's token `t`) — the sectioned pass's operations on the same elements.
+#[allow(clippy::too_many_arguments)]
+fn finish_key_value(
+    w: &ModelWeights,
+    lw: &LayerWeights,
+    keys: &SharedF32,
+    values: &SharedF32,
+    from: usize,
+    kh: usize,
+    rope: &RopeTable,
+    t: usize,
+    key: &mut [f32],
+    value: &mut [f32],
+) {
+    let d = key.len();
+    keys.load(from, key);
+    values.load(from, value);
+    if let Some(b) = &lw.qkv_bias {
+        add_in_place(key, &b.k[kh * d..(kh + 1) * d]);
+        add_in_place(value, &b.v[kh * d..(kh + 1) * d]);
+    }
+    if let Some(qk) = &lw.qk_norm {
+        rms_norm_in_place(key, &qk.k, w.cfg.rms_eps);
+    }
+    rope.apply_head(t, key);
+}
+
 /// What every thread of one pass reads.
 struct Pass<'a> {
-    w: &'a LlamaWeights<'a>,
+    w: &'a ModelWeights<'a>,
     seqs: &'a [SeqView<'a>],
     tokens: &'a [u32],
     out_rows: &'a [std::ops::Range<usize>],
@@ -214,7 +257,7 @@ impl Pass<'_> {
         let mut next_op = || (me, op.next().unwrap_or_default());
         own.x.resize(n * e, 0.0);
         for (&tok, xr) in self.tokens.iter().zip(own.x.chunks_exact_mut(e)) {
-            w.token_embd.dequantize_row_into(tok as usize, xr);
+            embed(w, tok, xr);
         }
         for (l, lw) in w.layers.iter().enumerate() {
             // This layer's keys and values of the step, in `keys` and `values` alike.
@@ -234,6 +277,9 @@ impl Pass<'_> {
 
             own.other.resize(n * e, 0.0);
             sh.proj.load(0, &mut own.other);
+            if let Some(pn) = &lw.post_norms {
+                rms_norm_in_place(&mut own.other, &pn.attn, self.rms_eps);
+            }
             add_in_place(&mut own.x, &own.other);
             own.input.resize(n * e, 0.0);
             rms_norm(&own.x, &lw.ffn_norm, self.rms_eps, &mut own.input);
@@ -244,12 +290,15 @@ impl Pass<'_> {
             own.other.resize(n * ff, 0.0);
             sh.gate.load(0, &mut own.input);
             sh.up.load(0, &mut own.other);
-            kiln_quant::exp::silu_mul_in_place(&mut own.input, &own.other);
+            ffn_act_in_place(cfg.ffn_activation, &mut own.input, &own.other, Precision::Fast);
             self.product(own, &[(&lw.w_down, &sh.proj, 0)], next_op());
             self.barrier.wait();
 
             own.other.resize(n * e, 0.0);
             sh.proj.load(0, &mut own.other);
+            if let Some(pn) = &lw.post_norms {
+                rms_norm_in_place(&mut own.other, &pn.ffn, self.rms_eps);
+            }
             add_in_place(&mut own.x, &own.other);
         }
 
@@ -299,10 +348,14 @@ impl Pass<'_> {
     /// the group's query heads over the cache's positions and the step's new ones, outputs to
     /// `attn`. The arithmetic of [`crate::forward`]'s generation attention, key by key.
     fn attention(&self, own: &mut ThreadBuffers, l: usize, op: (usize, usize)) {
-        let cfg = &self.w.cfg;
+        let (w, cfg) = (self.w, &self.w.cfg);
+        let lw = &w.layers[l];
         let (d, qd, kvd, n_kv) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim(), cfg.n_head_kv);
         let group = cfg.n_head / n_kv;
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let layer = cfg.layers[l];
+        let heads =
+            AttnHeads { n_head: cfg.n_head, n_head_kv: n_kv, d, scale: cfg.attention_scale, window: layer.window };
+        let scale = heads.scale as f32;
         let sh = self.shared;
         let base = l * self.n * kvd;
         let (me, op) = op;
@@ -312,24 +365,38 @@ impl Pass<'_> {
             let Some(seq) = self.seqs.iter().find(|s| s.rows.contains(&row)) else { break };
             let new = row - seq.rows.start + 1;
             let old = seq.pos0;
-            // This step's keys of the head up to this row, rotated; its values.
+            let rope = &seq.ropes[layer.rope];
+            // The keys this row's query sees: the cache's from `lo`, then this step's from `lo_new`.
+            let lo = heads.first_key(old + new - 1);
+            let lo_new = lo.saturating_sub(old);
+            // This step's keys of the head up to this row, as the attention uses them; its values.
             own.new_keys.resize(new * d, 0.0);
             own.new_values.resize(new * d, 0.0);
             for (t, (k, v)) in own.new_keys.chunks_exact_mut(d).zip(own.new_values.chunks_exact_mut(d)).enumerate() {
                 let at = base + (seq.rows.start + t) * kvd + kh * d;
-                sh.keys.load(at, k);
-                seq.rope.apply_head(t, k);
-                sh.values.load(at, v);
+                finish_key_value(w, lw, &sh.keys, &sh.values, at, kh, rope, t, k, v);
             }
-            let (cache_k, cache_v) = (&seq.keys[l][kh * d..], &seq.values[l][kh * d..]);
+            let lo_old = lo.min(old);
+            let (cache_k, cache_v) = (&seq.keys[l][lo_old * kvd + kh * d..], &seq.values[l][lo_old * kvd + kh * d..]);
             own.query.resize(d, 0.0);
             own.head_out.resize(d, 0.0);
             for h in kh * group..(kh + 1) * group {
                 sh.q.load(row * qd + h * d, &mut own.query);
-                seq.rope.apply_head(new - 1, &mut own.query);
+                if let Some(b) = &lw.qkv_bias {
+                    add_in_place(&mut own.query, &b.q[h * d..(h + 1) * d]);
+                }
+                if let Some(qk) = &lw.qk_norm {
+                    rms_norm_in_place(&mut own.query, &qk.q, self.rms_eps);
+                }
+                rope.apply_head(new - 1, &mut own.query);
                 let runs = [
-                    KeyValueRun { keys: cache_k, values: cache_v, stride: kvd, len: old },
-                    KeyValueRun { keys: &own.new_keys, values: &own.new_values, stride: d, len: new },
+                    KeyValueRun { keys: cache_k, values: cache_v, stride: kvd, len: old - lo_old },
+                    KeyValueRun {
+                        keys: &own.new_keys[lo_new * d..],
+                        values: &own.new_values[lo_new * d..],
+                        stride: d,
+                        len: new - lo_new,
+                    },
                 ];
                 attend_head(&own.query, &runs, scale, &mut own.scores, &mut own.head_out);
                 sh.attn.store(row * qd + h * d, &own.head_out);

@@ -1,7 +1,7 @@
 //! Per-layer key and value cache, f32, laid out `[position][kv_head * head_dim]`.
 
 use crate::forward::Workspace;
-use crate::LlamaConfig;
+use crate::ModelConfig;
 
 pub struct KvCache {
     pub n_ctx: usize,
@@ -17,7 +17,7 @@ pub struct KvCache {
 
 impl KvCache {
     /// Zero-initialised, so the OS only commits pages as positions are filled.
-    pub fn new(cfg: &LlamaConfig, n_ctx: usize) -> KvCache {
+    pub fn new(cfg: &ModelConfig, n_ctx: usize) -> KvCache {
         let kv_dim = cfg.kv_dim();
         KvCache {
             n_ctx,

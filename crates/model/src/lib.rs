@@ -1,7 +1,9 @@
-//! Model architectures as plain forward functions over weights kept in their stored formats.
+//! Model architectures as data, run by forward functions over weights kept in their stored formats.
 //!
-//! Data flows one way: GGUF file → [`LlamaConfig`] + [`LlamaWeights`] → [`forward`] → logits.
+//! Data flows one way: GGUF file → [`ModelConfig`] (its [`arch::Architecture`] and metadata) +
+//! [`ModelWeights`] → [`forward`] → logits.
 
+pub mod arch;
 mod attention_prompt;
 mod config;
 mod error;
@@ -13,7 +15,7 @@ mod lockstep_sync;
 mod observer;
 mod weights;
 
-pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
+pub use config::{LayerAttention, ModelConfig, Rope, RopeScaling};
 pub use error::ModelError;
 pub use fault::Fault;
 pub use forward::{
@@ -22,4 +24,4 @@ pub use forward::{
 };
 pub use kv_cache::KvCache;
 pub use observer::{Activation, Observer};
-pub use weights::{interleave_matrices, LayerWeights, LlamaWeights};
+pub use weights::{interleave_matrices, LayerWeights, ModelWeights, PostNorms, QkNorm, QkvBias};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_gguf::GgufFile;
 use kiln_model::{
-    forward, forward_batch, forward_faulty, forward_ubatched, Activation, Fault, KvCache, LlamaWeights, Logits,
+    forward, forward_batch, forward_faulty, forward_ubatched, Activation, Fault, KvCache, Logits, ModelWeights,
     Observer, Precision, SeqStep, Workspace,
 };
 
@@ -26,7 +26,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn batched_sequences_match_sequences_run_alone() {
     for name in ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS", "mixed"] {
         let file = GgufFile::open(synth(name)).expect("open synth model");
-        let w = LlamaWeights::load(&file).expect("load weights");
+        let w = ModelWeights::load(&file).expect("load weights");
         let vocab = w.cfg.n_vocab;
         // 20 tokens take the prompt (matrix-matrix) kernels, the others the generation ones.
         let prompts = [tokens(1, 20, vocab), tokens(2, 3, vocab), tokens(3, 1, vocab)];
@@ -93,7 +93,7 @@ fn batched_sequences_match_sequences_run_alone() {
 #[test]
 fn batch_errors_leave_every_cache_untouched() {
     let file = GgufFile::open(synth("Q8_0")).expect("open synth model");
-    let w = LlamaWeights::load(&file).expect("load weights");
+    let w = ModelWeights::load(&file).expect("load weights");
     let mut a = KvCache::new(&w.cfg, 8);
     let mut b = KvCache::new(&w.cfg, 4);
     let (ta, tb) = (tokens(1, 3, w.cfg.n_vocab), tokens(2, 5, w.cfg.n_vocab));
@@ -113,25 +113,25 @@ fn batch_errors_leave_every_cache_untouched() {
 fn micro_batches_match_one_batch() {
     for name in ["F32", "Q4_0", "Q8_0", "Q4_K"] {
         let file = GgufFile::open(synth(name)).expect("open synth model");
-        let w = LlamaWeights::load(&file).expect("load weights");
+        let w = ModelWeights::load(&file).expect("load weights");
         let p = tokens(7, 41, w.cfg.n_vocab);
         for precision in [Precision::Fast, Precision::Exact] {
             let mut one = KvCache::new(&w.cfg, 64);
-            let whole = forward_ubatched(&w, &mut one, &p, precision, Logits::All, None, None, 64).expect("one batch");
+            let whole = forward_ubatched(&w, &mut one, &p, precision, Logits::All, None, 64).expect("one batch");
             // at most 21 per part: two parts of 21 and 20 tokens, both on the prompt kernels
             let mut parts = KvCache::new(&w.cfg, 64);
-            let split = forward_ubatched(&w, &mut parts, &p, precision, Logits::All, None, None, 21).expect("parts");
+            let split = forward_ubatched(&w, &mut parts, &p, precision, Logits::All, None, 21).expect("parts");
             assert_eq!(bits(&whole), bits(&split), "{name} {precision:?}");
             assert_eq!(parts.len, 41);
             // only the last position's logits (one row through the output matrix) likewise
             let mut one = KvCache::new(&w.cfg, 64);
-            let whole = forward_ubatched(&w, &mut one, &p, precision, Logits::Last, None, None, 64).expect("one batch");
+            let whole = forward_ubatched(&w, &mut one, &p, precision, Logits::Last, None, 64).expect("one batch");
             let mut parts = KvCache::new(&w.cfg, 64);
-            let split = forward_ubatched(&w, &mut parts, &p, precision, Logits::Last, None, None, 21).expect("parts");
+            let split = forward_ubatched(&w, &mut parts, &p, precision, Logits::Last, None, 21).expect("parts");
             assert_eq!(bits(&whole), bits(&split), "{name} {precision:?} last");
         }
         let mut small = KvCache::new(&w.cfg, 40);
-        let err = forward_ubatched(&w, &mut small, &p, Precision::Fast, Logits::Last, None, None, 21).unwrap_err();
+        let err = forward_ubatched(&w, &mut small, &p, Precision::Fast, Logits::Last, None, 21).unwrap_err();
         assert!(err.to_string().contains("41"), "{err}");
         assert_eq!(small.len, 0);
     }
@@ -154,7 +154,7 @@ impl Observer for Silent {
 fn ffn_pieces_match_the_whole_ffn() {
     for name in ["F32", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "mixed"] {
         let file = GgufFile::open(synth(name)).expect("open synth model");
-        let w = LlamaWeights::load(&file).expect("load weights");
+        let w = ModelWeights::load(&file).expect("load weights");
         let p = tokens(5, 300, w.cfg.n_vocab);
         for precision in [Precision::Fast, Precision::Exact] {
             let mut a = KvCache::new(&w.cfg, 300);
@@ -179,7 +179,7 @@ impl Observer for Recorder {
 #[test]
 fn each_fault_first_changes_its_documented_activation() {
     let file = GgufFile::open(synth("F32")).expect("open synth model");
-    let w = LlamaWeights::load(&file).expect("load weights");
+    let w = ModelWeights::load(&file).expect("load weights");
     let toks = tokens(9, 6, w.cfg.n_vocab);
     let run = |fault: Option<Fault>| {
         let mut rec = Recorder::default();

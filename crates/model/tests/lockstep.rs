@@ -6,26 +6,27 @@ use std::path::{Path, PathBuf};
 
 use kiln_gguf::GgufFile;
 use kiln_model::{
-    forward_batch_with, interleave_matrices, GenerationPass, KvCache, LlamaWeights, Logits, SeqStep, Workspace,
+    forward_batch_with, interleave_matrices, GenerationPass, KvCache, Logits, ModelWeights, SeqStep, Workspace,
 };
 
+/// `synth-tiny-NAME.gguf` (Llama), or `synth-NAME.gguf` for names like `qwen2-tiny-Q8_0`.
 fn synth(name: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models/synth"))
-        .join(format!("synth-tiny-{name}.gguf"))
+    let file = if name.contains("-tiny-") { format!("synth-{name}.gguf") } else { format!("synth-tiny-{name}.gguf") };
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models/synth")).join(file)
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Three sequences: prompts of 20, 3 and 1 tokens (always through the sectioned pass), then
+/// Three sequences: prompts of 40, 3 and 1 tokens (40: past Gemma 3's 32-position window) (always through the sectioned pass), then
 /// generation steps through `pass`: all three one token each; sequence 0 three tokens (all
 /// logits), sequence 1 idle, sequence 2 one; then one token each again. Returns every logit's bits
 /// and the caches' filled keys and values.
-fn run(w: &LlamaWeights, pass: GenerationPass) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+fn run(w: &ModelWeights, pass: GenerationPass) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
     let vocab = w.cfg.n_vocab as u32;
     let tok = |seed: u32, i: u32| (seed * 7919 + i * 104_729) % vocab;
-    let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(&w.cfg, 48)).collect();
+    let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(&w.cfg, 64)).collect();
     let mut ws = Workspace::default();
     let mut logits = Vec::new();
     let mut step = |caches: &mut [KvCache], toks: [Vec<u32>; 3], want: Logits, pass: GenerationPass| {
@@ -34,7 +35,7 @@ fn run(w: &LlamaWeights, pass: GenerationPass) -> (Vec<Vec<u32>>, Vec<Vec<u32>>)
         let out = forward_batch_with(w, &mut steps, &mut ws, pass).expect("forward");
         logits.extend(out.iter().map(|l| bits(l)));
     };
-    let prompts = [(0..20).map(|i| tok(1, i)).collect(), (0..3).map(|i| tok(2, i)).collect(), vec![tok(3, 0)]];
+    let prompts = [(0..40).map(|i| tok(1, i)).collect(), (0..3).map(|i| tok(2, i)).collect(), vec![tok(3, 0)]];
     step(&mut caches, prompts, Logits::All, GenerationPass::Sections);
     step(&mut caches, [vec![tok(4, 0)], vec![tok(5, 0)], vec![tok(6, 0)]], Logits::Last, pass);
     step(&mut caches, [(1..4).map(|i| tok(4, i)).collect(), vec![], vec![tok(6, 1)]], Logits::All, pass);
@@ -78,10 +79,16 @@ fn lockstep_matches_sections_bit_for_bit() {
         "IQ4_XS",
         "mixed",
         "Q8_0-tied",
+        "qwen2-tiny-Q4_K",
+        "qwen2-tiny-Q8_0",
+        "qwen3-tiny-Q4_K",
+        "qwen3-tiny-Q8_0",
+        "gemma3-tiny-Q4_K",
+        "gemma3-tiny-Q8_0",
     ];
     for name in names {
         let file = GgufFile::open(synth(name)).expect("open synth model");
-        let w = LlamaWeights::load(&file).expect("load weights");
+        let w = ModelWeights::load(&file).expect("load weights");
         for threads in [1, 2, 3] {
             let pool = pool(threads);
             let sections = pool.install(|| run(&w, GenerationPass::Sections));
@@ -96,7 +103,7 @@ fn lockstep_matches_sections_bit_for_bit() {
 #[test]
 fn lockstep_matches_sections_on_woven_weights() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
-    for name in ["Q4_0", "Q4_K", "Q5_K", "mixed"] {
+    for name in ["Q4_0", "Q4_K", "Q5_K", "mixed", "qwen3-tiny-Q4_K", "gemma3-tiny-Q4_K"] {
         let mut file = GgufFile::open(synth(name)).expect("open synth model");
         if !file.copy_data_to_huge_pages().expect("private copy") {
             // No private copy on this system: nothing is woven (the other test covers it).
@@ -104,7 +111,7 @@ fn lockstep_matches_sections_on_woven_weights() {
         }
         let woven = interleave_matrices(&mut file).expect("weave");
         assert!(name == "mixed" || !woven.is_empty(), "{name}: nothing woven");
-        let w = LlamaWeights::load_interleaved(&file, &woven).expect("load weights");
+        let w = ModelWeights::load_interleaved(&file, &woven).expect("load weights");
         for threads in [2, 3] {
             let pool = pool(threads);
             let sections = pool.install(|| run(&w, GenerationPass::Sections));

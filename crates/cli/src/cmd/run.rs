@@ -32,6 +32,8 @@ pub struct Args {
     /// System message for the chat template.
     #[arg(long, conflicts_with = "raw")]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub template: common::TemplateArgs,
     /// Stop when the output contains this text (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
@@ -63,9 +65,13 @@ pub fn main(a: Args) -> Result<ExitCode> {
     if a.ctx == Some(0) {
         bail!("--ctx must be at least 1");
     }
+    if a.template.chat_template.is_some() && (a.raw || a.tokens.is_some()) {
+        bail!("--chat-template applies to a text prompt without --raw");
+    }
+    a.template.check()?;
     let params = a.sampling.params()?;
     common::set_threads(a.threads)?;
-    let model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    let mut model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
     let prompt_ids = if let Some(t) = &a.tokens {
         let ids = common::parse_tokens(t)?;
         common::check_tokens(&model, &ids)?;
@@ -78,8 +84,11 @@ pub fn main(a: Args) -> Result<ExitCode> {
         if text.is_empty() {
             bail!("the prompt is empty: give text, -p TEXT, or pipe it on stdin");
         }
-        if model.template.is_none() && !a.raw {
-            eprintln!("kiln: this model has no chat template; using the prompt as raw text");
+        if !a.raw {
+            a.template.apply(&mut model, "using the prompt")?;
+            if model.template.is_none() && a.system.is_some() {
+                bail!("--system needs a chat template, and this model has none (give --chat-template NAME)");
+            }
         }
         common::encode_prompt(&model, a.system.as_deref(), &text, a.raw)?
     };

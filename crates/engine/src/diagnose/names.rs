@@ -3,22 +3,28 @@
 /// Activations before the blocks, in forward order.
 pub const PRE_OPS: [&str; 1] = ["token_embd"];
 /// Activations of every block, in forward order.
-pub const LAYER_OPS: [&str; 16] = [
+/// `q_norm`/`k_norm` (per-head q/k RMSNorm) and the post-norms appear where the architecture has
+/// them (Qwen3, Gemma 3).
+pub const LAYER_OPS: [&str; 20] = [
     "attn_norm",
     "q",
     "k",
     "v",
+    "q_norm",
+    "k_norm",
     "q_rope",
     "k_rope",
     "kq_soft_max",
     "attn_out",
     "attn_proj",
+    "attn_post_norm",
     "attn_residual",
     "ffn_norm",
     "ffn_gate",
     "ffn_up",
     "ffn_swiglu",
     "ffn_down",
+    "ffn_post_norm",
     "ffn_residual",
 ];
 /// Activations after the blocks, in forward order.
@@ -72,18 +78,21 @@ pub fn parse_kiln(name: &str) -> Option<(Option<usize>, &'static str)> {
 /// again after RoPE: the first occurrence is `q`/`k`, the second `q_rope`/`k_rope` (Vcur's second
 /// occurrence is the same data reshaped and is skipped). `Qcur_rope-N`/`Kcur_rope-N` name the
 /// post-RoPE tensors explicitly for converters that de-duplicate.
-pub const LLAMA_CPP_NAMES: [(&str, &str); 21] = [
+pub const LLAMA_CPP_NAMES: [(&str, &str); 25] = [
     ("inp_embd", "token_embd"),
     ("attn_norm", "attn_norm"),
     ("Qcur", "q"),
     ("Kcur", "k"),
     ("Vcur", "v"),
+    ("Qcur_normed", "q_norm"),
+    ("Kcur_normed", "k_norm"),
     ("Qcur_rope", "q_rope"),
     ("Kcur_rope", "k_rope"),
     ("kq_soft_max", "kq_soft_max"),
     ("kq_soft_max_ext", "kq_soft_max"),
     ("kqv_out", "attn_out"),
     ("attn_out", "attn_proj"),
+    ("attn_post_norm", "attn_post_norm"),
     ("ffn_inp", "attn_residual"),
     ("ffn_norm", "ffn_norm"),
     ("ffn_gate", "ffn_gate"),
@@ -91,6 +100,7 @@ pub const LLAMA_CPP_NAMES: [(&str, &str); 21] = [
     ("ffn_swiglu", "ffn_swiglu"),
     ("ffn_gate_par", "ffn_swiglu"),
     ("ffn_out", "ffn_down"),
+    ("ffn_post_norm", "ffn_post_norm"),
     ("l_out", "ffn_residual"),
     ("result_norm", "output_norm"),
     ("result_output", "logits"),

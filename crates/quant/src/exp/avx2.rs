@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{C, LN2_HI, LN2_LO, LOG2E, X_MAX, X_MIN};
+use super::{C, GELU_C1, GELU_C2, LN2_HI, LN2_LO, LOG2E, X_MAX, X_MIN};
 
 /// Eight `e^x` at once.
 #[inline]
@@ -75,5 +75,32 @@ unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
     }
     for (gv, &uv) in g.into_remainder().iter_mut().zip(u.remainder()) {
         *gv = super::silu_mul_scalar(*gv, uv);
+    }
+}
+
+pub(super) fn gelu_tanh_mul_in_place(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: the dispatcher checked AVX2 + FMA and the equal lengths.
+    unsafe { gelu_tanh_mul_avx2(gate, up) }
+}
+
+/// # Safety
+/// AVX2 + FMA; `gate.len() == up.len()`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_tanh_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    let mut g = gate.chunks_exact_mut(8);
+    let mut u = up.chunks_exact(8);
+    for (gc, uc) in (&mut g).zip(&mut u) {
+        // SAFETY: both chunks hold exactly eight floats; unaligned loads and store.
+        unsafe {
+            let gv = _mm256_loadu_ps(gc.as_ptr());
+            let p = _mm256_fmadd_ps(_mm256_mul_ps(gv, gv), _mm256_set1_ps(GELU_C2), _mm256_set1_ps(GELU_C1));
+            let y = _mm256_mul_ps(gv, p);
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), y));
+            let s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+            _mm256_storeu_ps(gc.as_mut_ptr(), _mm256_mul_ps(s, _mm256_loadu_ps(uc.as_ptr())));
+        }
+    }
+    for (gv, &uv) in g.into_remainder().iter_mut().zip(u.remainder()) {
+        *gv = super::gelu_tanh_mul_scalar(*gv, uv);
     }
 }
