@@ -202,7 +202,10 @@ fn dump_bad_filters_are_clear_errors() {
     let m = synth("F32");
     let m = m.to_str().unwrap();
     let o = kiln(&["dump", "-m", m, "--tokens", "1,2", "--ops", "q,qk_rope", "--stats"]);
-    assert_one_line_error(&o, "unknown op name \"qk_rope\" (valid: token_embd, attn_norm, q, k, v, q_rope");
+    assert_one_line_error(
+        &o,
+        "unknown op name \"qk_rope\" (valid: token_embd, attn_norm, q, k, v, q_norm, k_norm, q_rope",
+    );
     let o = kiln(&["dump", "-m", m, "--tokens", "1,2", "--layers", "0,2", "--stats"]);
     assert_one_line_error(&o, "layer 2 is out of range: the model has 2 layers (0..=1)");
     let o = kiln(&["dump", "-m", m, "--tokens", "1,2"]);
