@@ -139,7 +139,7 @@ mod tests {
         assert_eq!(parse_kiln("logits-2"), None);
         assert_eq!(parse_kiln("q"), None);
         assert_eq!(parse_kiln("qq-1"), None);
-        assert_eq!(all_ops().count(), 19);
+        assert_eq!(all_ops().count(), 23);
     }
 
     #[test]
