@@ -12,8 +12,9 @@ fn every_synth_model_opens() {
         let g = GgufFile::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         // The file name says the architecture: `synth-tiny-*` are Llama, `synth-ARCH-tiny-*` ARCH.
         let name = p.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-        let arch = match name.strip_prefix("synth-").and_then(|r| r.split_once("-tiny")) {
-            Some(("", _)) => "llama",
+        let rest = name.strip_prefix("synth-").unwrap_or_else(|| panic!("unexpected synth model name {name}"));
+        let arch = match rest.split_once("-tiny-") {
+            _ if rest.starts_with("tiny-") => "llama",
             Some((arch, _)) => arch,
             None => panic!("unexpected synth model name {name}"),
         };
