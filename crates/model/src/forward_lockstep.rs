@@ -353,8 +353,7 @@ impl Pass<'_> {
         let (d, qd, kvd, n_kv) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim(), cfg.n_head_kv);
         let group = cfg.n_head / n_kv;
         let layer = cfg.layers[l];
-        let heads =
-            AttnHeads { n_head: cfg.n_head, n_head_kv: n_kv, d, scale: cfg.attention_scale, window: layer.window };
+        let heads = AttnHeads::for_layer(cfg, l);
         let scale = heads.scale as f32;
         let sh = self.shared;
         let base = l * self.n * kvd;

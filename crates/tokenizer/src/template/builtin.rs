@@ -8,7 +8,15 @@ use super::ChatMessage;
 /// A built-in chat format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Builtin {
-    ChatMl,
+    /// One tagged block per message, `{open}{role}{sep}{content}{close}` (contents trimmed where
+    /// `trim`), and `{open}assistant{sep}` to invite the answer: chatml, phi3, phi4, falcon3,
+    /// zephyr, llama3.
+    Tagged {
+        open: &'static str,
+        sep: &'static str,
+        close: &'static str,
+        trim: bool,
+    },
     /// Llama 2 `[INST]` turns; `sys`: `<<SYS>>` block for the system message (else it is written
     /// as a line of the first turn), `bos`: `<s>` before each later turn, `strip`: contents trimmed.
     Llama2 {
@@ -16,7 +24,6 @@ pub(crate) enum Builtin {
         bos: bool,
         strip: bool,
     },
-    Llama3,
     Gemma,
     /// Mistral v1 / v3 / v3-tekken (`[INST]` turns with the system message inside the first one).
     MistralV1,
@@ -26,10 +33,6 @@ pub(crate) enum Builtin {
     MistralV7 {
         space: bool,
     },
-    Phi3,
-    Phi4,
-    Falcon3,
-    Zephyr,
     /// Vicuna 1.1; `orca`: the `SYSTEM: ` line variant.
     Vicuna {
         orca: bool,
@@ -40,7 +43,7 @@ pub(crate) enum Builtin {
 
 /// Names as llama.cpp spells them, in its order.
 pub(crate) const BUILTINS: &[(&str, Builtin)] = &[
-    ("chatml", Builtin::ChatMl),
+    ("chatml", Builtin::Tagged { open: "<|im_start|>", sep: "\n", close: "<|im_end|>\n", trim: false }),
     ("llama2", Builtin::Llama2 { sys: false, bos: false, strip: false }),
     ("llama2-sys", Builtin::Llama2 { sys: true, bos: false, strip: false }),
     ("llama2-sys-bos", Builtin::Llama2 { sys: true, bos: true, strip: false }),
@@ -50,16 +53,19 @@ pub(crate) const BUILTINS: &[(&str, Builtin)] = &[
     ("mistral-v3-tekken", Builtin::MistralV3Tekken),
     ("mistral-v7", Builtin::MistralV7 { space: true }),
     ("mistral-v7-tekken", Builtin::MistralV7 { space: false }),
-    ("phi3", Builtin::Phi3),
-    ("phi4", Builtin::Phi4),
-    ("falcon3", Builtin::Falcon3),
-    ("zephyr", Builtin::Zephyr),
+    ("phi3", Builtin::Tagged { open: "<|", sep: "|>\n", close: "<|end|>\n", trim: false }),
+    ("phi4", Builtin::Tagged { open: "<|im_start|>", sep: "<|im_sep|>", close: "<|im_end|>", trim: false }),
+    ("falcon3", Builtin::Tagged { open: "<|", sep: "|>\n", close: "\n", trim: false }),
+    ("zephyr", Builtin::Tagged { open: "<|", sep: "|>\n", close: "<|endoftext|>\n", trim: false }),
     ("gemma", Builtin::Gemma),
     ("vicuna", Builtin::Vicuna { orca: false }),
     ("vicuna-orca", Builtin::Vicuna { orca: true }),
     ("deepseek", Builtin::Deepseek),
     ("deepseek3", Builtin::Deepseek3),
-    ("llama3", Builtin::Llama3),
+    (
+        "llama3",
+        Builtin::Tagged { open: "<|start_header_id|>", sep: "<|end_header_id|>\n\n", close: "<|eot_id|>", trim: true },
+    ),
 ];
 
 /// llama.cpp trims with C's `isspace` (ASCII space, \t, \n, \v, \f, \r), not Unicode whitespace.
@@ -81,13 +87,14 @@ impl Builtin {
     pub(crate) fn render(self, msgs: &[ChatMessage], add_ass: bool) -> String {
         let mut s = String::new();
         // The text after the last message that invites the answer, where the format has one.
-        let mut gen_prompt = "";
+        let mut gen_prompt = String::new();
         match self {
-            Builtin::ChatMl => {
+            Builtin::Tagged { open, sep, close, trim: t } => {
                 for m in msgs {
-                    s += &format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content);
+                    let c = if t { trim(&m.content) } else { &m.content };
+                    s += &format!("{open}{}{sep}{c}{close}", m.role);
                 }
-                gen_prompt = "<|im_start|>assistant\n";
+                gen_prompt = format!("{open}assistant{sep}");
             }
             Builtin::Llama2 { sys, bos, strip } => {
                 // The first turn's `[INST] ` is written up front: no BOS there.
@@ -140,30 +147,6 @@ impl Builtin {
                     }
                 }
             }
-            Builtin::Phi3 => {
-                for m in msgs {
-                    s += &format!("<|{}|>\n{}<|end|>\n", m.role, m.content);
-                }
-                gen_prompt = "<|assistant|>\n";
-            }
-            Builtin::Phi4 => {
-                for m in msgs {
-                    s += &format!("<|im_start|>{}<|im_sep|>{}<|im_end|>", m.role, m.content);
-                }
-                gen_prompt = "<|im_start|>assistant<|im_sep|>";
-            }
-            Builtin::Falcon3 => {
-                for m in msgs {
-                    s += &format!("<|{}|>\n{}\n", m.role, m.content);
-                }
-                gen_prompt = "<|assistant|>\n";
-            }
-            Builtin::Zephyr => {
-                for m in msgs {
-                    s += &format!("<|{}|>\n{}<|endoftext|>\n", m.role, m.content);
-                }
-                gen_prompt = "<|assistant|>\n";
-            }
             Builtin::Gemma => {
                 // Gemma has no system turn: system text is held back and opens the next user
                 // (non-model) turn.
@@ -181,7 +164,7 @@ impl Builtin {
                     }
                     s += &format!("{}<end_of_turn>\n", trim(&m.content));
                 }
-                gen_prompt = "<start_of_turn>model\n";
+                gen_prompt = "<start_of_turn>model\n".into();
             }
             Builtin::Vicuna { orca } => {
                 for m in msgs {
@@ -193,7 +176,7 @@ impl Builtin {
                         _ => {}
                     }
                 }
-                gen_prompt = "ASSISTANT:";
+                gen_prompt = "ASSISTANT:".into();
             }
             Builtin::Deepseek => {
                 for m in msgs {
@@ -204,7 +187,7 @@ impl Builtin {
                         _ => {}
                     }
                 }
-                gen_prompt = "### Response:\n";
+                gen_prompt = "### Response:\n".into();
             }
             Builtin::Deepseek3 => {
                 for m in msgs {
@@ -215,17 +198,11 @@ impl Builtin {
                         _ => {}
                     }
                 }
-                gen_prompt = "<｜Assistant｜>";
-            }
-            Builtin::Llama3 => {
-                for m in msgs {
-                    s += &format!("<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>", m.role, trim(&m.content));
-                }
-                gen_prompt = "<|start_header_id|>assistant<|end_header_id|>\n\n";
+                gen_prompt = "<｜Assistant｜>".into();
             }
         }
         if add_ass {
-            s += gen_prompt;
+            s += &gen_prompt;
         }
         s
     }
