@@ -192,7 +192,8 @@ pub(crate) fn forward_lockstep(
                 for kh in 0..cfg.n_head_kv {
                     let from = (l * n + i) * kvd + kh * cfg.head_dim;
                     let to = (p0 + t) * kvd + kh * cfg.head_dim;
-                    finish_key_value(w, lw, &buffers.keys, &buffers.values, from, kh, rope, t, &mut key, &mut value);
+                    let (k, v) = (&buffers.keys, &buffers.values);
+                    finish_key_value(lw, cfg.rms_eps, k, v, from, kh, rope, t, &mut key, &mut value);
                     s.cache.keys[l][to..to + cfg.head_dim].copy_from_slice(&key);
                     s.cache.values[l][to..to + cfg.head_dim].copy_from_slice(&value);
                 }
@@ -206,12 +207,12 @@ pub(crate) fn forward_lockstep(
 }
 
 /// One key-value head of one position of this step as the attention uses it: the projections'
-/// outputs from `from` in `keys` and `values`, plus their biases, the key's norm and RoPE
-/// (the call's token `t`) — the sectioned pass's operations on the same elements.
+/// outputs from `from` in `keys` and `values`, the value plus its bias, the key through
+/// [`finish_head`].
 #[allow(clippy::too_many_arguments)]
 fn finish_key_value(
-    w: &ModelWeights,
     lw: &LayerWeights,
+    eps: f64,
     keys: &SharedF32,
     values: &SharedF32,
     from: usize,
@@ -224,14 +225,23 @@ fn finish_key_value(
     let d = key.len();
     keys.load(from, key);
     values.load(from, value);
+    let bias = lw.qkv_bias.as_ref().map(|b| &b.k[kh * d..(kh + 1) * d]);
+    finish_head(key, bias, lw.qk_norm.as_ref().map(|n| &n.k[..]), eps, rope, t);
     if let Some(b) = &lw.qkv_bias {
-        add_in_place(key, &b.k[kh * d..(kh + 1) * d]);
         add_in_place(value, &b.v[kh * d..(kh + 1) * d]);
     }
-    if let Some(qk) = &lw.qk_norm {
-        rms_norm_in_place(key, &qk.k, w.cfg.rms_eps);
+}
+
+/// One query or key head as the sectioned pass leaves it before attention: plus its bias, through
+/// the per-head norm, rotated for the call's token `t` — the same operations on the same elements.
+fn finish_head(x: &mut [f32], bias: Option<&[f32]>, norm: Option<&[f32]>, eps: f64, rope: &RopeTable, t: usize) {
+    if let Some(b) = bias {
+        add_in_place(x, b);
     }
-    rope.apply_head(t, key);
+    if let Some(n) = norm {
+        rms_norm_in_place(x, n, eps);
+    }
+    rope.apply_head(t, x);
 }
 
 /// What every thread of one pass reads.
@@ -373,7 +383,7 @@ impl Pass<'_> {
             own.new_values.resize(new * d, 0.0);
             for (t, (k, v)) in own.new_keys.chunks_exact_mut(d).zip(own.new_values.chunks_exact_mut(d)).enumerate() {
                 let at = base + (seq.rows.start + t) * kvd + kh * d;
-                finish_key_value(w, lw, &sh.keys, &sh.values, at, kh, rope, t, k, v);
+                finish_key_value(lw, self.rms_eps, &sh.keys, &sh.values, at, kh, rope, t, k, v);
             }
             let lo_old = lo.min(old);
             let (cache_k, cache_v) = (&seq.keys[l][lo_old * kvd + kh * d..], &seq.values[l][lo_old * kvd + kh * d..]);
@@ -381,13 +391,9 @@ impl Pass<'_> {
             own.head_out.resize(d, 0.0);
             for h in kh * group..(kh + 1) * group {
                 sh.q.load(row * qd + h * d, &mut own.query);
-                if let Some(b) = &lw.qkv_bias {
-                    add_in_place(&mut own.query, &b.q[h * d..(h + 1) * d]);
-                }
-                if let Some(qk) = &lw.qk_norm {
-                    rms_norm_in_place(&mut own.query, &qk.q, self.rms_eps);
-                }
-                rope.apply_head(new - 1, &mut own.query);
+                let bias = lw.qkv_bias.as_ref().map(|b| &b.q[h * d..(h + 1) * d]);
+                let norm = lw.qk_norm.as_ref().map(|n| &n.q[..]);
+                finish_head(&mut own.query, bias, norm, self.rms_eps, rope, new - 1);
                 let runs = [
                     KeyValueRun { keys: cache_k, values: cache_v, stride: kvd, len: old - lo_old },
                     KeyValueRun {
