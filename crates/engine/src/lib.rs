@@ -1,6 +1,7 @@
 //! Running models: loading a GGUF into weights + tokenizer, sessions with a KV cache, sampling,
 //! generation, parity checks against the float64 reference fixtures, and the default model.
 
+pub mod constraint;
 pub mod default_model;
 pub mod diagnose;
 mod loaded;

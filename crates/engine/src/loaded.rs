@@ -1,12 +1,15 @@
 //! A model file opened for inference: its weights, tokenizer and chat template.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use kiln_gguf::GgufFile;
 use kiln_model::ModelWeights;
 use kiln_tokenizer::template::ChatTemplate;
 use kiln_tokenizer::Tokenizer;
+
+use crate::constraint::{Constraint, ConstraintCompiler, ConstraintSpec};
 
 pub struct Model {
     pub path: PathBuf,
@@ -16,6 +19,8 @@ pub struct Model {
     /// `None` when the file has no chat template (raw-prompt mode).
     pub template: Option<ChatTemplate>,
     pub load_seconds: f64,
+    /// The vocabulary as the constraint engine sees it, built on first use.
+    constraints: OnceLock<Result<ConstraintCompiler, String>>,
 }
 
 /// Where the weights are read from after loading.
@@ -88,7 +93,21 @@ impl Model {
             tokenizer,
             template,
             load_seconds: t0.elapsed().as_secs_f64(),
+            constraints: OnceLock::new(),
         })
+    }
+
+    /// The compiler of output constraints for this model's vocabulary (built on first use).
+    pub fn constraints(&self) -> Result<&ConstraintCompiler> {
+        self.constraints
+            .get_or_init(|| ConstraintCompiler::new(&self.tokenizer).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("building the constraint engine's vocabulary: {e}"))
+    }
+
+    /// Compiles an output constraint for this model.
+    pub fn compile_constraint(&self, spec: &ConstraintSpec) -> Result<Constraint, String> {
+        self.constraints().map_err(|e| format!("{e:#}"))?.compile(spec)
     }
 
     /// The model's context length capped at 4096 (the default `--ctx`).

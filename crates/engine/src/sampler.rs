@@ -106,6 +106,10 @@ impl Sampler {
             c.truncate(p.top_k);
         }
         c.sort_unstable_by(by_logit);
+        // Tokens a constraint forbade (−∞) are never drawn, not even by rounding at the end of
+        // the cumulative sum below.
+        let finite = c.iter().take_while(|x| x.1 > f32::NEG_INFINITY).count();
+        c.truncate(finite.max(1));
         let probs = softmax(c.iter().map(|x| x.1), 1.0);
         if p.top_p < 1.0 {
             let mut cum = 0.0;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use kiln_model::{forward_batch, KvCache, Logits, Precision, SeqStep, Workspace};
 use kiln_tokenizer::StreamDecoder;
 
+use crate::constraint::Constraint;
 use crate::session::{find_stop, held_back};
 use crate::{Model, Sampler, SamplingParams};
 
@@ -36,6 +37,8 @@ pub struct Request {
     pub stop_at_eog: bool,
     /// `Some(k)`: report each generated token's log-probability and its `k` most likely alternatives.
     pub logprobs: Option<usize>,
+    /// What the output must match (JSON schema, grammar); compiled before queuing.
+    pub constraint: Option<Constraint>,
     /// Where this request's events go.
     pub sink: Box<dyn EventSink>,
     /// When the request was queued (for queue time).
@@ -140,6 +143,7 @@ struct Slot<'m> {
 struct Sequence<'m> {
     req: Request,
     sampler: Sampler,
+    constraint: Option<Constraint>,
     decoder: StreamDecoder<'m>,
     /// Prompt tokens not yet evaluated.
     prompt_left: Vec<u32>,
@@ -291,9 +295,11 @@ impl<'m> Scheduler<'m> {
             return Ok(());
         }
         self.stats.prompt_tokens_cached.fetch_add(keep as u64, Ordering::Relaxed);
+        let constraint = req.constraint.take();
         slot.seq = Some(Sequence {
             req,
             sampler,
+            constraint,
             decoder: self.model.tokenizer.decoder(),
             prompt_left,
             cached_tokens: keep,
@@ -339,16 +345,40 @@ impl<'m> Scheduler<'m> {
         let mut order = Vec::new();
         let result = {
             let mut steps = Vec::new();
+            // Constraints of the sequences that sample after this step: their masks are computed
+            // while the forward pass runs.
+            let mut masks = Vec::new();
             for (i, slot) in self.slots.iter_mut().enumerate() {
-                if slot.seq.is_some() && !slot.feed.is_empty() {
-                    order.push(i);
-                    steps.push(SeqStep { cache: &mut slot.cache, tokens: &slot.feed, want: Logits::Last });
+                let Slot { cache, feed, seq, .. } = slot;
+                let Some(seq) = seq.as_mut() else { continue };
+                if feed.is_empty() {
+                    continue;
+                }
+                order.push(i);
+                steps.push(SeqStep { cache, tokens: feed, want: Logits::Last });
+                if let (true, Some(c)) = (produces[i], seq.constraint.as_mut()) {
+                    masks.push(c);
                 }
             }
             if steps.is_empty() {
                 return self.n_active();
             }
-            forward_batch(&self.model.weights, &mut steps, self.cfg.precision, &mut self.ws, None)
+            let (model, precision, ws) = (&self.model.weights, self.cfg.precision, &mut self.ws);
+            std::thread::scope(|s| {
+                let masking = (!masks.is_empty()).then(|| {
+                    s.spawn(move || {
+                        // A failure here shows again (and ends its request) when the mask is applied.
+                        for c in masks {
+                            let _ = c.prepare();
+                        }
+                    })
+                });
+                let r = forward_batch(model, &mut steps, precision, ws, None);
+                if let Some(h) = masking {
+                    let _ = h.join();
+                }
+                r
+            })
         };
         self.stats.busy_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -388,11 +418,22 @@ impl<'m> Scheduler<'m> {
         let n_ctx = slot.cache.n_ctx;
         let seq = slot.seq.as_mut()?;
         let lp = seq.req.logprobs.map(|k| token_logprobs(logits, k));
+        if let Some(c) = seq.constraint.as_mut() {
+            if let Err(e) = c.apply(logits) {
+                return Some(Exit::Failed(e.to_string()));
+            }
+        }
         let next = seq.sampler.sample(logits);
         seq.sampler.accept(next);
         seq.first_token.get_or_insert_with(Instant::now);
-        if seq.req.stop_at_eog && tok.is_eog(next) {
+        // Under a constraint an end-of-generation token is drawn only where the output may end.
+        if (seq.req.stop_at_eog || seq.constraint.is_some()) && tok.is_eog(next) {
             return Some(Exit::Finished(FinishReason::Stop));
+        }
+        if let Some(c) = seq.constraint.as_mut() {
+            if let Err(e) = c.accept(next) {
+                return Some(Exit::Failed(e.to_string()));
+            }
         }
         seq.generated += 1;
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -415,6 +456,9 @@ impl<'m> Scheduler<'m> {
         let safe = seq.pending.len() - held_back(&seq.pending, &seq.req.stop);
         if safe > 0 && !flush(seq, safe) {
             return Some(Exit::Gone);
+        }
+        if seq.constraint.as_ref().is_some_and(Constraint::is_complete) {
+            return Some(Exit::Finished(FinishReason::Stop));
         }
         if seq.generated >= seq.req.max_tokens || slot.tokens.len() + 1 > n_ctx {
             return Some(Exit::Finished(FinishReason::Length));
@@ -568,6 +612,7 @@ mod tests {
                         stop: vec![],
                         stop_at_eog: false,
                         logprobs: None,
+                        constraint: None,
                         sink: Box::new(Collect(log.clone())),
                         submitted: Instant::now(),
                     };

@@ -5,6 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use kiln_model::{forward, KvCache, Logits, Observer, Precision};
 
+use crate::constraint::Constraint;
 use crate::{Model, Sampler};
 
 pub struct Session<'m> {
@@ -97,6 +98,20 @@ impl<'m> Session<'m> {
         prompt: &[u32],
         opts: &GenerateOptions,
         sampler: &mut Sampler,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        self.generate_constrained(prompt, opts, sampler, None, on_text)
+    }
+
+    /// [`Session::generate`] under an output constraint: each token is drawn from those the
+    /// constraint allows, and generation ends when the constrained output is complete. The mask of
+    /// the next token is computed on another thread while the forward pass runs.
+    pub fn generate_constrained(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        sampler: &mut Sampler,
+        mut constraint: Option<&mut Constraint>,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
         let t0 = Instant::now();
@@ -121,11 +136,17 @@ impl<'m> Session<'m> {
         let mut pending = String::new();
         let mut emitted = 0usize;
         while out.tokens.len() < opts.max_tokens {
+            if let Some(c) = constraint.as_deref_mut() {
+                c.apply(&mut logits)?;
+            }
             let next = sampler.sample(&mut logits);
             sampler.accept(next);
-            if opts.stop_at_eog && tok.is_eog(next) {
+            if (opts.stop_at_eog || constraint.is_some()) && tok.is_eog(next) {
                 out.stop_reason = StopReason::Stop;
                 break;
+            }
+            if let Some(c) = constraint.as_deref_mut() {
+                c.accept(next)?;
             }
             out.tokens.push(next);
             pending.push_str(&decoder.push(next)?);
@@ -153,6 +174,10 @@ impl<'m> Session<'m> {
                     break;
                 }
             }
+            if constraint.as_deref().is_some_and(Constraint::is_complete) {
+                out.stop_reason = StopReason::Stop;
+                break;
+            }
             if out.tokens.len() >= opts.max_tokens {
                 break;
             }
@@ -163,7 +188,19 @@ impl<'m> Session<'m> {
                     self.n_ctx()
                 );
             }
-            logits = self.eval(&[next], Logits::Last)?;
+            logits = match constraint.as_deref_mut() {
+                None => self.eval(&[next], Logits::Last)?,
+                Some(c) => {
+                    // The next mask is computed while the forward pass runs.
+                    let (logits, mask) = std::thread::scope(|s| {
+                        let mask = s.spawn(|| c.prepare());
+                        let logits = self.eval(&[next], Logits::Last);
+                        (logits, mask.join())
+                    });
+                    mask.map_err(|_| anyhow::anyhow!("the constraint's mask computation panicked"))??;
+                    logits?
+                }
+            };
         }
         if out.stop_reason != StopReason::Cancelled {
             pending.push_str(&decoder.finish());

@@ -13,6 +13,7 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kiln_engine::constraint::Constraint;
 use kiln_engine::scheduler::{Event, EventSink, Finish, FinishReason, Request, TokenLogprob};
 use kiln_engine::Model;
 use kiln_tokenizer::template::ChatMessage;
@@ -21,6 +22,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest, CompletionRequest, DetokenizeRequest, Job, Prompt, TokenizeRequest};
+use crate::structured;
+use crate::tool_calls::{self, CallParser, ParseEvent};
 use crate::AppState;
 
 type St = State<Arc<AppState>>;
@@ -103,6 +106,32 @@ pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, None) => None,
     };
+    if req.parallel_tool_calls == Some(false) {
+        return Err(ApiError::bad_param(
+            "parallel_tool_calls",
+            "parallel_tool_calls = false is not supported: every call the model writes is returned",
+        ));
+    }
+    let s = &req.sampling;
+    let mut constraint =
+        structured::constraint_fields(s.response_format.as_ref(), s.json_schema.as_ref(), s.grammar.as_ref())?;
+    let tools = structured::tool_use(req.tools.as_ref(), req.tool_choice.as_ref(), st.model.template.as_ref())?;
+    if let Some(t) = &tools {
+        if let Some(spec) = t.constraint() {
+            if let Some((_, field)) = &constraint {
+                return Err(ApiError::bad_param(
+                    field,
+                    format!("{field} cannot be combined with a tool_choice that forces a call"),
+                ));
+            }
+            constraint = Some((spec, "tool_choice"));
+        } else if let Some((_, field)) = &constraint {
+            return Err(ApiError::bad_param(
+                field,
+                format!("{field} with tools is not supported: the output could not contain a call"),
+            ));
+        }
+    }
     let mut msgs = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
         if m.role.is_empty() {
@@ -110,19 +139,50 @@ pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
         }
         // The newer name of the system role; templates know only "system".
         let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
-        msgs.push(ChatMessage::new(role, m.text()?));
-    }
-    let text = match &st.model.template {
-        Some(t) => t.render(&msgs, true).map_err(|e| ApiError::bad_param("messages", format!("{e}")))?,
-        // No template: a plain transcript that ends where the assistant speaks.
-        None => {
-            let mut s: String = msgs.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
-            s.push_str("assistant:");
-            s
+        let mut msg = ChatMessage::new(role, m.text()?);
+        if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_null()) {
+            let v = tool_calls::calls_for_template(calls).map_err(|e| ApiError::bad_param("messages", e))?;
+            msg.tool_calls = Some(
+                serde_json::from_value(v).map_err(|e| ApiError::bad_param("messages", format!("tool_calls: {e}")))?,
+            );
         }
-    };
-    let prompt = encode_rendered(&st.model, &text)?;
-    generate(st, prompt, job, logprobs, Kind::Chat).await
+        msg.tool_call_id = m.tool_call_id.clone();
+        msg.name = m.name.clone();
+        msgs.push(msg);
+    }
+    // Rendering, tokenizing and compiling a schema can take a while on large inputs: off the
+    // async runtime, so that other connections are not held up.
+    let st2 = st.clone();
+    let prepared = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let model = &st2.model;
+        let text = match &model.template {
+            Some(t) => {
+                let tools_json = match &tools {
+                    Some(t) => Some(
+                        serde_json::from_value(t.raw.clone())
+                            .map_err(|e| ApiError::bad_param("tools", format!("{e}")))?,
+                    ),
+                    None => None,
+                };
+                t.render_with_tools(&msgs, tools_json.as_ref(), true)
+                    .map_err(|e| ApiError::bad_param("messages", format!("{e}")))?
+            }
+            // No template: a plain transcript that ends where the assistant speaks.
+            None => {
+                let mut s: String = msgs.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
+                s.push_str("assistant:");
+                s
+            }
+        };
+        let prompt = encode_rendered(model, &text)?;
+        let compiled = structured::compile(model, constraint.as_ref(), tools.as_ref())?;
+        Ok((prompt, compiled, tools))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("preparing the request: {e}")))?;
+    let (prompt, compiled, tools) = prepared?;
+    let calls = tools.map(|t| t.format.parser());
+    generate(st, prompt, job, compiled, Output { logprobs, calls }, Kind::Chat).await
 }
 
 pub async fn completions(State(st): St, body: Body) -> Result<Response, ApiError> {
@@ -132,9 +192,13 @@ pub async fn completions(State(st): St, body: Body) -> Result<Response, ApiError
     if req.echo == Some(true) {
         return Err(ApiError::bad_param("echo", "echo is not supported"));
     }
-    if req.logprobs.is_some_and(|l| l > 0) {
-        return Err(ApiError::bad_param("logprobs", "logprobs are supported on /v1/chat/completions only"));
-    }
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(k) if !(0..=20).contains(&k) => {
+            return Err(ApiError::bad_param("logprobs", format!("logprobs must be in [0, 20], got {k}")));
+        }
+        Some(k) => Some(k as usize),
+    };
     if req.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::bad_param("best_of", "only best_of = 1 is supported"));
     }
@@ -162,7 +226,27 @@ pub async fn completions(State(st): St, body: Body) -> Result<Response, ApiError
             format!("token id {t} is out of range (the vocabulary has {n_vocab} tokens)"),
         ));
     }
-    generate(st, prompt, job, None, Kind::Completion).await
+    let s = &req.sampling;
+    let constraint =
+        structured::constraint_fields(s.response_format.as_ref(), s.json_schema.as_ref(), s.grammar.as_ref())?;
+    let compiled = match constraint {
+        None => None,
+        Some(c) => {
+            let st2 = st.clone();
+            tokio::task::spawn_blocking(move || structured::compile(&st2.model, Some(&c), None))
+                .await
+                .map_err(|e| ApiError::internal(format!("compiling the constraint: {e}")))??
+        }
+    };
+    generate(st, prompt, job, compiled, Output { logprobs, calls: None }, Kind::Completion).await
+}
+
+/// How a request's output is reported besides its text.
+struct Output {
+    /// `Some(k)`: each token's log-probability and its `k` most likely alternatives.
+    logprobs: Option<usize>,
+    /// The model's native tool-call format, parsed out of the text into `tool_calls`.
+    calls: Option<Box<dyn CallParser>>,
 }
 
 /// Queues the request and answers with its result (JSON) or its stream (SSE).
@@ -170,9 +254,11 @@ async fn generate(
     st: Arc<AppState>,
     prompt: Vec<u32>,
     job: Job,
-    logprobs: Option<usize>,
+    constraint: Option<Constraint>,
+    output: Output,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    let logprobs = output.logprobs;
     if st.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
@@ -202,6 +288,7 @@ async fn generate(
         stop: job.stop,
         stop_at_eog: !job.ignore_eos,
         logprobs,
+        constraint,
         sink: Box::new(ChannelSink(tx)),
         submitted: Instant::now(),
     };
@@ -224,6 +311,10 @@ async fn generate(
         created: openai::unix_now(),
         include_usage: job.include_usage,
         logprobs: logprobs.is_some(),
+        calls: output.calls,
+        n_calls: 0,
+        held_logprobs: Vec::new(),
+        text_offset: 0,
         out: VecDeque::new(),
         finished: false,
     };
@@ -255,6 +346,14 @@ struct Relay {
     created: u64,
     include_usage: bool,
     logprobs: bool,
+    /// Parses tool calls out of the text (chat with tools).
+    calls: Option<Box<dyn CallParser>>,
+    /// Tool calls sent so far.
+    n_calls: usize,
+    /// Log-probabilities of text the call parser holds back, sent with the next chunk.
+    held_logprobs: Vec<TokenLogprob>,
+    /// Characters of text sent so far (completions' `text_offset`).
+    text_offset: usize,
     /// Server-sent events ready to go.
     out: VecDeque<SseEvent>,
     finished: bool,
@@ -267,7 +366,10 @@ impl Relay {
 
     fn chunk(&self, delta_or_text: Value, logprobs: Option<&[TokenLogprob]>, finish: Option<&str>) -> Value {
         let lp = match logprobs {
-            Some(l) if self.logprobs => json!({ "content": logprobs_json(l) }),
+            Some(l) if self.logprobs => match self.kind {
+                Kind::Chat => json!({ "content": logprobs_json(l) }),
+                Kind::Completion => completion_logprobs_json(l, self.text_offset),
+            },
             _ => Value::Null,
         };
         let choice = match self.kind {
@@ -304,21 +406,20 @@ impl Relay {
                     self.push(c);
                 }
             }
-            Some(Event::Delta { text, logprobs }) => {
-                if text.is_empty() && logprobs.is_empty() {
-                    return;
-                }
-                let d = if self.kind == Kind::Chat { json!({ "content": text }) } else { json!(text) };
-                let c = self.chunk(d, Some(&logprobs), None);
-                self.push(c);
-            }
+            Some(Event::Delta { text, logprobs }) => self.on_text(text, logprobs),
             Some(Event::Done(f)) => {
                 if f.reason == FinishReason::Cancelled {
                     return self.fail(ApiError::unavailable("the server shut down before the request finished"));
                 }
+                if let Some(mut p) = self.calls.take() {
+                    let events = p.finish();
+                    let lps = std::mem::take(&mut self.held_logprobs);
+                    self.send_parsed(events, lps);
+                }
                 self.st.metrics.record_finish(&f);
                 let empty = if self.kind == Kind::Chat { json!({}) } else { json!("") };
-                let c = self.chunk(empty, None, Some(finish_reason(&f)));
+                let reason = if self.n_calls > 0 { "tool_calls" } else { finish_reason(&f) };
+                let c = self.chunk(empty, None, Some(reason));
                 self.push(c);
                 if self.include_usage {
                     let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
@@ -335,6 +436,53 @@ impl Relay {
                 let err = self.scheduler_error(e);
                 self.fail(err)
             }
+        }
+    }
+
+    /// Streams a piece of generated text: as it is, or through the tool-call parser.
+    fn on_text(&mut self, text: String, mut logprobs: Vec<TokenLogprob>) {
+        if let Some(p) = self.calls.as_mut() {
+            let events = p.push(&text);
+            let mut lps = std::mem::take(&mut self.held_logprobs);
+            lps.append(&mut logprobs);
+            return self.send_parsed(events, lps);
+        }
+        if text.is_empty() && logprobs.is_empty() {
+            return;
+        }
+        let d = if self.kind == Kind::Chat { json!({ "content": text }) } else { json!(text) };
+        let c = self.chunk(d, Some(&logprobs), None);
+        self.text_offset += text.chars().count();
+        self.push(c);
+    }
+
+    /// Sends the tool-call parser's events as content and `tool_calls` deltas (OpenAI's stream
+    /// shape: the call's id, type and name first, then its arguments). Log-probabilities ride on
+    /// the first chunk; with nothing to send they wait for the next.
+    fn send_parsed(&mut self, events: Vec<ParseEvent>, lps: Vec<TokenLogprob>) {
+        let mut lps = Some(lps);
+        for ev in events {
+            match ev {
+                ParseEvent::Content(t) if t.is_empty() => {}
+                ParseEvent::Content(t) => {
+                    let c = self.chunk(json!({ "content": t }), lps.take().as_deref(), None);
+                    self.push(c);
+                }
+                ParseEvent::Call { index, name, arguments } => {
+                    let id = call_id(&self.id, index);
+                    let head = json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+                                                      "function": {"name": name, "arguments": ""}}]});
+                    let c = self.chunk(head, lps.take().as_deref(), None);
+                    self.push(c);
+                    let args = json!({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]});
+                    let c = self.chunk(args, None, None);
+                    self.push(c);
+                    self.n_calls += 1;
+                }
+            }
+        }
+        if let Some(l) = lps.filter(|l| !l.is_empty()) {
+            self.held_logprobs = l;
         }
     }
 
@@ -365,17 +513,33 @@ async fn collect(mut r: Relay) -> Result<Response, ApiError> {
                     return Err(ApiError::unavailable("the server shut down before the request finished"));
                 }
                 r.st.metrics.record_finish(&f);
-                let lp = if r.logprobs { json!({ "content": logprobs_json(&lps) }) } else { Value::Null };
                 let (object, choice) = match r.kind {
-                    Kind::Chat => (
-                        "chat.completion",
-                        json!({"index": 0, "message": {"role": "assistant", "content": text},
-                               "logprobs": lp, "finish_reason": finish_reason(&f)}),
-                    ),
-                    Kind::Completion => (
-                        "text_completion",
-                        json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason(&f)}),
-                    ),
+                    Kind::Chat => {
+                        let lp = if r.logprobs { json!({ "content": logprobs_json(&lps) }) } else { Value::Null };
+                        let mut message = json!({"role": "assistant", "content": text});
+                        let mut reason = finish_reason(&f);
+                        if let Some(mut p) = r.calls.take() {
+                            let mut events = p.push(&text);
+                            events.extend(p.finish());
+                            let (content, calls) = split_calls(&r.id, events);
+                            if !calls.is_empty() {
+                                reason = "tool_calls";
+                                message["tool_calls"] = Value::Array(calls);
+                            }
+                            message["content"] = content.map(Value::String).unwrap_or(Value::Null);
+                        }
+                        (
+                            "chat.completion",
+                            json!({"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}),
+                        )
+                    }
+                    Kind::Completion => {
+                        let lp = if r.logprobs { completion_logprobs_json(&lps, 0) } else { Value::Null };
+                        (
+                            "text_completion",
+                            json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason(&f)}),
+                        )
+                    }
                 };
                 let body = json!({
                     "id": r.id, "object": object, "created": r.created, "model": r.model(),
@@ -385,6 +549,30 @@ async fn collect(mut r: Relay) -> Result<Response, ApiError> {
             }
         }
     }
+}
+
+/// The content (`None` when the model wrote only calls) and the OpenAI `tool_calls` of a
+/// finished output.
+fn split_calls(id: &str, events: Vec<ParseEvent>) -> (Option<String>, Vec<Value>) {
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for ev in events {
+        match ev {
+            ParseEvent::Content(t) => content.push_str(&t),
+            ParseEvent::Call { index, name, arguments } => calls.push(json!({
+                "id": call_id(id, index), "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            })),
+        }
+    }
+    let content = if calls.is_empty() || !content.trim().is_empty() { Some(content) } else { None };
+    (content, calls)
+}
+
+/// A tool call's id: unique per response and call.
+fn call_id(response_id: &str, index: usize) -> String {
+    let tail = response_id.rsplit('-').next().unwrap_or(response_id);
+    format!("call_{tail}_{index}")
 }
 
 fn fingerprint() -> String {
@@ -419,6 +607,27 @@ fn logprobs_json(l: &[TokenLogprob]) -> Value {
             })
             .collect(),
     )
+}
+
+/// The legacy completions form: parallel lists of tokens, their log-probabilities, the
+/// alternatives as `{token: logprob}` maps, and each token's character offset in the text.
+fn completion_logprobs_json(l: &[TokenLogprob], offset: usize) -> Value {
+    let mut at = offset;
+    let mut offsets = Vec::with_capacity(l.len());
+    for t in l {
+        offsets.push(at);
+        at += String::from_utf8_lossy(&t.bytes).chars().count();
+    }
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    json!({
+        "tokens": l.iter().map(|t| text(&t.bytes)).collect::<Vec<_>>(),
+        "token_logprobs": l.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": l.iter().map(|t| {
+            let m: serde_json::Map<String, Value> = t.top.iter().map(|(_, b, lp)| (text(b), json!(lp))).collect();
+            Value::Object(m)
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
 }
 
 fn model_json(st: &AppState) -> Value {

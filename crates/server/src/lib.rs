@@ -10,6 +10,8 @@ mod api;
 mod error;
 mod metrics;
 mod openai;
+mod structured;
+mod tool_calls;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_engine::SamplingParams;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::error::ApiError;
 
@@ -44,6 +45,11 @@ pub struct Sampling {
     pub n: Option<i64>,
     /// llama.cpp's extension: keep generating past end-of-generation tokens.
     pub ignore_eos: Option<bool>,
+    /// OpenAI's output format: text, any JSON object, or a JSON Schema ([`crate::structured`]).
+    pub response_format: Option<Value>,
+    /// llama.cpp's extensions: a JSON Schema, or a GBNF grammar, the output must match.
+    pub json_schema: Option<Value>,
+    pub grammar: Option<Value>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -52,6 +58,11 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// Function tools the model may call, and whether/which it must call.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    /// kiln returns every call the model writes; `false` (at most one call) is refused.
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -62,6 +73,11 @@ pub struct Message {
     /// Text, or a list of parts of which only `{"type": "text"}` ones are supported; null for an
     /// assistant turn that only called tools.
     pub content: Option<Content>,
+    /// An assistant turn's calls, as OpenAI returned them (arguments as JSON text).
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn: the call it answers, and the function's name.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
