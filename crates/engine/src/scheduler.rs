@@ -363,6 +363,12 @@ impl<'m> Scheduler<'m> {
             if steps.is_empty() {
                 return self.n_active();
             }
+            if !crate::constraint::overlap_masks() {
+                // No core to spare: the masks first (a failure shows again when applied).
+                for c in masks.drain(..) {
+                    let _ = c.prepare();
+                }
+            }
             let (model, precision, ws) = (&self.model.weights, self.cfg.precision, &mut self.ws);
             std::thread::scope(|s| {
                 let masking = (!masks.is_empty()).then(|| {

@@ -190,6 +190,10 @@ impl<'m> Session<'m> {
             }
             logits = match constraint.as_deref_mut() {
                 None => self.eval(&[next], Logits::Last)?,
+                Some(c) if !crate::constraint::overlap_masks() => {
+                    c.prepare()?;
+                    self.eval(&[next], Logits::Last)?
+                }
                 Some(c) => {
                     // The next mask is computed while the forward pass runs.
                     let (logits, mask) = std::thread::scope(|s| {

@@ -106,16 +106,15 @@ pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, None) => None,
     };
-    if req.parallel_tool_calls == Some(false) {
-        return Err(ApiError::bad_param(
-            "parallel_tool_calls",
-            "parallel_tool_calls = false is not supported: every call the model writes is returned",
-        ));
-    }
     let s = &req.sampling;
     let mut constraint =
         structured::constraint_fields(s.response_format.as_ref(), s.json_schema.as_ref(), s.grammar.as_ref())?;
-    let tools = structured::tool_use(req.tools.as_ref(), req.tool_choice.as_ref(), st.model.template.as_ref())?;
+    let tools = structured::tool_use(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+        st.model.template.as_ref(),
+    )?;
     if let Some(t) = &tools {
         if let Some(spec) = t.constraint() {
             if let Some((_, field)) = &constraint {
@@ -125,7 +124,7 @@ pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
                 ));
             }
             constraint = Some((spec, "tool_choice"));
-        } else if let Some((_, field)) = &constraint {
+        } else if let (Some((_, field)), true) = (&constraint, t.parses_calls()) {
             return Err(ApiError::bad_param(
                 field,
                 format!("{field} with tools is not supported: the output could not contain a call"),
@@ -181,7 +180,7 @@ pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
     .await
     .map_err(|e| ApiError::internal(format!("preparing the request: {e}")))?;
     let (prompt, compiled, tools) = prepared?;
-    let calls = tools.map(|t| t.format.parser());
+    let calls = tools.and_then(|t| t.parser());
     generate(st, prompt, job, compiled, Output { logprobs, calls }, Kind::Chat).await
 }
 
@@ -418,7 +417,11 @@ impl Relay {
                 }
                 self.st.metrics.record_finish(&f);
                 let empty = if self.kind == Kind::Chat { json!({}) } else { json!("") };
-                let reason = if self.n_calls > 0 { "tool_calls" } else { finish_reason(&f) };
+                // A call cut short by max_tokens is reported as such: `length`, as OpenAI does.
+                let reason = match f.reason {
+                    FinishReason::Stop if self.n_calls > 0 => "tool_calls",
+                    _ => finish_reason(&f),
+                };
                 let c = self.chunk(empty, None, Some(reason));
                 self.push(c);
                 if self.include_usage {
@@ -523,7 +526,9 @@ async fn collect(mut r: Relay) -> Result<Response, ApiError> {
                             events.extend(p.finish());
                             let (content, calls) = split_calls(&r.id, events);
                             if !calls.is_empty() {
-                                reason = "tool_calls";
+                                if f.reason == FinishReason::Stop {
+                                    reason = "tool_calls";
+                                }
                                 message["tool_calls"] = Value::Array(calls);
                             }
                             message["content"] = content.map(Value::String).unwrap_or(Value::Null);

@@ -121,6 +121,14 @@ impl Server {
                 .spawn(move || Scheduler::new(&model, sched_cfg, stats).run(&rx, &cancel))
                 .context("starting the scheduler thread")?
         };
+        // The constraint engine's view of the vocabulary (tens to hundreds of milliseconds) is
+        // built now, off the request path; the first structured request waits for it if early.
+        {
+            let model = model.clone();
+            let _ = std::thread::Builder::new().name("kiln-constraint-vocab".into()).spawn(move || {
+                let _ = model.constraints();
+            });
+        }
         let model_id = model_id(&model);
         let key_hash = cfg.api_key.as_ref().map(|k| Sha256::digest(k.as_bytes()).into());
         let state = Arc::new(AppState {

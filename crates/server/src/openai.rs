@@ -61,7 +61,7 @@ pub struct ChatRequest {
     /// Function tools the model may call, and whether/which it must call.
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
-    /// kiln returns every call the model writes; `false` (at most one call) is refused.
+    /// `false`: at most one call, enforced with `tool_choice` "required" or a named function.
     pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: Sampling,

@@ -33,10 +33,13 @@ pub fn constraint_fields(
     }
     if let Some(g) = grammar.filter(|v| !v.is_null()) {
         let Some(text) = g.as_str() else {
-            return Err(ApiError::bad_param("grammar", "grammar must be a string in llama.cpp's GBNF"));
+            return Err(ApiError::bad_param(
+                "grammar",
+                "grammar must be a string: llama.cpp's GBNF, or llguidance's Lark after `%llguidance`",
+            ));
         };
         if !text.trim().is_empty() {
-            found.push((ConstraintSpec::Gbnf(text.to_string()), "grammar"));
+            found.push((ConstraintSpec::grammar_text(text.to_string()), "grammar"));
         }
     }
     if found.len() > 1 {
@@ -97,9 +100,12 @@ fn response_format_spec(rf: &Value) -> Result<Option<ConstraintSpec>, ApiError> 
 
 /// What a chat request's `tools` and `tool_choice` ask for.
 pub struct ToolUse {
-    pub format: Box<dyn ToolFormat>,
+    /// The template's call format; `None` only under `tool_choice: "none"`, which needs none.
+    pub format: Option<Box<dyn ToolFormat>>,
     pub tools: Vec<Tool>,
     pub choice: ToolChoice,
+    /// Several calls in one answer allowed (OpenAI's `parallel_tool_calls`, default true).
+    pub parallel: bool,
     /// The `tools` array as sent, for the chat template.
     pub raw: Value,
 }
@@ -107,15 +113,26 @@ pub struct ToolUse {
 impl ToolUse {
     /// The grammar forcing a call (`required` or a named function); `None` leaves the model free.
     pub fn constraint(&self) -> Option<ConstraintSpec> {
-        self.format.grammar(&self.tools, &self.choice).map(ConstraintSpec::Lark)
+        self.format.as_ref()?.grammar(&self.tools, &self.choice, self.parallel).map(ConstraintSpec::Lark)
+    }
+
+    /// Whether the output is parsed for calls: not under `tool_choice: "none"`, where the tools are
+    /// shown to the model (as OpenAI does) but what it writes is its answer.
+    pub fn parses_calls(&self) -> bool {
+        !matches!(self.choice, ToolChoice::None) && self.format.is_some()
+    }
+
+    /// The parser of the model's calls, where the output is parsed for them.
+    pub fn parser(&self) -> Option<Box<dyn tool_calls::CallParser>> {
+        self.format.as_ref().filter(|_| self.parses_calls()).map(|f| f.parser())
     }
 }
 
-/// Checks `tools` and `tool_choice`. `None` when no tools are offered or `tool_choice` is `none`
-/// (the model then answers in text and its template is rendered without tools).
+/// Checks `tools`, `tool_choice` and `parallel_tool_calls`. `None` when no tools are offered.
 pub fn tool_use(
     tools: Option<&Value>,
     tool_choice: Option<&Value>,
+    parallel_tool_calls: Option<bool>,
     template: Option<&ChatTemplate>,
 ) -> Result<Option<ToolUse>, ApiError> {
     let tools_v = tools.filter(|v| !v.is_null());
@@ -134,19 +151,30 @@ pub fn tool_use(
     let parsed = tool_calls::parse_tools(&raw).map_err(|m| ApiError::bad_param("tools", m))?;
     let choice = tool_calls::parse_tool_choice(tool_choice.filter(|v| !v.is_null()), &parsed)
         .map_err(|m| ApiError::bad_param("tool_choice", m))?;
-    if matches!(choice, ToolChoice::None) {
-        return Ok(None);
+    let parallel = parallel_tool_calls.unwrap_or(true);
+    if !parallel && matches!(choice, ToolChoice::Auto) {
+        // Unconstrained text may hold any number of calls; only a forced call can be limited.
+        return Err(ApiError::bad_param(
+            "parallel_tool_calls",
+            "parallel_tool_calls = false needs tool_choice \"required\" or a named function \
+             (with \"auto\" the output is not constrained, so one call cannot be promised)",
+        ));
     }
-    let Some(template) = template else {
+    let format = template.and_then(|t| tool_calls::detect(t.source()));
+    if matches!(choice, ToolChoice::None) {
+        // The tools are shown to the model where its template can (none is parsed or forced).
+        return Ok(template.map(|_| ToolUse { format, tools: parsed, choice, parallel, raw }));
+    }
+    if template.is_none() {
         return Err(ApiError::bad_param("tools", "this model has no chat template, so it has no tool-call format"));
-    };
-    let Some(format) = tool_calls::detect(template.source()) else {
+    }
+    let Some(format) = format else {
         return Err(ApiError::bad_param(
             "tools",
             "this model's chat template writes no tool-call format kiln knows (Hermes/Qwen2.5 <tool_call>, Llama 3.1 JSON)",
         ));
     };
-    Ok(Some(ToolUse { format, tools: parsed, choice, raw }))
+    Ok(Some(ToolUse { format: Some(format), tools: parsed, choice, parallel, raw }))
 }
 
 /// Compiles the constraint (off the async runtime: a large schema takes milliseconds to seconds)
@@ -168,7 +196,9 @@ pub fn compile(
         None => Ok(None),
         Some((spec, field)) => model.compile_constraint(spec).map(Some).map_err(|e| {
             let what = match tools {
-                Some(t) if *field == "tool_choice" => format!("{} tool-call grammar", t.format.name()),
+                Some(ToolUse { format: Some(f), .. }) if *field == "tool_choice" => {
+                    format!("{} tool-call grammar", f.name())
+                }
                 _ => spec.kind().to_string(),
             };
             ApiError::bad_param(field, format!("the {what} cannot be enforced: {e}"))

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use kiln_engine::constraint::ConstraintSpec;
 use kiln_engine::{GenerateOptions, Sampler, Session};
 use kiln_model::Precision;
 
@@ -54,8 +55,31 @@ pub struct Args {
     /// Use the exact reference path (f64 sums) instead of the default fast path.
     #[arg(long)]
     pub exact: bool,
+    /// Constrain the output to the JSON Schema in FILE (it then ends when the JSON is complete).
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the output to the grammar in FILE: llama.cpp's GBNF (start symbol `root`), or
+    /// llguidance's Lark syntax when the file starts with `%llguidance`.
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// The constraint asked for by `--json-schema` / `--grammar`.
+fn constraint_spec(a: &Args) -> Result<Option<ConstraintSpec>> {
+    let read = |p: &PathBuf| -> Result<String> {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    if let Some(p) = &a.json_schema {
+        let v: serde_json::Value =
+            serde_json::from_str(&read(p)?).map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", p.display()))?;
+        return Ok(Some(ConstraintSpec::JsonSchema(v)));
+    }
+    if let Some(p) = &a.grammar {
+        return Ok(Some(ConstraintSpec::grammar_text(read(p)?)));
+    }
+    Ok(None)
 }
 
 pub fn main(a: Args) -> Result<ExitCode> {
@@ -70,6 +94,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
     }
     a.template.check()?;
     let params = a.sampling.params()?;
+    let spec = constraint_spec(&a)?;
     common::set_threads(a.threads)?;
     let mut model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
     let prompt_ids = if let Some(t) = &a.tokens {
@@ -109,8 +134,29 @@ pub fn main(a: Args) -> Result<ExitCode> {
         let flag = interrupted.clone();
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     }
+    // Compiled before generating: a schema or grammar that cannot be enforced is an error, never
+    // unconstrained output.
+    let mut constraint = match &spec {
+        None => None,
+        Some(spec) => {
+            let t0 = std::time::Instant::now();
+            model.constraints()?;
+            let vocab_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let t0 = std::time::Instant::now();
+            let c = model.compile_constraint(spec).map_err(|e| {
+                let file = a.json_schema.as_ref().or(a.grammar.as_ref()).map(|p| p.display().to_string());
+                anyhow::anyhow!("{}: the {} cannot be enforced: {e}", file.unwrap_or_default(), spec.kind())
+            })?;
+            eprintln!(
+                "kiln: constraint vocabulary {vocab_ms:.1} ms | {} compiled in {:.1} ms",
+                spec.kind(),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            Some(c)
+        }
+    };
     let mut stdout = std::io::stdout().lock();
-    let gen = session.generate(&prompt_ids, &opts, &mut sampler, |text| {
+    let gen = session.generate_constrained(&prompt_ids, &opts, &mut sampler, constraint.as_mut(), |text| {
         let _ = stdout.write_all(text.as_bytes());
         let _ = stdout.flush();
         !interrupted.load(Ordering::SeqCst)

@@ -41,6 +41,16 @@ pub enum ConstraintSpec {
 }
 
 impl ConstraintSpec {
+    /// A grammar as llama.cpp takes it: GBNF, or llguidance's Lark when it starts with
+    /// `%llguidance` (llama.cpp's convention for grammars meant for llguidance).
+    pub fn grammar_text(text: String) -> ConstraintSpec {
+        if text.trim_start().starts_with("%llguidance") {
+            ConstraintSpec::Lark(text)
+        } else {
+            ConstraintSpec::Gbnf(text)
+        }
+    }
+
     /// A short name for messages and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -126,6 +136,15 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or(s).trim().to_string()
 }
 
+/// Whether token masks should be computed on a thread of their own while the forward pass runs:
+/// only when a core is free for it. The forward pass's threads wait for each other at spinning
+/// barriers, so a mask thread that preempts one of them costs the whole pass a time slice; with
+/// every core busy, computing the mask before the pass (tens of microseconds) is cheaper.
+pub fn overlap_masks() -> bool {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    cores > rayon::current_num_threads()
+}
+
 /// One request's constraint: where the output is in the grammar.
 pub struct Constraint {
     matcher: Matcher,
@@ -164,12 +183,21 @@ impl Constraint {
     pub fn apply(&mut self, logits: &mut [f32]) -> Result<(), ConstraintFailed> {
         self.prepare()?;
         let Some(mask) = self.mask.as_ref() else { return Err(self.failed("no mask".into())) };
+        // The mask is a bit per token, 32 to a word: whole words of forbidden tokens at once.
+        let words = mask.as_slice();
         let mut any = false;
-        for (t, l) in logits.iter_mut().enumerate() {
-            if t < mask.len() && mask.is_allowed(t as u32) {
-                any |= *l > f32::NEG_INFINITY;
-            } else {
-                *l = f32::NEG_INFINITY;
+        for (i, chunk) in logits.chunks_mut(32).enumerate() {
+            let w = words.get(i).copied().unwrap_or(0);
+            if w == 0 {
+                chunk.fill(f32::NEG_INFINITY);
+                continue;
+            }
+            for (b, l) in chunk.iter_mut().enumerate() {
+                if w >> b & 1 == 0 {
+                    *l = f32::NEG_INFINITY;
+                } else {
+                    any |= *l > f32::NEG_INFINITY;
+                }
             }
         }
         if !any {

@@ -33,9 +33,9 @@ impl ToolFormat for Hermes {
 
     /// Calls exactly as Qwen2.5's template writes them in history, newline-separated; no
     /// whitespace around them (the prompt ends in "assistant\n" and the model starts with the tag).
-    fn grammar(&self, tools: &[Tool], choice: &ToolChoice) -> Option<String> {
+    fn grammar(&self, tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<String> {
         let open = |name: &str| format!("{OPEN}\n{{\"name\": \"{name}\", \"arguments\": ");
-        call_grammar(tools, choice, "\n", open, &format!("}}\n{CLOSE}"))
+        call_grammar(tools, choice, parallel, "\n", open, &format!("}}\n{CLOSE}"))
     }
 
     fn parser(&self) -> Box<dyn CallParser> {
@@ -237,15 +237,15 @@ mod tests {
 
     #[test]
     fn grammar_none_for_auto_and_none() {
-        assert_eq!(Hermes.grammar(&tools(), &ToolChoice::Auto), None);
-        assert_eq!(Hermes.grammar(&tools(), &ToolChoice::None), None);
-        assert_eq!(Hermes.grammar(&tools(), &ToolChoice::Function("missing".into())), None);
-        assert_eq!(Hermes.grammar(&[], &ToolChoice::Required), None);
+        assert_eq!(Hermes.grammar(&tools(), &ToolChoice::Auto, true), None);
+        assert_eq!(Hermes.grammar(&tools(), &ToolChoice::None, true), None);
+        assert_eq!(Hermes.grammar(&tools(), &ToolChoice::Function("missing".into()), true), None);
+        assert_eq!(Hermes.grammar(&[], &ToolChoice::Required, true), None);
     }
 
     #[test]
     fn required_grammar() {
-        let g = Hermes.grammar(&tools(), &ToolChoice::Required).unwrap();
+        let g = Hermes.grammar(&tools(), &ToolChoice::Required, true).unwrap();
         let time = "<tool_call>\n{\"name\": \"get-Time\", \"arguments\": {}}\n</tool_call>";
         for ok in [
             PARIS.to_string(),
@@ -273,8 +273,15 @@ mod tests {
     }
 
     #[test]
+    fn required_without_parallel_calls_is_one_call() {
+        let g = Hermes.grammar(&tools(), &ToolChoice::Required, false).unwrap();
+        assert!(accepts(&g, PARIS));
+        assert!(!accepts(&g, &format!("{PARIS}\n{PARIS}")));
+    }
+
+    #[test]
     fn named_grammar() {
-        let g = Hermes.grammar(&tools(), &ToolChoice::Function("get_weather".into())).unwrap();
+        let g = Hermes.grammar(&tools(), &ToolChoice::Function("get_weather".into()), true).unwrap();
         assert!(accepts(&g, PARIS));
         assert!(!accepts(&g, &format!("{PARIS}\n{PARIS}")));
         assert!(!accepts(&g, "<tool_call>\n{\"name\": \"get-Time\", \"arguments\": {}}\n</tool_call>"));

@@ -33,9 +33,11 @@ impl ToolFormat for Llama3 {
 
     /// Bare JSON as the template writes a call, `; `-joined. No `<|python_tag|>`: it is a control
     /// token, which a text literal would make the model spell out in pieces.
-    fn grammar(&self, tools: &[Tool], choice: &ToolChoice) -> Option<String> {
+    fn grammar(&self, tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<String> {
         let open = |name: &str| format!("{{\"name\": \"{name}\", \"parameters\": ");
-        call_grammar(tools, choice, "; ", open, "}")
+        // Meta's Llama 3.1 template refuses a turn with several calls: one call per answer.
+        let _ = parallel;
+        call_grammar(tools, choice, false, "; ", open, "}")
     }
 
     fn parser(&self) -> Box<dyn CallParser> {
@@ -306,12 +308,11 @@ mod tests {
 
     #[test]
     fn required_grammar() {
-        let g = Llama3.grammar(&tools(), &ToolChoice::Required).unwrap();
+        let g = Llama3.grammar(&tools(), &ToolChoice::Required, true).unwrap();
         let time = r#"{"name": "Get-time", "parameters": {}}"#;
         for ok in [
             PARIS.to_string(),
             time.into(),
-            format!("{PARIS}; {time}"),
             r#"{"name": "get_weather", "parameters": {"city": "{\"x\"}", "unit": "f"}}"#.into(),
         ] {
             assert!(accepts(&g, &ok), "{ok}");
@@ -319,6 +320,8 @@ mod tests {
         }
         for bad in [
             String::new(),
+            // One call per turn: Meta's template refuses several.
+            format!("{PARIS}; {time}"),
             r#"{"name": "get_weathers", "parameters": {"city": "Paris"}}"#.into(),
             r#"{"name": "get_weather", "parameters": {"unit": "c"}}"#.into(),
             r#"{"name": "get_weather", "parameters": {"city": "Paris", "unit": "k"}}"#.into(),
@@ -333,10 +336,10 @@ mod tests {
 
     #[test]
     fn named_grammar() {
-        let g = Llama3.grammar(&tools(), &ToolChoice::Function("Get-time".into())).unwrap();
+        let g = Llama3.grammar(&tools(), &ToolChoice::Function("Get-time".into()), true).unwrap();
         assert!(accepts(&g, r#"{"name": "Get-time", "parameters": {}}"#));
         assert!(!accepts(&g, PARIS));
         assert!(!accepts(&g, r#"{"name": "Get-time", "parameters": {}}; {"name": "Get-time", "parameters": {}}"#));
-        assert_eq!(Llama3.grammar(&tools(), &ToolChoice::Auto), None);
+        assert_eq!(Llama3.grammar(&tools(), &ToolChoice::Auto, true), None);
     }
 }

@@ -141,7 +141,7 @@ pub trait ToolFormat: Send + Sync {
     /// `Required`: one or more calls of any offered tool; `Function(name)`: exactly one call of
     /// that function; `Auto`/`None`: `None` (no constraint). Each call's arguments follow the
     /// tool's `parameters` schema; the name is a literal.
-    fn grammar(&self, tools: &[Tool], choice: &ToolChoice) -> Option<String>;
+    fn grammar(&self, tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<String>;
     /// A streaming parser of the generated text.
     fn parser(&self) -> Box<dyn CallParser>;
 }
@@ -282,10 +282,11 @@ fn call_from_json(text: &str, arg_keys: &[&str]) -> Option<(String, String)> {
 }
 
 /// The Lark grammar for `choice` where a call to `name` reads `open(name)`, the arguments
-/// object, then `close`, and several calls (`Required`) are joined by `sep`.
+/// object, then `close`, and several calls (`Required` with `parallel`) are joined by `sep`.
 fn call_grammar(
     tools: &[Tool],
     choice: &ToolChoice,
+    parallel: bool,
     sep: &str,
     open: impl Fn(&str) -> String,
     close: &str,
@@ -299,7 +300,7 @@ fn call_grammar(
         return None;
     }
     let mut g = match choice {
-        ToolChoice::Required => format!("start: call ({} call)*\n", lark_str(sep)),
+        ToolChoice::Required if parallel => format!("start: call ({} call)*\n", lark_str(sep)),
         _ => "start: call\n".to_string(),
     };
     // Rules are numbered: tool names may hold upper case and '-', which Lark rule names cannot.
