@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use kiln_engine::{Model, SamplingParams, WeightPages};
+use kiln_engine::{Model, SamplingParams, Session, WeightPages};
+use kiln_model::Precision;
 use kiln_tokenizer::template::ChatTemplate;
 use kiln_tokenizer::Tokenizer;
 
@@ -21,14 +22,23 @@ pub fn model_path(m: &Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// The model for the CPU's default path (see [`Model::load`]).
-pub fn load_model(m: &Option<PathBuf>) -> Result<Model> {
-    load_model_with(m, WeightPages::HugePages)
+pub fn load_model(m: &Option<PathBuf>, load: &LoadArgs) -> Result<Model> {
+    load_model_opts(m, WeightPages::HugePages, load)
 }
 
-/// [`load_model`] with the weights where `pages` says.
-pub fn load_model_with(m: &Option<PathBuf>, pages: WeightPages) -> Result<Model> {
+/// [`load_model`] with the weights where `pages` says and the checks `load` relaxes.
+pub fn load_model_opts(m: &Option<PathBuf>, pages: WeightPages, load: &LoadArgs) -> Result<Model> {
     let p = model_path(m)?;
-    Model::load_with(&p, pages)
+    Model::load_opts(&p, pages, load.allow_nonfinite)
+}
+
+/// Flags of every command that loads a model for inference.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct LoadArgs {
+    /// Load the model even if some weights are NaN or infinite (they are refused by default;
+    /// `kiln inspect --check` lists them).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 /// The weights of a CPU run: a private copy on huge pages unless `--mmap` was given.
@@ -40,10 +50,72 @@ pub fn cpu_weight_pages(mmap: bool) -> WeightPages {
     }
 }
 
-/// Sizes the global thread pool; 0 means one thread per available core.
+/// Most threads `-t` accepts: far above any core count kiln runs on, low enough that a typo
+/// (`-t 100000`) cannot exhaust the process's threads.
+pub const MAX_THREADS: usize = 1024;
+
+/// Sizes the global thread pool; 0 means one thread per available core. More threads than cores
+/// is allowed with a warning: the forward pass splits every operation among all threads and waits
+/// for the last, so extra threads only queue for the cores (`-t 1000` on 2 cores: ~200× slower).
 pub fn set_threads(threads: usize) -> Result<()> {
-    let n = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).ok();
+    if threads > MAX_THREADS {
+        bail!("-t {threads}: at most {MAX_THREADS} threads (this machine has {} cores)", describe_cores(cores));
+    }
+    if let Some(c) = cores.filter(|&c| threads > c) {
+        eprintln!(
+            "kiln: warning: -t {threads} starts more threads than the {c} available cores; the extra threads \
+             only wait for a core, and every step waits for the slowest (omit -t for one thread per core)"
+        );
+    }
+    let n = if threads == 0 { cores.unwrap_or(1) } else { threads };
     rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the thread pool")
+}
+
+fn describe_cores(cores: Option<usize>) -> String {
+    cores.map_or_else(|| "an unknown number of".to_string(), |c| c.to_string())
+}
+
+/// A session of `n_ctx` positions after checking that its KV cache fits ([`Session::try_new`]);
+/// `flag` names where the size came from (`--ctx 100000`), for the error.
+pub fn session<'m>(model: &'m Model, n_ctx: usize, precision: Precision, flag: &str) -> Result<Session<'m>> {
+    Session::try_new(model, n_ctx, precision).with_context(|| flag.to_string())
+}
+
+/// Fails with a one-line error when `what` (`bytes` of it, `None` if the size overflowed) exceeds
+/// the memory available now; `flag` names where the size came from.
+pub fn check_memory(flag: &str, what: &str, bytes: Option<u64>) -> Result<()> {
+    let Some(bytes) = bytes else { bail!("{flag}: {what} overflows the address space") };
+    if let Some(available) = kiln_model::available_memory().filter(|&a| bytes > a) {
+        bail!(
+            "{flag}: {what} would take {}; {} of memory are available",
+            kiln_model::human_bytes(bytes),
+            kiln_model::human_bytes(available)
+        );
+    }
+    Ok(())
+}
+
+/// Checks, before anything is allocated, that a pass over `n` positions from an empty cache fits in
+/// memory: its KV cache, plus with `all_logits` the logits of every position (and `extra` bytes of
+/// what else the command keeps, e.g. captured activations). `flag` names where `n` came from.
+pub fn check_pass_memory(model: &Model, n: usize, all_logits: bool, extra: Option<u64>, flag: &str) -> Result<()> {
+    let kv = kiln_model::check_kv_memory(&model.weights.cfg, n, 1).with_context(|| flag.to_string())?;
+    if !all_logits {
+        return Ok(());
+    }
+    let total = logits_bytes(model, n).and_then(|l| l.checked_add(kv)).and_then(|t| t.checked_add(extra?));
+    let n_vocab = model.weights.cfg.n_vocab;
+    let what = match extra {
+        Some(0) => format!("the KV cache and the logits of {n} positions × {n_vocab} tokens"),
+        _ => format!("the KV cache, the logits of {n} positions × {n_vocab} tokens and the activations kept"),
+    };
+    check_memory(flag, &what, total)
+}
+
+/// The memory of `n` positions' logits (`Logits::All`), which some commands hold at once.
+pub fn logits_bytes(model: &Model, n: usize) -> Option<u64> {
+    (n as u64).checked_mul(model.weights.cfg.n_vocab as u64)?.checked_mul(4)
 }
 
 /// Parses `1,2,3` (spaces allowed).

@@ -98,13 +98,54 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            // One line: the error and its causes, no backtrace.
-            let mut msg = format!("kiln: error: {e}");
-            for cause in e.chain().skip(1) {
-                msg.push_str(&format!(": {cause}"));
-            }
-            eprintln!("{msg}");
+            eprintln!("kiln: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, no backtrace. A cause whose text the line already ends
+/// with is left out: an error type that prints its source in its own message and also returns it
+/// from `source()` would otherwise show it twice ("is a directory: is a directory"). kiln's own
+/// error types do one or the other; this keeps a dependency's from doubling a message.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !msg.ends_with(&cause) {
+            msg.push_str(": ");
+            msg.push_str(&cause);
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    /// An error that shows its source in its message and also returns it from `source()`.
+    #[derive(Debug)]
+    struct Doubled(std::io::Error);
+
+    impl std::fmt::Display for Doubled {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot open x: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Doubled {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn causes_already_shown_are_not_repeated() {
+        let io = || std::io::Error::other("is a directory");
+        let e = anyhow::Error::new(Doubled(io())).context("model.gguf");
+        assert_eq!(one_line(&e), "model.gguf: cannot open x: is a directory");
+        let e = anyhow::Error::new(io()).context("reading x");
+        assert_eq!(one_line(&e), "reading x: is a directory");
     }
 }

@@ -415,3 +415,190 @@ fn seeded_sampling_is_reproducible() {
         assert_eq!(stdout(&d), format!("{}\n", &text[..cut]));
     }
 }
+
+/// `kiln run --json-schema FILE` / `--grammar FILE`: the output belongs to the schema's or the
+/// grammar's language, on the synth Qwen2 (byte-level BPE vocabulary), greedy and sampled; what
+/// cannot be enforced is an error before anything is generated.
+mod constrained {
+    use super::*;
+
+    /// A file under the temporary folder, removed when dropped.
+    struct TmpFile(PathBuf);
+
+    impl TmpFile {
+        fn new(tag: &str, text: &str) -> TmpFile {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let n = N.fetch_add(1, Ordering::SeqCst);
+            let p = std::env::temp_dir().join(format!("kiln-cli-constrained-{}-{n}-{tag}", std::process::id()));
+            std::fs::write(&p, text).unwrap();
+            TmpFile(p)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TmpFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn qwen2() -> String {
+        synth_arch("qwen2-tiny-Q8_0").to_str().unwrap().to_string()
+    }
+
+    const SCHEMA: &str = r#"{
+        "type": "object",
+        "properties": {
+            "answer": {"enum": ["yes", "no", "maybe"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9},
+            "ok": {"type": "boolean"},
+            "word": {"type": "string", "maxLength": 6}
+        },
+        "required": ["answer", "count", "ok"],
+        "additionalProperties": false
+    }"#;
+
+    /// Checks SCHEMA by hand.
+    fn check(json: &str, ctx: &str) {
+        let v: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{ctx}: not JSON ({e}): {json:?}"));
+        let o = v.as_object().unwrap_or_else(|| panic!("{ctx}: not an object: {json}"));
+        for k in o.keys() {
+            assert!(["answer", "count", "ok", "word"].contains(&k.as_str()), "{ctx}: extra key {k}: {json}");
+        }
+        let answer = o.get("answer").and_then(|a| a.as_str()).unwrap_or_else(|| panic!("{ctx}: answer: {json}"));
+        assert!(["yes", "no", "maybe"].contains(&answer), "{ctx}: answer {answer:?} not in the enum: {json}");
+        let count = o.get("count").and_then(|c| c.as_u64()).unwrap_or_else(|| panic!("{ctx}: count: {json}"));
+        assert!(count <= 9, "{ctx}: count {count}: {json}");
+        assert!(o.get("ok").is_some_and(|b| b.is_boolean()), "{ctx}: ok: {json}");
+        if let Some(w) = o.get("word") {
+            let w = w.as_str().unwrap_or_else(|| panic!("{ctx}: word: {json}"));
+            assert!(w.chars().count() <= 6, "{ctx}: word {w:?}: {json}");
+        }
+    }
+
+    /// The sampling flags each positive case runs under.
+    fn samplings() -> Vec<Vec<&'static str>> {
+        let mut v = vec![vec!["--temp", "0"]];
+        for seed in ["1", "2", "3"] {
+            v.push(vec!["--temp", "1", "--seed", seed]);
+        }
+        v
+    }
+
+    /// Runs `kiln run` on the synth Qwen2 with a raw prompt and `extra` flags.
+    fn run(extra: &[&str]) -> Output {
+        let m = qwen2();
+        kiln(&[&["run", "-m", m.as_str(), "--raw", "Answer:", "-n", "96"][..], extra].concat())
+    }
+
+    /// The generated text (stdout less its final newline) of a successful run ended by the
+    /// constraint, whose stderr reports the compile time of `kind`.
+    fn output(o: &Output, kind: &str, ctx: &str) -> String {
+        let err = stderr(o);
+        assert!(o.status.success(), "{ctx}: {err}");
+        assert!(err.contains("kiln: constraint vocabulary "), "{ctx}: {err}");
+        assert!(err.contains(&format!(" ms | {kind} compiled in ")), "{ctx}: {err}");
+        assert!(err.contains("stop: Stop"), "{ctx}: not ended by the constraint: {err}");
+        let out = stdout(o);
+        out.strip_suffix('\n').unwrap_or_else(|| panic!("{ctx}: no final newline: {out:?}")).to_string()
+    }
+
+    #[test]
+    fn run_json_schema_prints_json_meeting_the_schema() {
+        let schema = TmpFile::new("schema.json", SCHEMA);
+        for s in samplings() {
+            let ctx = format!("{s:?}");
+            let o = run(&[&["--json-schema", schema.path()][..], &s].concat());
+            let json = output(&o, "json_schema", &ctx);
+            check(&json, &ctx);
+            if s.len() > 2 {
+                // Seeded: the same output again.
+                let again = run(&[&["--json-schema", schema.path()][..], &s].concat());
+                assert_eq!(stdout(&again), stdout(&o), "{ctx}");
+            }
+        }
+    }
+
+    #[test]
+    fn run_grammar_gbnf_and_lark() {
+        let gbnf = TmpFile::new(
+            "yes-no.gbnf",
+            "# yes or no, a dot, three digits\nroot ::= (\"yes\" | \"no\") \".\" digit{3}\ndigit ::= [0-9]\n",
+        );
+        let lark = TmpFile::new("ab.lark", "%llguidance {}\nstart: \"a\"+ \"b\"\n");
+        for s in samplings() {
+            let ctx = format!("GBNF {s:?}");
+            let text = output(&run(&[&["--grammar", gbnf.path()][..], &s].concat()), "grammar", &ctx);
+            let rest = text.strip_prefix("yes").or_else(|| text.strip_prefix("no"));
+            let digits = rest.and_then(|r| r.strip_prefix('.'));
+            assert!(
+                digits.is_some_and(|d| d.len() == 3 && d.bytes().all(|b| b.is_ascii_digit())),
+                "{ctx}: {text:?} is not (yes|no).[0-9]{{3}}"
+            );
+            let ctx = format!("Lark {s:?}");
+            let text = output(&run(&[&["--grammar", lark.path()][..], &s].concat()), "lark grammar", &ctx);
+            let a = text.strip_suffix('b').unwrap_or_else(|| panic!("{ctx}: {text:?} is not a+b"));
+            assert!(!a.is_empty() && a.bytes().all(|b| b == b'a'), "{ctx}: {text:?} is not a+b");
+        }
+    }
+
+    /// A schema or grammar that cannot be enforced: a one-line error naming the file and the
+    /// reason, nothing on stdout.
+    #[test]
+    fn run_bad_schema_or_grammar_is_an_error() {
+        let cases: Vec<(&str, &str, &str, Vec<&str>)> = vec![
+            ("--json-schema", "objekt.json", r#"{"type": "objekt"}"#, vec!["the json_schema cannot be enforced: "]),
+            (
+                "--json-schema",
+                "unique.json",
+                r#"{"type": "array", "items": {"type": "integer"}, "uniqueItems": true}"#,
+                vec!["the json_schema cannot be enforced: ", "uniqueItems"],
+            ),
+            ("--json-schema", "notjson.json", "{\"type\": ", vec!["not JSON"]),
+            (
+                "--grammar",
+                "syntax.gbnf",
+                "root ::= \"a\" item\nitem ::= [a-z\n",
+                vec!["the grammar cannot be enforced: line 2, column 10: unterminated character class"],
+            ),
+            (
+                "--grammar",
+                "undefined.gbnf",
+                "root ::= \"x\" item\n",
+                vec!["the grammar cannot be enforced: line 1, column 14: undefined rule `item`"],
+            ),
+            ("--grammar", "noroot.gbnf", "item ::= \"x\"\n", vec!["the grammar cannot be enforced: ", "root"]),
+            ("--grammar", "bad.lark", "%llguidance {}\nstart: \"a\" nothing\n", vec!["cannot be enforced: "]),
+        ];
+        for (flag, name, text, needles) in cases {
+            let f = TmpFile::new(name, text);
+            let o = run(&[flag, f.path(), "--temp", "0"]);
+            assert_one_line_error(&o, needles[0]);
+            for n in &needles {
+                assert!(stderr(&o).contains(n), "{name}: {n:?} not in {}", stderr(&o));
+            }
+            assert!(stderr(&o).contains(f.path()), "{name}: the file is named: {}", stderr(&o));
+            assert_eq!(stdout(&o), "", "{name}: nothing generated");
+        }
+        // A file that is not there.
+        let gone = std::env::temp_dir().join(format!("kiln-cli-constrained-{}-missing.gbnf", std::process::id()));
+        let o = run(&["--grammar", gone.to_str().unwrap()]);
+        assert_one_line_error(&o, gone.to_str().unwrap());
+        assert_eq!(stdout(&o), "");
+    }
+
+    #[test]
+    fn run_json_schema_conflicts_with_grammar() {
+        let schema = TmpFile::new("schema.json", SCHEMA);
+        let gbnf = TmpFile::new("g.gbnf", "root ::= \"x\"\n");
+        let o = run(&["--json-schema", schema.path(), "--grammar", gbnf.path()]);
+        assert_one_line_error(&o, "cannot be used with");
+        assert!(stderr(&o).contains("--json-schema") && stderr(&o).contains("--grammar"), "{}", stderr(&o));
+        assert_eq!(stdout(&o), "");
+    }
+}

@@ -45,12 +45,21 @@ impl Model {
         Model::load_with(path, WeightPages::HugePages)
     }
 
-    /// Opens and validates `path`. The file stays memory-mapped (or its copy resident) for the rest
-    /// of the process: a model is loaded once and used until exit (CLI, server), which lets the
+    /// Opens and validates `path`, refusing weights with NaN or infinite values (see
+    /// [`Model::load_opts`]). The file stays memory-mapped (or its copy resident) for the rest of
+    /// the process: a model is loaded once and used until exit (CLI, server), which lets the
     /// weights borrow from it.
     pub fn load_with(path: &Path, pages: WeightPages) -> Result<Model> {
+        Model::load_opts(path, pages, false)
+    }
+
+    /// [`Model::load_with`], loading weights with NaN or infinite values too when
+    /// `allow_nonfinite` (`--allow-nonfinite`; a warning on stderr says which tensors).
+    /// Every tensor is scanned at load ([`kiln_model::scan_nonfinite`]: the float values, and the
+    /// scales of the quantized blocks, in parallel).
+    pub fn load_opts(path: &Path, pages: WeightPages, allow_nonfinite: bool) -> Result<Model> {
         let t0 = std::time::Instant::now();
-        let mut gguf = GgufFile::open(path).with_context(|| format!("{}", path.display()))?;
+        let mut gguf = Model::open_gguf(path)?;
         let tokenizer = Tokenizer::from_gguf(&gguf).with_context(|| format!("{}: tokenizer", path.display()))?;
         let bos = tokenizer.bos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
         let eos = tokenizer.eos().and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
@@ -61,20 +70,30 @@ impl Model {
         // of the run.
         gguf.release_arrays_longer_than(1024);
         gguf.release_header_pages();
-        let mut interleaved = Vec::new();
+        let mut copied = false;
         if pages == WeightPages::HugePages {
             // The map holds the same bytes: a failed copy (memory, I/O) costs speed, not the run.
             match gguf.copy_data_to_huge_pages() {
-                // The copy is private: the generation kernels' row-interleaved layout is made in
-                // place (same bytes, same results, faster generation).
-                Ok(true) => {
-                    interleaved =
-                        kiln_model::interleave_matrices(&mut gguf).with_context(|| format!("{}", path.display()))?
-                }
-                Ok(false) => {}
+                Ok(c) => copied = c,
                 Err(e) => eprintln!("kiln: reading the weights from the file's map ({e})"),
             }
         }
+        // Scanned where the weights will be read from (the copy, or the map), and before the
+        // interleaving below rearranges blocks (the scan reads the file's block layout).
+        let nonfinite = kiln_model::scan_nonfinite(&gguf);
+        if !nonfinite.is_clean() {
+            if !allow_nonfinite {
+                anyhow::bail!("{}: {nonfinite}; --allow-nonfinite to load anyway", path.display());
+            }
+            eprintln!("kiln: warning: {}: {nonfinite}; loading anyway (--allow-nonfinite)", path.display());
+        }
+        // The copy is private: the generation kernels' row-interleaved layout is made in place
+        // (same bytes, same results, faster generation).
+        let interleaved = if copied {
+            kiln_model::interleave_matrices(&mut gguf).with_context(|| format!("{}", path.display()))?
+        } else {
+            Vec::new()
+        };
         let gguf: &'static GgufFile = Box::leak(Box::new(gguf));
         let weights =
             ModelWeights::load_interleaved(gguf, &interleaved).with_context(|| format!("{}", path.display()))?;
@@ -95,6 +114,26 @@ impl Model {
             load_seconds: t0.elapsed().as_secs_f64(),
             constraints: OnceLock::new(),
         })
+    }
+
+    /// Opens `path` as a GGUF file, with errors that name the file once (OS errors name it
+    /// themselves; errors about the contents get it in front).
+    pub fn open_gguf(path: &Path) -> Result<GgufFile> {
+        GgufFile::open(path).map_err(|e| match e.path() {
+            Some(_) => anyhow::Error::new(e),
+            None => anyhow::Error::new(e).context(path.display().to_string()),
+        })
+    }
+
+    /// Whether the file the weights are read from is still the one loaded: an error naming what
+    /// changed (truncated, resized, modified in place, replaced, removed) when the weights come
+    /// from the file's map ([`WeightPages::Mapped`]); always `Ok` for a private copy, which the
+    /// file can no longer affect. A long-lived process (the server, `kiln chat`) calls it before
+    /// each request, so a rewritten file is reported instead of silently producing garbage; a
+    /// truncation met during a forward pass ends the process with one line (SIGBUS handler,
+    /// [`kiln_gguf::sigbus`]).
+    pub fn check_file_unchanged(&self) -> Result<()> {
+        Ok(self.gguf.check_unchanged()?)
     }
 
     /// The compiler of output constraints for this model's vocabulary (built on first use).

@@ -12,9 +12,23 @@
 //!
 //! The scheduler knows nothing about HTTP: requests come in over a channel and results go out
 //! through each request's [`EventSink`].
+//!
+//! Admission is counted, not left to the channel: a submitter takes a [`Place`] from
+//! [`SchedulerStats::try_enter`] (refused once `slots + queue` requests are running or waiting),
+//! and the place is given back when the request is dropped or its client goes away, whichever
+//! comes first. The scheduler moves arrivals into its own wait list at every step (and every 50 ms
+//! while idle) and drops the waiting requests whose client is gone, so a vanished client neither
+//! keeps a place nor gets a slot.
+//!
+//! A panic inside the scheduler (a bug, or a size that slipped through) fails every request it
+//! holds with an error event, records the reason in [`SchedulerStats::failure`] and ends
+//! [`Scheduler::run`], so that whoever serves can report it instead of hanging.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_model::{forward_batch, KvCache, Logits, Precision, SeqStep, Workspace};
@@ -43,6 +57,8 @@ pub struct Request {
     pub sink: Box<dyn EventSink>,
     /// When the request was queued (for queue time).
     pub submitted: Instant,
+    /// The request's place among those running or waiting; given back when the request is dropped.
+    pub place: Place,
 }
 
 /// The receiving end of a request's events, e.g. a channel to an HTTP handler.
@@ -72,6 +88,10 @@ pub struct TokenLogprob {
     pub token: u32,
     /// The token's bytes (a piece of a multi-byte character may not be valid UTF-8 alone).
     pub bytes: Vec<u8>,
+    /// What the token added to the output text: its bytes as decoded in place (empty for the
+    /// first bytes of a character another token completes, which then carries the character;
+    /// without a first-token space the tokenizer drops). The texts of all tokens make the output.
+    pub text: String,
     /// Natural-log probability under the model's distribution (softmax of the raw logits).
     pub logprob: f32,
     /// The most likely tokens at this position, most likely first, as (token, bytes, logprob).
@@ -108,17 +128,25 @@ pub struct SchedulerConfig {
     /// Context (KV cache positions) of each slot.
     pub n_ctx: usize,
     pub precision: Precision,
-    /// Most prompt tokens evaluated in one step over all slots. A long prompt is read in chunks so
-    /// the sequences already generating are not stalled for the whole prompt.
+    /// Most prompt tokens evaluated in one step over all slots, when no sequence is generating
+    /// (at least [`MIN_CHUNK`]). While others generate, a step reads fewer (see [`Pace`]), so a
+    /// long prompt is read in chunks between their tokens instead of stalling them.
     pub prefill_budget: usize,
 }
+
+/// The fewest prompt tokens read in one step (unless the prompt is shorter). From this many
+/// tokens a step's rows take the prompt (matrix-matrix) kernels, whose result for a token does not
+/// depend on how many tokens share the step; a shorter chunk would take the generation kernels and
+/// give the prompt other bits than reading it whole (as `kiln run` does).
+pub const MIN_CHUNK: usize = kiln_quant::gemm::MIN_TOKENS;
 
 /// Counters the scheduler keeps up to date, read by whoever reports metrics.
 #[derive(Debug, Default)]
 pub struct SchedulerStats {
-    /// Requests submitted but not yet taken into a slot. The submitter increments it before
-    /// sending; the scheduler decrements it when it takes the request off the channel.
+    /// Requests that hold a [`Place`] but no slot yet: exactly those waiting.
     pub queued: AtomicUsize,
+    /// Requests that hold a [`Place`]: running or waiting.
+    pub in_system: AtomicUsize,
     /// Slots holding a running request.
     pub active: AtomicUsize,
     pub prompt_tokens_evaluated: AtomicU64,
@@ -127,12 +155,101 @@ pub struct SchedulerStats {
     pub steps: AtomicU64,
     /// Time spent in forward steps, in microseconds.
     pub busy_micros: AtomicU64,
+    /// Set when the scheduler died (a panic): why. It serves nothing after that.
+    pub failure: OnceLock<String>,
+}
+
+impl SchedulerStats {
+    /// Takes a place for a new request if fewer than `capacity` requests are running or waiting;
+    /// `None` when the system is full or the scheduler has failed.
+    pub fn try_enter(self: &Arc<Self>, capacity: usize) -> Option<Place> {
+        if self.failure.get().is_some() {
+            return None;
+        }
+        self.in_system.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < capacity).then_some(n + 1)).ok()?;
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        Some(Place(Arc::new(PlaceState { stats: self.clone(), state: AtomicU8::new(WAITING) })))
+    }
+
+    /// Why the scheduler died, once it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+}
+
+const WAITING: u8 = 0;
+const RUNNING: u8 = 1;
+const LEFT: u8 = 2;
+
+/// A request's place in the system, counted in [`SchedulerStats::in_system`] (and in
+/// [`SchedulerStats::queued`] until it gets a slot). Its handles ([`Place::share`]) are held by the
+/// request and by whoever waits for the request's events: the place is given back as soon as the
+/// first of them is dropped, so a client that goes away frees its place at once, and a request
+/// that ends (finished, failed, refused, dropped while waiting) frees it on every path.
+pub struct Place(Arc<PlaceState>);
+
+struct PlaceState {
+    stats: Arc<SchedulerStats>,
+    state: AtomicU8,
+}
+
+impl Place {
+    /// Another handle on the same place.
+    pub fn share(&self) -> Place {
+        Place(self.0.clone())
+    }
+
+    /// Whether the place was given back (a handle was dropped).
+    pub fn is_gone(&self) -> bool {
+        self.0.state.load(Ordering::SeqCst) == LEFT
+    }
+
+    /// The request got a slot: it no longer counts as queued. `false` when the place was given
+    /// back already (the client left).
+    fn start(&self) -> bool {
+        let ok = self.0.state.compare_exchange(WAITING, RUNNING, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        if ok {
+            self.0.stats.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        ok
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let s = &self.0.stats;
+        match self.0.state.swap(LEFT, Ordering::SeqCst) {
+            WAITING => {
+                s.queued.fetch_sub(1, Ordering::SeqCst);
+                s.in_system.fetch_sub(1, Ordering::SeqCst);
+            }
+            RUNNING => {
+                s.in_system.fetch_sub(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl std::fmt::Debug for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.0.state.load(Ordering::SeqCst) {
+            WAITING => "waiting",
+            RUNNING => "running",
+            _ => "left",
+        };
+        f.debug_tuple("Place").field(&state).finish()
+    }
 }
 
 struct Slot<'m> {
     cache: KvCache,
     /// Tokens whose keys and values are in `cache`, in order.
     tokens: Vec<u32>,
+    /// How many leading `tokens` were computed by the prompt kernels (chunks of at least
+    /// [`MIN_CHUNK`]); the rest by the generation kernels. A cached position is reused only where
+    /// a fresh computation of the new prompt would take the same kernels ([`reusable`]).
+    prompt_kernel_len: usize,
     /// Tokens to feed at the next step.
     feed: Vec<u32>,
     /// Step counter value when the slot was last used (least recently used wins ties).
@@ -160,9 +277,76 @@ pub struct Scheduler<'m> {
     model: &'m Model,
     cfg: SchedulerConfig,
     slots: Vec<Slot<'m>>,
+    /// Requests taken off the channel that wait for a slot, oldest first.
+    waiting: VecDeque<Request>,
     ws: Workspace,
     step_no: u64,
-    stats: std::sync::Arc<SchedulerStats>,
+    pace: Pace,
+    stats: Arc<SchedulerStats>,
+}
+
+/// Recent step times, from which the prompt work of a step that others generate in is sized.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Seconds of a step without prompt tokens.
+    decode_secs: Option<f64>,
+    /// Seconds one prompt token adds to a step.
+    prompt_token_secs: Option<f64>,
+}
+
+impl Pace {
+    /// Weight of the newest step in the running averages.
+    const NEW: f64 = 0.25;
+    /// Prompt work a step may add while others generate, in decode steps: their gap between
+    /// tokens stays under 3× its unloaded value (the bar is 4×, with room for noise).
+    const EXTRA: f64 = 2.0;
+
+    fn record(&mut self, prompt_tokens: usize, decode_tokens: usize, secs: f64) {
+        let avg = |v: &mut Option<f64>, x: f64| *v = Some(v.map_or(x, |v| v + Self::NEW * (x - v)));
+        if prompt_tokens == 0 {
+            avg(&mut self.decode_secs, secs);
+        } else {
+            let base = if decode_tokens > 0 { self.decode_secs.unwrap_or(0.0) } else { 0.0 };
+            avg(&mut self.prompt_token_secs, (secs - base).max(0.0) / prompt_tokens as f64);
+        }
+    }
+
+    /// Prompt tokens for a step in which other sequences generate: about as many as take
+    /// [`Pace::EXTRA`] times a step without them, so that the gap between those sequences'
+    /// tokens stays near `1 + EXTRA` times its unloaded value while a long prompt is read. At least
+    /// [`MIN_CHUNK`] (smaller chunks would change the prompt's results, and the prompt kernels
+    /// cost a fixed time per step, so the gap may be longer), at most `max`; [`MIN_CHUNK`] until
+    /// measured.
+    fn budget(&self, max: usize) -> usize {
+        let max = max.max(MIN_CHUNK);
+        let n = match (self.decode_secs, self.prompt_token_secs) {
+            (Some(d), Some(c)) if c > 0.0 => (Self::EXTRA * d / c).min(max as f64) as usize,
+            (Some(_), Some(_)) => max,
+            _ => MIN_CHUNK,
+        };
+        n.clamp(MIN_CHUNK, max)
+    }
+}
+
+/// Prompt tokens to read now out of `left`, within `budget`: 0 (wait for the next step) or a chunk
+/// of at least [`MIN_CHUNK`] that leaves 0 or at least [`MIN_CHUNK`] tokens, so that every token of
+/// the prompt is computed by the same kernels as when the prompt is read whole (a prompt shorter
+/// than [`MIN_CHUNK`] is read whole). May exceed `budget` by less than [`MIN_CHUNK`] rather than
+/// leave a short tail.
+fn prompt_chunk(left: usize, budget: usize) -> usize {
+    if left <= budget {
+        return left;
+    }
+    if budget < MIN_CHUNK {
+        return 0;
+    }
+    if left - budget >= MIN_CHUNK {
+        budget
+    } else if left >= 2 * MIN_CHUNK {
+        left - MIN_CHUNK
+    } else {
+        left
+    }
 }
 
 /// Why a sequence leaves its slot.
@@ -174,17 +358,27 @@ enum Exit {
 }
 
 impl<'m> Scheduler<'m> {
-    pub fn new(model: &'m Model, cfg: SchedulerConfig, stats: std::sync::Arc<SchedulerStats>) -> Scheduler<'m> {
+    pub fn new(model: &'m Model, cfg: SchedulerConfig, stats: Arc<SchedulerStats>) -> Scheduler<'m> {
         let slots = (0..cfg.n_slots.max(1))
             .map(|_| Slot {
                 cache: KvCache::new(&model.weights.cfg, cfg.n_ctx),
                 tokens: Vec::new(),
+                prompt_kernel_len: 0,
                 feed: Vec::new(),
                 last_used: 0,
                 seq: None,
             })
             .collect();
-        Scheduler { model, cfg, slots, ws: Workspace::default(), step_no: 0, stats }
+        Scheduler {
+            model,
+            cfg,
+            slots,
+            waiting: VecDeque::new(),
+            ws: Workspace::default(),
+            step_no: 0,
+            pace: Pace::default(),
+            stats,
+        }
     }
 
     pub fn n_active(&self) -> usize {
@@ -196,46 +390,66 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Takes requests from `rx` into free slots and steps until `rx` is closed and every slot is
-    /// idle, or until `cancel` is set (then running and queued requests end as cancelled).
+    /// idle, or until `cancel` is set (then running and queued requests end as cancelled). A panic
+    /// inside ends it too: every request held fails with an error event and
+    /// [`SchedulerStats::failure`] tells why.
     pub fn run(&mut self, rx: &Receiver<Request>, cancel: &AtomicBool) {
+        // Unwind safety: after a panic nothing of the scheduler is used but its requests' sinks,
+        // to tell each that it failed.
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve(rx, cancel))) {
+            let reason = panic_message(panic.as_ref());
+            self.fail_all(rx, &reason);
+        }
+    }
+
+    fn serve(&mut self, rx: &Receiver<Request>, cancel: &AtomicBool) {
         let mut open = true;
         loop {
             if cancel.load(Ordering::SeqCst) {
                 self.cancel_all();
-                while let Ok(mut r) = rx.try_recv() {
-                    self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                    r.sink.send(Event::Error("the server is shutting down".into()));
+                for mut r in self.waiting.drain(..).chain(rx.try_iter()) {
+                    if !r.place.is_gone() {
+                        r.sink.send(Event::Error("the server is shutting down".into()));
+                    }
                 }
                 return;
             }
-            while open && self.has_free_slot() {
-                let got = if self.n_active() == 0 {
-                    // Idle: wait, but wake up now and then to see the cancel flag.
-                    match rx.recv_timeout(Duration::from_millis(50)) {
-                        Ok(r) => Some(r),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => {
-                            open = false;
-                            None
-                        }
-                    }
-                } else {
-                    match rx.try_recv() {
-                        Ok(r) => Some(r),
-                        Err(TryRecvError::Empty) => None,
-                        Err(TryRecvError::Disconnected) => {
-                            open = false;
-                            None
-                        }
-                    }
-                };
-                let Some(r) = got else { break };
-                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                // A slot is free, so the request is never handed back.
-                let _ = self.admit(r);
+            if open && self.n_active() == 0 && self.waiting.is_empty() {
+                // Idle: wait, but wake up now and then to see the cancel flag.
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(r) => self.waiting.push_back(r),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => open = false,
+                }
+            }
+            while open {
+                match rx.try_recv() {
+                    Ok(r) => self.waiting.push_back(r),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            // A waiting request whose client went away leaves now (dropping it gives back its
+            // place), not when a slot frees up.
+            self.waiting.retain(|r| !r.place.is_gone() && !r.sink.is_closed());
+            // With `--mmap` the weights are the file's pages: a file changed since it was opened
+            // can no longer be trusted (a truncation would end the process with SIGBUS). Stop
+            // loudly instead of serving garbage; without `--mmap` the check always passes.
+            if !self.waiting.is_empty() {
+                if let Err(e) = self.model.check_file_unchanged() {
+                    self.fail_all(rx, &format!("{e:#}"));
+                    return;
+                }
+            }
+            while self.has_free_slot() {
+                let Some(r) = self.waiting.pop_front() else { break };
+                if let Err(r) = self.admit(r) {
+                    self.waiting.push_front(*r);
+                    break;
+                }
             }
             if self.n_active() == 0 {
-                if !open {
+                if !open && self.waiting.is_empty() {
                     return;
                 }
                 continue;
@@ -244,11 +458,49 @@ impl<'m> Scheduler<'m> {
         }
     }
 
+    /// After a panic: records why, and fails every request held (running, waiting, sent).
+    fn fail_all(&mut self, rx: &Receiver<Request>, reason: &str) {
+        let _ = self.stats.failure.set(reason.to_string());
+        let msg = format!("the scheduler failed: {reason}");
+        let running: Vec<Request> = self.slots.iter_mut().filter_map(|s| s.seq.take()).map(|s| s.req).collect();
+        self.stats.active.store(0, Ordering::SeqCst);
+        for mut r in running.into_iter().chain(self.waiting.drain(..)).chain(rx.try_iter()) {
+            let ev = Event::Error(msg.clone());
+            // A sink that panics (perhaps the cause) must not keep the others from their error.
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || r.sink.send(ev)));
+        }
+    }
+
+    /// How many of `prompt`'s leading tokens `slot`'s cache can give with the prompt's logits
+    /// bit-identical to a fresh computation (a request alone on a new slot, or `kiln run`). A fresh
+    /// prompt of at least [`MIN_CHUNK`] tokens is read by the prompt kernels (in chunks of at
+    /// least [`MIN_CHUNK`]); a shorter one by the generation kernels, whose results do not depend
+    /// on the chunking. The two round differently, so a cached position is reused only if it was
+    /// computed by the kernels a fresh computation would use, and the part left to read must be
+    /// long enough to take them too. Generated tokens (generation kernels) are therefore reused
+    /// only by prompts too short for the prompt kernels. At least one token is always read, to
+    /// produce logits.
+    fn reusable(&self, slot: &Slot<'_>, prompt: &[u32]) -> usize {
+        let common = common_prefix(&slot.tokens, prompt).min(prompt.len().saturating_sub(1));
+        if self.cfg.precision == Precision::Exact {
+            // One path for every chunk size: anything cached is exact.
+            return common;
+        }
+        if kiln_quant::matmul::uses_gemm(prompt.len()) {
+            common.min(slot.prompt_kernel_len).min(prompt.len() - MIN_CHUNK)
+        } else if slot.prompt_kernel_len == 0 {
+            common
+        } else {
+            // Leading positions came from the prompt kernels: a short prompt reads them anew.
+            0
+        }
+    }
+
     /// Puts `req` into the free slot sharing the longest prefix with its prompt. Returns the
     /// request back when no slot is free.
     pub fn admit(&mut self, mut req: Request) -> Result<(), Box<Request>> {
         let n_ctx = self.cfg.n_ctx;
-        if req.sink.is_closed() {
+        if req.sink.is_closed() || req.place.is_gone() {
             return Ok(());
         }
         if req.prompt.is_empty() {
@@ -276,14 +528,17 @@ impl<'m> Scheduler<'m> {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.seq.is_none())
-            .map(|(i, s)| (common_prefix(&s.tokens, &req.prompt), std::cmp::Reverse(s.last_used), i))
+            .map(|(i, s)| (self.reusable(s, &req.prompt), std::cmp::Reverse(s.last_used), i))
             .max();
-        let Some((common, _, i)) = best else { return Err(Box::new(req)) };
-        // At least one prompt token must run to produce logits.
-        let keep = common.min(req.prompt.len() - 1);
+        let Some((keep, _, i)) = best else { return Err(Box::new(req)) };
+        if !req.place.start() {
+            // The client left meanwhile.
+            return Ok(());
+        }
         let slot = &mut self.slots[i];
         slot.cache.truncate(keep);
         slot.tokens.truncate(keep);
+        slot.prompt_kernel_len = slot.prompt_kernel_len.min(keep);
         slot.feed.clear();
         let mut sampler = Sampler::new(req.params.clone());
         for &t in &req.prompt {
@@ -324,20 +579,35 @@ impl<'m> Scheduler<'m> {
             }
         }
         // Choose what each slot feeds: a generating sequence its last token (already in `feed`),
-        // a reading one the next chunk of its prompt within the step's budget.
-        let mut budget = self.cfg.prefill_budget.max(1);
+        // a reading one the next chunk of its prompt within the step's budget. While others
+        // generate, the budget is what keeps their gap between tokens short.
+        let generating = self.slots.iter().any(|s| s.seq.as_ref().is_some_and(|q| q.prompt_left.is_empty()));
+        let max = self.cfg.prefill_budget.max(MIN_CHUNK);
+        let mut budget = if generating { self.pace.budget(max) } else { max };
         let mut produces = vec![false; self.slots.len()];
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            let Some(seq) = slot.seq.as_mut() else { continue };
+        let (mut prompt_fed, mut decode_fed) = (0, 0);
+        let mut reading = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Some(seq) = slot.seq.as_ref() else { continue };
             if seq.prompt_left.is_empty() {
                 produces[i] = !slot.feed.is_empty();
+                decode_fed += slot.feed.len();
+            } else {
+                reading.push((seq.prompt_left.len(), i));
+            }
+        }
+        // Shortest prompt first: a short prompt behind a long one gets its first token at once
+        // instead of after the whole long prompt (the long one loses a step per short one).
+        reading.sort_unstable();
+        for (_, i) in reading {
+            let slot = &mut self.slots[i];
+            let Some(seq) = slot.seq.as_mut() else { continue };
+            let n = prompt_chunk(seq.prompt_left.len(), budget);
+            if n == 0 {
                 continue;
             }
-            if budget == 0 {
-                continue;
-            }
-            let n = seq.prompt_left.len().min(budget);
-            budget -= n;
+            budget = budget.saturating_sub(n);
+            prompt_fed += n;
             slot.feed = seq.prompt_left.drain(..n).collect();
             produces[i] = seq.prompt_left.is_empty();
         }
@@ -386,7 +656,9 @@ impl<'m> Scheduler<'m> {
                 r
             })
         };
-        self.stats.busy_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let took = t0.elapsed();
+        self.pace.record(prompt_fed, decode_fed, took.as_secs_f64());
+        self.stats.busy_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let all_logits = match result {
             Ok(l) => l,
@@ -405,6 +677,10 @@ impl<'m> Scheduler<'m> {
             slot.last_used = self.step_no;
             if slot.seq.as_ref().is_some_and(|s| s.generated == 0) {
                 self.stats.prompt_tokens_evaluated.fetch_add(fed.len() as u64, Ordering::Relaxed);
+            }
+            // Prompt kernels for a chunk this long; contiguous runs only (reuse is by prefix).
+            if kiln_quant::matmul::uses_gemm(fed.len()) && slot.prompt_kernel_len == slot.tokens.len() {
+                slot.prompt_kernel_len += fed.len();
             }
             slot.tokens.extend_from_slice(&fed);
             if !produces[i] {
@@ -443,15 +719,17 @@ impl<'m> Scheduler<'m> {
         }
         seq.generated += 1;
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let text = match seq.decoder.push(next) {
+            Ok(text) => text,
+            Err(e) => return Some(Exit::Failed(format!("decoding token {next}: {e}"))),
+        };
         if let Some((logprob, top)) = lp {
             let piece = |t: u32| tok.token_to_piece(t).unwrap_or_default();
             let top = top.into_iter().map(|(t, l)| (t, piece(t), l)).collect();
-            seq.logprobs.push(TokenLogprob { token: next, bytes: piece(next), logprob: logprob[next as usize], top });
+            let (bytes, logprob) = (piece(next), logprob[next as usize]);
+            seq.logprobs.push(TokenLogprob { token: next, bytes, text: text.clone(), logprob, top });
         }
-        match seq.decoder.push(next) {
-            Ok(text) => seq.pending.push_str(&text),
-            Err(e) => return Some(Exit::Failed(format!("decoding token {next}: {e}"))),
-        }
+        seq.pending.push_str(&text);
         if let Some(cut) = find_stop(&seq.pending, &seq.req.stop) {
             seq.pending.truncate(cut);
             if !flush(seq, cut) {
@@ -485,6 +763,7 @@ impl<'m> Scheduler<'m> {
                 // The cache may be half-written for this sequence: forget it.
                 slot.cache.clear();
                 slot.tokens.clear();
+                slot.prompt_kernel_len = 0;
                 seq.req.sink.send(Event::Error(msg));
             }
             Exit::Finished(reason) => {
@@ -527,6 +806,15 @@ impl<'m> Scheduler<'m> {
     }
 }
 
+/// The message of a panic payload (`panic!` gives a `&str` or a `String`).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".into(),
+    }
+}
+
 /// Sends `seq.pending[..upto]` (and the log-probabilities gathered so far) and removes it from
 /// `pending`. Returns `false` when the listener is gone.
 fn flush(seq: &mut Sequence<'_>, upto: usize) -> bool {
@@ -561,6 +849,8 @@ fn token_logprobs(logits: &[f32], k: usize) -> (Vec<f32>, Vec<(u32, f32)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc::channel;
+    use std::sync::Mutex;
 
     #[test]
     fn stop_helpers_and_prefix() {
@@ -573,7 +863,9 @@ mod tests {
         assert_eq!(common_prefix(&[], &[1]), 0);
     }
 
-    struct Collect(std::sync::Arc<std::sync::Mutex<Vec<Event>>>);
+    type Log = Arc<Mutex<Vec<Event>>>;
+
+    struct Collect(Log);
 
     impl EventSink for Collect {
         fn send(&mut self, event: Event) -> bool {
@@ -585,19 +877,100 @@ mod tests {
         }
     }
 
-    /// Prompts read in 5-token chunks alongside other sequences' decoding, and a second round that
-    /// reuses the slots' cached prefixes, give exactly the greedy text of a lone Session.
+    /// A sink that records when the scheduler drops it.
+    struct Watched(Arc<AtomicBool>);
+
+    impl EventSink for Watched {
+        fn send(&mut self, _: Event) -> bool {
+            true
+        }
+        fn is_closed(&self) -> bool {
+            false
+        }
+    }
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A sink whose listener breaks: it panics on the first generated text.
+    struct Explodes;
+
+    impl EventSink for Explodes {
+        fn send(&mut self, event: Event) -> bool {
+            if let Event::Delta { .. } = event {
+                panic!("the sink exploded");
+            }
+            true
+        }
+        fn is_closed(&self) -> bool {
+            false
+        }
+    }
+
+    fn synth(name: &str) -> Model {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../../../shared/models/synth/synth-tiny-{name}.gguf"));
+        Model::load(&path).expect("synth model")
+    }
+
+    fn config(n_slots: usize, prefill_budget: usize) -> SchedulerConfig {
+        SchedulerConfig { n_slots, n_ctx: 256, precision: Precision::Fast, prefill_budget }
+    }
+
+    /// A greedy request whose events go to a log; it holds a place of `stats`.
+    fn request(stats: &Arc<SchedulerStats>, prompt: &[u32], max_tokens: usize, sink: Box<dyn EventSink>) -> Request {
+        Request {
+            prompt: prompt.to_vec(),
+            params: SamplingParams::greedy(),
+            max_tokens,
+            stop: vec![],
+            stop_at_eog: false,
+            logprobs: Some(0),
+            constraint: None,
+            sink,
+            submitted: Instant::now(),
+            place: stats.try_enter(usize::MAX).expect("a place"),
+        }
+    }
+
+    fn logged(stats: &Arc<SchedulerStats>, prompt: &[u32], max_tokens: usize) -> (Request, Log) {
+        let log = Log::default();
+        (request(stats, prompt, max_tokens, Box::new(Collect(log.clone()))), log)
+    }
+
+    fn text(log: &Log) -> String {
+        let ev = log.lock().unwrap();
+        ev.iter().filter_map(|e| if let Event::Delta { text, .. } = e { Some(text.as_str()) } else { None }).collect()
+    }
+
+    /// The bits of every generated token's log-probability.
+    fn logprob_bits(log: &Log) -> Vec<(u32, u32)> {
+        let ev = log.lock().unwrap();
+        ev.iter()
+            .filter_map(|e| if let Event::Delta { logprobs, .. } = e { Some(logprobs) } else { None })
+            .flatten()
+            .map(|t| (t.token, t.logprob.to_bits()))
+            .collect()
+    }
+
+    /// Prompts read in chunks alongside other sequences' decoding, and a second round that reuses
+    /// the slots' cached prefixes, give exactly the greedy text of a lone Session.
     #[test]
     fn chunked_prefill_and_prefix_reuse_match_session() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/synth/synth-tiny-Q4_K.gguf");
-        let model = Model::load(&path).expect("synth model");
-        let cfg = SchedulerConfig { n_slots: 3, n_ctx: 256, precision: Precision::Fast, prefill_budget: 5 };
-        let stats = std::sync::Arc::new(SchedulerStats::default());
-        let mut sched = Scheduler::new(&model, cfg, stats.clone());
-        let texts =
-            ["The quick brown fox jumps over the lazy dog", "a b c d e f g h i j k", "Once upon a time, far away"];
+        let model = synth("Q4_K");
+        let stats = Arc::new(SchedulerStats::default());
+        let mut sched = Scheduler::new(&model, config(3, 5), stats.clone());
+        let texts = [
+            "The quick brown fox jumps over the lazy dog, and then the dog chases the fox around the yard twice",
+            "a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P",
+            "Once upon a time, far away",
+        ];
         let prompts: Vec<Vec<u32>> = texts.iter().map(|t| model.tokenizer.encode(t, true, false).unwrap()).collect();
+        // Longer than one chunk: read in pieces.
+        assert!(prompts[0].len() > 2 * MIN_CHUNK && prompts[1].len() > 2 * MIN_CHUNK, "{prompts:?}");
         let want: Vec<String> = prompts
             .iter()
             .map(|p| {
@@ -607,39 +980,263 @@ mod tests {
             })
             .collect();
         for round in 0..2 {
-            let logs: Vec<_> = prompts
+            let logs: Vec<Log> = prompts
                 .iter()
                 .map(|p| {
-                    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-                    let req = Request {
-                        prompt: p.clone(),
-                        params: SamplingParams::greedy(),
-                        max_tokens: 20,
-                        stop: vec![],
-                        stop_at_eog: false,
-                        logprobs: None,
-                        constraint: None,
-                        sink: Box::new(Collect(log.clone())),
-                        submitted: Instant::now(),
-                    };
+                    let (req, log) = logged(&stats, p, 20);
                     assert!(sched.admit(req).is_ok());
                     log
                 })
                 .collect();
             while sched.step() > 0 {}
             for (i, log) in logs.iter().enumerate() {
+                assert_eq!(text(log), want[i], "round {round}, prompt {i}");
                 let ev = log.lock().unwrap();
-                let text: String = ev
-                    .iter()
-                    .filter_map(|e| if let Event::Delta { text, .. } = e { Some(text.as_str()) } else { None })
-                    .collect();
-                assert_eq!(text, want[i], "round {round}, prompt {i}");
                 let Some(Event::Done(f)) = ev.last() else { panic!("no Done: {ev:?}") };
                 assert_eq!((f.reason, f.completion_tokens), (FinishReason::Length, 20));
-                // Round 2 finds each prompt in the slot it used before (all but its last token).
-                assert_eq!(f.cached_tokens, if round == 0 { 0 } else { prompts[i].len() - 1 }, "round {round}");
+                // Round 2 finds each prompt in the slot it used before: all but the last
+                // MIN_CHUNK tokens of a prompt read by the prompt kernels, all but the last token
+                // of a shorter one.
+                let n = prompts[i].len();
+                let cached = if n >= MIN_CHUNK { n - MIN_CHUNK } else { n - 1 };
+                assert_eq!(f.cached_tokens, if round == 0 { 0 } else { cached }, "round {round}");
             }
         }
+        // Every request gave its place back.
+        assert_eq!(stats.in_system.load(Ordering::SeqCst), 0);
+        assert_eq!(stats.queued.load(Ordering::SeqCst), 0);
+    }
+
+    /// Prefix-cache reuse never changes a result: the same prompt again, and the next turn of a
+    /// conversation (the previous prompt, its answer and more), give the log-probabilities, bit
+    /// for bit, of the same prompt on a fresh scheduler — whether the prompt is long enough for
+    /// the prompt kernels or not.
+    #[test]
+    fn prefix_reuse_gives_the_bits_of_a_fresh_computation() {
+        let model = synth("Q4_K");
+        let stats = Arc::new(SchedulerStats::default());
+        let run = |sched: &mut Scheduler<'_>, prompt: &[u32]| {
+            let (req, log) = logged(&stats, prompt, 12);
+            assert!(sched.admit(req).is_ok());
+            while sched.step() > 0 {}
+            let ev = log.lock().unwrap();
+            let Some(Event::Done(f)) = ev.last() else { panic!("no Done: {ev:?}") };
+            let (cached, tokens) = (f.cached_tokens, f.completion_tokens);
+            drop(ev);
+            (logprob_bits(&log), cached, tokens)
+        };
+        for len in [6usize, 40] {
+            let first: Vec<u32> = (0..len as u32).map(|i| (i * 37 + 5) % 1000).collect();
+            let mut warm = Scheduler::new(&model, config(1, 64), stats.clone());
+            let (lp1, _, _) = run(&mut warm, &first);
+            // The same prompt again, from the cache.
+            let (again, cached, _) = run(&mut warm, &first);
+            assert_eq!(again, lp1, "len {len}: the same prompt from the cache");
+            assert!(cached > 0, "len {len}: nothing was reused");
+            // The next turn: the previous prompt, its answer, and a few more tokens.
+            let mut next = first.clone();
+            next.extend(lp1.iter().map(|t| t.0));
+            next.extend([17, 99, 311]);
+            let (turn2, _, _) = run(&mut warm, &next);
+            let mut fresh = Scheduler::new(&model, config(1, 64), stats.clone());
+            let (want, cached, _) = run(&mut fresh, &next);
+            assert_eq!(cached, 0);
+            assert_eq!(turn2, want, "len {len}: the next turn from the cache");
+        }
+    }
+
+    /// A long prompt read 16 tokens a step beside a generating sequence gives both sequences the
+    /// log-probabilities, bit for bit, that they get alone with the prompt read in one step.
+    #[test]
+    fn chunked_prompt_gives_the_bits_of_a_whole_prompt() {
+        let model = synth("Q8_0");
+        let stats = Arc::new(SchedulerStats::default());
+        let short: Vec<u32> = (0..5).map(|i| (i * 13 + 3) % 1000).collect();
+        let long: Vec<u32> = (0..101).map(|i| (i * 37 + 5) % 1000).collect();
+        let alone = |prompt: &[u32], n: usize| {
+            let mut sched = Scheduler::new(&model, config(1, 512), stats.clone());
+            let (req, log) = logged(&stats, prompt, n);
+            assert!(sched.admit(req).is_ok());
+            while sched.step() > 0 {}
+            logprob_bits(&log)
+        };
+        let (want_short, want_long) = (alone(&short, 60), alone(&long, 10));
+        let mut sched = Scheduler::new(&model, config(2, MIN_CHUNK), stats.clone());
+        let (a, log_a) = logged(&stats, &short, 60);
+        assert!(sched.admit(a).is_ok());
+        for _ in 0..3 {
+            sched.step();
+        }
+        let (b, log_b) = logged(&stats, &long, 10);
+        assert!(sched.admit(b).is_ok());
+        let mut steps_to_first = 0;
+        while logprob_bits(&log_b).is_empty() {
+            sched.step();
+            steps_to_first += 1;
+        }
+        // 101 tokens by at most 16 a step, no piece under 16: 16 × 5 + 21.
+        assert_eq!(steps_to_first, 6);
+        while sched.step() > 0 {}
+        assert_eq!(logprob_bits(&log_a), want_short, "the generating sequence");
+        assert_eq!(logprob_bits(&log_b), want_long, "the chunked prompt");
+    }
+
+    /// Shortest prompt first: a short prompt admitted after a long one gets its first token from
+    /// the first step.
+    #[test]
+    fn a_short_prompt_is_not_held_behind_a_long_one() {
+        let model = synth("Q8_0");
+        let stats = Arc::new(SchedulerStats::default());
+        let mut sched = Scheduler::new(&model, config(2, MIN_CHUNK), stats.clone());
+        let long: Vec<u32> = (0..100).map(|i| (i * 37 + 5) % 1000).collect();
+        let (a, log_long) = logged(&stats, &long, 4);
+        let (b, log_short) = logged(&stats, &[1, 2, 3, 4, 5], 4);
+        assert!(sched.admit(a).is_ok() && sched.admit(b).is_ok());
+        sched.step();
+        assert_eq!((logprob_bits(&log_short).len(), logprob_bits(&log_long).len()), (1, 0));
+        while sched.step() > 0 {}
+        assert_eq!(logprob_bits(&log_long).len(), 4);
+    }
+
+    #[test]
+    fn prompt_chunks_never_leave_a_short_tail() {
+        let m = MIN_CHUNK;
+        assert_eq!(prompt_chunk(5, 100), 5);
+        assert_eq!(prompt_chunk(5, 3), 0);
+        assert_eq!(prompt_chunk(100, m - 1), 0);
+        assert_eq!(prompt_chunk(100, 40), 40);
+        // 100 - 90 would leave 10: leave MIN_CHUNK instead.
+        assert_eq!(prompt_chunk(100, 90), 100 - m);
+        // Too short to split in two chunks: all of it, a little over budget.
+        assert_eq!(prompt_chunk(m + 3, m), m + 3);
+        for left in 1..200 {
+            for budget in 0..120 {
+                let n = prompt_chunk(left, budget);
+                assert!(n <= left);
+                if n > 0 && n < left {
+                    assert!(n >= m && left - n >= m && n <= budget, "left {left} budget {budget}: {n}");
+                }
+                if n == left && left > budget {
+                    assert!(left < budget + m && budget >= m, "left {left} budget {budget}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pace_sizes_the_prompt_work_by_the_decode_step() {
+        let mut p = Pace::default();
+        assert_eq!(p.budget(256), MIN_CHUNK, "unmeasured");
+        p.record(0, 4, 0.010);
+        p.record(64, 0, 0.064);
+        // 10 ms a decode step, 1 ms a prompt token (read alone): 20 ms of prompt work, 20 tokens.
+        assert_eq!(p.budget(256), 20);
+        let mut p = Pace::default();
+        p.record(0, 4, 0.010);
+        p.record(100, 4, 0.010 + 100.0 * 0.0002);
+        // 0.2 ms a token beside the decoding: 100 tokens in twice a decode step's time.
+        assert_eq!(p.budget(256), 100);
+        assert_eq!(p.budget(30), 30);
+        p.record(0, 4, 0.5);
+        assert!(p.budget(256) > 100, "slower decode steps leave room for more prompt");
+        // Prompt tokens so dear that the minimum chunk takes longer: the minimum all the same.
+        let mut p = Pace::default();
+        p.record(0, 1, 0.010);
+        p.record(16, 1, 0.010 + 16.0 * 0.005);
+        assert_eq!(p.budget(256), MIN_CHUNK);
+    }
+
+    #[test]
+    fn places_count_waiting_and_running_requests() {
+        let stats = Arc::new(SchedulerStats::default());
+        let counts = || (stats.in_system.load(Ordering::SeqCst), stats.queued.load(Ordering::SeqCst));
+        let a = stats.try_enter(2).unwrap();
+        let b = stats.try_enter(2).unwrap();
+        assert!(stats.try_enter(2).is_none(), "full");
+        assert_eq!(counts(), (2, 2));
+        assert!(a.start());
+        assert_eq!(counts(), (2, 1));
+        // The client's handle goes first: the place is free at once, and the request cannot start.
+        let client = b.share();
+        drop(client);
+        assert!(b.is_gone() && !b.start());
+        assert_eq!(counts(), (1, 0));
+        drop(b);
+        assert_eq!(counts(), (1, 0));
+        let c = stats.try_enter(2).unwrap();
+        assert_eq!(counts(), (2, 1));
+        drop(a);
+        drop(c);
+        assert_eq!(counts(), (0, 0));
+    }
+
+    /// A waiting request whose client goes away leaves the wait list while the slot stays busy.
+    #[test]
+    fn a_waiting_client_that_leaves_frees_its_place_and_never_runs() {
+        let model = synth("Q8_0");
+        let stats = Arc::new(SchedulerStats::default());
+        let (tx, rx) = channel();
+        let cancel = AtomicBool::new(false);
+        let (busy, busy_log) = logged(&stats, &[1, 2, 3], 250);
+        let dropped = Arc::new(AtomicBool::new(false));
+        let waiter = request(&stats, &[4, 5, 6], 5, Box::new(Watched(dropped.clone())));
+        let client = waiter.place.share();
+        tx.send(busy).unwrap();
+        tx.send(waiter).unwrap();
+        std::thread::scope(|s| {
+            let (model, cancel, sched_stats) = (&model, &cancel, stats.clone());
+            s.spawn(move || Scheduler::new(model, config(1, 256), sched_stats).run(&rx, cancel));
+            let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+                let t0 = Instant::now();
+                while !cond() {
+                    assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            };
+            wait_for("the first request to start", &|| !busy_log.lock().unwrap().is_empty());
+            assert_eq!(stats.queued.load(Ordering::SeqCst), 1);
+            drop(client);
+            // Its place is free at once; the scheduler drops the request at its next step.
+            assert_eq!((stats.in_system.load(Ordering::SeqCst), stats.queued.load(Ordering::SeqCst)), (1, 0));
+            wait_for("the waiting request to be dropped", &|| dropped.load(Ordering::SeqCst));
+            let ev = busy_log.lock().unwrap();
+            assert!(!matches!(ev.last(), Some(Event::Done(_))), "dropped only when the slot freed up");
+            drop(ev);
+            cancel.store(true, Ordering::SeqCst);
+        });
+        assert!(matches!(busy_log.lock().unwrap().last(), Some(Event::Done(f)) if f.reason == FinishReason::Cancelled));
+        assert_eq!(stats.in_system.load(Ordering::SeqCst), 0);
+    }
+
+    /// A panic inside the scheduler fails every request it holds (running, waiting, still in the
+    /// channel) with an error event, marks it failed with the reason, and ends `run`.
+    #[test]
+    fn a_panic_fails_every_request_and_marks_the_scheduler_dead() {
+        let model = synth("Q8_0");
+        let stats = Arc::new(SchedulerStats::default());
+        let (tx, rx) = channel();
+        let (running, running_log) = logged(&stats, &[1, 2, 3], 100);
+        let breaks = request(&stats, &[7, 8, 9], 100, Box::new(Explodes));
+        let (waiting, waiting_log) = logged(&stats, &[4, 5, 6], 100);
+        for r in [running, breaks, waiting] {
+            tx.send(r).unwrap();
+        }
+        // The sender stays open: only the panic can end `run`.
+        Scheduler::new(&model, config(2, 256), stats.clone()).run(&rx, &AtomicBool::new(false));
+        let reason = stats.failure().expect("marked failed");
+        assert!(reason.contains("the sink exploded"), "{reason}");
+        for (name, log) in [("running", &running_log), ("waiting", &waiting_log)] {
+            let ev = log.lock().unwrap();
+            match ev.last() {
+                Some(Event::Error(e)) => assert!(e.contains("scheduler failed") && e.contains("exploded"), "{e}"),
+                other => panic!("{name}: last event {other:?}"),
+            }
+        }
+        assert_eq!(stats.active.load(Ordering::SeqCst), 0);
+        assert_eq!((stats.in_system.load(Ordering::SeqCst), stats.queued.load(Ordering::SeqCst)), (0, 0));
+        // New requests are refused.
+        assert!(stats.try_enter(10).is_none());
+        drop(tx);
     }
 
     #[test]

@@ -49,8 +49,18 @@ pub struct Generation {
 }
 
 impl<'m> Session<'m> {
+    /// A session whose context size was already checked ([`Session::try_new`] checks it).
     pub fn new(model: &'m Model, n_ctx: usize, precision: Precision) -> Session<'m> {
         Session { model, cache: KvCache::new(&model.weights.cfg, n_ctx), tokens: Vec::new(), precision }
+    }
+
+    /// A session of `n_ctx` positions, if its KV cache has a size and fits in the memory available
+    /// ([`kiln_model::check_kv_memory`]): an error naming the size instead of an overflow or an
+    /// aborted allocation.
+    pub fn try_new(model: &'m Model, n_ctx: usize, precision: Precision) -> Result<Session<'m>> {
+        let cfg = &model.weights.cfg;
+        kiln_model::check_kv_memory(cfg, n_ctx, 1)?;
+        Ok(Session { model, cache: KvCache::try_new(cfg, n_ctx)?, tokens: Vec::new(), precision })
     }
 
     pub fn n_ctx(&self) -> usize {

@@ -1,12 +1,23 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::value::ValueType;
 
 /// What is wrong with a GGUF file. Every variant says where (byte offset, key or tensor name).
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("cannot open {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The OS refused an operation on the file. The OS error is part of the message and
+    /// deliberately not also the error's `source()`: error chains print every source after the
+    /// message, which printed it twice ("is a directory: is a directory").
+    #[error("cannot {op} {path}: {err}")]
+    Io { op: &'static str, path: PathBuf, err: std::io::Error },
+    /// A directory, FIFO, device or socket: refused before anything reads it (reading a FIFO
+    /// waits for a writer forever).
+    #[error("{path} is not a regular file ({kind})")]
+    NotRegularFile { path: PathBuf, kind: &'static str },
+    /// The memory-mapped file was truncated, rewritten or replaced after it was parsed
+    /// ([`crate::GgufFile::check_unchanged`]).
+    #[error("the model file {path} changed while kiln had it mapped ({what}); restart kiln to load it again")]
+    FileChanged { path: PathBuf, what: String },
     #[error("not a GGUF file: magic is {found:02x?}, expected \"GGUF\"")]
     BadMagic { found: Vec<u8> },
     #[error("unsupported GGUF version {0} (kiln reads versions 2 and 3)")]
@@ -48,6 +59,17 @@ pub enum GgufError {
 }
 
 impl GgufError {
+    /// The file the error names in its message, if it names one (the OS-level errors); the
+    /// others describe the contents, and whoever opened the file adds its name.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            GgufError::Io { path, .. }
+            | GgufError::NotRegularFile { path, .. }
+            | GgufError::FileChanged { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
     pub(crate) fn wrong_type(key: &str, expected: &str, found: ValueType) -> GgufError {
         GgufError::WrongValueType {
             key: key.to_string(),

@@ -92,5 +92,27 @@ pub(crate) fn check_known_keys(g: &GgufFile) -> Result<()> {
             }
         }
     }
+    check_token_types(g)
+}
+
+/// Token types GGUF defines (llama.cpp's `llama_token_type`): undefined, normal, unknown, control,
+/// user-defined, unused, byte.
+const TOKEN_TYPES: std::ops::RangeInclusive<i32> = 0..=6;
+
+/// Each `tokenizer.ggml.token_type` entry is a type GGUF defines. Another number is a broken or
+/// foreign file, not a token to treat as unused (llama.cpp's reading): the tokenizer would silently
+/// stop producing or rendering it.
+fn check_token_types(g: &GgufFile) -> Result<()> {
+    let Some(Value::Array(a)) = g.get("tokenizer.ggml.token_type") else { return Ok(()) };
+    for (id, v) in a.items.iter().enumerate() {
+        if let Value::I32(t) = v {
+            if !TOKEN_TYPES.contains(t) {
+                return Err(GgufError::Invalid(format!(
+                    "tokenizer.ggml.token_type: token {id} has type {t}, which GGUF does not define (0 to 6: \
+                     undefined, normal, unknown, control, user-defined, unused, byte)"
+                )));
+            }
+        }
+    }
     Ok(())
 }

@@ -5,6 +5,8 @@ mod ggml_type;
 pub mod inspect;
 mod known_keys;
 mod reader;
+#[cfg(target_os = "linux")]
+pub mod sigbus;
 mod value;
 pub mod writer;
 

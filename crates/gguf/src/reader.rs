@@ -69,6 +69,11 @@ struct ResidentData {
 /// A parsed GGUF file.
 pub struct GgufFile {
     pub path: Option<PathBuf>,
+    /// The mapping's entry in the SIGBUS handler's table (dropped before the map it describes).
+    #[cfg(target_os = "linux")]
+    _sigbus: Option<crate::sigbus::Registration>,
+    /// The open file behind the map and what it was when parsed, for [`Self::check_unchanged`].
+    source: Option<(File, FileIdentity)>,
     bytes: Bytes,
     /// Where tensor data is read from once copied out of the map.
     resident: Option<ResidentData>,
@@ -145,25 +150,30 @@ impl GgufFile {
     pub fn copy_data_to_huge_pages(&mut self) -> Result<bool> {
         #[cfg(target_os = "linux")]
         {
-            use std::io::{Read, Seek, SeekFrom};
             const HUGE: usize = 2 << 20;
-            let (Bytes::Mapped(m), Some(path)) = (&self.bytes, self.path.clone()) else { return Ok(false) };
-            let io = |source| GgufError::Io { path: path.clone(), source };
+            use std::os::unix::fs::FileExt;
+            let (Bytes::Mapped(m), Some(path), Some((file, _))) = (&self.bytes, self.path.clone(), &self.source) else {
+                return Ok(false);
+            };
+            let io = |err| GgufError::Io { op: "read", path: path.clone(), err };
             let offset = self.data_offset as usize;
             let len = m.len().saturating_sub(offset);
             if len == 0 {
                 return Ok(false);
             }
-            let mut map = memmap2::MmapMut::map_anon(len + HUGE).map_err(io)?;
+            let mut map = memmap2::MmapMut::map_anon(len + HUGE).map_err(|err| GgufError::Io {
+                op: "allocate a copy of",
+                path: path.clone(),
+                err,
+            })?;
             let start = (HUGE - map.as_ptr() as usize % HUGE) % HUGE;
             let whole = len / HUGE * HUGE;
             if whole > 0 {
                 // Best effort: refused, the copy lives on 4 KiB pages.
                 let _ = map.advise_range(memmap2::Advice::HugePage, start, whole);
             }
-            let mut f = File::open(&path).map_err(io)?;
-            f.seek(SeekFrom::Start(self.data_offset)).map_err(io)?;
-            f.read_exact(&mut map[start..start + len]).map_err(io)?;
+            // The descriptor that was mapped, not the path again: the copy is of the file parsed.
+            file.read_exact_at(&mut map[start..start + len], self.data_offset).map_err(io)?;
             self.resident = Some(ResidentData { map, start, len });
             Ok(true)
         }
@@ -171,25 +181,77 @@ impl GgufFile {
         Ok(false)
     }
 
-    /// Memory-maps and validates `path`.
+    /// Memory-maps and validates `path`, which must be a regular file (anything else is refused
+    /// before it is read: a FIFO would block the first read until a writer comes).
+    ///
+    /// The map is shared with the page cache, so it shows whatever happens to the file afterwards:
+    /// a truncation turns reads of the lost pages into SIGBUS (on Linux kiln then exits with one
+    /// line naming the file, see [`crate::sigbus`]), an in-place rewrite changes the weights under
+    /// the running model. [`Self::copy_data_to_huge_pages`] (the CLI's default) makes the weights
+    /// a private copy immune to both, at the cost of one read of the file and private memory;
+    /// mapped readers call [`Self::check_unchanged`] between uses to notice a change.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
-        let file = File::open(path).map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        if meta.is_dir() {
-            return Err(io(std::io::Error::other("is a directory")));
-        }
+        let file = open_regular_file(path)?;
+        let meta = file.metadata().map_err(|err| GgufError::Io { op: "read", path: path.to_path_buf(), err })?;
+        let identity = FileIdentity::of(&meta);
         let bytes = if meta.len() == 0 {
             Bytes::Owned(Vec::new())
         } else {
-            // SAFETY: the map is read-only; kiln assumes model files are not modified while open
-            // (the same contract as llama.cpp's mmap loader).
-            Bytes::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+            // SAFETY: the map is read-only and only ever read as bytes (any bit pattern is
+            // valid). Another process can still rewrite or truncate the file: kiln cannot prevent
+            // that, so it detects it (check_unchanged between uses; the SIGBUS handler for a read
+            // past a truncation), where llama.cpp's mmap loader assumes it does not happen.
+            Bytes::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(|err| GgufError::Io {
+                op: "map",
+                path: path.to_path_buf(),
+                err,
+            })?)
+        };
+        #[cfg(target_os = "linux")]
+        let registration = match &bytes {
+            Bytes::Mapped(m) => Some(crate::sigbus::register(m.as_ptr() as usize, m.len(), path)),
+            Bytes::Owned(_) => None,
         };
         let mut g = GgufFile::parse(bytes)?;
         g.path = Some(path.to_path_buf());
+        g.source = Some((file, identity));
+        #[cfg(target_os = "linux")]
+        {
+            g._sigbus = registration;
+        }
         Ok(g)
+    }
+
+    /// Whether the file is still the one parsed, when tensor data is read from its map: an error
+    /// naming what changed if it was truncated, resized or modified in place (its size or
+    /// modification time differ), or if the path now names another file or none. Always `Ok` for
+    /// in-memory files and once the data lives in a private copy (the file is not read again).
+    /// A server calls it before each request: a change is caught before it feeds garbage weights
+    /// (or, for a truncation, the SIGBUS) to a forward pass, though one that lands during a
+    /// request can still be met there.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let (Some((file, was)), Some(path), None) = (&self.source, &self.path, &self.resident) else { return Ok(()) };
+        let changed = |what: String| Err(GgufError::FileChanged { path: path.clone(), what });
+        // The open descriptor is the mapped file itself, whatever the path names now.
+        let now = match file.metadata() {
+            Ok(m) => FileIdentity::of(&m),
+            Err(e) => return changed(format!("cannot stat it: {e}")),
+        };
+        if now.len < was.len {
+            return changed(format!("truncated from {} to {} bytes", was.len, now.len));
+        }
+        if now.len != was.len {
+            return changed(format!("its size went from {} to {} bytes", was.len, now.len));
+        }
+        if now.modified != was.modified {
+            return changed("modified in place".into());
+        }
+        match std::fs::metadata(path) {
+            Ok(m) if FileIdentity::of(&m).same_file(was) => Ok(()),
+            Ok(_) => changed("the path now names another file".into()),
+            Err(e) => changed(format!("the path is gone: {e}")),
+        }
     }
 
     /// Parses and validates an in-memory file.
@@ -299,6 +361,9 @@ impl GgufFile {
 
         let g = GgufFile {
             path: None,
+            #[cfg(target_os = "linux")]
+            _sigbus: None,
+            source: None,
             bytes,
             resident: None,
             version,
@@ -401,6 +466,75 @@ impl GgufFile {
             None => Ok(None),
             Some(v) => v.as_array().map(Some).ok_or_else(|| GgufError::wrong_type(key, "array", v.value_type())),
         }
+    }
+}
+
+/// Opens `path` for reading if it is a regular file. On Unix the open does not block (a FIFO
+/// without a writer would wait forever) and the type is read from the open descriptor, so a file
+/// swapped in between a check and the open cannot slip through.
+fn open_regular_file(path: &Path) -> Result<File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Regular files ignore O_NONBLOCK: reads and maps behave as without it.
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = opts.open(path).map_err(|err| GgufError::Io { op: "open", path: path.to_path_buf(), err })?;
+    let ty = file.metadata().map_err(|err| GgufError::Io { op: "read", path: path.to_path_buf(), err })?.file_type();
+    if ty.is_file() {
+        return Ok(file);
+    }
+    Err(GgufError::NotRegularFile { path: path.to_path_buf(), kind: file_kind(ty) })
+}
+
+fn file_kind(ty: std::fs::FileType) -> &'static str {
+    if ty.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ty.is_fifo() {
+            return "a FIFO";
+        }
+        if ty.is_char_device() {
+            return "a character device";
+        }
+        if ty.is_block_device() {
+            return "a block device";
+        }
+        if ty.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a plain file"
+}
+
+/// What identifies a file's contents cheaply: which file (device and inode on Unix), its size and
+/// its modification time (nanoseconds where the file system keeps them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileIdentity {
+    file: (u64, u64),
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileIdentity {
+    fn of(m: &std::fs::Metadata) -> FileIdentity {
+        #[cfg(unix)]
+        let file = {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        #[cfg(not(unix))]
+        let file = (0, 0);
+        FileIdentity { file, len: m.len(), modified: m.modified().ok() }
+    }
+
+    fn same_file(&self, other: &FileIdentity) -> bool {
+        self.file == other.file
     }
 }
 

@@ -272,7 +272,11 @@ impl GgufBuilder {
     /// Writes the file to `path`.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        std::fs::write(path, self.to_bytes()).map_err(|source| GgufError::Io { path: path.to_path_buf(), source })
+        std::fs::write(path, self.to_bytes()).map_err(|err| GgufError::Io {
+            op: "write",
+            path: path.to_path_buf(),
+            err,
+        })
     }
 }
 

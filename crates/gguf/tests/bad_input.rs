@@ -423,6 +423,25 @@ fn wrong_value_type_for_known_key() {
     assert_msg(&e, &["\"llama.block_count\"", "u32", "string"]);
 }
 
+/// A token type GGUF does not define is refused, naming the token and the value (read as "unused",
+/// the token would silently never be produced or rendered). 0..=6 are accepted.
+#[test]
+fn unknown_token_type_is_refused() {
+    let mut b = base();
+    b.add_i32_array("tokenizer.ggml.token_type", [1, 99, 3]);
+    let e = open(b.to_bytes());
+    assert!(matches!(&e, GgufError::Invalid(_)), "{e:?}");
+    assert_msg(&e, &["tokenizer.ggml.token_type", "token 1 has type 99"]);
+    let mut b = base();
+    b.add_i32_array("tokenizer.ggml.token_type", [-1, 1, 1]);
+    assert_msg(&open(b.to_bytes()), &["token 0 has type -1"]);
+    for t in 0..=6 {
+        let mut b = base();
+        b.add_i32_array("tokenizer.ggml.token_type", [t, 1, 1]);
+        GgufFile::from_bytes(b.to_bytes()).unwrap_or_else(|e| panic!("type {t}: {e}"));
+    }
+}
+
 fn nested(depth: usize) -> Value {
     let mut v = array(ValueType::U8, vec![Value::U8(7)]);
     for _ in 1..depth {
@@ -526,21 +545,51 @@ fn open_missing_file() {
     let p = std::env::temp_dir().join("kiln-gguf-no-such-file-9f3a/model.gguf");
     let e = GgufFile::open(&p).unwrap_err();
     match &e {
-        GgufError::Io { path, source } => {
+        GgufError::Io { op: "open", path, err } => {
             assert_eq!(path, &p);
-            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
         }
         _ => panic!("{e:?}"),
     }
     assert_msg(&e, &[&p.display().to_string()]);
+    // The OS error is in the message once: it is not also the error's source, which error chains
+    // print after the message.
+    assert!(std::error::Error::source(&e).is_none());
+    assert_eq!(e.path(), Some(p.as_path()));
 }
 
 #[test]
 fn open_directory() {
     let p = std::env::temp_dir();
     let e = GgufFile::open(&p).unwrap_err();
-    assert!(matches!(&e, GgufError::Io { path, .. } if *path == p), "{e:?}");
-    assert_msg(&e, &[&p.display().to_string(), "directory"]);
+    assert!(matches!(&e, GgufError::NotRegularFile { path, kind: "a directory" } if *path == p), "{e:?}");
+    assert_eq!(e.to_string(), format!("{} is not a regular file (a directory)", p.display()));
+    assert!(std::error::Error::source(&e).is_none());
+}
+
+/// A FIFO is refused at once, not read (which would wait for a writer forever).
+#[cfg(unix)]
+#[test]
+fn open_fifo_is_refused_without_blocking() {
+    let dir = std::env::temp_dir().join(format!("kiln-gguf-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("model.gguf");
+    let status = std::process::Command::new("mkfifo").arg(&p).status().expect("mkfifo runs");
+    assert!(status.success());
+    // On another thread, so that a regression fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let q = p.clone();
+    std::thread::spawn(move || tx.send(GgufFile::open(&q).map(|_| ()).unwrap_err().to_string()));
+    let msg = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("opening a FIFO returned");
+    assert_eq!(msg, format!("{} is not a regular file (a FIFO)", p.display()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn open_character_device_is_refused() {
+    let e = GgufFile::open("/dev/zero").unwrap_err();
+    assert_eq!(e.to_string(), "/dev/zero is not a regular file (a character device)");
 }
 
 #[test]

@@ -12,10 +12,17 @@ pub enum ModelError {
     MissingTensor { arch: &'static str, name: String },
     #[error("{arch} model: tensor {name:?} is not part of the {arch} architecture (kiln would ignore it)")]
     UnexpectedTensor { arch: &'static str, name: String },
-    #[error("tensor {name:?}: {source}")]
-    Tensor { name: String, source: kiln_quant::QuantError },
+    /// The quant error is part of the message, not also its `source()` (error chains print both).
+    #[error("tensor {name:?}: {error}")]
+    Tensor { name: String, error: kiln_quant::QuantError },
     #[error("{arch} model: tensor {name:?} has shape {found:?}, expected {expected:?}")]
     BadShape { arch: &'static str, name: String, found: Vec<u64>, expected: Vec<u64> },
+    /// A size that overflows, or does not fit in the memory available.
+    #[error("{0}")]
+    Memory(String),
+    /// Tensors holding NaN or infinite values ([`crate::scan_nonfinite`]).
+    #[error("{0}")]
+    NonFinite(crate::nonfinite::NonFiniteReport),
     #[error("invalid hyper-parameters: {0}")]
     BadConfig(String),
     #[error("token id {id} is out of range (vocabulary has {n_vocab} tokens)")]

@@ -12,6 +12,7 @@ mod forward;
 mod forward_lockstep;
 mod kv_cache;
 mod lockstep_sync;
+mod nonfinite;
 mod observer;
 mod weights;
 
@@ -22,6 +23,7 @@ pub use forward::{
     forward, forward_batch, forward_batch_with, forward_faulty, forward_ubatched, GenerationPass, Logits, Precision,
     SeqStep, Workspace, MAX_UBATCH,
 };
-pub use kv_cache::KvCache;
+pub use kv_cache::{available_memory, check_kv_memory, human_bytes, kv_cache_bytes, KvCache};
+pub use nonfinite::{scan_nonfinite, NonFiniteReport, NonFiniteTensor};
 pub use observer::{Activation, Observer};
 pub use weights::{interleave_matrices, LayerWeights, ModelWeights, PostNorms, QkNorm, QkvBias};

@@ -135,7 +135,7 @@ impl<'a> Loader<'a, '_> {
         } else {
             QMatrix::new(t.ggml_type, data, rows, cols)
         }
-        .map_err(|source| ModelError::Tensor { name: name.to_string(), source })
+        .map_err(|error| ModelError::Tensor { name: name.to_string(), error })
     }
 
     fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
@@ -150,7 +150,7 @@ impl<'a> Loader<'a, '_> {
         }
         let mut out = vec![0f32; len];
         kiln_quant::dequantize_row(t.ggml_type, self.g.tensor_data(t), &mut out)
-            .map_err(|source| ModelError::Tensor { name: name.to_string(), source })?;
+            .map_err(|error| ModelError::Tensor { name: name.to_string(), error })?;
         Ok(out)
     }
 
@@ -228,6 +228,13 @@ impl<'a> ModelWeights<'a> {
             Some(_) => Some(ld.vector("rope_freqs.weight", cfg.n_rot / 2)?),
             None => None,
         };
+        // Divisors of the rotation frequencies: zero, negative or non-finite ones would turn every
+        // rotated key into NaN (or reverse its rotation) at every position.
+        if let Some((i, f)) = rope_freqs.iter().flatten().enumerate().find(|(_, f)| !(f.is_finite() && **f > 0.0)) {
+            return Err(ModelError::BadConfig(format!(
+                "rope_freqs.weight[{i}] = {f}: RoPE frequency factors must be finite and positive"
+            )));
+        }
         // A tensor nobody reads is a part of the model kiln would silently leave out (llama.cpp
         // refuses such files too).
         if let Some(t) = g.tensors.iter().find(|t| !ld.used.contains(&t.name)) {

@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -14,11 +14,12 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_engine::constraint::Constraint;
-use kiln_engine::scheduler::{Event, EventSink, Finish, FinishReason, Request, TokenLogprob};
+use kiln_engine::scheduler::{Event, EventSink, Finish, FinishReason, Place, Request, TokenLogprob};
 use kiln_engine::Model;
 use kiln_tokenizer::template::ChatMessage;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest, CompletionRequest, DetokenizeRequest, Job, Prompt, TokenizeRequest};
@@ -90,6 +91,86 @@ fn encode_rendered(model: &Model, text: &str) -> Result<Vec<u32>, ApiError> {
     Ok(ids)
 }
 
+/// Runs CPU-heavy request work (template rendering, tokenizing, compiling a constraint) on the
+/// blocking pool, so that the async workers stay free for other connections (`/health` answers
+/// while large prompts are tokenized).
+async fn off_runtime<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("{what}: {e}")))?
+}
+
+/// [`off_runtime`] for work bounded only by the body limit (`/tokenize`, `/detokenize`), at most
+/// one job per core at once: a flood of such requests then waits its turn instead of taking the CPU
+/// from the scheduler's forward passes. (A generation request's text is bounded by the context
+/// before it is tokenized: [`check_prompt_bytes`].)
+async fn off_runtime_per_core<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    static CORES: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    let cores =
+        CORES.get_or_init(|| Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))));
+    // The semaphore is never closed.
+    let turn = cores.clone().acquire_owned().await.map_err(|e| ApiError::internal(format!("{what}: {e}")))?;
+    // The turn ends with the work, not with this future: a request dropped meanwhile (its client
+    // left) cannot stop the work, which still holds its core.
+    off_runtime(what, move || {
+        let _turn = turn;
+        work()
+    })
+    .await
+}
+
+/// The most bytes of text one token of `model` can stand for: its longest token text (SentencePiece
+/// writes a space as the 3-byte `▁`, byte-level BPE a byte as a 1- or 2-byte character, so a token's
+/// text is never shorter than the input it covers), and at least 4 (an unknown character). Computed
+/// once per model.
+fn longest_token_bytes(model: &Arc<Model>) -> usize {
+    static KNOWN: Mutex<Vec<(Weak<Model>, usize)>> = Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    known.retain(|(m, _)| m.strong_count() > 0);
+    if let Some((_, n)) = known.iter().find(|(m, _)| std::ptr::eq(m.as_ptr(), Arc::as_ptr(model))) {
+        return *n;
+    }
+    let tok = &model.tokenizer;
+    let n = (0..tok.n_vocab() as u32).filter_map(|id| tok.token_text(id)).map(str::len).max().unwrap_or(0).max(4);
+    known.push((Arc::downgrade(model), n));
+    n
+}
+
+/// Refuses, before tokenizing it, a prompt text too long for the context whatever its tokens: one
+/// of more than `(ctx - 1) × longest token` bytes needs at least `ctx` tokens, and a prompt must
+/// leave room for one generated token. Tokenizing it would only spend CPU time.
+fn check_prompt_bytes(st: &AppState, text: &str, param: &'static str) -> Result<(), ApiError> {
+    let per_token = longest_token_bytes(&st.model);
+    let limit = st.cfg.ctx.saturating_sub(1).saturating_mul(per_token);
+    if text.len() <= limit {
+        return Ok(());
+    }
+    Err(ApiError {
+        code: Some("context_length_exceeded"),
+        ..ApiError::bad_param(
+            param,
+            format!(
+                "the prompt is {} bytes, more than the context of {} tokens can hold (at most {limit} bytes: \
+                 {per_token} bytes for the longest token)",
+                text.len(),
+                st.cfg.ctx
+            ),
+        )
+    })
+}
+
+/// 503 for a scheduler that has died: nothing can be generated until the server is restarted.
+fn scheduler_failed(reason: &str) -> ApiError {
+    ApiError {
+        code: Some("scheduler_failed"),
+        ..ApiError::unavailable(format!("the scheduler failed ({reason}); this server cannot generate until restarted"))
+    }
+}
+
 pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, st.cfg.body_limit).await?;
     let req: ChatRequest = openai::parse(&bytes)?;
@@ -152,7 +233,7 @@ pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
     // Rendering, tokenizing and compiling a schema can take a while on large inputs: off the
     // async runtime, so that other connections are not held up.
     let st2 = st.clone();
-    let prepared = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+    let prepared = off_runtime("preparing the request", move || {
         let model = &st2.model;
         let text = match &model.template {
             Some(t) => {
@@ -173,12 +254,12 @@ pub async fn chat(State(st): St, body: Body) -> Result<Response, ApiError> {
                 s
             }
         };
+        check_prompt_bytes(&st2, &text, "messages")?;
         let prompt = encode_rendered(model, &text)?;
         let compiled = structured::compile(model, constraint.as_ref(), tools.as_ref())?;
         Ok((prompt, compiled, tools))
     })
-    .await
-    .map_err(|e| ApiError::internal(format!("preparing the request: {e}")))?;
+    .await;
     let (prompt, compiled, tools) = prepared?;
     let calls = tools.and_then(|t| t.parser());
     generate(st, prompt, job, compiled, Output { logprobs, calls }, Kind::Chat).await
@@ -205,37 +286,49 @@ pub async fn completions(State(st): St, body: Body) -> Result<Response, ApiError
         return Err(ApiError::bad_param("suffix", "suffix (fill-in-the-middle) is not supported"));
     }
     let job = req.sampling.job(req.sampling.max_tokens, st.cfg.ctx)?;
-    let tok = &st.model.tokenizer;
-    let encode = |text: &str| {
-        tok.encode(text, true, true).map_err(|e| ApiError::bad_param("prompt", format!("tokenizing: {e}")))
-    };
     let one = |n: usize| ApiError::bad_param("prompt", format!("a list of {n} prompts: only one prompt per request"));
-    let prompt = match &req.prompt {
-        Prompt::Text(t) => encode(t)?,
-        Prompt::Tokens(ids) => ids.clone(),
-        Prompt::Texts(v) if v.len() == 1 => encode(&v[0])?,
-        Prompt::TokenLists(v) if v.len() == 1 => v[0].clone(),
+    // A text prompt is tokenized below, off the async runtime; token ids are taken as they are.
+    let (text, ids) = match req.prompt {
+        Prompt::Text(t) => (Some(t), Vec::new()),
+        Prompt::Tokens(ids) => (None, ids),
+        Prompt::Texts(mut v) if v.len() == 1 => (v.pop(), Vec::new()),
+        Prompt::TokenLists(mut v) if v.len() == 1 => (None, v.pop().unwrap_or_default()),
         Prompt::Texts(v) => return Err(one(v.len())),
         Prompt::TokenLists(v) => return Err(one(v.len())),
     };
     let n_vocab = st.model.weights.cfg.n_vocab;
-    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
+    if let Some(&t) = ids.iter().find(|&&t| t as usize >= n_vocab) {
         return Err(ApiError::bad_param(
             "prompt",
             format!("token id {t} is out of range (the vocabulary has {n_vocab} tokens)"),
         ));
     }
+    if let Some(t) = &text {
+        check_prompt_bytes(&st, t, "prompt")?;
+    }
     let s = &req.sampling;
     let constraint =
         structured::constraint_fields(s.response_format.as_ref(), s.json_schema.as_ref(), s.grammar.as_ref())?;
-    let compiled = match constraint {
-        None => None,
-        Some(c) => {
-            let st2 = st.clone();
-            tokio::task::spawn_blocking(move || structured::compile(&st2.model, Some(&c), None))
-                .await
-                .map_err(|e| ApiError::internal(format!("compiling the constraint: {e}")))??
-        }
+    let (prompt, compiled) = if text.is_none() && constraint.is_none() {
+        (ids, None)
+    } else {
+        let st2 = st.clone();
+        off_runtime("preparing the request", move || {
+            let model = &st2.model;
+            let prompt = match text {
+                Some(t) => model
+                    .tokenizer
+                    .encode(&t, true, true)
+                    .map_err(|e| ApiError::bad_param("prompt", format!("tokenizing: {e}")))?,
+                None => ids,
+            };
+            let compiled = match constraint {
+                Some(c) => structured::compile(model, Some(&c), None)?,
+                None => None,
+            };
+            Ok((prompt, compiled))
+        })
+        .await?
     };
     generate(st, prompt, job, compiled, Output { logprobs, calls: None }, Kind::Completion).await
 }
@@ -258,6 +351,9 @@ async fn generate(
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let logprobs = output.logprobs;
+    if let Some(reason) = st.stats.failure() {
+        return Err(scheduler_failed(reason));
+    }
     if st.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
@@ -279,6 +375,20 @@ async fn generate(
         });
     }
     let room = n_ctx - prompt.len();
+    // Admitted while fewer than slots + queue requests are running or waiting; the place is given
+    // back when the request ends or this handler is dropped (the client went away).
+    let capacity = st.cfg.parallel.saturating_add(st.cfg.queue);
+    let Some(place) = st.stats.try_enter(capacity) else {
+        if let Some(reason) = st.stats.failure() {
+            return Err(scheduler_failed(reason));
+        }
+        return Err(ApiError::unavailable(format!(
+            "the server is busy ({} requests running, {} queued: the queue is full); retry later",
+            st.stats.active.load(Ordering::SeqCst),
+            st.stats.queued.load(Ordering::SeqCst)
+        )));
+    };
+    let client_place = place.share();
     let (tx, rx) = unbounded_channel();
     let req = Request {
         prompt,
@@ -290,20 +400,18 @@ async fn generate(
         constraint,
         sink: Box::new(ChannelSink(tx)),
         submitted: Instant::now(),
+        place,
     };
-    st.stats.queued.fetch_add(1, Ordering::SeqCst);
-    if let Err(e) = st.queue.try_send(req) {
-        st.stats.queued.fetch_sub(1, Ordering::SeqCst);
-        return Err(match e {
-            std::sync::mpsc::TrySendError::Full(_) => ApiError::unavailable(format!(
-                "the server is busy ({} requests already queued); retry later",
-                st.cfg.queue
-            )),
-            std::sync::mpsc::TrySendError::Disconnected(_) => ApiError::unavailable("the server is shutting down"),
+    if st.queue.send(req).is_err() {
+        // The scheduler has stopped: it failed, or the server is shutting down.
+        return Err(match st.stats.failure() {
+            Some(reason) => scheduler_failed(reason),
+            None => ApiError::unavailable("the server is shutting down"),
         });
     }
     let relay = Relay {
         st,
+        _place: client_place,
         rx,
         kind,
         id: openai::new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
@@ -330,7 +438,11 @@ async fn generate(
                 r.on_event(ev);
             }
         });
-        Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+        // A comment every 250 ms while no event comes (waiting for a slot, reading a long
+        // prompt): the transport takes a FIN as a half-close, so a client that went away is only
+        // found by a write failing (the second after it left), which drops this stream and gives
+        // its place back.
+        Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_millis(250))).into_response())
     } else {
         collect(relay).await
     }
@@ -339,6 +451,8 @@ async fn generate(
 /// Relays one request's scheduler events to its client.
 struct Relay {
     st: Arc<AppState>,
+    /// The client's handle on the request's place: dropped with the relay when the client goes.
+    _place: Place,
     rx: UnboundedReceiver<Event>,
     kind: Kind,
     id: String,
@@ -351,7 +465,7 @@ struct Relay {
     n_calls: usize,
     /// Log-probabilities of text the call parser holds back, sent with the next chunk.
     held_logprobs: Vec<TokenLogprob>,
-    /// Characters of text sent so far (completions' `text_offset`).
+    /// Characters of output before the next log-probability entry (completions' `text_offset`).
     text_offset: usize,
     /// Server-sent events ready to go.
     out: VecDeque<SseEvent>,
@@ -398,7 +512,10 @@ impl Relay {
 
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
-            None => self.fail(ApiError::internal("the scheduler stopped")),
+            None => {
+                let err = self.stopped();
+                self.fail(err)
+            }
             Some(Event::Started { .. }) => {
                 if self.kind == Kind::Chat {
                     let c = self.chunk(json!({"role": "assistant", "content": ""}), None, None);
@@ -455,7 +572,9 @@ impl Relay {
         }
         let d = if self.kind == Kind::Chat { json!({ "content": text }) } else { json!(text) };
         let c = self.chunk(d, Some(&logprobs), None);
-        self.text_offset += text.chars().count();
+        // Offsets follow the tokens' texts (text held back for a stop string is sent later, but
+        // its tokens' offsets are where it stands in the output).
+        self.text_offset += logprobs.iter().map(|t| t.text.chars().count()).sum::<usize>();
         self.push(c);
     }
 
@@ -490,10 +609,20 @@ impl Relay {
     }
 
     fn scheduler_error(&self, e: String) -> ApiError {
-        if self.st.shutting_down.load(Ordering::SeqCst) {
+        if let Some(reason) = self.st.stats.failure() {
+            scheduler_failed(reason)
+        } else if self.st.shutting_down.load(Ordering::SeqCst) {
             ApiError::unavailable(e)
         } else {
             ApiError::internal(e)
+        }
+    }
+
+    /// The scheduler dropped the request without a last event: it stopped.
+    fn stopped(&self) -> ApiError {
+        match self.st.stats.failure() {
+            Some(reason) => scheduler_failed(reason),
+            None => ApiError::internal("the scheduler stopped"),
         }
     }
 }
@@ -504,7 +633,7 @@ async fn collect(mut r: Relay) -> Result<Response, ApiError> {
     let mut lps = Vec::new();
     loop {
         match r.rx.recv().await {
-            None => return Err(ApiError::internal("the scheduler stopped")),
+            None => return Err(r.stopped()),
             Some(Event::Started { .. }) => {}
             Some(Event::Delta { text: t, logprobs }) => {
                 text.push_str(&t);
@@ -615,24 +744,45 @@ fn logprobs_json(l: &[TokenLogprob]) -> Value {
 }
 
 /// The legacy completions form: parallel lists of tokens, their log-probabilities, the
-/// alternatives as `{token: logprob}` maps, and each token's character offset in the text.
+/// alternatives as `{token: logprob}` maps, and each token's character offset in the text. A
+/// token is the text it added to the output (so the tokens make up the text, and the offsets
+/// index it); in the maps the chosen token has that key, the others their own text, or OpenAI's
+/// `bytes:\xNN…` form where that is not UTF-8 or would repeat a key.
 fn completion_logprobs_json(l: &[TokenLogprob], offset: usize) -> Value {
     let mut at = offset;
     let mut offsets = Vec::with_capacity(l.len());
     for t in l {
         offsets.push(at);
-        at += String::from_utf8_lossy(&t.bytes).chars().count();
+        at += t.text.chars().count();
     }
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let top = |t: &TokenLogprob| {
+        let mut m = serde_json::Map::new();
+        for (id, bytes, lp) in &t.top {
+            let key = if *id == t.token { t.text.clone() } else { utf8_or_bytes(bytes) };
+            let key = if m.contains_key(&key) { bytes_form(bytes) } else { key };
+            m.entry(key).or_insert(json!(lp));
+        }
+        Value::Object(m)
+    };
     json!({
-        "tokens": l.iter().map(|t| text(&t.bytes)).collect::<Vec<_>>(),
+        "tokens": l.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
         "token_logprobs": l.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": l.iter().map(|t| {
-            let m: serde_json::Map<String, Value> = t.top.iter().map(|(_, b, lp)| (text(b), json!(lp))).collect();
-            Value::Object(m)
-        }).collect::<Vec<_>>(),
+        "top_logprobs": l.iter().map(top).collect::<Vec<_>>(),
         "text_offset": offsets,
     })
+}
+
+fn utf8_or_bytes(b: &[u8]) -> String {
+    std::str::from_utf8(b).map(str::to_string).unwrap_or_else(|_| bytes_form(b))
+}
+
+/// OpenAI's spelling of a token that is not text on its own: `bytes:\xe2\x80`.
+fn bytes_form(b: &[u8]) -> String {
+    let mut s = String::from("bytes:");
+    for x in b {
+        s.push_str(&format!("\\x{x:02x}"));
+    }
+    s
 }
 
 fn model_json(st: &AppState) -> Value {
@@ -656,13 +806,18 @@ pub async fn model(State(st): St, Path(id): Path<String>) -> Result<Json<Value>,
 pub async fn health(State(st): St) -> Response {
     let s = &st.stats;
     let busy = s.active.load(Ordering::SeqCst);
-    let body = json!({
-        "status": if st.shutting_down.load(Ordering::SeqCst) { "shutting down" } else { "ok" },
+    let failure = s.failure();
+    let shutting_down = st.shutting_down.load(Ordering::SeqCst);
+    let mut body = json!({
+        "status": if failure.is_some() { "scheduler failed" } else if shutting_down { "shutting down" } else { "ok" },
         "slots_idle": st.cfg.parallel.saturating_sub(busy),
         "slots_processing": busy,
         "queued": s.queued.load(Ordering::SeqCst),
     });
-    let code = if st.shutting_down.load(Ordering::SeqCst) { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    if let Some(reason) = failure {
+        body["error"] = json!(reason);
+    }
+    let code = if failure.is_some() || shutting_down { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (code, Json(body)).into_response()
 }
 
@@ -671,37 +826,49 @@ pub async fn metrics(State(st): St) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
-pub async fn tokenize(State(st): St, body: Body) -> Result<Json<Value>, ApiError> {
+/// Text to token ids, off the async runtime (a body-limit-sized text takes a while), the answer
+/// serialized there too. Not capped by the context: counting the tokens of a text too long to
+/// generate from is a use of its own.
+pub async fn tokenize(State(st): St, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, st.cfg.body_limit).await?;
     let req: TokenizeRequest = openai::parse(&bytes)?;
-    let tok = &st.model.tokenizer;
-    let ids = tok
-        .encode(&req.content, req.add_special, req.parse_special.unwrap_or(true))
-        .map_err(|e| ApiError::bad_param("content", format!("tokenizing: {e}")))?;
-    if !req.with_pieces {
-        return Ok(Json(json!({ "tokens": ids })));
-    }
-    let pieces: Vec<Value> = ids
-        .iter()
-        .map(|&id| {
-            let p = tok.token_to_piece(id).unwrap_or_default();
-            json!({"id": id, "piece": String::from_utf8_lossy(&p)})
-        })
-        .collect();
-    Ok(Json(json!({ "tokens": pieces })))
+    let body = off_runtime_per_core("tokenizing", move || {
+        let tok = &st.model.tokenizer;
+        let ids = tok
+            .encode(&req.content, req.add_special, req.parse_special.unwrap_or(true))
+            .map_err(|e| ApiError::bad_param("content", format!("tokenizing: {e}")))?;
+        let v = if req.with_pieces {
+            let pieces: Vec<Value> = ids
+                .iter()
+                .map(|&id| {
+                    let p = tok.token_to_piece(id).unwrap_or_default();
+                    json!({"id": id, "piece": String::from_utf8_lossy(&p)})
+                })
+                .collect();
+            json!({ "tokens": pieces })
+        } else {
+            json!({ "tokens": ids })
+        };
+        Ok(v.to_string())
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 pub async fn detokenize(State(st): St, body: Body) -> Result<Json<Value>, ApiError> {
     let bytes = read_body(body, st.cfg.body_limit).await?;
     let req: DetokenizeRequest = openai::parse(&bytes)?;
-    let tok = &st.model.tokenizer;
-    if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= tok.n_vocab()) {
+    let n_vocab = st.model.tokenizer.n_vocab();
+    if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= n_vocab) {
         return Err(ApiError::bad_param(
             "tokens",
-            format!("token id {t} is out of range (the vocabulary has {} tokens)", tok.n_vocab()),
+            format!("token id {t} is out of range (the vocabulary has {n_vocab} tokens)"),
         ));
     }
-    let text = tok.decode(&req.tokens).map_err(|e| ApiError::bad_param("tokens", format!("{e}")))?;
+    let text = off_runtime_per_core("detokenizing", move || {
+        st.model.tokenizer.decode(&req.tokens).map_err(|e| ApiError::bad_param("tokens", format!("{e}")))
+    })
+    .await?;
     Ok(Json(json!({ "content": text })))
 }
 

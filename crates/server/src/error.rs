@@ -1,6 +1,8 @@
 //! Errors as OpenAI returns them: a status code and `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -12,6 +14,9 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<&'static str>,
     pub code: Option<&'static str>,
+    /// Seconds the client should wait before trying again, sent as `Retry-After`. A 503 without
+    /// one says 1 (overload clears as soon as a request finishes).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -22,6 +27,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -41,6 +47,7 @@ impl ApiError {
             kind: "authentication_error",
             param: None,
             code: Some("invalid_api_key"),
+            retry_after: None,
         }
     }
 
@@ -60,6 +67,32 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: Some("overloaded"),
+            retry_after: Some(1),
+        }
+    }
+
+    /// The client took longer than `limit` to send its request body (`--body-timeout`).
+    pub fn body_timeout(limit: Duration) -> ApiError {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: Some("request_timeout"),
+            ..ApiError::bad_request(format!(
+                "the request body did not arrive within {} s (--body-timeout)",
+                limit.as_secs_f64()
+            ))
+        }
+    }
+
+    /// The request ran longer than the server allows (`--request-timeout`). 504, not 408: the
+    /// client was not slow, the work was.
+    pub fn request_timeout(limit: Duration) -> ApiError {
+        ApiError {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            message: format!("the request ran past the time limit of {} s (--request-timeout)", limit.as_secs_f64()),
+            kind: "server_error",
+            param: None,
+            code: Some("timeout"),
+            retry_after: None,
         }
     }
 
@@ -70,6 +103,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -82,6 +116,16 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut resp = (self.status, Json(self.body())).into_response();
+        let h = resp.headers_mut();
+        let retry = self.retry_after.or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
+        if let Some(s) = retry {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        // RFC 7235: a 401 names the scheme that would be accepted.
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
     }
 }

@@ -2,11 +2,13 @@
 //! batching [`Scheduler`](kiln_engine::scheduler::Scheduler).
 //!
 //! The scheduler runs on its own thread and owns every forward pass; HTTP handlers tokenize,
-//! validate, and hand it a request over a bounded channel, then relay its events to the client
+//! validate, and hand it a request over a channel once it holds one of the `parallel + queue`
+//! places (admission is counted, not bounded by the channel), then relay its events to the client
 //! (as one JSON body, or as server-sent events). A dropped connection drops the handler's
-//! receiver, which the scheduler notices at its next step.
+//! receiver and its place, which the scheduler notices at its next step (waiting or running).
 
 mod api;
+mod conn;
 mod error;
 mod metrics;
 mod openai;
@@ -16,7 +18,7 @@ mod tool_calls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +33,7 @@ use kiln_engine::Model;
 use kiln_model::Precision;
 use sha2::{Digest, Sha256};
 
+pub use conn::default_max_connections;
 pub use error::ApiError;
 
 #[derive(Clone, Debug)]
@@ -51,7 +54,30 @@ pub struct Config {
     pub precision: Precision,
     /// Most prompt tokens evaluated in one batched step.
     pub prefill_budget: usize,
+    /// Longest a client may take to send a request's headers: from the accept for a new
+    /// connection, from the first byte for a later request on a kept-alive one. Slower ones are
+    /// closed.
+    pub header_timeout: Duration,
+    /// Longest a client may take to send a request body, counted from the end of its headers;
+    /// slower ones get 408 and the connection closes.
+    pub body_timeout: Duration,
+    /// Longest a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Longest a request may run, body read included; `None`: no limit. Past it a streamed
+    /// answer ends with an error event and `[DONE]`, a non-streamed one gets 504.
+    pub request_timeout: Option<Duration>,
+    /// Most open connections; beyond it a new connection gets 503 with `Retry-After` and is
+    /// closed. The default ([`default_max_connections`]) leaves room under the open-file limit.
+    pub max_connections: usize,
 }
+
+/// Defaults of the connection clocks (`kiln serve --header-timeout` and so on).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Upper bound on `max_connections`: beyond it the number is a mistake, not a plan.
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
 impl Config {
     /// Defaults for `model`: localhost:8080, 4 slots, context min(model, 4096).
@@ -67,6 +93,11 @@ impl Config {
             grace: Duration::from_secs(10),
             precision: Precision::Fast,
             prefill_budget: 256,
+            header_timeout: HEADER_TIMEOUT,
+            body_timeout: BODY_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            request_timeout: None,
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -75,7 +106,7 @@ pub(crate) struct AppState {
     pub model: Arc<Model>,
     pub model_id: String,
     pub cfg: Config,
-    pub queue: SyncSender<Request>,
+    pub queue: Sender<Request>,
     pub stats: Arc<SchedulerStats>,
     pub metrics: metrics::Metrics,
     /// Set once shutdown begins: new generation requests get 503.
@@ -100,12 +131,28 @@ impl Server {
         anyhow::ensure!(cfg.parallel >= 1, "--parallel must be at least 1");
         anyhow::ensure!(cfg.ctx >= 2, "--ctx must be at least 2");
         anyhow::ensure!(cfg.queue >= 1, "the queue must hold at least 1 request");
+        // Every slot's KV cache, checked for overflow and against the memory available.
+        kiln_model::check_kv_memory(&model.weights.cfg, cfg.ctx, cfg.parallel)
+            .with_context(|| format!("--ctx {} --parallel {}", cfg.ctx, cfg.parallel))?;
         if cfg.api_key.as_deref() == Some("") {
             anyhow::bail!("--api-key is empty");
         }
+        for (flag, d) in [
+            ("--header-timeout", Some(cfg.header_timeout)),
+            ("--body-timeout", Some(cfg.body_timeout)),
+            ("--idle-timeout", Some(cfg.idle_timeout)),
+            ("--request-timeout", cfg.request_timeout),
+        ] {
+            anyhow::ensure!(d.is_none_or(|d| !d.is_zero()), "{flag} must be more than 0 seconds");
+        }
+        anyhow::ensure!(
+            (1..=MAX_CONNECTIONS_LIMIT).contains(&cfg.max_connections),
+            "--max-connections must be between 1 and {MAX_CONNECTIONS_LIMIT}, got {}",
+            cfg.max_connections
+        );
         let addr = format!("{}:{}", cfg.host, cfg.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(cfg.queue);
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
         let stats = Arc::new(SchedulerStats::default());
         let cancel = Arc::new(AtomicBool::new(false));
         let sched_cfg = SchedulerConfig {
@@ -156,75 +203,126 @@ impl Server {
 
     /// Serves until `shutdown` resolves; then stops accepting connections, lets running and
     /// queued requests finish for the grace period, cancels what is left, and returns once the
-    /// scheduler has stopped.
+    /// scheduler has stopped. Returns an error if the scheduler thread ends on its own (it
+    /// panicked): without it nothing can be served, and a process that stays up would answer 503
+    /// forever.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let Server { state, listener, cancel, scheduler } = self;
         let app = router(state.clone());
-        let (begun_tx, mut begun_rx) = tokio::sync::watch::channel(false);
-        let on_signal = {
-            let (state, cancel) = (state.clone(), cancel.clone());
-            async move {
-                shutdown.await;
-                state.shutting_down.store(true, Ordering::SeqCst);
-                let grace = state.cfg.grace;
-                eprintln!(
-                    "kiln: shutting down: {} running, {} queued; cancelling what is left after {:.1} s",
-                    state.stats.active.load(Ordering::SeqCst),
-                    state.stats.queued.load(Ordering::SeqCst),
-                    grace.as_secs_f64()
-                );
-                let _ = begun_tx.send(true);
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    cancel.store(true, Ordering::SeqCst);
-                });
+        let mut conns = conn::Connections::new(&state.cfg);
+        let mut shutdown = std::pin::pin!(shutdown);
+        // How soon a dead scheduler is noticed; requests meanwhile get 503 or an error event.
+        let mut check = tokio::time::interval(Duration::from_millis(200));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let scheduler_died = loop {
+            tokio::select! {
+                _ = &mut shutdown => break false,
+                _ = check.tick() => if scheduler.is_finished() { break true },
+                accepted = listener.accept() => conns.accept(accepted, &app).await,
             }
         };
-        let serving = axum::serve(listener, app).with_graceful_shutdown(on_signal);
+        drop(listener);
+        state.shutting_down.store(true, Ordering::SeqCst);
+        if scheduler_died {
+            let why = match scheduler.join() {
+                Err(p) => format!("it panicked: {}", panic_message(p.as_ref())),
+                Ok(()) => state.stats.failure().map_or("it returned".into(), |r| format!("it panicked: {r}")),
+            };
+            anyhow::bail!("the scheduler thread stopped while serving ({why}); exiting");
+        }
+        let grace = state.cfg.grace;
+        eprintln!(
+            "kiln: shutting down: {} running, {} queued; cancelling what is left after {:.1} s",
+            state.stats.active.load(Ordering::SeqCst),
+            state.stats.queued.load(Ordering::SeqCst),
+            grace.as_secs_f64()
+        );
+        {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                cancel.store(true, Ordering::SeqCst);
+            });
+        }
+        // Idle connections close now, busy ones after their current response.
+        conns.drain();
         // Connections that outlive the grace period (a client that never reads) do not hold the
         // process: a few seconds after the cancel, give up on them.
-        let deadline = async {
-            while !*begun_rx.borrow() {
-                if begun_rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-            tokio::time::sleep(state.cfg.grace + Duration::from_secs(5)).await;
-        };
         tokio::select! {
-            r = serving => r.context("serving HTTP")?,
-            _ = deadline => eprintln!("kiln: connections still open after the grace period; closing them"),
+            _ = conns.closed() => {}
+            _ = tokio::time::sleep(grace.saturating_add(Duration::from_secs(5))) => {
+                eprintln!("kiln: connections still open after the grace period; closing them");
+            }
         }
         cancel.store(true, Ordering::SeqCst);
         drop(state);
-        tokio::task::spawn_blocking(move || scheduler.join()).await.ok();
-        Ok(())
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+        match tokio::task::spawn_blocking(move || scheduler.join()).await {
+            Ok(Err(p)) => anyhow::bail!("the scheduler thread panicked: {}", panic_message(p.as_ref())),
+            _ => Ok(()),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }
 
-/// Runs the server on a new tokio runtime until Ctrl-C or SIGTERM (the `kiln serve` command).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, listened to from creation on, so that none is missed between
+/// two waits.
+pub struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must be called inside a tokio runtime.
+    pub fn new() -> Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+            let term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+            Ok(Signals { int, term })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Waits for the next signal; returns the exit status a process killed by it would have
+    /// (128 + its number).
+    pub async fn recv(&mut self) -> i32 {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.int.recv() => 128 + 2,
+                _ = self.term.recv() => 128 + 15,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            128 + 2
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (never, if they cannot be listened to).
+pub async fn shutdown_signal() {
+    match Signals::new() {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
+}
+
+/// Runs the server on a new tokio runtime until Ctrl-C or SIGTERM (the `kiln serve` command). A
+/// second signal during the grace period exits at once.
 pub fn run_blocking(model: Model, cfg: Config) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -233,13 +331,14 @@ pub fn run_blocking(model: Model, cfg: Config) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        let mut signals = Signals::new()?;
         let non_local = !is_loopback(&cfg.host);
         let has_key = cfg.api_key.is_some();
-        let (parallel, ctx, queue) = (cfg.parallel, cfg.ctx, cfg.queue);
+        let (parallel, ctx, queue, max_conns) = (cfg.parallel, cfg.ctx, cfg.queue, cfg.max_connections);
         let server = Server::bind(Arc::new(model), cfg).await?;
         let addr = server.local_addr()?;
         eprintln!(
-            "kiln: serving {} on http://{addr}/v1 ({parallel} slots × {ctx} tokens, queue {queue}{})",
+            "kiln: serving {} on http://{addr}/v1 ({parallel} slots × {ctx} tokens, queue {queue}, up to {max_conns} connections{})",
             server.model_id(),
             if has_key { ", API key required" } else { "" }
         );
@@ -248,7 +347,23 @@ pub fn run_blocking(model: Model, cfg: Config) -> Result<()> {
                 "kiln: warning: listening on a non-local address without --api-key: anyone who can reach it can use it"
             );
         }
-        server.serve(shutdown_signal()).await?;
+        if let Some(nofile) = conn::open_file_limit() {
+            if max_conns as u64 > nofile {
+                eprintln!(
+                    "kiln: warning: --max-connections {max_conns} is above the open-file limit ({nofile}); connections \
+                     past the limit fail at accept instead of getting 503 (raise it with `ulimit -n`)"
+                );
+            }
+        }
+        let shutdown = async move {
+            signals.recv().await;
+            tokio::spawn(async move {
+                let status = signals.recv().await;
+                eprintln!("kiln: second signal: exiting without waiting for running requests");
+                std::process::exit(status);
+            });
+        };
+        server.serve(shutdown).await?;
         eprintln!("kiln: stopped");
         Ok(())
     })
@@ -334,11 +449,13 @@ fn router(state: Arc<AppState>) -> Router {
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), conn::limits))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }
 
-/// Every endpoint but `/health` needs `Authorization: Bearer KEY` when a key is set. The keys
+/// Every endpoint but `/health` needs `Authorization: Bearer KEY` when a key is set (the scheme
+/// in any case, RFC 7235). The keys
 /// are compared as SHA-256 digests with a comparison that does not stop at the first difference,
 /// so the time taken says nothing about how much of the key was right.
 async fn auth(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
@@ -350,13 +467,19 @@ async fn auth(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) 
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|k| Sha256::digest(k.trim().as_bytes()));
+        .and_then(bearer_token)
+        .map(|k| Sha256::digest(k.as_bytes()));
     let ok = presented.is_some_and(|got| got.iter().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
     if !ok {
         return ApiError::unauthorized().into_response();
     }
     next.run(req).await
+}
+
+/// The credentials of an `Authorization: Bearer KEY` header value.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, key) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 /// Counts responses by endpoint and status for `/metrics`.

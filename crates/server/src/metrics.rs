@@ -88,6 +88,11 @@ impl Metrics {
             ("kiln_slots_busy", "Slots running a request.", s.active.load(Ordering::SeqCst) as f64),
             ("kiln_slots", "Slots (sequences decoded together).", slots as f64),
             ("kiln_tokens_per_second", "Generated tokens per second of forward time, all slots together.", tps),
+            (
+                "kiln_scheduler_up",
+                "1 while the scheduler runs, 0 once it has failed (see /health for why).",
+                if s.failure().is_some() { 0.0 } else { 1.0 },
+            ),
         ];
         for (name, help, v) in gauges {
             head(&mut o, name, "gauge", help);

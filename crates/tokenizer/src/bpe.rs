@@ -195,10 +195,15 @@ impl Bpe {
         Bpe { pre, ignore_merges, n_vocab, ranks, byte_piece, ascii_token }
     }
 
+    /// The words of `text` (byte ranges), as [`Bpe::tokenize`] merges within them.
+    pub fn words(&self, text: &str) -> Vec<(usize, usize)> {
+        self.pre.split(text)
+    }
+
     pub fn tokenize(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<()> {
         let mut symbols = Vec::new();
         let mut heap = BinaryHeap::new();
-        for (a, b) in self.pre.split(text)? {
+        for (a, b) in self.words(text) {
             let word = &text.as_bytes()[a..b];
             if self.ignore_merges {
                 if let Some(id) = vocab.id(&byte_encode(word)) {

@@ -272,6 +272,17 @@ impl Tokenizer {
         Ok(out)
     }
 
+    /// The words a byte-level BPE vocabulary's pre-tokenizer (`tokenizer.ggml.pre`) splits `text`
+    /// into, in order, before merging within each; SentencePiece has no pre-tokenizer, so its one
+    /// word is the whole text. Special-token texts are not looked for. For inspecting the split.
+    pub fn pre_tokenize<'t>(&self, text: &'t str) -> Vec<&'t str> {
+        match &self.model {
+            ModelKind::Bpe(bpe) => bpe.words(text).into_iter().map(|(a, b)| &text[a..b]).collect(),
+            ModelKind::Spm if text.is_empty() => Vec::new(),
+            ModelKind::Spm => vec![text],
+        }
+    }
+
     /// Ids to text, like llama.cpp's `llama_detokenize` (special tokens render as nothing; the
     /// SentencePiece space prefix of the first token is dropped). Invalid UTF-8 becomes U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

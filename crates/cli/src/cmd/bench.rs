@@ -42,6 +42,8 @@ pub struct Args {
     /// Where the forward pass runs.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
+    #[command(flatten)]
+    pub load: common::LoadArgs,
 }
 
 /// A sequence on the chosen backend.
@@ -98,9 +100,12 @@ pub fn main(a: Args) -> Result<ExitCode> {
     let threads = rayon::current_num_threads();
     // The GPU path uploads the weights: a host copy on huge pages would only slow the load.
     let pages = if a.backend == Backend::Cpu { common::cpu_weight_pages(a.mmap) } else { WeightPages::Mapped };
-    let model = common::load_model_with(&a.model, pages)?;
+    let model = common::load_model_opts(&a.model, pages, &a.load)?;
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
     let n_ctx = a.n_prompt.max(a.n_gen).max(1);
+    let flag = format!("-p {} -n {}", a.n_prompt, a.n_gen);
+    // The prompt's token ids are held too (4 bytes each); the CPU's KV cache is checked below.
+    common::check_memory(&flag, "the prompt's tokens", (a.n_prompt as u64).checked_mul(4))?;
     #[cfg(feature = "cuda")]
     let gpu = match a.backend {
         Backend::Cuda => {
@@ -120,10 +125,10 @@ pub fn main(a: Args) -> Result<ExitCode> {
     #[cfg(feature = "cuda")]
     let mut session = match &gpu {
         Some(g) => Runner::Cuda(kiln_cuda::CudaSession::new(g, n_ctx)?),
-        None => Runner::Cpu(Session::new(&model, n_ctx, precision)),
+        None => Runner::Cpu(common::session(&model, n_ctx, precision, &flag)?),
     };
     #[cfg(not(feature = "cuda"))]
-    let mut session = Runner::Cpu(Session::new(&model, n_ctx, precision));
+    let mut session = Runner::Cpu(common::session(&model, n_ctx, precision, &flag)?);
     // Token ids spread over the vocabulary, skipping the first ones (often control tokens).
     let n_vocab = model.weights.cfg.n_vocab as u32;
     let token = |i: usize| 3 + (i as u32 * 7919) % (n_vocab - 3);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use kiln_engine::{GenerateOptions, Sampler, Session};
+use kiln_engine::{GenerateOptions, Sampler};
 use kiln_model::Precision;
 use kiln_tokenizer::template::ChatMessage;
 
@@ -36,6 +36,8 @@ pub struct Args {
     pub template: common::TemplateArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub load: common::LoadArgs,
 }
 
 const HELP: &str = "commands: /reset (new conversation), /raw (toggle the chat template), /exit";
@@ -44,12 +46,12 @@ pub fn main(a: Args) -> Result<ExitCode> {
     a.template.check()?;
     let params = a.sampling.params()?;
     common::set_threads(a.threads)?;
-    let mut model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    let mut model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
     // Without a template, each line continues the transcript as plain text (raw mode).
     a.template.apply(&mut model, "your lines continue the transcript")?;
     let n_ctx = a.ctx.unwrap_or_else(|| model.default_ctx()).max(1);
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
-    let mut session = Session::new(&model, n_ctx, precision);
+    let mut session = common::session(&model, n_ctx, precision, &crate::cmd::run::ctx_flag(a.ctx, n_ctx))?;
     let mut sampler = Sampler::new(params);
     let mut raw = model.template.is_none();
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -122,6 +124,9 @@ pub fn main(a: Args) -> Result<ExitCode> {
             }
             continue;
         }
+        // With --mmap the weights are the file's pages: a file rewritten or truncated since the
+        // last turn would answer with garbage (or SIGBUS); the conversation ends instead.
+        model.check_file_unchanged()?;
         interrupted.store(false, Ordering::SeqCst);
         let opts =
             GenerateOptions { max_tokens: a.n_predict.min(n_ctx - prompt.len()), stop: Vec::new(), stop_at_eog: true };

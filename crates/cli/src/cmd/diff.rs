@@ -36,6 +36,8 @@ pub struct Args {
     pub inject_fault: Option<String>,
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub load: common::LoadArgs,
 }
 
 pub fn main(a: Args) -> Result<ExitCode> {
@@ -57,8 +59,10 @@ pub fn main(a: Args) -> Result<ExitCode> {
     if tokens.is_empty() {
         bail!("no tokens to run");
     }
-    let model = common::load_model(&a.model)?;
+    let model = common::load_model(&a.model, &a.load)?;
     common::check_tokens(&model, &tokens)?;
+    // Two captures are held: the compared path's and the reference's.
+    crate::cmd::dump::check_capture_memory(&model, &tokens, 2)?;
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
     let ours = diagnose::capture(&model, &tokens, precision, fault, Filter::all())?;
     let reference = match dump {

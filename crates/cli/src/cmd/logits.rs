@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use kiln_engine::Session;
 use kiln_model::{Logits, Precision};
 
 use crate::common;
@@ -22,15 +21,19 @@ pub struct Args {
     pub exact: bool,
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub load: common::LoadArgs,
 }
 
 pub fn main(a: Args) -> Result<ExitCode> {
     common::set_threads(a.threads)?;
     let tokens = common::parse_tokens(&a.tokens)?;
-    let model = common::load_model(&a.model)?;
+    let model = common::load_model(&a.model, &a.load)?;
     common::check_tokens(&model, &tokens)?;
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
-    let mut s = Session::new(&model, tokens.len(), precision);
+    let flag = format!("--tokens ({} tokens)", tokens.len());
+    common::check_pass_memory(&model, tokens.len(), true, Some(0), &flag)?;
+    let mut s = common::session(&model, tokens.len(), precision, &flag)?;
     let logits = s.eval(&tokens, Logits::All)?;
     let n_vocab = model.weights.cfg.n_vocab;
     match &a.out {

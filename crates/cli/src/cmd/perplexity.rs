@@ -46,6 +46,8 @@ pub struct Args {
     pub mmap: bool,
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub load: common::LoadArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -63,7 +65,7 @@ struct Output {
 
 pub fn main(a: Args) -> Result<ExitCode> {
     common::set_threads(a.threads)?;
-    let model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    let model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
     let n_ctx_train = model.weights.cfg.n_ctx_train;
     if a.file.is_some() && n_ctx_train > 0 && a.ctx > n_ctx_train {
         bail!("--ctx {} is longer than the model's training context ({n_ctx_train})", a.ctx);
@@ -85,6 +87,13 @@ pub fn main(a: Args) -> Result<ExitCode> {
     for c in &chunks {
         common::check_tokens(&model, &c.tokens)?;
     }
+    // Each chunk runs in one call with every position's logits, from one cache of the longest.
+    let longest = chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(0);
+    let flag = match a.tokens_file {
+        Some(_) => format!("the longest token sequence ({longest} tokens)"),
+        None => format!("--ctx {}", a.ctx),
+    };
+    common::check_pass_memory(&model, longest, true, Some(0), &flag)?;
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
     let path_name = if a.exact { "exact" } else { "default" };
     let model_name = model.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use kiln_engine::constraint::ConstraintSpec;
-use kiln_engine::{GenerateOptions, Sampler, Session};
+use kiln_engine::{GenerateOptions, Sampler};
 use kiln_model::Precision;
 
 use crate::common::{self, SamplingArgs};
@@ -64,6 +64,8 @@ pub struct Args {
     pub grammar: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub load: common::LoadArgs,
 }
 
 /// The constraint asked for by `--json-schema` / `--grammar`.
@@ -96,7 +98,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
     let params = a.sampling.params()?;
     let spec = constraint_spec(&a)?;
     common::set_threads(a.threads)?;
-    let mut model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    let mut model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
     let prompt_ids = if let Some(t) = &a.tokens {
         let ids = common::parse_tokens(t)?;
         common::check_tokens(&model, &ids)?;
@@ -122,7 +124,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
         bail!("the prompt has {} tokens but the context holds {n_ctx} (raise --ctx)", prompt_ids.len());
     }
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
-    let mut session = Session::new(&model, n_ctx, precision);
+    let mut session = common::session(&model, n_ctx, precision, &ctx_flag(a.ctx, n_ctx))?;
     let mut sampler = Sampler::new(params);
     let opts = GenerateOptions {
         max_tokens: a.n_predict.min(n_ctx - prompt_ids.len()),
@@ -173,4 +175,12 @@ pub fn main(a: Args) -> Result<ExitCode> {
         gen.stop_reason
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a context size came from, for errors about it.
+pub fn ctx_flag(given: Option<usize>, n_ctx: usize) -> String {
+    match given {
+        Some(c) => format!("--ctx {c}"),
+        None => format!("the default context ({n_ctx} positions)"),
+    }
 }

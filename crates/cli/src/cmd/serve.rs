@@ -34,6 +34,24 @@ pub struct Args {
     /// Seconds running requests may go on after Ctrl-C / SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10.0)]
     pub grace: f64,
+    /// Seconds a client has to send a request's headers (from connecting, or from the first byte
+    /// of a later request on a kept-alive connection); slower ones are disconnected.
+    #[arg(long, default_value_t = kiln_server::HEADER_TIMEOUT.as_secs_f64())]
+    pub header_timeout: f64,
+    /// Seconds a client has to send a request's body after its headers; slower ones get 408.
+    #[arg(long, default_value_t = kiln_server::BODY_TIMEOUT.as_secs_f64())]
+    pub body_timeout: f64,
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, default_value_t = kiln_server::IDLE_TIMEOUT.as_secs_f64())]
+    pub idle_timeout: f64,
+    /// Longest a request may run, in seconds (default: no limit); past it a streamed answer ends
+    /// with an error event, a non-streamed one gets 504.
+    #[arg(long)]
+    pub request_timeout: Option<f64>,
+    /// Most open connections; past it a new connection gets 503 with Retry-After and is closed
+    /// (default: the open-file limit less 64, at most 1024).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Read the weights from the file's memory map instead of a private copy on 2 MiB pages
     /// (quicker start, pages shared with other processes; slower generation: the Q4_0/Q4_K/Q5_K
     /// matrices stay in the file's row layout, not interleaved for the eight-row kernels).
@@ -47,6 +65,8 @@ pub struct Args {
     pub exact: bool,
     #[command(flatten)]
     pub template: common::TemplateArgs,
+    #[command(flatten)]
+    pub load: common::LoadArgs,
 }
 
 pub fn main(a: Args) -> Result<ExitCode> {
@@ -59,15 +79,20 @@ pub fn main(a: Args) -> Result<ExitCode> {
     if a.ctx.is_some_and(|c| c < 2) {
         bail!("--ctx must be at least 2");
     }
-    if !(a.grace.is_finite() && a.grace >= 0.0) {
-        bail!("--grace must be a number of seconds ≥ 0");
+    let grace = seconds("--grace", a.grace, true)?;
+    let header_timeout = seconds("--header-timeout", a.header_timeout, false)?;
+    let body_timeout = seconds("--body-timeout", a.body_timeout, false)?;
+    let idle_timeout = seconds("--idle-timeout", a.idle_timeout, false)?;
+    let request_timeout = a.request_timeout.map(|t| seconds("--request-timeout", t, false)).transpose()?;
+    if a.max_connections == Some(0) {
+        bail!("--max-connections must be at least 1");
     }
     if a.api_key.as_deref() == Some("") {
         bail!("--api-key is empty");
     }
     a.template.check()?;
     common::set_threads(a.threads)?;
-    let mut model = common::load_model_with(&a.model, common::cpu_weight_pages(a.mmap))?;
+    let mut model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
     // The server renders chat requests with `model.template`; without one it writes the messages
     // as a plain `role: content` transcript.
     a.template.apply(&mut model, "chat messages go in")?;
@@ -80,8 +105,28 @@ pub fn main(a: Args) -> Result<ExitCode> {
     }
     cfg.queue = a.queue;
     cfg.api_key = a.api_key;
-    cfg.grace = Duration::from_secs_f64(a.grace);
+    cfg.grace = grace;
+    cfg.header_timeout = header_timeout;
+    cfg.body_timeout = body_timeout;
+    cfg.idle_timeout = idle_timeout;
+    cfg.request_timeout = request_timeout;
+    if let Some(n) = a.max_connections {
+        cfg.max_connections = n;
+    }
     cfg.precision = if a.exact { Precision::Exact } else { Precision::Fast };
     kiln_server::run_blocking(model, cfg)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A flag's number of seconds as a Duration: finite, not negative (nor 0 unless `zero_ok`), and
+/// small enough to represent.
+fn seconds(flag: &str, v: f64, zero_ok: bool) -> Result<Duration> {
+    let ok = v.is_finite() && if zero_ok { v >= 0.0 } else { v > 0.0 };
+    match Duration::try_from_secs_f64(v) {
+        Ok(d) if ok => Ok(d),
+        _ => bail!(
+            "{flag} must be a number of seconds {} (at most about 1.8e19), got {v:?}",
+            if zero_ok { "≥ 0" } else { "> 0" }
+        ),
+    }
 }

@@ -2,7 +2,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use kiln_gguf::GgufFile;
 use kiln_tokenizer::template::{ChatMessage, ChatTemplate, Json};
 use kiln_tokenizer::Tokenizer;
 
@@ -33,7 +32,7 @@ fn read(f: &PathBuf) -> Result<String> {
 pub fn main(a: Args) -> Result<ExitCode> {
     a.template.check()?;
     let path = common::model_path(&a.model)?;
-    let g = GgufFile::open(&path).with_context(|| path.display().to_string())?;
+    let g = kiln_engine::Model::open_gguf(&path)?;
     let tok = Tokenizer::from_gguf(&g).with_context(|| format!("{}: tokenizer", path.display()))?;
     let t = match a.template.builtin(Some(&tok))? {
         Some(t) => t,

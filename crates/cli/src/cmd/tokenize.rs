@@ -2,7 +2,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use kiln_gguf::GgufFile;
 use kiln_tokenizer::Tokenizer;
 
 use crate::common;
@@ -26,7 +25,7 @@ pub struct Args {
 
 pub fn main(a: Args) -> Result<ExitCode> {
     let path = common::model_path(&a.model)?;
-    let g = GgufFile::open(&path).with_context(|| path.display().to_string())?;
+    let g = kiln_engine::Model::open_gguf(&path)?;
     let tok = Tokenizer::from_gguf(&g).with_context(|| format!("{}: tokenizer", path.display()))?;
     let text = if a.text == "-" { common::read_stdin()? } else { a.text.clone() };
     let ids = tok.encode(&text, !a.no_bos, !a.no_special)?;
