@@ -28,6 +28,8 @@ pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 /// Name under which the template is registered in its environment (shows up in nothing the
 /// caller sees: errors are reported with line numbers only).
 const TEMPLATE_NAME: &str = "chat_template";
+/// The most instructions one rendering may run (a few seconds' worth at the slowest).
+const TEMPLATE_FUEL: u64 = 50_000_000;
 
 /// A JSON value handed to templates as given (tool definitions, tool calls). Object keys keep the
 /// order they were written in, as Python's `json.loads` keeps them, so a template's `tojson` prints
@@ -175,6 +177,10 @@ impl ChatTemplate {
         // Jinja2's default, which transformers keeps: one trailing newline of the source is dropped.
         env.set_keep_trailing_newline(false);
         env.set_auto_escape_callback(|_| AutoEscape::None);
+        // A template comes from the model file: one that loops (nearly) forever must not hold a
+        // thread for minutes. Real chat templates render a long conversation with tools in well
+        // under a million instructions.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);

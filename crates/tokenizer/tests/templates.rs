@@ -489,3 +489,25 @@ fn unknown_builtin_lists_the_names() {
     assert!(text.starts_with("unknown chat template \"chatml2\"; known: chatml, llama2, "), "{text}");
     assert!(text.contains("gemma") && text.contains("llama3") && text.contains("mistral-v7") && text.contains("phi3"));
 }
+
+/// A template that loops 10⁸ times (from a hostile model file) stops with an error after its
+/// instruction budget instead of holding the thread; real templates stay far below the budget.
+#[test]
+fn a_template_that_loops_for_ages_is_stopped() {
+    let src = "{% for i in range(100000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}x";
+    let t = ChatTemplate::new(src, "", "").unwrap();
+    let t0 = std::time::Instant::now();
+    let err = t.render(&[ChatMessage::new("user", "hi")], true).unwrap_err();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30), "took {:?}", t0.elapsed());
+    assert!(err.to_string().contains("fuel"), "{err}");
+    // A long conversation through a real template with tools renders within the budget.
+    let qwen =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/templates/qwen2.5.jinja"))
+            .unwrap();
+    let t = ChatTemplate::new(&qwen, "", "<|im_end|>").unwrap();
+    let msgs: Vec<ChatMessage> = (0..400)
+        .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "a message ".repeat(50)))
+        .collect();
+    let tools = Json::parse(r#"[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}}]"#).unwrap();
+    t.render_with_tools(&msgs, Some(&tools), true).unwrap();
+}
