@@ -14,6 +14,10 @@ use kiln_engine::Model;
 use kiln_server::{Config, Running};
 use serde_json::{json, Value};
 
+mod common;
+
+use common::{dechunk, load};
+
 const KEY: &str = "test-key-constrained";
 
 fn synth_file(file: &str) -> PathBuf {
@@ -30,10 +34,6 @@ fn synth(name: &str) -> PathBuf {
 /// A Qwen2 with a byte-level BPE vocabulary.
 fn synth_qwen2() -> PathBuf {
     synth_file("synth-qwen2-tiny-Q8_0.gguf")
-}
-
-fn load(path: &Path) -> Arc<Model> {
-    Arc::new(Model::load(path).expect("model loads"))
 }
 
 fn start(model: &Arc<Model>) -> Running {
@@ -105,19 +105,6 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, key:
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.into() };
     Resp { status, headers: head.to_string(), body }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
 }
 
 fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {

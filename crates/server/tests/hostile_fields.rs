@@ -14,6 +14,10 @@ use kiln_engine::Model;
 use kiln_server::{Config, Running};
 use serde_json::{json, Value};
 
+mod common;
+
+use common::dechunk;
+
 const KEY: &str = "test-key-123";
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
@@ -75,19 +79,6 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Resp {
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.into() };
     Resp { status, headers: head.to_string(), body }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
 }
 
 fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {

@@ -14,6 +14,10 @@ use kiln_model::Precision;
 use kiln_server::{Config, Running};
 use serde_json::{json, Value};
 
+mod common;
+
+use common::dechunk;
+
 const KEY: &str = "test-key-123";
 
 fn synth() -> Arc<Model> {
@@ -108,19 +112,6 @@ fn parse(raw: &[u8]) -> Resp {
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.into() };
     Resp { status, headers: head.to_string(), body }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
 }
 
 fn request_with(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, auth: Option<&str>) -> Resp {

@@ -14,14 +14,14 @@ use kiln_engine::Model;
 use kiln_server::{Config, Running};
 use serde_json::{json, Value};
 
+mod common;
+
+use common::{dechunk, load};
+
 fn synth(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/synth");
     assert!(d.is_dir(), "{} is missing: the shared models are required", d.display());
     d.join(format!("synth-tiny-{name}.gguf"))
-}
-
-fn load(path: &Path) -> Arc<Model> {
-    Arc::new(Model::load(path).expect("model loads"))
 }
 
 fn start(model: &Arc<Model>, edit: impl FnOnce(&mut Config)) -> Running {
@@ -76,19 +76,6 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> R
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.into() };
     Resp { status, headers: head.to_string(), body }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
 }
 
 fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {

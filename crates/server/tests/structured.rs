@@ -10,16 +10,16 @@ use std::time::Duration;
 use kiln_engine::Model;
 use kiln_server::{Config, Running};
 
+mod common;
+
+use common::load;
+
 const KEY: &str = "test-key-structured";
 
 fn synth(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/synth");
     assert!(d.is_dir(), "{} is missing: the shared models are required", d.display());
     d.join(format!("synth-tiny-{name}.gguf"))
-}
-
-fn load(path: &Path) -> Arc<Model> {
-    Arc::new(Model::load(path).expect("model loads"))
 }
 
 /// SmolLM2, resolved (and fetched) like the CLI's default model; `None` (with a visible SKIPPED

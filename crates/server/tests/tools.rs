@@ -20,6 +20,10 @@ use kiln_engine::Model;
 use kiln_server::{Config, Running};
 use serde_json::{json, Value};
 
+mod common;
+
+use common::{dechunk, load};
+
 const KEY: &str = "test-key-tools";
 const CHAT: &str = "/v1/chat/completions";
 const TIMEZONES: [&str; 4] = ["UTC", "Europe/Paris", "America/New_York", "Asia/Tokyo"];
@@ -32,10 +36,6 @@ fn synth(file: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/synth");
     assert!(d.is_dir(), "{} is missing: the shared models are required", d.display());
     d.join(file)
-}
-
-fn load(path: &Path) -> Arc<Model> {
-    Arc::new(Model::load(path).expect("model loads"))
 }
 
 fn llama31_template() -> String {
@@ -143,19 +143,6 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> R
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.into() };
     Resp { status, headers: head.to_string(), body }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
 }
 
 fn post(addr: SocketAddr, body: &Value) -> Resp {
