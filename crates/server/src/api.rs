@@ -69,7 +69,7 @@ fn check_model(st: &AppState, model: Option<&str>) -> Result<(), ApiError> {
         None => Ok(()),
         Some(m) if m == st.model_id || m.strip_suffix(".gguf") == Some(&st.model_id) => Ok(()),
         Some(m) => Err(ApiError {
-            param: Some("model"),
+            param: Some("model".into()),
             ..ApiError::not_found(
                 format!("the model {m:?} does not exist: this server serves {:?}", st.model_id),
                 "model_not_found",

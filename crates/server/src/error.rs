@@ -1,5 +1,7 @@
 //! Errors as OpenAI returns them: a status code and `{"error": {"message", "type", "param", "code"}}`.
 
+use std::borrow::Cow;
+
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -12,7 +14,8 @@ pub struct ApiError {
     pub message: String,
     /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, `server_error`, ...
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    /// The request field at fault: a name kiln knows, or one the client sent (an unknown field).
+    pub param: Option<Cow<'static, str>>,
     pub code: Option<&'static str>,
     /// Seconds the client should wait before trying again, sent as `Retry-After`. A 503 without
     /// one says 1 (overload clears as soon as a request finishes).
@@ -33,7 +36,7 @@ impl ApiError {
 
     /// A 400 about one request field.
     pub fn bad_param(param: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { param: Some(param), ..ApiError::bad_request(message) }
+        ApiError { param: Some(Cow::Borrowed(param)), ..ApiError::bad_request(message) }
     }
 
     pub fn not_found(message: impl Into<String>, code: &'static str) -> ApiError {

@@ -7,8 +7,8 @@
 //! which asks for nothing). Known fields of the wrong type, and values out of range, are 400s
 //! naming the field too. The same holds inside `messages` and `stream_options`.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_engine::SamplingParams;
@@ -404,27 +404,11 @@ fn quoted(name: &str) -> String {
     }
 }
 
-/// `ApiError::param` is a `&'static str` and an unknown field's name comes from the client, so
-/// each distinct name is kept once (leaked), up to a bound that a client sending ever new names
-/// cannot push memory past (256 names of at most 64 bytes); beyond it `param` is left out, and
-/// the message still names the field.
-fn param_name(name: &str) -> Option<&'static str> {
-    const MAX_NAMES: usize = 256;
+/// An unknown field's name as `param`: left out when it is too long to echo (the message still
+/// names it, cut).
+fn param_name(name: &str) -> Option<Cow<'static, str>> {
     const MAX_LEN: usize = 64;
-    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-    if name.len() > MAX_LEN {
-        return None;
-    }
-    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&n) = names.iter().find(|&&n| n == name) {
-        return Some(n);
-    }
-    if names.len() >= MAX_NAMES {
-        return None;
-    }
-    let n: &'static str = Box::leak(name.to_string().into_boxed_str());
-    names.push(n);
-    Some(n)
+    (name.len() <= MAX_LEN).then(|| Cow::Owned(name.to_string()))
 }
 
 /// 400 for a field the endpoint does not know: `param` names it (or the object holding it).
@@ -777,11 +761,11 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_fields_are_refused_by_name() {
         let e = chat_err(json!({"frobnicate": 1}));
-        assert_eq!(e.param, Some("frobnicate"));
+        assert_eq!(e.param.as_deref(), Some("frobnicate"));
         assert!(e.message.contains("unknown field \"frobnicate\""), "{}", e.message);
         for name in UNSUPPORTED_CHAT {
             let e = chat_err(json!({ *name: {"x": 1} }));
-            assert_eq!(e.param, Some(*name));
+            assert_eq!(e.param.as_deref(), Some(*name));
             assert!(e.message.contains("not supported"), "{}", e.message);
         }
         // null (and the values that mean the default) ask for nothing.
@@ -790,15 +774,15 @@ mod tests {
             parse::<ChatRequest>(&with(&base, extra)).unwrap();
         }
         let e = parse::<CompletionRequest>(br#"{"prompt": "a", "messages": []}"#).unwrap_err();
-        assert_eq!(e.param, Some("messages"));
+        assert_eq!(e.param.as_deref(), Some("messages"));
         let e = parse::<TokenizeRequest>(br#"{"content": "a", "model": "m"}"#).unwrap_err();
-        assert_eq!(e.param, Some("model"));
+        assert_eq!(e.param.as_deref(), Some("model"));
         let e = parse::<DetokenizeRequest>(br#"{"tokens": [], "with_pieces": true}"#).unwrap_err();
-        assert_eq!(e.param, Some("with_pieces"));
+        assert_eq!(e.param.as_deref(), Some("with_pieces"));
         // A hostile name: one line, cut, and no `param` past the bound on kept names.
         let long = "x\n".repeat(1000);
         let e = chat_err(json!({ long: 1 }));
-        assert_eq!(e.param, None);
+        assert_eq!(e.param.as_deref(), None);
         assert!(!e.message.contains('\n') && e.message.len() < 300, "{}", e.message);
     }
 
@@ -813,7 +797,7 @@ mod tests {
             (json!({"messages": [{"role": "user", "content": 5}]}), "messages"),
         ] {
             let e = chat_err(extra);
-            assert_eq!(e.param, Some(field), "{}", e.message);
+            assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);
             assert!(e.message.contains("invalid") && e.message.contains("expected"), "{}", e.message);
         }
         assert_eq!(
@@ -836,17 +820,20 @@ mod tests {
             (json!({"stream_options": {"include_usage": true, "extra": 1}}), "stream_options"),
             (json!({"stream_options": {"include_obfuscation": true}}), "stream_options"),
         ] {
-            assert_eq!(chat_err(extra).param, Some(field));
+            assert_eq!(chat_err(extra).param.as_deref(), Some(field));
         }
         // Not on the tokenizer endpoints.
-        assert_eq!(parse::<TokenizeRequest>(br#"{"content": "a", "user": "u"}"#).unwrap_err().param, Some("user"));
+        assert_eq!(
+            parse::<TokenizeRequest>(br#"{"content": "a", "user": "u"}"#).unwrap_err().param.as_deref(),
+            Some("user")
+        );
     }
 
     #[test]
     fn message_fields() {
         let body = |m: Value| json!({"messages": [{"role": "user", "content": "hi"}, m]}).to_string().into_bytes();
         let e = parse::<ChatRequest>(&body(json!({"role": "user", "content": "x", "mood": "happy"}))).unwrap_err();
-        assert_eq!(e.param, Some("messages"));
+        assert_eq!(e.param.as_deref(), Some("messages"));
         assert!(e.message.contains("messages[1]") && e.message.contains("\"mood\""), "{}", e.message);
         let part = json!({"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {}}]});
         let e = parse::<ChatRequest>(&body(part)).unwrap_err();
@@ -857,7 +844,7 @@ mod tests {
         let tool = json!({"role": "tool", "content": "4", "tool_call_id": "c1", "name": "add"});
         parse::<ChatRequest>(&body(tool)).unwrap();
         let e = parse::<ChatRequest>(&body(json!({"role": "assistant", "content": "x", "refusal": "no"}))).unwrap_err();
-        assert_eq!(e.param, Some("messages"));
+        assert_eq!(e.param.as_deref(), Some("messages"));
     }
 
     #[test]
@@ -870,16 +857,19 @@ mod tests {
         assert_eq!(r.sampling.max_tokens, Some(5));
         let r = chat(json!({"n_predict": -1})).unwrap();
         assert_eq!((r.sampling.max_tokens, r.max_completion_tokens), (None, None));
-        assert_eq!(chat(json!({"n_predict": 5, "max_tokens": 6})).unwrap_err().param, Some("n_predict"));
-        assert_eq!(chat(json!({"max_tokens": 5, "max_completion_tokens": 6})).unwrap_err().param, Some("max_tokens"));
-        assert_eq!(chat(json!({"n_predict": -1, "max_tokens": 6})).unwrap_err().param, Some("n_predict"));
-        assert_eq!(chat(json!({"n_predict": -2})).unwrap_err().param, Some("n_predict"));
+        assert_eq!(chat(json!({"n_predict": 5, "max_tokens": 6})).unwrap_err().param.as_deref(), Some("n_predict"));
+        assert_eq!(
+            chat(json!({"max_tokens": 5, "max_completion_tokens": 6})).unwrap_err().param.as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(chat(json!({"n_predict": -1, "max_tokens": 6})).unwrap_err().param.as_deref(), Some("n_predict"));
+        assert_eq!(chat(json!({"n_predict": -2})).unwrap_err().param.as_deref(), Some("n_predict"));
         // The limit's checks name the field it came from.
         let r = chat(json!({"n_predict": 0})).unwrap();
-        assert_eq!(r.sampling.job(r.max_completion_tokens, 64).err().unwrap().param, Some("n_predict"));
+        assert_eq!(r.sampling.job(r.max_completion_tokens, 64).err().unwrap().param.as_deref(), Some("n_predict"));
         let r = parse::<CompletionRequest>(br#"{"prompt": "a", "n_predict": 1000}"#).unwrap();
         let e = r.sampling.job(r.sampling.max_tokens, 64).err().unwrap();
-        assert_eq!(e.param, Some("n_predict"));
+        assert_eq!(e.param.as_deref(), Some("n_predict"));
         assert!(e.message.contains("n_predict = 1000"), "{}", e.message);
     }
 }
