@@ -41,6 +41,67 @@ pub struct LoadArgs {
     pub allow_nonfinite: bool,
 }
 
+/// Speculative decoding flags of `run`, `chat` and `serve`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SpecArgs {
+    /// Speculative decoding: `ngram` drafts continuations found earlier in the prompt or output,
+    /// `draft` asks a draft model (--model-draft), `off` decodes one token per step. Drafted
+    /// tokens are kept only where the model would have produced them: greedy output is
+    /// identical, sampled output has the same distribution. [default: draft with
+    /// --model-draft, else ngram]
+    #[arg(long, value_name = "MODE")]
+    pub spec: Option<kiln_engine::speculative::SpecMode>,
+    /// Most drafted tokens per verification (fewer when the measured acceptance does not pay
+    /// for them; at most 14).
+    #[arg(long, value_name = "N", default_value_t = kiln_engine::speculative::DEFAULT_DRAFT_MAX)]
+    pub draft_max: usize,
+    /// Draft model for --spec draft: a smaller model with the same vocabulary.
+    #[arg(long = "model-draft", value_name = "FILE")]
+    pub model_draft: Option<PathBuf>,
+}
+
+impl SpecArgs {
+    pub fn options(&self) -> Result<kiln_engine::speculative::SpecOptions> {
+        use kiln_engine::speculative::{SpecMode, SpecOptions};
+        let mode = self.spec.unwrap_or(if self.model_draft.is_some() { SpecMode::Draft } else { SpecMode::Ngram });
+        if mode == SpecMode::Draft && self.model_draft.is_none() {
+            bail!("--spec draft needs a draft model: give --model-draft FILE");
+        }
+        if mode != SpecMode::Draft && self.model_draft.is_some() {
+            bail!("--model-draft is used by --spec draft, not --spec {mode}");
+        }
+        let o = SpecOptions { mode, draft_max: self.draft_max };
+        o.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+        Ok(o)
+    }
+
+    /// The draft model, loaded and checked against `model`'s vocabulary.
+    pub fn load_draft(&self, model: &Model, pages: WeightPages, load: &LoadArgs) -> Result<Option<Model>> {
+        let Some(p) = &self.model_draft else { return Ok(None) };
+        if !p.exists() {
+            bail!("draft model file {} does not exist", p.display());
+        }
+        let draft = Model::load_opts(p, pages, load.allow_nonfinite)?;
+        kiln_engine::speculative::check_vocabulary(model, &draft)?;
+        Ok(Some(draft))
+    }
+}
+
+/// A sequence's speculator for `opts` (`None` when off), with its draft model's cache.
+pub fn speculator<'m>(
+    opts: kiln_engine::speculative::SpecOptions,
+    draft: Option<&'m Model>,
+    n_ctx: usize,
+) -> Result<Option<kiln_engine::speculative::Speculator<'m>>> {
+    let draft = match draft {
+        Some(d) if opts.mode == kiln_engine::speculative::SpecMode::Draft => {
+            Some(kiln_engine::speculative::DraftModel::new(d, n_ctx).context("the draft model's KV cache")?)
+        }
+        _ => None,
+    };
+    kiln_engine::speculative::Speculator::new(opts, draft)
+}
+
 /// The weights of a CPU run: a private copy on huge pages unless `--mmap` was given.
 pub fn cpu_weight_pages(mmap: bool) -> WeightPages {
     if mmap {

@@ -9,6 +9,7 @@ pub mod parity;
 pub mod sampler;
 pub mod scheduler;
 mod session;
+pub mod speculative;
 
 pub use loaded::{Model, WeightPages};
 pub use sampler::{Sampler, SamplingParams};

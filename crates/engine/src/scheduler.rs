@@ -36,6 +36,7 @@ use kiln_tokenizer::StreamDecoder;
 
 use crate::constraint::Constraint;
 use crate::session::{find_stop, held_back};
+use crate::speculative::{SpecMode, SpecOptions, Speculator};
 use crate::{Model, Sampler, SamplingParams};
 
 /// One generation request.
@@ -53,6 +54,9 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// What the output must match (JSON schema, grammar); compiled before queuing.
     pub constraint: Option<Constraint>,
+    /// Speculative decoding for this request (prompt lookup or off: the scheduler holds no draft
+    /// model).
+    pub spec: SpecOptions,
     /// Where this request's events go.
     pub sink: Box<dyn EventSink>,
     /// When the request was queued (for queue time).
@@ -153,6 +157,11 @@ pub struct SchedulerStats {
     pub prompt_tokens_cached: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub steps: AtomicU64,
+    /// Speculative decoding: verifications (steps of a sequence with drafted tokens), drafted
+    /// tokens, and those accepted.
+    pub spec_verifications: AtomicU64,
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
     /// Time spent in forward steps, in microseconds.
     pub busy_micros: AtomicU64,
     /// Set when the scheduler died (a panic): why. It serves nothing after that.
@@ -271,6 +280,10 @@ struct Sequence<'m> {
     logprobs: Vec<TokenLogprob>,
     admitted: Instant,
     first_token: Option<Instant>,
+    /// The sequence's drafting, when it speculates.
+    speculator: Option<Speculator<'m>>,
+    /// Tokens drafted after the last sampled one, fed with it at the next step.
+    drafts: Vec<u32>,
 }
 
 pub struct Scheduler<'m> {
@@ -523,6 +536,17 @@ impl<'m> Scheduler<'m> {
             req.sink.send(Event::Error(e));
             return Ok(());
         }
+        if req.spec.mode == SpecMode::Draft {
+            req.sink.send(Event::Error("speculation with a draft model is not available in the server".into()));
+            return Ok(());
+        }
+        let speculator = match Speculator::new(req.spec, None) {
+            Ok(s) => s,
+            Err(e) => {
+                req.sink.send(Event::Error(e.to_string()));
+                return Ok(());
+            }
+        };
         let best = self
             .slots
             .iter()
@@ -563,6 +587,8 @@ impl<'m> Scheduler<'m> {
             logprobs: Vec::new(),
             admitted: Instant::now(),
             first_token: None,
+            speculator,
+            drafts: Vec::new(),
         });
         self.stats.active.store(self.n_active(), Ordering::SeqCst);
         Ok(())
@@ -587,9 +613,21 @@ impl<'m> Scheduler<'m> {
         let mut produces = vec![false; self.slots.len()];
         let (mut prompt_fed, mut decode_fed) = (0, 0);
         let mut reading = Vec::new();
-        for (i, slot) in self.slots.iter().enumerate() {
-            let Some(seq) = slot.seq.as_ref() else { continue };
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(seq) = slot.seq.as_mut() else { continue };
             if seq.prompt_left.is_empty() {
+                seq.drafts.clear();
+                if let (Some(sp), [next]) = (seq.speculator.as_mut(), &slot.feed[..]) {
+                    // Drafts after the sampled token, verified with it in this step.
+                    let mut history = Vec::with_capacity(slot.tokens.len() + 1);
+                    history.extend_from_slice(&slot.tokens);
+                    history.push(*next);
+                    let room = (seq.req.max_tokens.saturating_sub(seq.generated + 1))
+                        .min(slot.cache.n_ctx.saturating_sub(slot.tokens.len() + 1));
+                    // Prompt lookup cannot fail; an error would come from a draft model.
+                    seq.drafts = sp.propose(&history, room).unwrap_or_default();
+                    slot.feed.extend_from_slice(&seq.drafts);
+                }
                 produces[i] = !slot.feed.is_empty();
                 decode_fed += slot.feed.len();
             } else {
@@ -625,7 +663,8 @@ impl<'m> Scheduler<'m> {
                     continue;
                 }
                 order.push(i);
-                steps.push(SeqStep { cache, tokens: feed, want: Logits::Last });
+                let want = if seq.drafts.is_empty() { Logits::Last } else { Logits::All };
+                steps.push(SeqStep { cache, tokens: feed, want });
                 if let (true, Some(c)) = (produces[i], seq.constraint.as_mut()) {
                     masks.push(c);
                 }
@@ -658,6 +697,16 @@ impl<'m> Scheduler<'m> {
         };
         let took = t0.elapsed();
         self.pace.record(prompt_fed, decode_fed, took.as_secs_f64());
+        // Each speculating sequence's share of the step, by its tokens: what its drafts cost.
+        let fed_total = prompt_fed + decode_fed;
+        for slot in self.slots.iter_mut() {
+            let n = slot.feed.len();
+            if let Some(sp) = slot.seq.as_mut().and_then(|q| q.speculator.as_mut()) {
+                if n > 0 && fed_total > 0 {
+                    sp.record_step(n, took.as_secs_f64() * n as f64 / fed_total as f64);
+                }
+            }
+        }
         self.stats.busy_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let all_logits = match result {
@@ -693,35 +742,81 @@ impl<'m> Scheduler<'m> {
         self.n_active()
     }
 
-    /// Samples the next token of slot `i` from `logits` and hands out the text that became final.
+    /// Samples slot `i`'s tokens from `logits` — one row, or one per token fed when it verified
+    /// drafts: row by row while the drafted token is the one drawn — and hands out the text that
+    /// became final. The keys and values of rejected drafts leave the cache.
     fn advance(&mut self, i: usize, logits: &mut [f32]) -> Option<Exit> {
+        let nv = self.model.weights.cfg.n_vocab;
+        let drafts = std::mem::take(&mut self.slots[i].seq.as_mut()?.drafts);
+        let fed = self.slots[i].tokens.len();
+        let mut accepted = 0;
+        let mut exit = None;
+        for (row, logits) in logits.chunks_exact_mut(nv).enumerate() {
+            let draft = drafts.get(row).copied();
+            // Tokens in the cache up to this row's: the drafts after it are not (yet) accepted.
+            let in_cache = fed - (drafts.len() - row);
+            match self.advance_one(i, logits, draft, in_cache) {
+                Ok(next) if draft == Some(next) => accepted += 1,
+                Ok(_) => break,
+                Err(e) => {
+                    exit = Some(e);
+                    break;
+                }
+            }
+        }
+        if !drafts.is_empty() {
+            self.stats.spec_verifications.fetch_add(1, Ordering::Relaxed);
+            self.stats.spec_drafted.fetch_add(drafts.len() as u64, Ordering::Relaxed);
+            self.stats.spec_accepted.fetch_add(accepted as u64, Ordering::Relaxed);
+        }
+        let slot = &mut self.slots[i];
+        if let Some(sp) = slot.seq.as_mut().and_then(|q| q.speculator.as_mut()) {
+            sp.record_verification(drafts.len(), accepted);
+        }
+        if exit.is_none() {
+            // The rejected drafts' keys and values go (a finished sequence keeps them: they are
+            // right for the tokens they follow, and the slot's tokens say which those are).
+            let keep = fed - drafts.len() + accepted;
+            slot.cache.truncate(keep);
+            slot.tokens.truncate(keep);
+        }
+        exit
+    }
+
+    /// Samples one token of slot `i` from `logits` (where `draft` was proposed, if any) with
+    /// `in_cache` tokens before it in the cache, and hands out the text that became final.
+    /// Returns the token, or why the sequence ends.
+    fn advance_one(&mut self, i: usize, logits: &mut [f32], draft: Option<u32>, in_cache: usize) -> Result<u32, Exit> {
         let tok = &self.model.tokenizer;
         let slot = &mut self.slots[i];
         let n_ctx = slot.cache.n_ctx;
-        let seq = slot.seq.as_mut()?;
+        let Some(seq) = slot.seq.as_mut() else { return Err(Exit::Gone) };
         let lp = seq.req.logprobs.map(|k| token_logprobs(logits, k));
         if let Some(c) = seq.constraint.as_mut() {
             if let Err(e) = c.apply(logits) {
-                return Some(Exit::Failed(e.to_string()));
+                return Err(Exit::Failed(e.to_string()));
             }
         }
-        let next = seq.sampler.sample(logits);
+        let next = match draft {
+            Some(d) => seq.sampler.sample_with_draft(logits, d),
+            None => seq.sampler.sample(logits),
+        };
         seq.sampler.accept(next);
         seq.first_token.get_or_insert_with(Instant::now);
         // Under a constraint an end-of-generation token is drawn only where the output may end.
         if (seq.req.stop_at_eog || seq.constraint.is_some()) && tok.is_eog(next) {
-            return Some(Exit::Finished(FinishReason::Stop));
+            return Err(Exit::Finished(FinishReason::Stop));
         }
         if let Some(c) = seq.constraint.as_mut() {
             if let Err(e) = c.accept(next) {
-                return Some(Exit::Failed(e.to_string()));
+                return Err(Exit::Failed(e.to_string()));
             }
         }
         seq.generated += 1;
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let text = match seq.decoder.push(next) {
             Ok(text) => text,
-            Err(e) => return Some(Exit::Failed(format!("decoding token {next}: {e}"))),
+            Err(e) => return Err(Exit::Failed(format!("decoding token {next}: {e}"))),
         };
         if let Some((logprob, top)) = lp {
             let piece = |t: u32| tok.token_to_piece(t).unwrap_or_default();
@@ -733,23 +828,23 @@ impl<'m> Scheduler<'m> {
         if let Some(cut) = find_stop(&seq.pending, &seq.req.stop) {
             seq.pending.truncate(cut);
             if !flush(seq, cut) {
-                return Some(Exit::Gone);
+                return Err(Exit::Gone);
             }
-            return Some(Exit::Finished(FinishReason::Stop));
+            return Err(Exit::Finished(FinishReason::Stop));
         }
         let safe = seq.pending.len() - held_back(&seq.pending, &seq.req.stop);
         if safe > 0 && !flush(seq, safe) {
-            return Some(Exit::Gone);
+            return Err(Exit::Gone);
         }
         if seq.constraint.as_ref().is_some_and(Constraint::is_complete) {
-            return Some(Exit::Finished(FinishReason::Stop));
+            return Err(Exit::Finished(FinishReason::Stop));
         }
-        if seq.generated >= seq.req.max_tokens || slot.tokens.len() + 1 > n_ctx {
-            return Some(Exit::Finished(FinishReason::Length));
+        if seq.generated >= seq.req.max_tokens || in_cache + 1 > n_ctx {
+            return Err(Exit::Finished(FinishReason::Length));
         }
         slot.feed.clear();
         slot.feed.push(next);
-        None
+        Ok(next)
     }
 
     /// Ends the sequence in slot `i`; the slot keeps its cache and tokens for prefix reuse.
@@ -930,6 +1025,7 @@ mod tests {
             stop_at_eog: false,
             logprobs: Some(0),
             constraint: None,
+            spec: SpecOptions::off(),
             sink,
             submitted: Instant::now(),
             place: stats.try_enter(usize::MAX).expect("a place"),
@@ -1005,6 +1101,50 @@ mod tests {
         // Every request gave its place back.
         assert_eq!(stats.in_system.load(Ordering::SeqCst), 0);
         assert_eq!(stats.queued.load(Ordering::SeqCst), 0);
+    }
+
+    /// Speculative decoding in the scheduler changes no result: four greedy requests decoded
+    /// together, drafting by prompt lookup (repetitive prompts, so drafts are proposed and
+    /// verified beside other sequences' single tokens and prompt chunks), give the tokens and
+    /// log-probability bits of the same requests without speculation; the counters show that
+    /// drafts were verified (how many are accepted, and the rows after an accepted one, are
+    /// covered on every fixture model in the parity tests).
+    #[test]
+    fn speculation_under_concurrency_changes_no_result() {
+        let model = synth("Q8_0");
+        let texts = [
+            "one two three four one two three four one two three four one two three",
+            "a b c a b c a b c a b c a b c a b c a b c a b c",
+            "The cat sat on the mat. The cat sat on the mat. The cat sat on the",
+            "Once upon a time, far away",
+        ];
+        let prompts: Vec<Vec<u32>> = texts.iter().map(|t| model.tokenizer.encode(t, true, false).unwrap()).collect();
+        let run = |spec: SpecOptions| {
+            let stats = Arc::new(SchedulerStats::default());
+            let mut sched = Scheduler::new(&model, config(4, 16), stats.clone());
+            let logs: Vec<Log> = prompts
+                .iter()
+                .map(|p| {
+                    let (mut req, log) = logged(&stats, p, 48);
+                    req.spec = spec;
+                    assert!(sched.admit(req).is_ok());
+                    log
+                })
+                .collect();
+            while sched.step() > 0 {}
+            let out: Vec<_> = logs.iter().map(|l| (text(l), logprob_bits(l))).collect();
+            (out, stats)
+        };
+        let (plain, _) = run(SpecOptions::off());
+        let (spec, stats) = run(SpecOptions { mode: SpecMode::Ngram, draft_max: 14 });
+        for (i, (a, b)) in plain.iter().zip(&spec).enumerate() {
+            assert_eq!(a.1.len(), 48, "request {i}");
+            assert_eq!(a, b, "request {i}: speculation changed the output");
+        }
+        let (drafted, accepted) =
+            (stats.spec_drafted.load(Ordering::SeqCst), stats.spec_accepted.load(Ordering::SeqCst));
+        let verifications = stats.spec_verifications.load(Ordering::SeqCst);
+        assert!(verifications > 0 && drafted >= accepted, "{verifications}: drafted {drafted}, accepted {accepted}");
     }
 
     /// Prefix-cache reuse never changes a result: the same prompt again, and the next turn of a

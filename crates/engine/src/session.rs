@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use kiln_model::{forward, KvCache, Logits, Observer, Precision};
 
 use crate::constraint::Constraint;
+use crate::speculative::Speculator;
 use crate::{Model, Sampler};
 
 pub struct Session<'m> {
@@ -121,7 +122,22 @@ impl<'m> Session<'m> {
         prompt: &[u32],
         opts: &GenerateOptions,
         sampler: &mut Sampler,
+        constraint: Option<&mut Constraint>,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        self.generate_with(prompt, opts, sampler, constraint, None, on_text)
+    }
+
+    /// [`Session::generate_constrained`] with speculative decoding: after each token the
+    /// speculator may draft a few more, which one forward call verifies; greedy output is bit for
+    /// bit the same as without it, sampled output has the same distribution.
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        sampler: &mut Sampler,
         mut constraint: Option<&mut Constraint>,
+        mut spec: Option<&mut Speculator<'_>>,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
         let t0 = Instant::now();
@@ -132,6 +148,7 @@ impl<'m> Session<'m> {
         }
         let t1 = Instant::now();
         let tok = &self.model.tokenizer;
+        let nv = self.model.weights.cfg.n_vocab;
         let mut decoder = tok.decoder();
         let mut out = Generation {
             tokens: Vec::new(),
@@ -145,52 +162,78 @@ impl<'m> Session<'m> {
         // Text decoded but not yet handed out, because it may be the start of a stop string.
         let mut pending = String::new();
         let mut emitted = 0usize;
+        // Drafted tokens whose logits rows follow the first row of `logits` (the token evaluated
+        // with them comes first).
+        let mut drafts: Vec<u32> = Vec::new();
         while out.tokens.len() < opts.max_tokens {
-            if let Some(c) = constraint.as_deref_mut() {
-                c.apply(&mut logits)?;
-            }
-            let next = sampler.sample(&mut logits);
-            sampler.accept(next);
-            if (opts.stop_at_eog || constraint.is_some()) && tok.is_eog(next) {
-                out.stop_reason = StopReason::Stop;
-                break;
-            }
-            if let Some(c) = constraint.as_deref_mut() {
-                c.accept(next)?;
-            }
-            out.tokens.push(next);
-            pending.push_str(&decoder.push(next)?);
-            if let Some(cut) = find_stop(&pending, &opts.stop) {
-                pending.truncate(cut);
-                out.text.push_str(&pending[emitted..]);
-                if !on_text(&pending[emitted..]) {
-                    out.stop_reason = StopReason::Cancelled;
+            // The cache holds the drafts too; what is rejected of them leaves it below.
+            let base = self.tokens.len() - drafts.len();
+            let mut accepted = 0;
+            let mut next = 0;
+            let finished = 'verify: {
+                for (row, logits) in logits.chunks_exact_mut(nv).enumerate() {
+                    if let Some(c) = constraint.as_deref_mut() {
+                        c.apply(logits)?;
+                    }
+                    let draft = drafts.get(row).copied();
+                    next = match draft {
+                        Some(d) => sampler.sample_with_draft(logits, d),
+                        None => sampler.sample(logits),
+                    };
+                    sampler.accept(next);
+                    let is_draft = draft == Some(next);
+                    accepted += usize::from(is_draft);
+                    if (opts.stop_at_eog || constraint.is_some()) && tok.is_eog(next) {
+                        out.stop_reason = StopReason::Stop;
+                        break 'verify true;
+                    }
+                    if let Some(c) = constraint.as_deref_mut() {
+                        c.accept(next)?;
+                    }
+                    out.tokens.push(next);
+                    pending.push_str(&decoder.push(next)?);
+                    if let Some(cut) = find_stop(&pending, &opts.stop) {
+                        pending.truncate(cut);
+                        out.text.push_str(&pending[emitted..]);
+                        out.stop_reason =
+                            if on_text(&pending[emitted..]) { StopReason::Stop } else { StopReason::Cancelled };
+                        pending.clear();
+                        emitted = 0;
+                        break 'verify true;
+                    }
+                    let safe = pending.len() - held_back(&pending, &opts.stop);
+                    if safe > emitted {
+                        let piece = &pending[emitted..safe];
+                        out.text.push_str(piece);
+                        let go_on = on_text(piece);
+                        emitted = safe;
+                        if !go_on {
+                            out.stop_reason = StopReason::Cancelled;
+                            break 'verify true;
+                        }
+                    }
+                    if constraint.as_deref().is_some_and(Constraint::is_complete) {
+                        out.stop_reason = StopReason::Stop;
+                        break 'verify true;
+                    }
+                    if out.tokens.len() >= opts.max_tokens {
+                        break 'verify true;
+                    }
+                    if !is_draft {
+                        break;
+                    }
                 }
-                pending.clear();
-                emitted = 0;
-                if out.stop_reason != StopReason::Cancelled {
-                    out.stop_reason = StopReason::Stop;
-                }
+                false
+            };
+            if let Some(sp) = spec.as_deref_mut() {
+                sp.record_verification(drafts.len(), accepted);
+            }
+            if finished {
                 break;
             }
-            let safe = pending.len() - held_back(&pending, &opts.stop);
-            if safe > emitted {
-                let piece = &pending[emitted..safe];
-                out.text.push_str(piece);
-                let go_on = on_text(piece);
-                emitted = safe;
-                if !go_on {
-                    out.stop_reason = StopReason::Cancelled;
-                    break;
-                }
-            }
-            if constraint.as_deref().is_some_and(Constraint::is_complete) {
-                out.stop_reason = StopReason::Stop;
-                break;
-            }
-            if out.tokens.len() >= opts.max_tokens {
-                break;
-            }
+            // Keys and values of rejected drafts go; those of accepted ones stay.
+            self.cache.truncate(base + accepted);
+            self.tokens.truncate(base + accepted);
             if self.tokens.len() >= self.n_ctx() {
                 bail!(
                     "context full after {} generated tokens ({} positions; raise --ctx)",
@@ -198,23 +241,43 @@ impl<'m> Session<'m> {
                     self.n_ctx()
                 );
             }
-            logits = match constraint.as_deref_mut() {
-                None => self.eval(&[next], Logits::Last)?,
-                Some(c) if !crate::constraint::overlap_masks() => {
-                    c.prepare()?;
-                    self.eval(&[next], Logits::Last)?
-                }
-                Some(c) => {
-                    // The next mask is computed while the forward pass runs.
-                    let (logits, mask) = std::thread::scope(|s| {
-                        let mask = s.spawn(|| c.prepare());
-                        let logits = self.eval(&[next], Logits::Last);
-                        (logits, mask.join())
-                    });
-                    mask.map_err(|_| anyhow::anyhow!("the constraint's mask computation panicked"))??;
-                    logits?
+            drafts.clear();
+            if let Some(sp) = spec.as_deref_mut() {
+                let mut history = Vec::with_capacity(self.tokens.len() + 1);
+                history.extend_from_slice(&self.tokens);
+                history.push(next);
+                // Room: what is left of the output after `next`'s successor, and of the context.
+                let room = (opts.max_tokens - out.tokens.len() - 1).min(self.n_ctx() - self.tokens.len() - 1);
+                drafts = sp.propose(&history, room)?;
+            }
+            let step = Instant::now();
+            logits = if !drafts.is_empty() {
+                let mut feed = Vec::with_capacity(drafts.len() + 1);
+                feed.push(next);
+                feed.extend_from_slice(&drafts);
+                self.eval(&feed, Logits::All)?
+            } else {
+                match constraint.as_deref_mut() {
+                    None => self.eval(&[next], Logits::Last)?,
+                    Some(c) if !crate::constraint::overlap_masks() => {
+                        c.prepare()?;
+                        self.eval(&[next], Logits::Last)?
+                    }
+                    Some(c) => {
+                        // The next mask is computed while the forward pass runs.
+                        let (logits, mask) = std::thread::scope(|s| {
+                            let mask = s.spawn(|| c.prepare());
+                            let logits = self.eval(&[next], Logits::Last);
+                            (logits, mask.join())
+                        });
+                        mask.map_err(|_| anyhow::anyhow!("the constraint's mask computation panicked"))??;
+                        logits?
+                    }
                 }
             };
+            if let Some(sp) = spec.as_deref_mut() {
+                sp.record_step(drafts.len() + 1, step.elapsed().as_secs_f64());
+            }
         }
         if out.stop_reason != StopReason::Cancelled {
             pending.push_str(&decoder.finish());

@@ -49,6 +49,40 @@ fn greedy_continuations(fixture_name: &str) {
     }
 }
 
+/// Speculative decoding changes no greedy output: on the exact path the truth's continuation
+/// comes out through verifications of up to 15 tokens (drafts from a script that is right except
+/// at every fifth token, so rows are accepted and rejected at every offset); on the default path
+/// the tokens of plain one-token steps come out, with scripted drafts and with prompt lookup
+/// verifying every proposal whole.
+fn speculative_greedy(fixture_name: &str) {
+    use kiln_engine::speculative::{SpecOptions, Speculator};
+    let Some((model, fx, _)) = load(fixture_name) else { return };
+    let generate = |case: &kiln_engine::parity::Case, precision, spec: Option<&mut Speculator>| {
+        let n_ctx = case.prompt_tokens.len() + case.continuation.len();
+        let mut s = Session::new(&model, n_ctx, precision);
+        let mut sampler = Sampler::new(SamplingParams::greedy());
+        let opts = GenerateOptions { max_tokens: case.continuation.len(), stop: vec![], stop_at_eog: false };
+        let g = s.generate_with(&case.prompt_tokens, &opts, &mut sampler, None, spec, |_| true).expect("generate");
+        g.tokens
+    };
+    for case in &fx.cases {
+        // The expected sequence with every fifth generated token wrong.
+        let mut script = case.prompt_tokens.clone();
+        script.extend(case.continuation.iter().enumerate().map(|(i, &t)| if i % 5 == 3 { (t + 1) % 7 } else { t }));
+        let name = format!("{fixture_name} case {}", case.name);
+        for draft_max in [14, 3] {
+            let mut sp = Speculator::scripted(script.clone(), draft_max).unwrap();
+            assert_eq!(generate(case, Precision::Exact, Some(&mut sp)), case.continuation, "{name}: exact, scripted");
+            assert!(sp.stats.accepted > 0 && sp.stats.accepted < sp.stats.drafted, "{name}: {:?}", sp.stats);
+        }
+        let plain = generate(case, Precision::Fast, None);
+        let mut sp = Speculator::scripted(script.clone(), 14).unwrap();
+        assert_eq!(generate(case, Precision::Fast, Some(&mut sp)), plain, "{name}: default path, scripted");
+        let mut sp = Speculator::new(SpecOptions::default(), None).unwrap().unwrap().always_full_drafts();
+        assert_eq!(generate(case, Precision::Fast, Some(&mut sp)), plain, "{name}: default path, prompt lookup");
+    }
+}
+
 macro_rules! parity_tests {
     ($($test:ident => $fixture:literal),* $(,)?) => {
         mod parity_bars {
@@ -56,6 +90,9 @@ macro_rules! parity_tests {
         }
         mod greedy {
             $( #[test] fn $test() { super::greedy_continuations($fixture) } )*
+        }
+        mod speculative {
+            $( #[test] fn $test() { super::speculative_greedy($fixture) } )*
         }
     };
 }

@@ -750,6 +750,9 @@ fn attention(
     if seqs.iter().all(|s| s.prompt) {
         return None;
     }
+    // A step of several generation rows (a speculative verification) reads each key and value
+    // once for all its rows' queries of a key-value head (below), not once per query.
+    let shares = |s: &AttnSeq| precision == Precision::Fast && !want_weights && !s.prompt && s.rows.len() > 1;
     let mut weights = want_weights.then(|| vec![0f32; qo.len() / d * n_ctx]);
     let wchunks: Vec<Option<&mut [f32]>> = match weights.as_mut() {
         Some(wv) => wv.chunks_mut(n_ctx).map(Some).collect(),
@@ -765,7 +768,7 @@ fn attention(
             |(scores64, acc, scores32, qh), (idx, (o, wrow))| {
                 let (row, h) = (idx / n_head, idx % n_head);
                 let seq = &seqs[seq_of_row[row]];
-                if seq.prompt {
+                if seq.prompt || shares(seq) {
                     return;
                 }
                 // The query head is read whole before its output overwrites it.
@@ -818,7 +821,62 @@ fn attention(
                 }
             },
         );
+    attention_shared(heads, seqs.iter().filter(|s| shares(s)), qo);
     weights
+}
+
+/// [`attention`]'s default path for sequences whose step has several generation rows: a task per
+/// key-value head and chunk of rows ([`shared_rows_per_task`]), its queries through
+/// [`attend_heads`]; the numbers of the per-query path, bit for bit.
+fn attention_shared<'a>(heads: &AttnHeads, seqs: impl Iterator<Item = &'a AttnSeq<'a>>, qo: &mut [f32]) {
+    let AttnHeads { n_head, n_head_kv, d, scale, .. } = *heads;
+    let (kvd, qd, group) = (n_head_kv * d, n_head * d, n_head / n_head_kv);
+    let mut tasks = Vec::new();
+    for seq in seqs {
+        let per = shared_rows_per_task(seq.rows.len(), n_head_kv, rayon::current_num_threads());
+        for r0 in seq.rows.clone().step_by(per) {
+            for kh in 0..n_head_kv {
+                tasks.push((seq, r0..(r0 + per).min(seq.rows.end), kh));
+            }
+        }
+    }
+    if tasks.is_empty() {
+        return;
+    }
+    let qo_read: &[f32] = qo;
+    let outs: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(qs, spans, scores), (seq, rows, kh)| {
+                qs.clear();
+                spans.clear();
+                for row in rows.clone() {
+                    let len = seq.pos0 + (row - seq.rows.start) + 1;
+                    let lo = heads.first_key(len - 1);
+                    for h in kh * group..(kh + 1) * group {
+                        qs.extend_from_slice(&qo_read[row * qd + h * d..row * qd + (h + 1) * d]);
+                        spans.push([lo..len, 0..0]);
+                    }
+                }
+                let run = KeyValueRun {
+                    keys: &seq.keys[kh * d..],
+                    values: &seq.values[kh * d..],
+                    stride: kvd,
+                    len: seq.pos0 + seq.rows.len(),
+                };
+                let mut out = vec![0f32; qs.len()];
+                attend_heads(qs, spans, &[run], scale as f32, scores, &mut out);
+                out
+            },
+        )
+        .collect();
+    for ((_, rows, kh), out) in tasks.iter().zip(outs) {
+        for (i, row) in rows.clone().enumerate() {
+            let o = &out[i * group * d..(i + 1) * group * d];
+            qo[row * qd + kh * group * d..row * qd + (kh + 1) * group * d].copy_from_slice(o);
+        }
+    }
 }
 
 /// `len` consecutive positions of one key-value head: key `s` at `keys[s · stride ..][..d]`, its
@@ -856,4 +914,103 @@ pub(crate) fn attend_head(q: &[f32], runs: &[KeyValueRun], scale: f32, scores: &
         at += r.len;
     }
     inv
+}
+
+/// Keys or values of a run read for all the queries of [`attend_heads`] before the next block:
+/// 32 positions of a 128-wide head are 16 KiB, in L1 while every query passes over them.
+const SHARED_BLOCK: usize = 32;
+
+/// The positions one query of [`attend_heads`] sees in each run (a range of the run's positions).
+pub(crate) type QuerySpans = [std::ops::Range<usize>; 2];
+
+/// Several query heads over the same runs of keys and values — the query heads of one key-value
+/// head at several rows of one sequence's step (a speculative verification): the keys and values
+/// are read block by block, each block once for all of them, instead of once per query. Query
+/// `j` (`qs[j·d ..][..d]`) sees positions `spans[j][r]` of run `r` (at most two runs); its output
+/// goes to `out[j·d ..][..d]`. Every number is [`attend_head`]'s for that query over those
+/// positions, bit for bit: the same scores, each by the same dot product; the same softmax, on
+/// the query's scores laid out as `attend_head` lays them out; the same multiply-then-add per
+/// output element, in position order (a block's products continue the previous block's sums).
+pub(crate) fn attend_heads(
+    qs: &[f32],
+    spans: &[QuerySpans],
+    runs: &[KeyValueRun],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let m = spans.len();
+    let d = qs.len() / m.max(1);
+    debug_assert!(runs.len() <= 2 && qs.len() == m * d && out.len() == m * d);
+    // Query j's scores at `at[j]`: its run 0 positions, then its run 1 positions.
+    let total = |sp: &QuerySpans| runs.iter().enumerate().map(|(r, _)| sp[r].len()).sum::<usize>();
+    let mut at = Vec::with_capacity(m + 1);
+    at.push(0);
+    for sp in spans {
+        at.push(at[at.len() - 1] + total(sp));
+    }
+    scores.clear();
+    scores.resize(at[m], 0.0);
+    let before = |j: usize, r: usize| at[j] + if r == 1 { spans[j][0].len() } else { 0 };
+    let blocks = |r: usize| {
+        let lo = spans.iter().map(|sp| sp[r].start).min().unwrap_or(0);
+        let hi = spans.iter().map(|sp| sp[r].end).max().unwrap_or(0);
+        (lo..hi).step_by(SHARED_BLOCK).map(move |b| b..(b + SHARED_BLOCK).min(hi))
+    };
+    let clip = |a: &std::ops::Range<usize>, b: &std::ops::Range<usize>| a.start.max(b.start)..a.end.min(b.end);
+    for (r, run) in runs.iter().enumerate() {
+        for block in blocks(r) {
+            for (j, sp) in spans.iter().enumerate() {
+                let s = clip(&block, &sp[r]);
+                if s.is_empty() {
+                    continue;
+                }
+                let o = before(j, r) + (s.start - sp[r].start);
+                matmul::dot_f32_rows(
+                    &qs[j * d..(j + 1) * d],
+                    &run.keys[s.start * run.stride..],
+                    run.stride,
+                    scale,
+                    &mut scores[o..o + s.len()],
+                );
+            }
+        }
+    }
+    let mut inv = Vec::with_capacity(m);
+    for j in 0..m {
+        let sc = &mut scores[at[j]..at[j + 1]];
+        let max = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        for v in sc.iter_mut() {
+            *v -= max;
+        }
+        kiln_quant::exp::exp_in_place(sc);
+        inv.push((1.0 / kiln_quant::exp::sum_f64(sc)) as f32);
+    }
+    out.fill(0.0);
+    for (r, run) in runs.iter().enumerate() {
+        for block in blocks(r) {
+            for (j, sp) in spans.iter().enumerate() {
+                let s = clip(&block, &sp[r]);
+                if s.is_empty() {
+                    continue;
+                }
+                let o = before(j, r) + (s.start - sp[r].start);
+                matmul::axpy_f32_rows(
+                    &mut out[j * d..(j + 1) * d],
+                    &scores[o..o + s.len()],
+                    inv[j],
+                    &run.values[s.start * run.stride..],
+                    run.stride,
+                );
+            }
+        }
+    }
+}
+
+/// Rows of one sequence's step per attention task that shares its key and value reads
+/// ([`attend_heads`]): all of them, or fewer where the key-value heads alone would leave threads
+/// idle (a task per key-value head and chunk of rows, about two per thread).
+pub(crate) fn shared_rows_per_task(rows: usize, n_head_kv: usize, threads: usize) -> usize {
+    let chunks = (2 * threads).div_ceil(n_head_kv.max(1)).max(1);
+    rows.div_ceil(chunks).max(1)
 }

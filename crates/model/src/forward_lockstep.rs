@@ -21,8 +21,8 @@ use std::sync::Mutex;
 use kiln_quant::matmul::{self, DotActivations, QMatrix};
 
 use crate::forward::{
-    add_in_place, attend_head, embed, ffn_act_in_place, rms_norm, rms_norm_in_place, AttnHeads, KeyValueRun, Precision,
-    RopeTable, SeqStep,
+    add_in_place, attend_heads, embed, ffn_act_in_place, rms_norm, rms_norm_in_place, shared_rows_per_task, AttnHeads,
+    KeyValueRun, Precision, QuerySpans, RopeTable, SeqStep,
 };
 use crate::lockstep_sync::{PassShares, SharedF32, SpinBarrier};
 use crate::{LayerWeights, ModelWeights};
@@ -72,6 +72,9 @@ struct ThreadBuffers {
     new_values: Vec<f32>,
     scores: Vec<f32>,
     head_out: Vec<f32>,
+    /// The queries of one attention task, stacked, and the positions each sees.
+    queries: Vec<f32>,
+    spans: Vec<QuerySpans>,
 }
 
 /// Whether the lock-step pass is for this pool: no more threads than the cores the process may
@@ -163,9 +166,21 @@ pub(crate) fn forward_lockstep(
         })
         .collect();
     let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+    // Attention tasks: a key-value head over a chunk of one sequence's rows, whose queries share
+    // the reads of the keys and values (one row per task for single-token steps).
+    let mut attn_tasks = Vec::new();
+    for (i, seq) in seqs.iter().enumerate() {
+        let per = shared_rows_per_task(seq.rows.len(), cfg.n_head_kv, threads);
+        for r0 in seq.rows.clone().step_by(per) {
+            for kh in 0..cfg.n_head_kv {
+                attn_tasks.push(AttnTask { seq: i, rows: r0..(r0 + per).min(seq.rows.end), kh });
+            }
+        }
+    }
     let barrier = SpinBarrier::new(threads);
     let pass = Pass {
         w,
+        attn_tasks: &attn_tasks,
         seqs: &seqs,
         tokens: &tokens,
         out_rows,
@@ -244,9 +259,17 @@ fn finish_head(x: &mut [f32], bias: Option<&[f32]>, norm: Option<&[f32]>, eps: f
     rope.apply_head(t, x);
 }
 
+/// One attention task of the pass: key-value head `kh` for rows `rows` of sequence `seq`.
+struct AttnTask {
+    seq: usize,
+    rows: std::ops::Range<usize>,
+    kh: usize,
+}
+
 /// What every thread of one pass reads.
 struct Pass<'a> {
     w: &'a ModelWeights<'a>,
+    attn_tasks: &'a [AttnTask],
     seqs: &'a [SeqView<'a>],
     tokens: &'a [u32],
     out_rows: &'a [std::ops::Range<usize>],
@@ -368,43 +391,48 @@ impl Pass<'_> {
         let sh = self.shared;
         let base = l * self.n * kvd;
         let (me, op) = op;
-        let shares = sh.shares.operation(op, self.n * n_kv);
+        let shares = sh.shares.operation(op, self.attn_tasks.len());
         while let Some(task) = shares.next(me) {
-            let (row, kh) = (task / n_kv, task % n_kv);
-            let Some(seq) = self.seqs.iter().find(|s| s.rows.contains(&row)) else { break };
-            let new = row - seq.rows.start + 1;
+            let AttnTask { seq, ref rows, kh } = self.attn_tasks[task];
+            let seq = &self.seqs[seq];
             let old = seq.pos0;
             let rope = &seq.ropes[layer.rope];
-            // The keys this row's query sees: the cache's from `lo`, then this step's from `lo_new`.
-            let lo = heads.first_key(old + new - 1);
-            let lo_new = lo.saturating_sub(old);
-            // This step's keys of the head up to this row, as the attention uses them; its values.
-            own.new_keys.resize(new * d, 0.0);
-            own.new_values.resize(new * d, 0.0);
+            // This step's keys and values of the head up to the task's last row, as the
+            // attention uses them.
+            let new_end = rows.end - seq.rows.start;
+            own.new_keys.resize(new_end * d, 0.0);
+            own.new_values.resize(new_end * d, 0.0);
             for (t, (k, v)) in own.new_keys.chunks_exact_mut(d).zip(own.new_values.chunks_exact_mut(d)).enumerate() {
                 let at = base + (seq.rows.start + t) * kvd + kh * d;
                 finish_key_value(lw, self.rms_eps, &sh.keys, &sh.values, at, kh, rope, t, k, v);
             }
-            let lo_old = lo.min(old);
-            let (cache_k, cache_v) = (&seq.keys[l][lo_old * kvd + kh * d..], &seq.values[l][lo_old * kvd + kh * d..]);
+            // Each query (a row's query head) sees the cache's keys from `lo`, then this step's
+            // up to its row.
             own.query.resize(d, 0.0);
-            own.head_out.resize(d, 0.0);
-            for h in kh * group..(kh + 1) * group {
-                sh.q.load(row * qd + h * d, &mut own.query);
-                let bias = lw.qkv_bias.as_ref().map(|b| &b.q[h * d..(h + 1) * d]);
-                let norm = lw.qk_norm.as_ref().map(|n| &n.q[..]);
-                finish_head(&mut own.query, bias, norm, self.rms_eps, rope, new - 1);
-                let runs = [
-                    KeyValueRun { keys: cache_k, values: cache_v, stride: kvd, len: old - lo_old },
-                    KeyValueRun {
-                        keys: &own.new_keys[lo_new * d..],
-                        values: &own.new_values[lo_new * d..],
-                        stride: d,
-                        len: new - lo_new,
-                    },
-                ];
-                attend_head(&own.query, &runs, scale, &mut own.scores, &mut own.head_out);
-                sh.attn.store(row * qd + h * d, &own.head_out);
+            own.queries.clear();
+            own.spans.clear();
+            for row in rows.clone() {
+                let new = row - seq.rows.start + 1;
+                let lo = heads.first_key(old + new - 1);
+                for h in kh * group..(kh + 1) * group {
+                    sh.q.load(row * qd + h * d, &mut own.query);
+                    let bias = lw.qkv_bias.as_ref().map(|b| &b.q[h * d..(h + 1) * d]);
+                    let norm = lw.qk_norm.as_ref().map(|n| &n.q[..]);
+                    finish_head(&mut own.query, bias, norm, self.rms_eps, rope, new - 1);
+                    own.queries.extend_from_slice(&own.query);
+                    let spans: QuerySpans = [lo.min(old)..old, lo.saturating_sub(old)..new];
+                    own.spans.push(spans);
+                }
+            }
+            let runs = [
+                KeyValueRun { keys: &seq.keys[l][kh * d..], values: &seq.values[l][kh * d..], stride: kvd, len: old },
+                KeyValueRun { keys: &own.new_keys, values: &own.new_values, stride: d, len: new_end },
+            ];
+            own.head_out.resize(own.queries.len(), 0.0);
+            attend_heads(&own.queries, &own.spans, &runs, scale, &mut own.scores, &mut own.head_out);
+            for (i, row) in rows.clone().enumerate() {
+                let out = &own.head_out[i * group * d..(i + 1) * group * d];
+                sh.attn.store(row * qd + kh * group * d, out);
             }
         }
     }

@@ -396,6 +396,7 @@ async fn generate(
         max_tokens: job.max_tokens.unwrap_or(room).min(room),
         stop: job.stop,
         stop_at_eog: !job.ignore_eos,
+        spec: job.spec.resolve(st.cfg.spec),
         logprobs,
         constraint,
         sink: Box::new(ChannelSink(tx)),

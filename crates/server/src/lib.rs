@@ -54,6 +54,8 @@ pub struct Config {
     pub precision: Precision,
     /// Most prompt tokens evaluated in one batched step.
     pub prefill_budget: usize,
+    /// Speculative decoding of requests that do not set their own (`speculative`).
+    pub spec: kiln_engine::speculative::SpecOptions,
     /// Longest a client may take to send a request's headers: from the accept for a new
     /// connection, from the first byte for a later request on a kept-alive one. Slower ones are
     /// closed.
@@ -93,6 +95,7 @@ impl Config {
             grace: Duration::from_secs(10),
             precision: Precision::Fast,
             prefill_budget: 256,
+            spec: Default::default(),
             header_timeout: HEADER_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,

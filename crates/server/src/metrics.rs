@@ -74,6 +74,17 @@ impl Metrics {
             ),
             ("kiln_generated_tokens_total", "Tokens sampled, all requests.", load(&s.generated_tokens)),
             ("kiln_forward_steps_total", "Batched forward steps.", load(&s.steps)),
+            (
+                "kiln_spec_verifications_total",
+                "Speculative decoding: sequence steps that verified drafted tokens.",
+                load(&s.spec_verifications),
+            ),
+            ("kiln_spec_drafted_tokens_total", "Speculative decoding: tokens drafted.", load(&s.spec_drafted)),
+            (
+                "kiln_spec_accepted_tokens_total",
+                "Speculative decoding: drafted tokens accepted (the model produced them).",
+                load(&s.spec_accepted),
+            ),
         ];
         for (name, help, v) in counters {
             head(&mut o, name, "counter", help);
@@ -83,7 +94,19 @@ impl Metrics {
         head(&mut o, "kiln_forward_seconds_total", "counter", "Time spent in forward steps.");
         let _ = writeln!(o, "kiln_forward_seconds_total {busy:.6}");
         let tps = if busy > 0.0 { load(&s.generated_tokens) as f64 / busy } else { 0.0 };
+        let (drafted, accepted, verifications) =
+            (load(&s.spec_drafted) as f64, load(&s.spec_accepted) as f64, load(&s.spec_verifications) as f64);
         let gauges = [
+            (
+                "kiln_spec_acceptance_rate",
+                "Speculative decoding: accepted per drafted token, since start.",
+                if drafted > 0.0 { accepted / drafted } else { 0.0 },
+            ),
+            (
+                "kiln_spec_tokens_per_verification",
+                "Speculative decoding: tokens a verification produced (accepted drafts and the model's own), since start.",
+                if verifications > 0.0 { (accepted + verifications) / verifications } else { 0.0 },
+            ),
             ("kiln_queue_depth", "Requests waiting for a slot.", s.queued.load(Ordering::SeqCst) as f64),
             ("kiln_slots_busy", "Slots running a request.", s.active.load(Ordering::SeqCst) as f64),
             ("kiln_slots", "Slots (sequences decoded together).", slots as f64),

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kiln_engine::speculative::{SpecMode, SpecOptions};
 use kiln_engine::SamplingParams;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -63,6 +64,12 @@ pub struct Sampling {
     /// llama.cpp's extensions: a JSON Schema, or a GBNF grammar, the output must match.
     pub json_schema: Option<Value>,
     pub grammar: Option<Value>,
+    /// Speculative decoding for this request: `{"mode": "off" | "ngram", "draft_max": N}`
+    /// (either field may be left out: the server's default).
+    pub speculative: Option<Value>,
+    /// llama.cpp's name for the most drafted tokens per verification (0: no speculation).
+    #[serde(rename = "speculative.n_max")]
+    pub speculative_n_max: Option<i64>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -206,6 +213,8 @@ const SAMPLING: &[Field] = &[
     field::<Option<Value>>("response_format"),
     field::<Option<Value>>("json_schema"),
     field::<Option<Value>>("grammar"),
+    field::<Option<Value>>("speculative"),
+    field::<Option<i64>>("speculative.n_max"),
 ];
 
 /// [`ChatRequest`]'s own fields.
@@ -522,6 +531,71 @@ pub struct Job {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    /// The request's speculative decoding, where it set any (else the server's default).
+    pub spec: SpecRequest,
+}
+
+/// What a request asked of speculative decoding; unset parts take the server's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpecRequest {
+    pub mode: Option<SpecMode>,
+    pub draft_max: Option<usize>,
+}
+
+impl SpecRequest {
+    /// The options for a request on a server whose default is `default`.
+    pub fn resolve(self, default: SpecOptions) -> SpecOptions {
+        SpecOptions { mode: self.mode.unwrap_or(default.mode), draft_max: self.draft_max.unwrap_or(default.draft_max) }
+    }
+}
+
+/// `speculative` (an object of `mode` and `draft_max`) and llama.cpp's `speculative.n_max`.
+fn spec_request(obj: Option<&Value>, n_max: Option<i64>) -> Result<SpecRequest, ApiError> {
+    let bad = |msg: String| ApiError::bad_param("speculative", msg);
+    let mut out = SpecRequest::default();
+    let draft_max = |n: i64, name: &'static str| -> Result<usize, ApiError> {
+        let max = kiln_engine::speculative::controller::MAX_DRAFT as i64;
+        if !(0..=max).contains(&n) {
+            return Err(ApiError::bad_param(name, format!("{name} must be in [0, {max}], got {n}")));
+        }
+        Ok(n as usize)
+    };
+    if let Some(v) = obj {
+        let Some(o) = v.as_object() else {
+            return Err(bad("speculative must be an object {\"mode\": \"off\" | \"ngram\", \"draft_max\": N}".into()));
+        };
+        for (k, v) in o {
+            match k.as_str() {
+                "mode" => {
+                    let m: SpecMode = v
+                        .as_str()
+                        .ok_or_else(|| bad("speculative.mode must be a string".into()))?
+                        .parse()
+                        .map_err(bad)?;
+                    if m == SpecMode::Draft {
+                        return Err(bad("speculative.mode \"draft\" is not available in the server (no draft model is loaded); use \"ngram\" or \"off\"".into()));
+                    }
+                    out.mode = Some(m);
+                }
+                "draft_max" => {
+                    let n = v.as_i64().ok_or_else(|| bad("speculative.draft_max must be an integer".into()))?;
+                    out.draft_max = Some(draft_max(n, "speculative")?);
+                }
+                other => return Err(bad(format!("unknown field speculative.{other} (expected mode, draft_max)"))),
+            }
+        }
+    }
+    if let Some(n) = n_max {
+        let n = draft_max(n, "speculative.n_max")?;
+        if out.draft_max.is_some_and(|m| m != n) {
+            return Err(ApiError::bad_param(
+                "speculative.n_max",
+                "speculative.n_max and speculative.draft_max disagree: give one".to_string(),
+            ));
+        }
+        out.draft_max = Some(n);
+    }
+    Ok(out)
 }
 
 impl Sampling {
@@ -662,7 +736,8 @@ impl Sampling {
         params.validate().map_err(ApiError::bad_request)?;
         let stream = self.stream.unwrap_or(false);
         let include_usage = stream && self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-        Ok(Job { params, max_tokens, stop, stream, include_usage, ignore_eos: self.ignore_eos.unwrap_or(false) })
+        let spec = spec_request(self.speculative.as_ref(), self.speculative_n_max)?;
+        Ok(Job { params, max_tokens, stop, stream, include_usage, ignore_eos: self.ignore_eos.unwrap_or(false), spec })
     }
 }
 

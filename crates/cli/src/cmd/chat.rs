@@ -37,6 +37,11 @@ pub struct Args {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
+    pub spec: common::SpecArgs,
+    /// After each answer, print its speed and the speculation's acceptance on stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+    #[command(flatten)]
     pub load: common::LoadArgs,
 }
 
@@ -45,14 +50,18 @@ const HELP: &str = "commands: /reset (new conversation), /raw (toggle the chat t
 pub fn main(a: Args) -> Result<ExitCode> {
     a.template.check()?;
     let params = a.sampling.params()?;
+    let spec_opts = a.spec.options()?;
     common::set_threads(a.threads)?;
-    let mut model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
+    let pages = common::cpu_weight_pages(a.mmap);
+    let mut model = common::load_model_opts(&a.model, pages, &a.load)?;
+    let draft = a.spec.load_draft(&model, pages, &a.load)?;
     // Without a template, each line continues the transcript as plain text (raw mode).
     a.template.apply(&mut model, "your lines continue the transcript")?;
     let n_ctx = a.ctx.unwrap_or_else(|| model.default_ctx()).max(1);
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
     let mut session = common::session(&model, n_ctx, precision, &crate::cmd::run::ctx_flag(a.ctx, n_ctx))?;
     let mut sampler = Sampler::new(params);
+    let mut speculator = common::speculator(spec_opts, draft.as_ref(), n_ctx)?;
     let mut raw = model.template.is_none();
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -131,7 +140,8 @@ pub fn main(a: Args) -> Result<ExitCode> {
         let opts =
             GenerateOptions { max_tokens: a.n_predict.min(n_ctx - prompt.len()), stop: Vec::new(), stop_at_eog: true };
         let mut stdout = std::io::stdout().lock();
-        let result = session.generate(&prompt, &opts, &mut sampler, |t| {
+        let before = speculator.as_ref().map(|s| s.stats).unwrap_or_default();
+        let result = session.generate_with(&prompt, &opts, &mut sampler, None, speculator.as_mut(), |t| {
             let _ = stdout.write_all(t.as_bytes());
             let _ = stdout.flush();
             !interrupted.load(Ordering::SeqCst)
@@ -145,6 +155,23 @@ pub fn main(a: Args) -> Result<ExitCode> {
                 }
                 if g.stop_reason == kiln_engine::StopReason::Cancelled {
                     eprintln!("(stopped)");
+                }
+                if a.verbose {
+                    let mut line = format!(
+                        "(prompt {} tokens, {} evaluated | generated {} tokens, {:.1} t/s",
+                        g.prompt_tokens,
+                        g.prompt_evaluated,
+                        g.tokens.len(),
+                        g.tokens.len() as f64 / g.gen_seconds.max(1e-9)
+                    );
+                    if let Some(sp) = &speculator {
+                        let mut turn = sp.stats;
+                        turn.verifications -= before.verifications;
+                        turn.drafted -= before.drafted;
+                        turn.accepted -= before.accepted;
+                        line += &format!(" | speculation {}: {}", sp.options.mode, turn.summary());
+                    }
+                    eprintln!("{line})");
                 }
             }
             Err(e) => eprintln!("kiln: error: {e}"),

@@ -65,6 +65,8 @@ pub struct Args {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
+    pub spec: common::SpecArgs,
+    #[command(flatten)]
     pub load: common::LoadArgs,
 }
 
@@ -97,8 +99,11 @@ pub fn main(a: Args) -> Result<ExitCode> {
     a.template.check()?;
     let params = a.sampling.params()?;
     let spec = constraint_spec(&a)?;
+    let spec_opts = a.spec.options()?;
     common::set_threads(a.threads)?;
-    let mut model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
+    let pages = common::cpu_weight_pages(a.mmap);
+    let mut model = common::load_model_opts(&a.model, pages, &a.load)?;
+    let draft = a.spec.load_draft(&model, pages, &a.load)?;
     let prompt_ids = if let Some(t) = &a.tokens {
         let ids = common::parse_tokens(t)?;
         common::check_tokens(&model, &ids)?;
@@ -126,6 +131,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
     let mut session = common::session(&model, n_ctx, precision, &ctx_flag(a.ctx, n_ctx))?;
     let mut sampler = Sampler::new(params);
+    let mut speculator = common::speculator(spec_opts, draft.as_ref(), n_ctx)?;
     let opts = GenerateOptions {
         max_tokens: a.n_predict.min(n_ctx - prompt_ids.len()),
         stop: a.stop.clone(),
@@ -158,11 +164,12 @@ pub fn main(a: Args) -> Result<ExitCode> {
         }
     };
     let mut stdout = std::io::stdout().lock();
-    let gen = session.generate_constrained(&prompt_ids, &opts, &mut sampler, constraint.as_mut(), |text| {
-        let _ = stdout.write_all(text.as_bytes());
-        let _ = stdout.flush();
-        !interrupted.load(Ordering::SeqCst)
-    })?;
+    let gen =
+        session.generate_with(&prompt_ids, &opts, &mut sampler, constraint.as_mut(), speculator.as_mut(), |text| {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+            !interrupted.load(Ordering::SeqCst)
+        })?;
     let _ = writeln!(stdout);
     drop(stdout);
     eprintln!(
@@ -174,6 +181,9 @@ pub fn main(a: Args) -> Result<ExitCode> {
         gen.tokens.len() as f64 / gen.gen_seconds.max(1e-9),
         gen.stop_reason
     );
+    if let Some(sp) = &speculator {
+        eprintln!("kiln: speculation {} (draft-max {}): {}", sp.options.mode, sp.options.draft_max, sp.stats.summary());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

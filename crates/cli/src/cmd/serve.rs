@@ -65,6 +65,10 @@ pub struct Args {
     pub exact: bool,
     #[command(flatten)]
     pub template: common::TemplateArgs,
+    /// Speculative decoding of requests that do not set their own (`"speculative": {"mode",
+    /// "draft_max"}` or llama.cpp's `"speculative.n_max"` in the body).
+    #[command(flatten)]
+    pub spec: common::SpecArgs,
     #[command(flatten)]
     pub load: common::LoadArgs,
 }
@@ -91,6 +95,10 @@ pub fn main(a: Args) -> Result<ExitCode> {
         bail!("--api-key is empty");
     }
     a.template.check()?;
+    if a.spec.model_draft.is_some() || a.spec.spec == Some(kiln_engine::speculative::SpecMode::Draft) {
+        bail!("serve: speculation with a draft model is not available in the server yet (--spec ngram or off)");
+    }
+    let spec = a.spec.options()?;
     common::set_threads(a.threads)?;
     let mut model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
     // The server renders chat requests with `model.template`; without one it writes the messages
@@ -98,6 +106,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
     a.template.apply(&mut model, "chat messages go in")?;
     let mut cfg = kiln_server::Config::new(&model);
     cfg.host = a.host;
+    cfg.spec = spec;
     cfg.port = a.port;
     cfg.parallel = a.parallel;
     if let Some(c) = a.ctx {

@@ -1,0 +1,193 @@
+//! How many drafted tokens to verify: the number that maximises expected tokens per second, from
+//! what verifications of each size were measured to cost on this machine and how often drafts of
+//! this kind were accepted lately.
+//!
+//! Where the weights' memory traffic dominates a step (a GPU, a many-core CPU) a verification of
+//! k tokens costs little more than one token, and long drafts pay even when half is rejected; on a
+//! CPU whose generation kernels are bound by arithmetic (two cores) each verified token costs
+//! most of a step, and only drafts that are nearly always right pay. Measuring both instead of
+//! assuming either keeps drafting from costing more than it gains: where it does not help, the
+//! controller stops drafting and only probes again now and then.
+
+/// Most tokens one verification may hold (the token to evaluate and its drafts). Fewer than
+/// [`kiln_quant::gemm::MIN_TOKENS`] keeps every row on the per-token generation kernels, so a
+/// verification's logits are bit for bit those of single steps.
+pub const MAX_VERIFY: usize = kiln_quant::gemm::MIN_TOKENS - 1;
+/// Most drafted tokens per verification.
+pub const MAX_DRAFT: usize = MAX_VERIFY - 1;
+
+/// Measured seconds of a forward step of `n` tokens, `n = 1 ..= MAX_VERIFY`.
+#[derive(Clone, Debug)]
+pub struct CostModel {
+    mean: [f64; MAX_VERIFY + 1],
+    seen: [bool; MAX_VERIFY + 1],
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        CostModel { mean: [0.0; MAX_VERIFY + 1], seen: [false; MAX_VERIFY + 1] }
+    }
+}
+
+impl CostModel {
+    /// Weight of the newest measurement (the context grows, so costs drift).
+    const NEW: f64 = 0.2;
+    /// Before any verification was measured: what one more token is assumed to add to a step,
+    /// as a fraction of a one-token step (optimistic enough that drafting gets tried).
+    const PRIOR_SLOPE: f64 = 0.5;
+
+    pub fn record(&mut self, n: usize, seconds: f64) {
+        if n == 0 || n > MAX_VERIFY || !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        // A step the OS preempted can take several times its cost; one such sample must not
+        // stop drafting for good (a size not drafted is not measured again), so a sample counts
+        // for at most twice the current estimate.
+        self.mean[n] = if self.seen[n] {
+            let s = seconds.min(2.0 * self.mean[n]);
+            self.mean[n] + Self::NEW * (s - self.mean[n])
+        } else {
+            seconds
+        };
+        self.seen[n] = true;
+    }
+
+    /// Seconds of a step of `n` tokens, relative to a one-token step when nothing is known: the
+    /// measured mean where there is one, else a line through the one-token cost and the
+    /// measured sizes' mean slope.
+    pub fn seconds(&self, n: usize) -> f64 {
+        let n = n.clamp(1, MAX_VERIFY);
+        if self.seen[n] {
+            return self.mean[n];
+        }
+        let one = if self.seen[1] { self.mean[1] } else { 1.0 };
+        let slopes: Vec<f64> =
+            (2..=MAX_VERIFY).filter(|&m| self.seen[m]).map(|m| (self.mean[m] - one) / (m - 1) as f64).collect();
+        let slope = if slopes.is_empty() {
+            Self::PRIOR_SLOPE * one
+        } else {
+            (slopes.iter().sum::<f64>() / slopes.len() as f64).max(0.0)
+        };
+        one + slope * (n - 1) as f64
+    }
+}
+
+/// How often drafted tokens were accepted lately, as the probability that each next drafted token
+/// is accepted given the previous one was (drafts are accepted as a prefix).
+#[derive(Clone, Debug)]
+pub struct Acceptance {
+    accepted: f64,
+    tried: f64,
+}
+
+impl Acceptance {
+    /// The estimate before evidence, and how many tokens' worth of evidence it counts as.
+    const PRIOR: f64 = 0.6;
+    const PRIOR_WEIGHT: f64 = 2.0;
+    /// Evidence fades by this factor per verification, and per step without a draft, so the
+    /// estimate follows the text and a kind of draft that stopped paying gets tried again.
+    const KEEP: f64 = 0.97;
+
+    pub fn new() -> Acceptance {
+        Acceptance { accepted: 0.0, tried: 0.0 }
+    }
+
+    pub fn rate(&self) -> f64 {
+        (self.accepted + Self::PRIOR * Self::PRIOR_WEIGHT) / (self.tried + Self::PRIOR_WEIGHT)
+    }
+
+    /// `accepted` of `drafted` tokens were accepted (a prefix of them).
+    pub fn record(&mut self, drafted: usize, accepted: usize) {
+        self.fade();
+        // Each accepted token is a success; the first rejected one a failure; the ones after it
+        // were never tested.
+        self.accepted += accepted as f64;
+        self.tried += (accepted + usize::from(accepted < drafted)) as f64;
+    }
+
+    pub fn fade(&mut self) {
+        self.accepted *= Self::KEEP;
+        self.tried *= Self::KEEP;
+    }
+}
+
+impl Default for Acceptance {
+    fn default() -> Self {
+        Acceptance::new()
+    }
+}
+
+/// The number of drafted tokens (0 ..= `available`) with the most expected tokens per second:
+/// with acceptance rate `a` a draft of k gives `1 + a + … + a^k` tokens for a step of k + 1
+/// tokens plus `draft_cost(k)` seconds of drafting.
+pub fn best_draft_len(available: usize, a: f64, cost: &CostModel, draft_cost: impl Fn(usize) -> f64) -> usize {
+    let a = a.clamp(0.0, 1.0);
+    let (mut best, mut best_rate) = (0, 1.0 / cost.seconds(1));
+    let mut expected = 1.0;
+    let mut ak = 1.0;
+    for k in 1..=available.min(MAX_DRAFT) {
+        ak *= a;
+        expected += ak;
+        let rate = expected / (cost.seconds(k + 1) + draft_cost(k));
+        if rate > best_rate {
+            (best, best_rate) = (k, rate);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_model_interpolates_from_what_it_measured() {
+        let mut c = CostModel::default();
+        assert_eq!(c.seconds(1), 1.0);
+        assert_eq!(c.seconds(3), 2.0, "prior: half a step per extra token");
+        c.record(1, 0.010);
+        c.record(5, 0.030);
+        assert!((c.seconds(5) - 0.030).abs() < 1e-12);
+        assert!((c.seconds(3) - 0.020).abs() < 1e-12, "{}", c.seconds(3));
+        c.record(1, 0.020);
+        assert!((c.seconds(1) - 0.012).abs() < 1e-12, "moving mean");
+    }
+
+    #[test]
+    fn drafts_only_where_they_pay() {
+        // Memory-bound: extra tokens nearly free → long drafts even at a middling rate.
+        let mut cheap = CostModel::default();
+        cheap.record(1, 1.0);
+        cheap.record(8, 1.1);
+        assert!(best_draft_len(14, 0.5, &cheap, |_| 0.0) >= 3);
+        // Compute-bound (two cores): each extra token 0.65 of a step → only near-certain drafts.
+        let mut dear = CostModel::default();
+        dear.record(1, 1.0);
+        dear.record(8, 1.0 + 7.0 * 0.65);
+        assert_eq!(best_draft_len(14, 0.5, &dear, |_| 0.0), 0);
+        assert_eq!(best_draft_len(14, 0.6, &dear, |_| 0.0), 0);
+        assert!(best_draft_len(14, 0.98, &dear, |_| 0.0) >= 4);
+        // Nothing available, nothing drafted.
+        assert_eq!(best_draft_len(0, 1.0, &cheap, |_| 0.0), 0);
+        // A draft model's own cost counts.
+        assert_eq!(best_draft_len(14, 0.9, &cheap, |k| k as f64 * 2.0), 0);
+    }
+
+    #[test]
+    fn acceptance_follows_evidence_and_fades_back() {
+        let mut a = Acceptance::new();
+        assert!((a.rate() - 0.6).abs() < 1e-12);
+        for _ in 0..20 {
+            a.record(4, 0);
+        }
+        assert!(a.rate() < 0.15, "{}", a.rate());
+        for _ in 0..200 {
+            a.fade();
+        }
+        assert!(a.rate() > 0.5, "evidence fades, the draft gets tried again: {}", a.rate());
+        for _ in 0..20 {
+            a.record(4, 4);
+        }
+        assert!(a.rate() > 0.9, "{}", a.rate());
+    }
+}
