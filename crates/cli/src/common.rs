@@ -55,7 +55,8 @@ pub struct SpecArgs {
     /// for them; at most 14).
     #[arg(long, value_name = "N", default_value_t = kiln_engine::speculative::DEFAULT_DRAFT_MAX)]
     pub draft_max: usize,
-    /// Draft model for --spec draft: a smaller model with the same vocabulary.
+    /// Draft model for --spec draft: a smaller model with the same vocabulary (in `serve`, each
+    /// slot gets its own KV cache for it).
     #[arg(long = "model-draft", value_name = "FILE")]
     pub model_draft: Option<PathBuf>,
 }

@@ -97,33 +97,7 @@ impl Sampler {
         }
         let probs = self.filter(logits);
         let r: f64 = self.rng.gen();
-        draw(&self.candidates, &probs, r, None)
-    }
-
-    /// Picks the next token from `logits` where `draft` was proposed for it (speculative
-    /// decoding), so that the token has exactly the distribution [`Sampler::sample`] gives it:
-    /// greedy picks the same token (the draft is accepted when it is that token); sampling
-    /// accepts the draft with its probability p(draft) and otherwise draws from the other
-    /// tokens in proportion to their probabilities — p(draft) + (1 − p(draft)) · p(x) / (1 −
-    /// p(draft)) = p(x) for every x (the standard scheme, for a proposal that is a function of
-    /// the history: prompt lookup, or a draft model's most likely token). The draft was accepted
-    /// when the result is `draft`.
-    pub fn sample_with_draft(&mut self, logits: &mut [f32], draft: u32) -> u32 {
-        self.apply_penalties(logits);
-        if self.params.temperature <= 0.0 {
-            return argmax(logits);
-        }
-        let probs = self.filter(logits);
-        let at = self.candidates.iter().position(|c| c.0 == draft);
-        let p_draft = at.map_or(0.0, |i| probs[i]);
-        let r: f64 = self.rng.gen();
-        if r < p_draft {
-            return draft;
-        }
-        // Only the draft has any probability: r < 1 = p_draft above, so this is not reached.
-        let rest = 1.0 - p_draft;
-        let r: f64 = self.rng.gen::<f64>() * rest;
-        draw(&self.candidates, &probs, r, at)
+        draw(&self.candidates, &probs, r)
     }
 
     /// Penalised `logits` → the candidates that survive top-k, top-p and min-p (in
@@ -191,21 +165,16 @@ impl Sampler {
 }
 
 /// The candidate where the cumulative probability passes `r` (the last one if rounding leaves `r`
-/// above the total), skipping candidate `skip`.
-fn draw(candidates: &[(u32, f32)], probs: &[f64], r: f64, skip: Option<usize>) -> u32 {
+/// above the total).
+fn draw(candidates: &[(u32, f32)], probs: &[f64], r: f64) -> u32 {
     let mut cum = 0.0;
-    let mut last = None;
     for (i, pr) in probs.iter().enumerate() {
-        if Some(i) == skip {
-            continue;
-        }
         cum += pr;
-        last = Some(i);
         if r < cum {
             return candidates[i].0;
         }
     }
-    candidates[last.unwrap_or(0)].0
+    candidates[candidates.len() - 1].0
 }
 
 /// Index of the largest logit (the lowest index among ties).
@@ -287,46 +256,39 @@ mod tests {
         assert_eq!(s.sample(&mut [1.0, 2.0]), 0);
     }
 
-    /// Speculative sampling leaves each token's distribution as it is: over many seeds the
-    /// frequencies with a proposed draft — a likely one, an unlikely one, one the filters remove —
-    /// match the sampler's exact probabilities (chi-square over the tokens top-p keeps), and
-    /// greedy picks the argmax whatever the draft.
+    /// The sampler's draws have its exact distribution (what speculative decoding's acceptance
+    /// rests on: a drafted token is accepted when the draw is that token, so each token keeps this
+    /// distribution): over 40,000 seeds the frequencies match the filtered probabilities
+    /// (chi-square over the tokens top-p keeps: χ²(6), 0.999 quantile 22.46), and filtered-out
+    /// tokens never come.
     #[test]
-    fn sampling_with_a_draft_keeps_the_distribution() {
+    fn draws_have_the_filtered_distribution() {
         let logits = [2.0f32, 1.5, 1.0, 0.8, 0.2, -0.5, -1.0, -3.0, -9.0];
         let params = SamplingParams { top_k: 0, top_p: 0.98, min_p: 0.0, temperature: 0.9, ..Default::default() };
-        // The exact distribution, from the sampler's own filter.
         let mut s = Sampler::new(params.clone());
         let probs = s.filter(&logits);
         let mut exact = vec![0.0; logits.len()];
         for (c, p) in s.candidates.iter().zip(&probs) {
             exact[c.0 as usize] = *p;
         }
-        assert_eq!(exact[8], 0.0, "top-p removes the last tokens");
         let n = 40_000;
-        for draft in [0u32, 4, 8] {
-            let mut counts = vec![0usize; logits.len()];
-            for seed in 0..n as u64 {
-                let mut s = Sampler::new(SamplingParams { seed, ..params.clone() });
-                counts[s.sample_with_draft(&mut logits.clone(), draft) as usize] += 1;
-            }
-            // Top-p leaves 7 tokens: χ²(6), whose 0.999 quantile is 22.46.
-            let kept: Vec<usize> = (0..logits.len()).filter(|&i| exact[i] > 0.0).collect();
-            assert_eq!(kept.len(), 7);
-            for i in (0..logits.len()).filter(|i| !kept.contains(i)) {
-                assert_eq!(counts[i], 0, "draft {draft}: filtered-out token {i} was output");
-            }
-            let chi2: f64 = kept
-                .iter()
-                .map(|&i| {
-                    let e = exact[i] * n as f64;
-                    (counts[i] as f64 - e).powi(2) / e
-                })
-                .sum();
-            assert!(chi2 < 22.46, "draft {draft}: chi-square {chi2:.1}, counts {counts:?}, exact {exact:?}");
+        let mut counts = vec![0usize; logits.len()];
+        for seed in 0..n as u64 {
+            let mut s = Sampler::new(SamplingParams { seed, ..params.clone() });
+            counts[s.sample(&mut logits.clone()) as usize] += 1;
         }
-        let mut g = Sampler::new(SamplingParams::greedy());
-        assert_eq!(g.sample_with_draft(&mut logits.clone(), 3), 0);
-        assert_eq!(g.sample_with_draft(&mut logits.clone(), 0), 0);
+        let kept: Vec<usize> = (0..logits.len()).filter(|&i| exact[i] > 0.0).collect();
+        assert_eq!(kept.len(), 7, "top-p keeps 7 tokens: {exact:?}");
+        for i in (0..logits.len()).filter(|i| !kept.contains(i)) {
+            assert_eq!(counts[i], 0, "filtered-out token {i} was drawn");
+        }
+        let chi2: f64 = kept
+            .iter()
+            .map(|&i| {
+                let e = exact[i] * n as f64;
+                (counts[i] as f64 - e).powi(2) / e
+            })
+            .sum();
+        assert!(chi2 < 22.46, "chi-square {chi2:.1}, counts {counts:?}, exact {exact:?}");
     }
 }

@@ -36,7 +36,7 @@ use kiln_tokenizer::StreamDecoder;
 
 use crate::constraint::Constraint;
 use crate::session::{find_stop, held_back};
-use crate::speculative::{SpecMode, SpecOptions, Speculator};
+use crate::speculative::{DraftModel, SpecMode, SpecOptions, Speculator};
 use crate::{Model, Sampler, SamplingParams};
 
 /// One generation request.
@@ -54,8 +54,8 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// What the output must match (JSON schema, grammar); compiled before queuing.
     pub constraint: Option<Constraint>,
-    /// Speculative decoding for this request (prompt lookup or off: the scheduler holds no draft
-    /// model).
+    /// Speculative decoding for this request (a draft model only where the scheduler has one:
+    /// [`Scheduler::with_draft`]).
     pub spec: SpecOptions,
     /// Where this request's events go.
     pub sink: Box<dyn EventSink>,
@@ -136,6 +136,10 @@ pub struct SchedulerConfig {
     /// (at least [`MIN_CHUNK`]). While others generate, a step reads fewer (see [`Pace`]), so a
     /// long prompt is read in chunks between their tokens instead of stalling them.
     pub prefill_budget: usize,
+    /// Fault injection for tests of whoever serves: the scheduler panics at this step, as a bug
+    /// would (its requests fail, [`SchedulerStats::failure`] says why, [`Scheduler::run`] ends).
+    #[doc(hidden)]
+    pub panic_at_step: Option<u64>,
 }
 
 /// The fewest prompt tokens read in one step (unless the prompt is shorter). From this many
@@ -264,6 +268,9 @@ struct Slot<'m> {
     /// Step counter value when the slot was last used (least recently used wins ties).
     last_used: u64,
     seq: Option<Sequence<'m>>,
+    /// The slot's draft model state ([`Scheduler::with_draft`]); lent to a sequence that drafts
+    /// with it.
+    draft: Option<DraftModel<'m>>,
 }
 
 struct Sequence<'m> {
@@ -374,12 +381,18 @@ impl<'m> Scheduler<'m> {
     pub fn new(model: &'m Model, cfg: SchedulerConfig, stats: Arc<SchedulerStats>) -> Scheduler<'m> {
         let slots = (0..cfg.n_slots.max(1))
             .map(|_| Slot {
-                cache: KvCache::new(&model.weights.cfg, cfg.n_ctx),
+                cache: {
+                    // Resident from the start: the server's memory does not grow under load.
+                    let mut c = KvCache::new(&model.weights.cfg, cfg.n_ctx);
+                    c.commit();
+                    c
+                },
                 tokens: Vec::new(),
                 prompt_kernel_len: 0,
                 feed: Vec::new(),
                 last_used: 0,
                 seq: None,
+                draft: None,
             })
             .collect();
         Scheduler {
@@ -392,6 +405,19 @@ impl<'m> Scheduler<'m> {
             pace: Pace::default(),
             stats,
         }
+    }
+
+    /// Gives every slot a draft model's state (its own KV cache, resident now), so that requests
+    /// may speculate with `draft` ([`SpecMode::Draft`]); its vocabulary must be the model's
+    /// ([`crate::speculative::check_vocabulary`]).
+    pub fn with_draft(mut self, draft: &'m Model) -> anyhow::Result<Scheduler<'m>> {
+        crate::speculative::check_vocabulary(self.model, draft)?;
+        for slot in &mut self.slots {
+            let mut d = DraftModel::new(draft, self.cfg.n_ctx)?;
+            d.commit();
+            slot.draft = Some(d);
+        }
+        Ok(self)
     }
 
     pub fn n_active(&self) -> usize {
@@ -536,17 +562,14 @@ impl<'m> Scheduler<'m> {
             req.sink.send(Event::Error(e));
             return Ok(());
         }
-        if req.spec.mode == SpecMode::Draft {
-            req.sink.send(Event::Error("speculation with a draft model is not available in the server".into()));
+        if req.spec.mode == SpecMode::Draft && self.slots.iter().all(|s| s.draft.is_none()) {
+            req.sink.send(Event::Error("speculation with a draft model needs one (serve --model-draft FILE)".into()));
             return Ok(());
         }
-        let speculator = match Speculator::new(req.spec, None) {
-            Ok(s) => s,
-            Err(e) => {
-                req.sink.send(Event::Error(e.to_string()));
-                return Ok(());
-            }
-        };
+        if let Err(e) = req.spec.validate() {
+            req.sink.send(Event::Error(e));
+            return Ok(());
+        }
         let best = self
             .slots
             .iter()
@@ -575,6 +598,9 @@ impl<'m> Scheduler<'m> {
         }
         self.stats.prompt_tokens_cached.fetch_add(keep as u64, Ordering::Relaxed);
         let constraint = req.constraint.take();
+        let draft = if req.spec.mode == SpecMode::Draft { slot.draft.take() } else { None };
+        // Checked above: the options are valid, and a draft model is there when asked for.
+        let speculator = Speculator::new(req.spec, draft).ok().flatten();
         slot.seq = Some(Sequence {
             req,
             sampler,
@@ -598,6 +624,9 @@ impl<'m> Scheduler<'m> {
     /// logits. Returns how many slots are still active.
     pub fn step(&mut self) -> usize {
         self.step_no += 1;
+        if self.cfg.panic_at_step == Some(self.step_no) {
+            panic!("fault injection: the scheduler panics at step {}", self.step_no);
+        }
         // Drop the sequences nobody listens to before spending a step on them.
         for i in 0..self.slots.len() {
             if self.slots[i].seq.as_ref().is_some_and(|s| s.req.sink.is_closed()) {
@@ -624,7 +653,8 @@ impl<'m> Scheduler<'m> {
                     history.push(*next);
                     let room = (seq.req.max_tokens.saturating_sub(seq.generated + 1))
                         .min(slot.cache.n_ctx.saturating_sub(slot.tokens.len() + 1));
-                    // Prompt lookup cannot fail; an error would come from a draft model.
+                    // A draft model that fails to draft (its context full) leaves the token to
+                    // plain decoding; the model's own step reports real errors.
                     seq.drafts = sp.propose(&history, room).unwrap_or_default();
                     slot.feed.extend_from_slice(&seq.drafts);
                 }
@@ -755,7 +785,7 @@ impl<'m> Scheduler<'m> {
             let draft = drafts.get(row).copied();
             // Tokens in the cache up to this row's: the drafts after it are not (yet) accepted.
             let in_cache = fed - (drafts.len() - row);
-            match self.advance_one(i, logits, draft, in_cache) {
+            match self.advance_one(i, logits, in_cache) {
                 Ok(next) if draft == Some(next) => accepted += 1,
                 Ok(_) => break,
                 Err(e) => {
@@ -783,10 +813,10 @@ impl<'m> Scheduler<'m> {
         exit
     }
 
-    /// Samples one token of slot `i` from `logits` (where `draft` was proposed, if any) with
-    /// `in_cache` tokens before it in the cache, and hands out the text that became final.
+    /// Samples one token of slot `i` from `logits` with `in_cache` tokens before it in the cache,
+    /// and hands out the text that became final.
     /// Returns the token, or why the sequence ends.
-    fn advance_one(&mut self, i: usize, logits: &mut [f32], draft: Option<u32>, in_cache: usize) -> Result<u32, Exit> {
+    fn advance_one(&mut self, i: usize, logits: &mut [f32], in_cache: usize) -> Result<u32, Exit> {
         let tok = &self.model.tokenizer;
         let slot = &mut self.slots[i];
         let n_ctx = slot.cache.n_ctx;
@@ -797,10 +827,9 @@ impl<'m> Scheduler<'m> {
                 return Err(Exit::Failed(e.to_string()));
             }
         }
-        let next = match draft {
-            Some(d) => seq.sampler.sample_with_draft(logits, d),
-            None => seq.sampler.sample(logits),
-        };
+        // The token plain decoding draws here (same logits, same random number): a drafted token
+        // is accepted when it is this one.
+        let next = seq.sampler.sample(logits);
         seq.sampler.accept(next);
         seq.first_token.get_or_insert_with(Instant::now);
         // Under a constraint an end-of-generation token is drawn only where the output may end.
@@ -852,6 +881,9 @@ impl<'m> Scheduler<'m> {
         let slot = &mut self.slots[i];
         slot.feed.clear();
         let Some(mut seq) = slot.seq.take() else { return };
+        if let Some(d) = seq.speculator.take().and_then(Speculator::into_draft) {
+            slot.draft = Some(d);
+        }
         match why {
             Exit::Gone => {}
             Exit::Failed(msg) => {
@@ -1012,7 +1044,7 @@ mod tests {
     }
 
     fn config(n_slots: usize, prefill_budget: usize) -> SchedulerConfig {
-        SchedulerConfig { n_slots, n_ctx: 256, precision: Precision::Fast, prefill_budget }
+        SchedulerConfig { n_slots, n_ctx: 256, precision: Precision::Fast, prefill_budget, panic_at_step: None }
     }
 
     /// A greedy request whose events go to a log; it holds a place of `stats`.

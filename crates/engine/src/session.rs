@@ -176,10 +176,9 @@ impl<'m> Session<'m> {
                         c.apply(logits)?;
                     }
                     let draft = drafts.get(row).copied();
-                    next = match draft {
-                        Some(d) => sampler.sample_with_draft(logits, d),
-                        None => sampler.sample(logits),
-                    };
+                    // The token plain decoding draws here (same logits, same random number): a
+                    // draft is accepted when it is that token.
+                    next = sampler.sample(logits);
                     sampler.accept(next);
                     let is_draft = draft == Some(next);
                     accepted += usize::from(is_draft);

@@ -57,6 +57,22 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Makes every page of the cache resident now (writes a zero into each), as llama.cpp's
+    /// server does by clearing its KV buffer at start: a server's memory is then taken once, when
+    /// it starts (and checked against what is available: [`check_kv_memory`]), instead of growing
+    /// under load as long prompts reach positions no request reached before.
+    pub fn commit(&mut self) {
+        // Four KiB pages hold 1024 f32s; a write to each is enough (larger pages are touched too).
+        const PER_PAGE: usize = 4096 / std::mem::size_of::<f32>();
+        for v in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            for i in (0..v.len()).step_by(PER_PAGE) {
+                // An opaque value: the compiler may not drop the store as writing what calloc'd
+                // memory already holds.
+                v[i] = std::hint::black_box(0.0);
+            }
+        }
+    }
+
     /// Bytes held when full.
     pub fn capacity_bytes(&self) -> usize {
         2 * self.keys.len() * self.n_ctx * self.kv_dim * std::mem::size_of::<f32>()

@@ -375,6 +375,13 @@ async fn generate(
         });
     }
     let room = n_ctx - prompt.len();
+    let spec = job.spec.resolve(st.cfg.spec);
+    if spec.mode == kiln_engine::speculative::SpecMode::Draft && st.cfg.draft.is_none() {
+        return Err(ApiError::bad_param(
+            "speculative",
+            "speculative.mode \"draft\" needs a draft model, and this server has none (serve --model-draft FILE)",
+        ));
+    }
     // Admitted while fewer than slots + queue requests are running or waiting; the place is given
     // back when the request ends or this handler is dropped (the client went away).
     let capacity = st.cfg.parallel.saturating_add(st.cfg.queue);
@@ -396,7 +403,7 @@ async fn generate(
         max_tokens: job.max_tokens.unwrap_or(room).min(room),
         stop: job.stop,
         stop_at_eog: !job.ignore_eos,
-        spec: job.spec.resolve(st.cfg.spec),
+        spec,
         logprobs,
         constraint,
         sink: Box::new(ChannelSink(tx)),

@@ -56,6 +56,13 @@ pub struct Config {
     pub prefill_budget: usize,
     /// Speculative decoding of requests that do not set their own (`speculative`).
     pub spec: kiln_engine::speculative::SpecOptions,
+    /// A draft model for speculative decoding (`--model-draft`): requests may then speculate with
+    /// it (`"speculative": {"mode": "draft"}`, or by default where `spec` says so).
+    pub draft: Option<DraftModelFile>,
+    /// Fault injection for tests: the scheduler panics at this step (see
+    /// [`SchedulerConfig::panic_at_step`]).
+    #[doc(hidden)]
+    pub fault_scheduler_panic_at_step: Option<u64>,
     /// Longest a client may take to send a request's headers: from the accept for a new
     /// connection, from the first byte for a later request on a kept-alive one. Slower ones are
     /// closed.
@@ -96,12 +103,24 @@ impl Config {
             precision: Precision::Fast,
             prefill_budget: 256,
             spec: Default::default(),
+            draft: None,
+            fault_scheduler_panic_at_step: None,
             header_timeout: HEADER_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             request_timeout: None,
             max_connections: default_max_connections(),
         }
+    }
+}
+
+/// A draft model loaded for the server, shared by its slots (each has its own KV cache for it).
+#[derive(Clone)]
+pub struct DraftModelFile(pub Arc<Model>);
+
+impl std::fmt::Debug for DraftModelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("DraftModelFile").field(&self.0.path).finish()
     }
 }
 
@@ -137,6 +156,27 @@ impl Server {
         // Every slot's KV cache, checked for overflow and against the memory available.
         kiln_model::check_kv_memory(&model.weights.cfg, cfg.ctx, cfg.parallel)
             .with_context(|| format!("--ctx {} --parallel {}", cfg.ctx, cfg.parallel))?;
+        if let Some(d) = &cfg.draft {
+            kiln_engine::speculative::check_vocabulary(&model, &d.0)?;
+            // The draft model's caches too, and both together.
+            let draft_bytes =
+                kiln_model::check_kv_memory(&d.0.weights.cfg, cfg.ctx, cfg.parallel).with_context(|| {
+                    format!("the draft model's KV caches, --ctx {} --parallel {}", cfg.ctx, cfg.parallel)
+                })?;
+            let main_bytes = kiln_model::kv_cache_bytes(&model.weights.cfg, cfg.ctx)
+                .and_then(|b| b.checked_mul(cfg.parallel as u64))
+                .unwrap_or(u64::MAX);
+            if let Some(avail) = kiln_model::available_memory() {
+                anyhow::ensure!(
+                    main_bytes.saturating_add(draft_bytes) <= avail,
+                    "--ctx {} --parallel {}: the KV caches of the model and the draft model need {} together; {} are available",
+                    cfg.ctx,
+                    cfg.parallel,
+                    kiln_model::human_bytes(main_bytes.saturating_add(draft_bytes)),
+                    kiln_model::human_bytes(avail)
+                );
+            }
+        }
         if cfg.api_key.as_deref() == Some("") {
             anyhow::bail!("--api-key is empty");
         }
@@ -163,12 +203,28 @@ impl Server {
             n_ctx: cfg.ctx,
             precision: cfg.precision,
             prefill_budget: cfg.prefill_budget.max(1),
+            panic_at_step: cfg.fault_scheduler_panic_at_step,
         };
         let scheduler = {
             let (model, stats, cancel) = (model.clone(), stats.clone(), cancel.clone());
+            let draft = cfg.draft.clone();
             std::thread::Builder::new()
                 .name("kiln-scheduler".into())
-                .spawn(move || Scheduler::new(&model, sched_cfg, stats).run(&rx, &cancel))
+                .spawn(move || {
+                    let sched = Scheduler::new(&model, sched_cfg, stats.clone());
+                    let mut sched = match &draft {
+                        None => sched,
+                        Some(d) => match sched.with_draft(&d.0) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                // The serve loop sees the scheduler gone and exits with this.
+                                let _ = stats.failure.set(format!("the draft model's slots: {e:#}"));
+                                return;
+                            }
+                        },
+                    };
+                    sched.run(&rx, &cancel)
+                })
                 .context("starting the scheduler thread")?
         };
         // The constraint engine's view of the vocabulary (tens to hundreds of milliseconds) is

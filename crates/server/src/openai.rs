@@ -64,7 +64,7 @@ pub struct Sampling {
     /// llama.cpp's extensions: a JSON Schema, or a GBNF grammar, the output must match.
     pub json_schema: Option<Value>,
     pub grammar: Option<Value>,
-    /// Speculative decoding for this request: `{"mode": "off" | "ngram", "draft_max": N}`
+    /// Speculative decoding for this request: `{"mode": "off" | "ngram" | "draft", "draft_max": N}`
     /// (either field may be left out: the server's default).
     pub speculative: Option<Value>,
     /// llama.cpp's name for the most drafted tokens per verification (0: no speculation).
@@ -562,7 +562,9 @@ fn spec_request(obj: Option<&Value>, n_max: Option<i64>) -> Result<SpecRequest, 
     };
     if let Some(v) = obj {
         let Some(o) = v.as_object() else {
-            return Err(bad("speculative must be an object {\"mode\": \"off\" | \"ngram\", \"draft_max\": N}".into()));
+            return Err(bad(
+                "speculative must be an object {\"mode\": \"off\" | \"ngram\" | \"draft\", \"draft_max\": N}".into(),
+            ));
         };
         for (k, v) in o {
             match k.as_str() {
@@ -572,9 +574,6 @@ fn spec_request(obj: Option<&Value>, n_max: Option<i64>) -> Result<SpecRequest, 
                         .ok_or_else(|| bad("speculative.mode must be a string".into()))?
                         .parse()
                         .map_err(bad)?;
-                    if m == SpecMode::Draft {
-                        return Err(bad("speculative.mode \"draft\" is not available in the server (no draft model is loaded); use \"ngram\" or \"off\"".into()));
-                    }
                     out.mode = Some(m);
                 }
                 "draft_max" => {

@@ -227,7 +227,12 @@ fn check_person(text: &str, ctx: &str) {
         let t = t.as_array().unwrap_or_else(|| panic!("{ctx}: tags not an array: {text}"));
         assert!(t.len() <= 3, "{ctx}: {} tags: {text}", t.len());
         for x in t {
-            let x = x.as_i64().unwrap_or_else(|| panic!("{ctx}: tag {x} not an integer: {text}"));
+            // `-0` is the integer 0 (JSON Schema's integers are numbers without a fraction; the
+            // grammar, like llama.cpp's, allows a minus before 0; serde reads it as -0.0).
+            let x = x
+                .as_i64()
+                .or_else(|| (x.as_f64() == Some(0.0)).then_some(0))
+                .unwrap_or_else(|| panic!("{ctx}: tag {x} not an integer: {text}"));
             assert!((-5..=5).contains(&x), "{ctx}: tag {x} out of bounds: {text}");
         }
     }

@@ -311,3 +311,45 @@ fn a_prompt_too_long_for_any_tokenization_is_refused_unread() {
     still_serves(a);
     srv.stop().unwrap();
 }
+
+/// A scheduler that dies (a panic, as a bug would cause; injected at its fifth step) fails what
+/// it holds and takes the server down with it, loudly: the running stream ends with an error event
+/// naming the panic instead of hanging, a queued non-streamed request gets an error, and the
+/// server stops (its serve loop returns the reason) instead of answering 503 forever while
+/// `/health` says ok.
+#[test]
+fn a_scheduler_panic_fails_its_requests_and_stops_the_server() {
+    let model = load(&synth("Q8_0"));
+    let mut server = Some(start(&model, |c| {
+        c.parallel = 1;
+        c.fault_scheduler_panic_at_step = Some(5);
+    }));
+    let addr = server.as_ref().unwrap().addr;
+    let (mut stream, head) = open(send(addr, "POST", "/v1/completions", Some(&long_stream())));
+    assert_eq!(head.status, 200, "{}", head.body);
+    // Queued behind it (one slot): fails too.
+    let queued =
+        send(addr, "POST", "/v1/completions", Some(json!({"prompt": "Hi", "max_tokens": 4}).to_string().as_bytes()));
+    let mut rest = Vec::new();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.read_to_end(&mut rest).expect("the stream ends (no hang)");
+    let text = dechunk(&(head.body + &String::from_utf8_lossy(&rest)));
+    assert!(text.contains("\"error\"") && text.contains("fault injection"), "{text}");
+    let mut raw = Vec::new();
+    let mut queued = queued;
+    let _ = queued.read_to_end(&mut raw);
+    let queued_text = String::from_utf8_lossy(&raw);
+    assert!(queued_text.starts_with("HTTP/1.1 5"), "{queued_text}");
+    // The server goes away by itself (within its 200 ms check), and its thread ends with the
+    // reason; meanwhile /health says the scheduler failed.
+    let t0 = Instant::now();
+    while TcpStream::connect(addr).is_ok() {
+        if let Ok(h) = std::panic::catch_unwind(|| request(addr, "GET", "/health", None)) {
+            assert!(h.status == 503 && h.body.contains("scheduler failed"), "{}: {}", h.status, h.body);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "the server is still listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = server.take().unwrap().stop().expect_err("the server stops with an error");
+    assert!(format!("{err:#}").contains("scheduler thread stopped"), "{err:#}");
+}

@@ -95,18 +95,18 @@ pub fn main(a: Args) -> Result<ExitCode> {
         bail!("--api-key is empty");
     }
     a.template.check()?;
-    if a.spec.model_draft.is_some() || a.spec.spec == Some(kiln_engine::speculative::SpecMode::Draft) {
-        bail!("serve: speculation with a draft model is not available in the server yet (--spec ngram or off)");
-    }
     let spec = a.spec.options()?;
     common::set_threads(a.threads)?;
-    let mut model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
+    let pages = common::cpu_weight_pages(a.mmap);
+    let mut model = common::load_model_opts(&a.model, pages, &a.load)?;
+    let draft = a.spec.load_draft(&model, pages, &a.load)?;
     // The server renders chat requests with `model.template`; without one it writes the messages
     // as a plain `role: content` transcript.
     a.template.apply(&mut model, "chat messages go in")?;
     let mut cfg = kiln_server::Config::new(&model);
     cfg.host = a.host;
     cfg.spec = spec;
+    cfg.draft = draft.map(|d| kiln_server::DraftModelFile(std::sync::Arc::new(d)));
     cfg.port = a.port;
     cfg.parallel = a.parallel;
     if let Some(c) = a.ctx {

@@ -82,18 +82,33 @@ pub struct Acceptance {
 
 impl Acceptance {
     /// The estimate before evidence, and how many tokens' worth of evidence it counts as.
-    const PRIOR: f64 = 0.6;
+    pub const PRIOR: f64 = 0.6;
     const PRIOR_WEIGHT: f64 = 2.0;
     /// Evidence fades by this factor per verification, and per step without a draft, so the
     /// estimate follows the text and a kind of draft that stopped paying gets tried again.
-    const KEEP: f64 = 0.97;
+    const KEEP: f64 = 0.99;
 
     pub fn new() -> Acceptance {
         Acceptance { accepted: 0.0, tried: 0.0 }
     }
 
     pub fn rate(&self) -> f64 {
-        (self.accepted + Self::PRIOR * Self::PRIOR_WEIGHT) / (self.tried + Self::PRIOR_WEIGHT)
+        self.rate_around(Self::PRIOR)
+    }
+
+    /// The rate with `prior` as the estimate before this evidence (e.g. what drafts of other
+    /// kinds achieved: [`pooled_rate`]).
+    pub fn rate_around(&self, prior: f64) -> f64 {
+        (self.accepted + prior * Self::PRIOR_WEIGHT) / (self.tried + Self::PRIOR_WEIGHT)
+    }
+
+    /// [`Self::rate_around`] plus one standard deviation of its uncertainty: what drafting is
+    /// decided on. Optimism where little is known makes the controller try a kind of draft it
+    /// has no (or only faded) evidence about, and learn what it is worth; with evidence the
+    /// margin shrinks to nothing.
+    pub fn optimistic_rate(&self, prior: f64) -> f64 {
+        let m = self.rate_around(prior);
+        (m + (m * (1.0 - m) / (self.tried + Self::PRIOR_WEIGHT + 1.0)).sqrt()).min(1.0)
     }
 
     /// `accepted` of `drafted` tokens were accepted (a prefix of them).
@@ -109,6 +124,18 @@ impl Acceptance {
         self.accepted *= Self::KEEP;
         self.tried *= Self::KEEP;
     }
+}
+
+/// The acceptance rate of all of `kinds`' evidence together: the prior of each kind's own rate,
+/// so that a kind seen rarely (a longer lookup match) starts from what the others achieved in
+/// this text instead of from nothing.
+pub fn pooled_rate(kinds: &[Acceptance]) -> f64 {
+    let mut all = Acceptance::new();
+    for k in kinds {
+        all.accepted += k.accepted;
+        all.tried += k.tried;
+    }
+    all.rate()
 }
 
 impl Default for Acceptance {
@@ -181,10 +208,18 @@ mod tests {
             a.record(4, 0);
         }
         assert!(a.rate() < 0.15, "{}", a.rate());
-        for _ in 0..200 {
+        let pooled = pooled_rate(&[a.clone(), Acceptance::new()]);
+        assert!(pooled < 0.15, "a kind never tried starts from the others' rate: {pooled}");
+        let low = a.optimistic_rate(Acceptance::PRIOR);
+        for _ in 0..600 {
             a.fade();
         }
-        assert!(a.rate() > 0.5, "evidence fades, the draft gets tried again: {}", a.rate());
+        assert!(a.rate() > 0.5, "evidence fades back to the prior: {}", a.rate());
+        // Optimism: with no evidence the rate decided on is above the prior (so a kind of draft
+        // gets tried), with evidence of failures it is low.
+        assert!(Acceptance::new().optimistic_rate(0.6) > 0.8);
+        assert!(low < 0.3, "{low}");
+        assert!(a.optimistic_rate(Acceptance::PRIOR) > 0.8, "faded evidence, optimism again");
         for _ in 0..20 {
             a.record(4, 4);
         }

@@ -54,6 +54,11 @@ impl<'m> DraftModel<'m> {
         Ok(DraftModel { model, cache: KvCache::try_new(&model.weights.cfg, n_ctx)?, tokens: Vec::new() })
     }
 
+    /// Makes the draft cache's pages resident now ([`KvCache::commit`]).
+    pub fn commit(&mut self) {
+        self.cache.commit();
+    }
+
     /// Up to `k` tokens the draft model finds most likely after `history` (fewer where its
     /// context ends), and the mean seconds of its one-token steps in this call (what a drafted
     /// token costs; catching up on a long history is not one).

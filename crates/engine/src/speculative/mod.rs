@@ -1,9 +1,13 @@
 //! Speculative decoding: tokens proposed cheaply (by prompt lookup or a draft model) are checked
 //! by the model in one forward call of several tokens, which reads the weights once for all of
-//! them. Each drafted token is accepted only where the model itself would have produced it
-//! ([`crate::Sampler::sample_with_draft`]): greedy output is bit for bit plain decoding's (a
-//! verification of fewer than 16 tokens runs on the per-token kernels, whose every row is the
-//! one a single step computes), and sampled output has plain decoding's distribution.
+//! them. A drafted token is kept only where the model draws that very token: at each position the
+//! sampler draws as plain decoding does (the same logits — a verification of fewer than 16 tokens
+//! runs on the per-token kernels, whose every row is the one a single step computes — and the same
+//! random number, one per position), and the draft is accepted when the draw is the draft. So the
+//! output is plain decoding's token for token, greedy or sampled with a seed. For a proposal that
+//! is a function of the history (prompt lookup, a draft model's most likely token) this is the
+//! accept/reject scheme of speculative sampling: the draft is accepted with its probability p(d),
+//! and otherwise the token is drawn from the rest of the distribution.
 //!
 //! A [`Speculator`] belongs to one sequence. It proposes drafts, measures what verifications
 //! cost and how often drafts are accepted, and drafts only as many tokens as pay
@@ -15,7 +19,7 @@ pub mod ngram;
 
 use anyhow::{bail, Result};
 
-use controller::{best_draft_len, Acceptance, CostModel, MAX_DRAFT};
+use controller::{best_draft_len, pooled_rate, Acceptance, CostModel, MAX_DRAFT};
 pub use draft_model::{check_vocabulary, DraftModel};
 
 /// Where drafts come from.
@@ -220,14 +224,14 @@ impl<'m> Speculator<'m> {
                 if p.tokens.is_empty() {
                     return Ok(Vec::new());
                 }
-                let acc = &mut self.acceptance[p.matched];
+                let rate = self.acceptance[p.matched].optimistic_rate(pooled_rate(&self.acceptance));
                 let k = if self.full_drafts {
                     p.tokens.len()
                 } else {
-                    best_draft_len(p.tokens.len(), acc.rate(), &self.cost, |_| 0.0)
+                    best_draft_len(p.tokens.len(), rate, &self.cost, |_| 0.0)
                 };
                 if k == 0 {
-                    acc.fade();
+                    self.acceptance[p.matched].fade();
                 }
                 self.pending_bucket = p.matched;
                 Ok(p.tokens[..k].to_vec())
@@ -235,11 +239,9 @@ impl<'m> Speculator<'m> {
             SpecMode::Draft => {
                 let acc = &mut self.acceptance[0];
                 let per = self.draft_token_secs.unwrap_or(0.0);
-                let k = if self.full_drafts {
-                    room
-                } else {
-                    best_draft_len(room, acc.rate(), &self.cost, |k| k as f64 * per)
-                };
+                let rate = acc.optimistic_rate(Acceptance::PRIOR);
+                let k =
+                    if self.full_drafts { room } else { best_draft_len(room, rate, &self.cost, |k| k as f64 * per) };
                 if k == 0 {
                     acc.fade();
                     return Ok(Vec::new());
@@ -254,6 +256,12 @@ impl<'m> Speculator<'m> {
                 Ok(tokens)
             }
         }
+    }
+
+    /// The draft model's state, given back when the sequence ends (a server slot keeps it for the
+    /// next request, its cache reusable by prefix).
+    pub fn into_draft(self) -> Option<DraftModel<'m>> {
+        self.draft
     }
 
     /// A forward step of `n` tokens took `seconds`.
