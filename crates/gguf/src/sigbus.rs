@@ -15,8 +15,8 @@
 //!
 //! The handler only acts on faults inside a registered map; any other SIGBUS goes to the handler
 //! that was installed before (Rust's runtime's, or the default action) exactly as without it.
-//! Inside the handler only async-signal-safe calls are made: atomic loads, `write(2)`,
-//! `sigaction(2)`, `raise(3)` and `_exit(2)`.
+//! Inside the handler only async-signal-safe calls are made: atomic loads and swaps, `write(2)`,
+//! `pause(2)`, `sigaction(2)`, `raise(3)` and `_exit(2)`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
@@ -48,6 +48,9 @@ static TABLE: [Slot; SLOTS] = [const {
 
 /// The action in place before ours, restored for faults that are not ours.
 static PREVIOUS: OnceLock<Option<libc::sigaction>> = OnceLock::new();
+
+/// Set by the first thread whose fault in a model map ends the process.
+static EXITING: AtomicBool = AtomicBool::new(false);
 
 /// Exit status after a fault in a registered map.
 pub const EXIT_STATUS: i32 = 128 + libc::SIGBUS;
@@ -117,6 +120,15 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
         }
         let path = slot.path.load(Ordering::Relaxed);
         let path_len = slot.path_len.load(Ordering::Relaxed);
+        // Several threads reading the lost pages fault at once: the first says so and exits, the
+        // others wait for the exit (their messages would interleave with its).
+        if EXITING.swap(true, Ordering::AcqRel) {
+            loop {
+                // SAFETY: pause(2) is async-signal-safe; the process ends at the first thread's
+                // _exit.
+                unsafe { libc::pause() };
+            }
+        }
         // SAFETY: write(2) and _exit(2) are async-signal-safe; the path's bytes were leaked at
         // registration, so they are valid for the life of the process.
         unsafe {
