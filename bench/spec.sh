@@ -5,7 +5,7 @@
 # each run's "generated N tokens, X t/s" and the median ratio per prompt; checks that the outputs
 # are identical.
 #
-#   bench/spec.sh [MODEL.gguf] [ROUNDS] [N_PREDICT] [extra kiln run flags for the speculating runs]
+#   [PROMPTS="free"] bench/spec.sh [MODEL.gguf] [ROUNDS] [N_PREDICT] [kiln run flags for the speculating runs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-target/release/kiln}
@@ -17,7 +17,7 @@ SPEC=("$@")
 [ ${#SPEC[@]} -eq 0 ] && SPEC=(--spec ngram)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-for prompt in code_edit summarise free; do
+for prompt in ${PROMPTS:-code_edit summarise free}; do
   ratios=()
   for r in $(seq "$ROUNDS"); do
     "$KILN" run -m "$MODEL" --temp 0 -n "$N" --spec off -p "$(cat bench/spec/$prompt.txt)" >"$tmp/off" 2>"$tmp/off.err"

@@ -70,14 +70,15 @@ fn speculative_greedy(fixture_name: &str) {
         let mut script = case.prompt_tokens.clone();
         script.extend(case.continuation.iter().enumerate().map(|(i, &t)| if i % 5 == 3 { (t + 1) % 7 } else { t }));
         let name = format!("{fixture_name} case {}", case.name);
+        let mut sp = Speculator::scripted(script.clone(), 14).unwrap();
+        assert_eq!(generate(case, Precision::Exact, Some(&mut sp)), case.continuation, "{name}: exact, scripted");
+        assert!(sp.stats.accepted > 0 && sp.stats.accepted < sp.stats.drafted, "{name}: {:?}", sp.stats);
+        let plain = generate(case, Precision::Fast, None);
         for draft_max in [14, 3] {
             let mut sp = Speculator::scripted(script.clone(), draft_max).unwrap();
-            assert_eq!(generate(case, Precision::Exact, Some(&mut sp)), case.continuation, "{name}: exact, scripted");
+            assert_eq!(generate(case, Precision::Fast, Some(&mut sp)), plain, "{name}: default path, scripted");
             assert!(sp.stats.accepted > 0 && sp.stats.accepted < sp.stats.drafted, "{name}: {:?}", sp.stats);
         }
-        let plain = generate(case, Precision::Fast, None);
-        let mut sp = Speculator::scripted(script.clone(), 14).unwrap();
-        assert_eq!(generate(case, Precision::Fast, Some(&mut sp)), plain, "{name}: default path, scripted");
         let mut sp = Speculator::new(SpecOptions::default(), None).unwrap().unwrap().always_full_drafts();
         assert_eq!(generate(case, Precision::Fast, Some(&mut sp)), plain, "{name}: default path, prompt lookup");
     }
