@@ -117,3 +117,20 @@ def describe(e):
     if isinstance(e, asyncio.IncompleteReadError):
         return "connection closed mid-response"
     return f"{type(e).__name__}: {e}".strip()
+
+
+# The chat prompts the load scripts cycle through (soak.py, loadtest.py).
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis in two sentences.",
+    "Name five animals that live in the ocean.",
+    "What are the three primary colors?",
+    "Give me a recipe for pancakes.",
+    "Why is the sky blue?",
+    "Tell me a short story about a robot.",
+    "What is 12 times 12?",
+    "Describe the water cycle.",
+    "List the planets of the solar system.",
+    "What is a prime number?",
+]

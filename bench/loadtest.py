@@ -15,6 +15,7 @@ Needs `python3 -m pip install openai`.
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,20 +25,8 @@ try:
 except ImportError:
     sys.exit("loadtest: the openai package is missing: python3 -m pip install openai")
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain photosynthesis in two sentences.",
-    "Name five animals that live in the ocean.",
-    "What are the three primary colors?",
-    "Give me a recipe for pancakes.",
-    "Why is the sky blue?",
-    "Tell me a short story about a robot.",
-    "What is 12 times 12?",
-    "Describe the water cycle.",
-    "List the planets of the solar system.",
-    "What is a prime number?",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kiln_http import PROMPTS  # noqa: E402
 
 
 class Stats:

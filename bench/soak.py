@@ -55,20 +55,6 @@ import time
 
 DEFAULT_MODEL = os.path.expanduser("~/.cache/kiln/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain photosynthesis in two sentences.",
-    "Name five animals that live in the ocean.",
-    "What are the three primary colors?",
-    "Give me a recipe for pancakes.",
-    "Why is the sky blue?",
-    "Tell me a short story about a robot.",
-    "What is 12 times 12?",
-    "Describe the water cycle.",
-    "List the planets of the solar system.",
-    "What is a prime number?",
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +63,7 @@ PROMPTS = [
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kiln_http import Response, request, simple, describe  # noqa: E402
+from kiln_http import PROMPTS, Response, request, simple, describe  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

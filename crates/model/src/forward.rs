@@ -951,29 +951,30 @@ pub(crate) fn attend_heads(
     }
     scores.clear();
     scores.resize(at[m], 0.0);
-    let before = |j: usize, r: usize| at[j] + if r == 1 { spans[j][0].len() } else { 0 };
-    let blocks = |r: usize| {
+    // The pieces of run `r`'s positions block by block, each block for every query that sees part
+    // of it: (query, positions, where its scores start).
+    let at_ref = &at[..];
+    let pieces = |r: usize| {
         let lo = spans.iter().map(|sp| sp[r].start).min().unwrap_or(0);
         let hi = spans.iter().map(|sp| sp[r].end).max().unwrap_or(0);
-        (lo..hi).step_by(SHARED_BLOCK).map(move |b| b..(b + SHARED_BLOCK).min(hi))
+        (lo..hi).step_by(SHARED_BLOCK).flat_map(move |b| {
+            let block = b..(b + SHARED_BLOCK).min(hi);
+            spans.iter().enumerate().filter_map(move |(j, sp)| {
+                let s = block.start.max(sp[r].start)..block.end.min(sp[r].end);
+                let first = at_ref[j] + if r == 1 { sp[0].len() } else { 0 };
+                (!s.is_empty()).then(|| (j, s.clone(), first + (s.start - sp[r].start)))
+            })
+        })
     };
-    let clip = |a: &std::ops::Range<usize>, b: &std::ops::Range<usize>| a.start.max(b.start)..a.end.min(b.end);
     for (r, run) in runs.iter().enumerate() {
-        for block in blocks(r) {
-            for (j, sp) in spans.iter().enumerate() {
-                let s = clip(&block, &sp[r]);
-                if s.is_empty() {
-                    continue;
-                }
-                let o = before(j, r) + (s.start - sp[r].start);
-                matmul::dot_f32_rows(
-                    &qs[j * d..(j + 1) * d],
-                    &run.keys[s.start * run.stride..],
-                    run.stride,
-                    scale,
-                    &mut scores[o..o + s.len()],
-                );
-            }
+        for (j, s, o) in pieces(r) {
+            matmul::dot_f32_rows(
+                &qs[j * d..(j + 1) * d],
+                &run.keys[s.start * run.stride..],
+                run.stride,
+                scale,
+                &mut scores[o..o + s.len()],
+            );
         }
     }
     let mut inv = Vec::with_capacity(m);
@@ -988,21 +989,14 @@ pub(crate) fn attend_heads(
     }
     out.fill(0.0);
     for (r, run) in runs.iter().enumerate() {
-        for block in blocks(r) {
-            for (j, sp) in spans.iter().enumerate() {
-                let s = clip(&block, &sp[r]);
-                if s.is_empty() {
-                    continue;
-                }
-                let o = before(j, r) + (s.start - sp[r].start);
-                matmul::axpy_f32_rows(
-                    &mut out[j * d..(j + 1) * d],
-                    &scores[o..o + s.len()],
-                    inv[j],
-                    &run.values[s.start * run.stride..],
-                    run.stride,
-                );
-            }
+        for (j, s, o) in pieces(r) {
+            matmul::axpy_f32_rows(
+                &mut out[j * d..(j + 1) * d],
+                &scores[o..o + s.len()],
+                inv[j],
+                &run.values[s.start * run.stride..],
+                run.stride,
+            );
         }
     }
 }
