@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use kiln_engine::{Model, SamplingParams, Session, WeightPages};
+use kiln_engine::{Backend, GpuModel, Model, SamplingParams, Session, WeightPages};
 use kiln_model::Precision;
 use kiln_tokenizer::template::ChatTemplate;
 use kiln_tokenizer::Tokenizer;
@@ -30,6 +30,75 @@ pub fn load_model(m: &Option<PathBuf>, load: &LoadArgs) -> Result<Model> {
 pub fn load_model_opts(m: &Option<PathBuf>, pages: WeightPages, load: &LoadArgs) -> Result<Model> {
     let p = model_path(m)?;
     Model::load_opts(&p, pages, load.allow_nonfinite)
+}
+
+/// `--backend` of the commands that run a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BackendArgs {
+    /// Where the forward pass runs: `cpu`; `cuda` (an NVIDIA GPU, in builds with `--features
+    /// cuda`); `auto`: the GPU when a usable one is present (a line on stderr names it), else
+    /// the CPU.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+}
+
+impl BackendArgs {
+    /// Loads the model where `--backend` says, with `extra(model)` bytes of GPU memory needed
+    /// beside the weights (KV cache, buffers). `exact`: the exact path, which runs on the CPU
+    /// only (`auto` then takes the CPU; `cuda` is refused).
+    pub fn load(
+        &self,
+        m: &Option<PathBuf>,
+        mmap: bool,
+        load: &LoadArgs,
+        exact: bool,
+        extra: impl FnOnce(&Model) -> usize,
+    ) -> Result<(Model, Option<GpuModel>)> {
+        let b = match (self.backend, exact) {
+            (BackendArg::Cuda, true) => bail!("--exact runs on the CPU only (drop --backend cuda)"),
+            (_, true) | (BackendArg::Cpu, _) => Backend::Cpu,
+            (BackendArg::Cuda, _) => Backend::Cuda,
+            (BackendArg::Auto, _) => Backend::Auto,
+        };
+        let choice = kiln_engine::backend::choose(b)?;
+        if !choice.is_gpu() {
+            return Ok((load_model_opts(m, cpu_weight_pages(mmap), load)?, None));
+        }
+        // The GPU reads the file's layout: no private copy for the CPU kernels.
+        let model = load_model_opts(m, WeightPages::Mapped, load)?;
+        let bytes = extra(&model);
+        match choice.upload(&model, |_| bytes)? {
+            Some(gpu) => Ok((model, Some(gpu))),
+            // `auto` met a model the GPU cannot run (a notice said so): the CPU's layout after all.
+            None if cpu_weight_pages(mmap) != WeightPages::Mapped => {
+                drop(model);
+                Ok((load_model_opts(m, cpu_weight_pages(mmap), load)?, None))
+            }
+            None => Ok((model, None)),
+        }
+    }
+}
+
+/// A session of `n_ctx` positions on the GPU when there is one, else on the CPU (checked as
+/// [`session`]).
+pub fn session_on<'m>(
+    model: &'m Model,
+    gpu: Option<&'m GpuModel>,
+    n_ctx: usize,
+    precision: Precision,
+    flag: &str,
+) -> Result<Session<'m>> {
+    match gpu {
+        Some(g) => Session::on_gpu(model, n_ctx, g).with_context(|| flag.to_string()),
+        None => session(model, n_ctx, precision, flag),
+    }
 }
 
 /// Flags of every command that loads a model for inference.

@@ -34,6 +34,22 @@ typedef unsigned long long usize;
 #define T_Q4_0R 102
 #define T_Q8_0R 108
 
+// Positions of a chunk's rows in a paged KV cache. Row t is at position pos[t] of its sequence,
+// whose block table starts at bt[tbl[t]]: position s of that sequence lives in row
+// bt[tbl[t] + s / KV_BLOCK] * KV_BLOCK + s % KV_BLOCK of each layer's K and V pools. One sequence
+// with the identity table is a contiguous cache. KV_BLOCK is set at compile time (-DKV_BLOCK).
+#ifndef KV_BLOCK
+#define KV_BLOCK 16
+#endif
+struct KvMap {
+    const int* pos;
+    const int* tbl;
+    const int* bt;
+};
+__device__ __forceinline__ usize kv_row(const KvMap& m, int t, int s) {
+    return (usize)m.bt[m.tbl[t] + s / KV_BLOCK] * KV_BLOCK + (usize)(s % KV_BLOCK);
+}
+
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -486,34 +502,35 @@ __device__ __forceinline__ float frag_dot(const Frag& f, int u, const float4* xv
 // EPI_SWIGLU: rows interleaved as (gate_i, up_i) at upload; writes y[i] = silu(gate) · up in f64,
 //   exactly as the swiglu kernel;
 // EPI_ROPE_KV: rows [q | k | v] of width qd + 2·kvd; rotates the q and k pairs of the first n_rot
-//   dims of each head by the angles of position meta[0] + t (f64, exactly as rope_kv), writes them
-//   to y and stores k and v into the caches at that position.
+//   dims of each head by the angles of row t's position (f64, exactly as rope_kv), writes them
+//   to y and stores k and v into the caches at that position (KvMap).
 #define EPI_PLAIN 0
 #define EPI_SWIGLU 1
 #define EPI_ROPE_KV 2
 struct Epi {
     int mode;
     const float2* cs;
-    const int* meta;
+    KvMap map;
     float* kc;
     float* vc;
     int qd, kvd, d, half;
 };
 
-__device__ __forceinline__ void epilogue_pair(const Epi& ep, float* yt, int r, float a, float b) {
+__device__ __forceinline__ void epilogue_pair(const Epi& ep, float* yt, int r, float a, float b, int tok) {
     if (ep.mode == EPI_SWIGLU) {
         double g = a, u = b;
         yt[r >> 1] = (float)(g / (1.0 + exp(-g)) * u);
         return;
     }
-    const int pos = ep.meta[0] + blockIdx.y;
+    const int pos = ep.map.pos[tok];
     const int kvr = r - ep.qd;
     if (kvr >= ep.kvd) {
         const int vr = kvr - ep.kvd;
+        const usize at = kv_row(ep.map, tok, pos) * ep.kvd + vr;
         yt[r] = a;
         yt[r + 1] = b;
-        ep.vc[(usize)pos * ep.kvd + vr] = a;
-        ep.vc[(usize)pos * ep.kvd + vr + 1] = b;
+        ep.vc[at] = a;
+        ep.vc[at + 1] = b;
         return;
     }
     const int jd = (kvr >= 0 ? kvr : r) % ep.d;
@@ -527,24 +544,32 @@ __device__ __forceinline__ void epilogue_pair(const Epi& ep, float* yt, int r, f
     yt[r] = o0;
     yt[r + 1] = o1;
     if (kvr >= 0) {
-        ep.kc[(usize)pos * ep.kvd + kvr] = o0;
-        ep.kc[(usize)pos * ep.kvd + kvr + 1] = o1;
+        const usize at = kv_row(ep.map, tok, pos) * ep.kvd + kvr;
+        ep.kc[at] = o0;
+        ep.kc[at + 1] = o1;
     }
 }
 
-// y[t * ldy + r] (+)= Σ_c W[r, c] · xn[c], token t = blockIdx.y, xn = x[t * ldx ..] or, when g is
-// not null, RMSNorm(x) · g computed here exactly as the rms_norm kernel (mean in f64); ep: see Epi.
-// Dynamic shared memory: ceil(cols / 1024) · (4096 + 256) bytes.
-template <int T>
+// y[t * ldy + r] (+)= Σ_c W[r, c] · xn_t[c] for the block's tokens t = blockIdx.y · TM ..
+// (at most TM, fewer at the end of `ntok`), xn_t = x[t * ldx ..] or, when g is not null,
+// RMSNorm(x_t) · g computed here exactly as the rms_norm kernel (mean in f64); ep: see Epi.
+// Each weight fragment is loaded once and applied to the block's TM tokens; every token's sums
+// run in the order of the one-token kernel (same steps, same expressions), so a row's result does
+// not depend on TM or on the other tokens: batches get the bits of one-token steps.
+// Dynamic shared memory: TM · ceil(cols / 1024) · (4096 + 256) bytes.
+template <int T, int TM>
 __device__ __forceinline__ void matvec_fast_impl(const u8* __restrict__ W, long long rb, const float* __restrict__ x,
                                                  const float* __restrict__ g, double eps, float* __restrict__ y,
-                                                 int rows, int cols, int ldx, int ldy, int acc, const Epi& ep) {
-    extern __shared__ float4 xs[];
+                                                 int rows, int cols, int ldx, int ldy, int acc, int ntok,
+                                                 const Epi& ep) {
+    extern __shared__ float4 xs_all[];
     __shared__ double red[32];
     const int nt = (cols + 1023) >> 10, nu = cols >> 5;
-    float* xsum = (float*)(xs + nt * 256);
+    // Per token: its activations (nt · 256 float4s), then its unit sums (nt · 64 floats).
+    const int per_tok = nt * 272;
+    const int t0 = (int)blockIdx.y * TM;
+    const int tcount = min(TM, ntok - t0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const float* xt = x + (usize)blockIdx.y * ldx;
     // The block's work: row groups blockIdx.x, blockIdx.x + gridDim.x, ... (MVF_WARPS * MVF_R rows
     // each), one stream of (group, tile) steps per warp, weights requested MVF_P steps ahead
     // (across group boundaries) from a register ring. The first steps are requested before the
@@ -559,59 +584,68 @@ __device__ __forceinline__ void matvec_fast_impl(const u8* __restrict__ W, long 
         if (p < total) stream_load<T>(W, rb, rows, nu, lp, lane, buf[p]);
         lp.next(nt, gstride);
     }
-    // Prologue: stage x (item = tile, half, lane: 4 float4s).
+    // Prologue, token by token: stage x (item = tile, half, lane: 4 float4s).
     const int items = nt * 64;
-    double ss = 0.0;
-    for (int it = threadIdx.x; it < items; it += blockDim.x) {
-        int tile = it >> 6, half = (it >> 5) & 1, l = it & 31, u = tile * 32 + l;
-        if (u >= nu) continue;
+    for (int k = 0; k < tcount; k++) {
+        float4* xs = xs_all + k * per_tok;
+        float* xsum = (float*)(xs + nt * 256);
+        const float* xt = x + (usize)(t0 + k) * ldx;
+        double ss = 0.0;
+        for (int it = threadIdx.x; it < items; it += blockDim.x) {
+            int tile = it >> 6, half = (it >> 5) & 1, l = it & 31, u = tile * 32 + l;
+            if (u >= nu) continue;
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            int k = half * 4 + kk;
-            float4 v = *(const float4*)(xt + unit_elem<T>(u, k));
-            ss += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
-            xs[(tile * 8 + k) * 32 + l] = v;
+            for (int kk = 0; kk < 4; kk++) {
+                int q = half * 4 + kk;
+                float4 v = *(const float4*)(xt + unit_elem<T>(u, q));
+                ss += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+                xs[(tile * 8 + q) * 32 + l] = v;
+            }
         }
-    }
-    double scale = 1.0;
-    if (g) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) red[warp] = ss;
-        __syncthreads();
-        if (warp == 0) {
-            ss = lane < MVF_WARPS ? red[lane] : 0.0;
+        double scale = 1.0;
+        if (g) {
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            if (lane == 0) red[0] = ss;
-        }
-        __syncthreads();
-        scale = 1.0 / sqrt(red[0] / (double)cols + eps);
-    }
-    for (int it = threadIdx.x; it < items; it += blockDim.x) {
-        int tile = it >> 6, half = (it >> 5) & 1, l = it & 31, u = tile * 32 + l;
-        if (u >= nu) continue;
-        float sum = 0.f;
+            if (lane == 0) red[warp] = ss;
+            __syncthreads();
+            if (warp == 0) {
+                ss = lane < MVF_WARPS ? red[lane] : 0.0;
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            int k = half * 4 + kk;
-            float4 v = xs[(tile * 8 + k) * 32 + l];
-            if (g) {
-                float4 gv = *(const float4*)(g + unit_elem<T>(u, k));
-                v.x = (float)(((double)v.x * scale) * (double)gv.x);
-                v.y = (float)(((double)v.y * scale) * (double)gv.y);
-                v.z = (float)(((double)v.z * scale) * (double)gv.z);
-                v.w = (float)(((double)v.w * scale) * (double)gv.w);
-                xs[(tile * 8 + k) * 32 + l] = v;
+                for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+                if (lane == 0) red[0] = ss;
             }
-            sum += (v.x + v.y) + (v.z + v.w);
+            __syncthreads();
+            scale = 1.0 / sqrt(red[0] / (double)cols + eps);
+            // red[0] is read by every thread before the next token's warps overwrite red.
+            __syncthreads();
         }
-        xsum[(tile * 2 + half) * 32 + l] = sum;
+        for (int it = threadIdx.x; it < items; it += blockDim.x) {
+            int tile = it >> 6, half = (it >> 5) & 1, l = it & 31, u = tile * 32 + l;
+            if (u >= nu) continue;
+            float sum = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                int q = half * 4 + kk;
+                float4 v = xs[(tile * 8 + q) * 32 + l];
+                if (g) {
+                    float4 gv = *(const float4*)(g + unit_elem<T>(u, q));
+                    v.x = (float)(((double)v.x * scale) * (double)gv.x);
+                    v.y = (float)(((double)v.y * scale) * (double)gv.y);
+                    v.z = (float)(((double)v.z * scale) * (double)gv.z);
+                    v.w = (float)(((double)v.w * scale) * (double)gv.w);
+                    xs[(tile * 8 + q) * 32 + l] = v;
+                }
+                sum += (v.x + v.y) + (v.z + v.w);
+            }
+            xsum[(tile * 2 + half) * 32 + l] = sum;
+        }
     }
     __syncthreads();
-    float accs[MVF_R];
+    float accs[TM][MVF_R];
 #pragma unroll
-    for (int j = 0; j < MVF_R; j++) accs[j] = 0.f;
+    for (int k = 0; k < TM; k++)
+#pragma unroll
+        for (int j = 0; j < MVF_R; j++) accs[k][j] = 0.f;
     for (int s0 = 0; s0 < total; s0 += MVF_P) {
 #pragma unroll
         for (int p = 0; p < MVF_P; p++) {
@@ -619,52 +653,65 @@ __device__ __forceinline__ void matvec_fast_impl(const u8* __restrict__ W, long 
             if (s >= total) break;
             const int t = cp.t, u = t * 32 + lane;
             if (u < nu) {
-                if constexpr (T == T_Q4_K) {
-                    // One float4 of activations at a time, used by all rows: fewer live registers
-                    // (80 with 3 blocks per SM; the order below needs 100, 2 blocks per SM), which
-                    // measured faster for Q4_K and slower for the others (H100, TinyLlama shape).
-                    float sq[MVF_R][2];
 #pragma unroll
-                    for (int j = 0; j < MVF_R; j++) sq[j][0] = sq[j][1] = 0.f;
+                for (int k = 0; k < TM; k++) {
+                    if (k >= tcount) break;
+                    const float4* xs = xs_all + k * per_tok;
+                    const float* xsum = (const float*)(xs + nt * 256);
+                    if constexpr (T == T_Q4_K) {
+                        // One float4 of activations at a time, used by all rows: fewer live
+                        // registers (80 with 3 blocks per SM; the order below needs 100, 2 blocks
+                        // per SM), which measured faster for Q4_K and slower for the others (H100,
+                        // TinyLlama shape).
+                        float sq[MVF_R][2];
 #pragma unroll
-                    for (int k = 0; k < 8; k++) {
-                        const float4 xv = xs[(t * 8 + k) * 32 + lane];
+                        for (int j = 0; j < MVF_R; j++) sq[j][0] = sq[j][1] = 0.f;
 #pragma unroll
-                        for (int j = 0; j < MVF_R; j++) frag_acc<T>(buf[p][j], k, xv, sq[j][k >> 2]);
+                        for (int q = 0; q < 8; q++) {
+                            const float4 xv = xs[(t * 8 + q) * 32 + lane];
+#pragma unroll
+                            for (int j = 0; j < MVF_R; j++) frag_acc<T>(buf[p][j], q, xv, sq[j][q >> 2]);
+                        }
+                        const float x0 = xsum[(t * 2) * 32 + lane], x1 = xsum[(t * 2 + 1) * 32 + lane];
+#pragma unroll
+                        for (int j = 0; j < MVF_R; j++)
+                            accs[k][j] += frag_finish<T>(buf[p][j], u, sq[j][0], sq[j][1], x0, x1);
+                    } else {
+                        float4 xv[8];
+#pragma unroll
+                        for (int q = 0; q < 8; q++) xv[q] = xs[(t * 8 + q) * 32 + lane];
+                        const float x0 = xsum[(t * 2) * 32 + lane], x1 = xsum[(t * 2 + 1) * 32 + lane];
+#pragma unroll
+                        for (int j = 0; j < MVF_R; j++) accs[k][j] += frag_dot<T>(buf[p][j], u, xv, x0, x1);
                     }
-                    const float x0 = xsum[(t * 2) * 32 + lane], x1 = xsum[(t * 2 + 1) * 32 + lane];
-#pragma unroll
-                    for (int j = 0; j < MVF_R; j++) accs[j] += frag_finish<T>(buf[p][j], u, sq[j][0], sq[j][1], x0, x1);
-                } else {
-                    float4 xv[8];
-#pragma unroll
-                    for (int k = 0; k < 8; k++) xv[k] = xs[(t * 8 + k) * 32 + lane];
-                    const float x0 = xsum[(t * 2) * 32 + lane], x1 = xsum[(t * 2 + 1) * 32 + lane];
-#pragma unroll
-                    for (int j = 0; j < MVF_R; j++) accs[j] += frag_dot<T>(buf[p][j], u, xv, x0, x1);
                 }
             }
             if (s + MVF_P < total) stream_load<T>(W, rb, rows, nu, lp, lane, buf[p]);
             lp.next(nt, gstride);
             if (t == nt - 1) {
                 const int r0 = cp.r0;
-                float v[MVF_R];
 #pragma unroll
-                for (int j = 0; j < MVF_R; j++) {
-                    v[j] = warp_sum(accs[j]);
-                    accs[j] = 0.f;
-                }
-                if (lane == 0) {
-                    float* yt = y + (usize)blockIdx.y * ldy;
-                    if (ep.mode == EPI_PLAIN) {
+                for (int k = 0; k < TM; k++) {
+                    if (k >= tcount) break;
+                    float v[MVF_R];
 #pragma unroll
-                        for (int j = 0; j < MVF_R; j++) {
-                            if (r0 + j < rows) yt[r0 + j] = acc ? yt[r0 + j] + v[j] : v[j];
-                        }
-                    } else {
+                    for (int j = 0; j < MVF_R; j++) {
+                        v[j] = warp_sum(accs[k][j]);
+                        accs[k][j] = 0.f;
+                    }
+                    if (lane == 0) {
+                        const int tok = t0 + k;
+                        float* yt = y + (usize)tok * ldy;
+                        if (ep.mode == EPI_PLAIN) {
 #pragma unroll
-                        for (int j = 0; j + 1 < MVF_R; j += 2) {
-                            if (r0 + j < rows) epilogue_pair(ep, yt, r0 + j, v[j], v[j + 1]);
+                            for (int j = 0; j < MVF_R; j++) {
+                                if (r0 + j < rows) yt[r0 + j] = acc ? yt[r0 + j] + v[j] : v[j];
+                            }
+                        } else {
+#pragma unroll
+                            for (int j = 0; j + 1 < MVF_R; j += 2) {
+                                if (r0 + j < rows) epilogue_pair(ep, yt, r0 + j, v[j], v[j + 1], tok);
+                            }
                         }
                     }
                 }
@@ -676,19 +723,27 @@ __device__ __forceinline__ void matvec_fast_impl(const u8* __restrict__ W, long 
 
 // The launch bounds: a minimum of resident blocks per SM changes ptxas's register budget (even
 // a minimum of 1: 113 registers for Q4_0 where none gives 80).
-#define KILN_FAST_KERNEL(name, T, ...)                                                                                \
+// Variants by tokens per block (TM): 1 (one-token steps), 4 and 8 (generation steps of many
+// sequences: each weight fragment read once per 4 or 8 rows).
+#define KILN_FAST_KERNEL(name, T, TM, ...)                                                                            \
     extern "C" __global__ void __launch_bounds__(__VA_ARGS__)                                                          \
         matvec_fast_##name(const u8* W, long long rb, const float* x, const float* g, double eps, float* y, int rows,  \
-                           int cols, int ldx, int ldy, int acc, int epi, const float2* cs, const int* meta, float* kc,  \
-                           float* vc, int qd, int kvd, int d, int half) {                                              \
-        const Epi ep = {epi, cs, meta, kc, vc, qd, kvd, d, half};                                                      \
-        matvec_fast_impl<T>(W, rb, x, g, eps, y, rows, cols, ldx, ldy, acc, ep);                                       \
+                           int cols, int ldx, int ldy, int acc, int ntok, int epi, const float2* cs, const int* pos,   \
+                           const int* tbl, const int* bt, float* kc, float* vc, int qd, int kvd, int d, int half) {    \
+        const Epi ep = {epi, cs, {pos, tbl, bt}, kc, vc, qd, kvd, d, half};                                            \
+        matvec_fast_impl<T, TM>(W, rb, x, g, eps, y, rows, cols, ldx, ldy, acc, ntok, ep);                             \
     }
 
-KILN_FAST_KERNEL(q4_0r, T_Q4_0R, MVF_WARPS * 32)
-KILN_FAST_KERNEL(q8_0r, T_Q8_0R, MVF_WARPS * 32)
+KILN_FAST_KERNEL(q4_0r, T_Q4_0R, 1, MVF_WARPS * 32)
+KILN_FAST_KERNEL(q8_0r, T_Q8_0R, 1, MVF_WARPS * 32)
 // Q4_K: 24 resident warps per SM (80 registers per thread).
-KILN_FAST_KERNEL(q4_k, T_Q4_K, MVF_WARPS * 32, (24 / MVF_WARPS > 0 ? 24 / MVF_WARPS : 1))
+KILN_FAST_KERNEL(q4_k, T_Q4_K, 1, MVF_WARPS * 32, (24 / MVF_WARPS > 0 ? 24 / MVF_WARPS : 1))
+KILN_FAST_KERNEL(q4_0r_t4, T_Q4_0R, 4, MVF_WARPS * 32)
+KILN_FAST_KERNEL(q8_0r_t4, T_Q8_0R, 4, MVF_WARPS * 32)
+KILN_FAST_KERNEL(q4_k_t4, T_Q4_K, 4, MVF_WARPS * 32)
+KILN_FAST_KERNEL(q4_0r_t8, T_Q4_0R, 8, MVF_WARPS * 32)
+KILN_FAST_KERNEL(q8_0r_t8, T_Q8_0R, 8, MVF_WARPS * 32)
+KILN_FAST_KERNEL(q4_k_t8, T_Q4_K, 8, MVF_WARPS * 32)
 
 // out[r * cols + c] = f16(W[r, c]) for the batched (cuBLAS) path.
 template <int T>
@@ -801,14 +856,16 @@ extern "C" __global__ void split_f16(const float* __restrict__ x, u16* __restric
 
 // RoPE on q and k of each token (adjacent pairs of the first n_rot dims of every head, angles
 // from the f32 table cs[pos][i] = (cos, sin) computed in f64 on the host), then k and v are
-// stored into the caches at position meta[0] + t. Blocks (t, i): the blocks of token t share its
+// stored into the caches at row t's position (KvMap). Blocks (t, i): the blocks of token t share its
 // elements (one block per token took ~20 us on the 7B shape: 2 x 4096 elements in f64); qkv rows
 // are [q | k | v].
 extern "C" __global__ void rope_kv(float* __restrict__ qkv, int stride, const float2* __restrict__ cs,
-                                   const int* __restrict__ meta, float* __restrict__ kc, float* __restrict__ vc,
-                                   int n_head, int n_head_kv, int d, int half, int kv_stride) {
+                                   const int* __restrict__ pos_, const int* __restrict__ tbl, const int* __restrict__ bt,
+                                   float* __restrict__ kc, float* __restrict__ vc, int n_head, int n_head_kv, int d,
+                                   int half, int kv_stride) {
+    const KvMap map = {pos_, tbl, bt};
     int t = blockIdx.x;
-    int pos = meta[0] + t;
+    int pos = pos_[t];
     float* q = qkv + (usize)t * stride;
     int qd = n_head * d, kvd = n_head_kv * d;
     float* k = q + qd;
@@ -822,8 +879,8 @@ extern "C" __global__ void rope_kv(float* __restrict__ qkv, int stride, const fl
         q[h * d + 2 * i] = (float)(x0 * cc - x1 * ss);
         q[h * d + 2 * i + 1] = (float)(x0 * ss + x1 * cc);
     }
-    float* kd = kc + (usize)pos * kv_stride;
-    float* vd = vc + (usize)pos * kv_stride;
+    float* kd = kc + kv_row(map, t, pos) * kv_stride;
+    float* vd = vc + kv_row(map, t, pos) * kv_stride;
     for (int idx = tid; idx < kvd; idx += nthr) {
         int h = idx / d, j = idx % d;
         float out;
@@ -841,8 +898,8 @@ extern "C" __global__ void rope_kv(float* __restrict__ qkv, int stride, const fl
 }
 
 
-// Causal attention of token t (blockIdx.y) and head h (blockIdx.x) over cache positions
-// 0 ..= meta[0] + t. Scores: one thread per position (16-byte loads of its key row, independent
+// Causal attention of row t (blockIdx.y) and head h (blockIdx.x) over its sequence's cache
+// positions 0 ..= pos[t] (KvMap: rows of one step may belong to different sequences). Scores: one thread per position (16-byte loads of its key row, independent
 // across threads, so the loads of a block are all in flight at once); softmax with the
 // denominator summed in f64 (as the CPU's default path); values: threads split as
 // (position slice, 4-dim column), each accumulating a float4, then summed over the slices.
@@ -853,13 +910,13 @@ extern "C" __global__ void rope_kv(float* __restrict__ qkv, int stride, const fl
 template <int ATTN_BATCH>
 __device__ __forceinline__ void attention_impl(const float* __restrict__ qkv, int stride, const float* __restrict__ kc,
                                                const float* __restrict__ vc, float* __restrict__ out,
-                                               const int* __restrict__ meta, int n_head, int n_head_kv, int d,
+                                               const KvMap map, int n_head, int n_head_kv, int d,
                                                int kv_stride, float scale) {
     extern __shared__ float sm[];
     __shared__ double dred[32];
     __shared__ float fred[32];
     int h = blockIdx.x, t = blockIdx.y;
-    int len = meta[0] + t + 1;
+    int len = map.pos[t] + 1;
     int kh = h / (n_head / n_head_kv);
     float4* red = (float4*)sm;
     float* qs = sm + 4 * blockDim.x;
@@ -871,7 +928,7 @@ __device__ __forceinline__ void attention_impl(const float* __restrict__ qkv, in
     int nq = d >> 2;
     const float4* q4 = (const float4*)qs;
     for (int s = threadIdx.x; s < len; s += blockDim.x) {
-        const float4* kr = (const float4*)(kc + (usize)s * kv_stride + kh * d);
+        const float4* kr = (const float4*)(kc + kv_row(map, t, s) * kv_stride + kh * d);
         float p = 0.f;
         // The row's loads are issued ATTN_BATCH at a time (one at a time left each thread waiting
         // on memory nq times); the sum runs in the same order.
@@ -924,7 +981,7 @@ __device__ __forceinline__ void attention_impl(const float* __restrict__ qkv, in
 #pragma unroll
             for (int k = 0; k < ATTN_BATCH; k++) {
                 int s = s0 + k * parts;
-                if (s < len) v[k] = ((const float4*)(vb + (usize)s * kv_stride))[c4];
+                if (s < len) v[k] = ((const float4*)(vb + kv_row(map, t, s) * kv_stride))[c4];
             }
 #pragma unroll
             for (int k = 0; k < ATTN_BATCH; k++) {
@@ -950,12 +1007,14 @@ __device__ __forceinline__ void attention_impl(const float* __restrict__ qkv, in
 }
 
 extern "C" __global__ void attention(const float* qkv, int stride, const float* kc, const float* vc, float* out,
-                                     const int* meta, int n_head, int n_head_kv, int d, int kv_stride, float scale) {
-    attention_impl<1>(qkv, stride, kc, vc, out, meta, n_head, n_head_kv, d, kv_stride, scale);
+                                     const int* pos, const int* tbl, const int* bt, int n_head, int n_head_kv, int d,
+                                     int kv_stride, float scale) {
+    attention_impl<1>(qkv, stride, kc, vc, out, {pos, tbl, bt}, n_head, n_head_kv, d, kv_stride, scale);
 }
 extern "C" __global__ void attention_b8(const float* qkv, int stride, const float* kc, const float* vc, float* out,
-                                        const int* meta, int n_head, int n_head_kv, int d, int kv_stride, float scale) {
-    attention_impl<8>(qkv, stride, kc, vc, out, meta, n_head, n_head_kv, d, kv_stride, scale);
+                                        const int* pos, const int* tbl, const int* bt, int n_head, int n_head_kv,
+                                        int d, int kv_stride, float scale) {
+    attention_impl<8>(qkv, stride, kc, vc, out, {pos, tbl, bt}, n_head, n_head_kv, d, kv_stride, scale);
 }
 
 // Causal attention of a prompt chunk, tiled (flash-attention style, f32 on the CUDA cores).
@@ -974,7 +1033,7 @@ extern "C" __global__ void attention_b8(const float* qkv, int stride, const floa
 template <int D, int BK>
 __device__ __forceinline__ void attention_tiled_impl(const float* __restrict__ qkv, int stride,
                                                      const float* __restrict__ kc, const float* __restrict__ vc,
-                                                     float* __restrict__ out, const int* __restrict__ meta, int n,
+                                                     float* __restrict__ out, const KvMap map, int n,
                                                      int n_head, int n_head_kv, int kv_stride, float scale,
                                                      u16* __restrict__ hi, u16* __restrict__ lo) {
     constexpr int DP = D + 4, PP = BK + 4, JN = BK / 16, CO = D / 64, D4 = D / 4;
@@ -986,7 +1045,8 @@ __device__ __forceinline__ void attention_tiled_impl(const float* __restrict__ q
     const int G = n_head / n_head_kv, rows = n * G;
     const int kh = (int)blockIdx.x % n_head_kv;
     const int row0 = ((int)gridDim.x / n_head_kv - 1 - (int)blockIdx.x / n_head_kv) * FA_BQ;
-    const int start = meta[0];
+    // The chunk's rows are consecutive positions of one sequence.
+    const int start = map.pos[0];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     for (int i = tid; i < FA_BQ * D4; i += blockDim.x) {
         int r = i / D4, c4 = i % D4, fr = row0 + r;
@@ -1016,8 +1076,9 @@ __device__ __forceinline__ void attention_tiled_impl(const float* __restrict__ q
             int r = i / D4, c4 = i % D4, s = k0 + r;
             float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
             if (s < kv_len) {
-                kv = *(const float4*)(kb + (usize)s * kv_stride + 4 * c4);
-                vv = *(const float4*)(vb + (usize)s * kv_stride + 4 * c4);
+                const usize row = kv_row(map, 0, s);
+                kv = *(const float4*)(kb + row * kv_stride + 4 * c4);
+                vv = *(const float4*)(vb + row * kv_stride + 4 * c4);
             }
             *(float4*)(Ks + r * DP + 4 * c4) = kv;
             *(float4*)(Vs + r * D + 4 * c4) = vv;
@@ -1116,14 +1177,18 @@ __device__ __forceinline__ void attention_tiled_impl(const float* __restrict__ q
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    attention_tiled64(const float* qkv, int stride, const float* kc, const float* vc, float* out, const int* meta, int n,
-                      int n_head, int n_head_kv, int kv_stride, float scale, u16* hi, u16* lo) {
-    attention_tiled_impl<64, 64>(qkv, stride, kc, vc, out, meta, n, n_head, n_head_kv, kv_stride, scale, hi, lo);
+    attention_tiled64(const float* qkv, int stride, const float* kc, const float* vc, float* out, const int* pos,
+                      const int* tbl, const int* bt, int n, int n_head, int n_head_kv, int kv_stride, float scale,
+                      u16* hi, u16* lo) {
+    attention_tiled_impl<64, 64>(qkv, stride, kc, vc, out, {pos, tbl, bt}, n, n_head, n_head_kv, kv_stride, scale, hi,
+                                 lo);
 }
 extern "C" __global__ void __launch_bounds__(256)
-    attention_tiled128(const float* qkv, int stride, const float* kc, const float* vc, float* out, const int* meta,
-                       int n, int n_head, int n_head_kv, int kv_stride, float scale, u16* hi, u16* lo) {
-    attention_tiled_impl<128, 32>(qkv, stride, kc, vc, out, meta, n, n_head, n_head_kv, kv_stride, scale, hi, lo);
+    attention_tiled128(const float* qkv, int stride, const float* kc, const float* vc, float* out, const int* pos,
+                       const int* tbl, const int* bt, int n, int n_head, int n_head_kv, int kv_stride, float scale,
+                       u16* hi, u16* lo) {
+    attention_tiled_impl<128, 32>(qkv, stride, kc, vc, out, {pos, tbl, bt}, n, n_head, n_head_kv, kv_stride, scale,
+                                  hi, lo);
 }
 
 // out[t][i] = silu(gate) * up, from rows [gate | up] of width 2·ff (interleaved: rows

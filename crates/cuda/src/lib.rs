@@ -10,7 +10,11 @@
 //! an f16 scratch tile and multiply with cuBLAS (f32 accumulation). Device handles are explicit
 //! (a [`Device`] per GPU ordinal, no global current device), so tensor-parallel work can follow.
 
+mod batch;
+mod forward;
 mod model;
+pub mod pages;
+mod session;
 
 use std::sync::Arc;
 
@@ -19,11 +23,16 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use kiln_gguf::GgmlType;
 
-pub use model::{CudaModel, CudaSession};
+pub use batch::{BatchStep, CudaBatch};
+pub use forward::KV_BLOCK;
+pub use model::CudaModel;
+pub use session::{CudaSession, UBATCH};
 
 /// Batches up to this many tokens run through the matrix-vector kernels (weights read once per
-/// token); larger ones through dequantize + cuBLAS.
-pub const MATVEC_MAX_TOKENS: usize = 8;
+/// token); larger ones through dequantize + cuBLAS. 15 = the most rows a speculative verification
+/// feeds (a token and 14 drafts): each of its rows then gets the bits of a one-token step, so
+/// speculation on the GPU gives plain decoding's output exactly, as on the CPU.
+pub const MATVEC_MAX_TOKENS: usize = 15;
 
 const KERNELS: &str = include_str!("kernels.cu");
 
@@ -52,8 +61,10 @@ pub(crate) struct TypeKernels {
     pub dequant_f16: CudaFunction,
     pub get_rows: CudaFunction,
     /// The fast matrix-vector kernel (16-byte unit loads, optional fused RMSNorm), for the types
-    /// and layouts that have one.
+    /// and layouts that have one; its variants that apply each weight load to 4 and 8 tokens.
     pub matvec_fast: Option<CudaFunction>,
+    pub matvec_fast_t4: Option<CudaFunction>,
+    pub matvec_fast_t8: Option<CudaFunction>,
 }
 
 pub(crate) struct Kernels {
@@ -69,6 +80,8 @@ pub(crate) struct Kernels {
     pub mvf_cap: bool,
     /// Streaming multiprocessors of the device.
     pub sms: usize,
+    /// Most tokens per block of the many-token mat-vec variants (1, 4 or 8; `KILN_MVF_TM`).
+    pub mvf_tm: usize,
     /// Whether the fast mat-vec kernels and the repacked layouts are used (`KILN_CUDA_FAST=0`:
     /// the generic kernel everywhere, for comparisons).
     pub fast: bool,
@@ -102,6 +115,9 @@ impl Kernels {
         }
     }
 }
+
+/// Most dynamic shared memory of a many-token mat-vec block (Hopper and Ampere allow 227 KiB).
+pub(crate) const FAST_SMEM_MAX: usize = 227 * 1024;
 
 /// Dynamic shared memory of `attention_tiled_impl<d, bk>` (kernels.cu): Q [64][d+4], K [bk][d+4],
 /// V [bk][d] and P [64][bk+4] floats.
@@ -179,6 +195,7 @@ impl Device {
                 format!("-DMVF_R={mvf_rows}"),
                 format!("-DMVF_WARPS={mvf_warps}"),
                 format!("-DMVF_P={mvf_p}"),
+                format!("-DKV_BLOCK={}", forward::KV_BLOCK),
             ],
             ..Default::default()
         };
@@ -194,6 +211,8 @@ impl Device {
                 dequant_f16: f(&format!("dequant_f16_{sfx}"))?,
                 get_rows: f(&format!("get_rows_{sfx}"))?,
                 matvec_fast: if fast { Some(f(&format!("matvec_fast_{sfx}"))?) } else { None },
+                matvec_fast_t4: if fast { Some(f(&format!("matvec_fast_{sfx}_t4"))?) } else { None },
+                matvec_fast_t8: if fast { Some(f(&format!("matvec_fast_{sfx}_t8"))?) } else { None },
             })
         };
         let mut by_type = Vec::new();
@@ -211,6 +230,7 @@ impl Device {
                 .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .max(1) as usize,
+            mvf_tm: env_usize("KILN_MVF_TM", 8),
             fast: std::env::var("KILN_CUDA_FAST").map(|v| v != "0").unwrap_or(true),
             rms_norm: f("rms_norm")?,
             split_f16: f("split_f16")?,
@@ -223,6 +243,17 @@ impl Device {
             ],
             swiglu: f("swiglu")?,
         };
+        // The many-token mat-vec variants stage 4 or 8 tokens' activations: opt in to the most
+        // shared memory a block may have (the launch picks a variant whose share fits).
+        for tk in kernels.by_type.iter().map(|(_, k)| k).chain([&kernels.q4_0r, &kernels.q8_0r]) {
+            for f in [&tk.matvec_fast_t4, &tk.matvec_fast_t8].into_iter().flatten() {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    FAST_SMEM_MAX as i32,
+                )
+                .map_err(|e| anyhow::anyhow!("mat-vec kernel shared memory: {e}"))?;
+            }
+        }
         for (_, f, smem) in &kernels.attention_tiled {
             // Past 48 KiB of dynamic shared memory a kernel must opt in.
             f.set_attribute(
@@ -237,6 +268,12 @@ impl Device {
         let blas =
             if unsafe { cudarc::cublas::sys::is_culib_present() } { CudaBlas::new(stream.clone()).ok() } else { None };
         Ok(Device { ctx, stream, kernels, blas, name, capability, compile_ms, _module: module })
+    }
+
+    /// (free, total) bytes of this GPU's memory now.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("CUDA: {e}"))?;
+        cudarc::driver::result::mem_get_info().map_err(|e| anyhow::anyhow!("CUDA: {e}"))
     }
 
     pub fn has_cublas(&self) -> bool {

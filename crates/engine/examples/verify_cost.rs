@@ -27,19 +27,19 @@ fn main() -> Result<()> {
         let toks: Vec<u32> = (0..k as u32).map(|i| 200 + i).collect();
         // Warm-up, then interleave with single steps so drift hits both alike.
         s.eval(&toks, Logits::All)?;
-        s.cache.truncate(base);
+        s.truncate(base);
         s.tokens.truncate(base);
         let (mut tk, mut t1) = (0.0, 0.0);
         for _ in 0..reps {
             let t0 = Instant::now();
             s.eval(&toks, Logits::All)?;
             tk += t0.elapsed().as_secs_f64();
-            s.cache.truncate(base);
+            s.truncate(base);
             s.tokens.truncate(base);
             let t0 = Instant::now();
             s.eval(&toks[..1], Logits::Last)?;
             t1 += t0.elapsed().as_secs_f64();
-            s.cache.truncate(base);
+            s.truncate(base);
             s.tokens.truncate(base);
         }
         println!(

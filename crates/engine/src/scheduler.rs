@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use kiln_model::{forward_batch, KvCache, Logits, Precision, SeqStep, Workspace};
 use kiln_tokenizer::StreamDecoder;
 
+use crate::backend::{BlockUse, PagedBackend, PagedStep};
 use crate::constraint::Constraint;
 use crate::session::{find_stop, held_back};
 use crate::speculative::{DraftModel, SpecMode, SpecOptions, Speculator};
@@ -168,6 +169,11 @@ pub struct SchedulerStats {
     pub spec_accepted: AtomicU64,
     /// Time spent in forward steps, in microseconds.
     pub busy_micros: AtomicU64,
+    /// A paged KV cache's blocks (GPU backend; zero on the CPU): used by running sequences,
+    /// cached for prefix sharing, and in all.
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_cached: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
     /// Set when the scheduler died (a panic): why. It serves nothing after that.
     pub failure: OnceLock<String>,
 }
@@ -295,6 +301,9 @@ struct Sequence<'m> {
 
 pub struct Scheduler<'m> {
     model: &'m Model,
+    /// The steps' forward pass and KV cache when they are not the CPU's (the slots' own caches
+    /// are then empty): a paged cache shared by the slots ([`Scheduler::paged`]).
+    paged: Option<Box<dyn PagedBackend + 'm>>,
     cfg: SchedulerConfig,
     slots: Vec<Slot<'m>>,
     /// Requests taken off the channel that wait for a slot, oldest first.
@@ -379,11 +388,35 @@ enum Exit {
 
 impl<'m> Scheduler<'m> {
     pub fn new(model: &'m Model, cfg: SchedulerConfig, stats: Arc<SchedulerStats>) -> Scheduler<'m> {
+        Self::build(model, cfg, stats, None)
+    }
+
+    /// A scheduler whose steps run on `backend` (the GPU's paged KV cache, one slot per sequence
+    /// it was made for). Prompts are read in the backend's chunks, and a prompt shares the
+    /// cached blocks of any earlier prompt with the same leading tokens, not only its slot's.
+    pub fn paged(
+        model: &'m Model,
+        cfg: SchedulerConfig,
+        stats: Arc<SchedulerStats>,
+        backend: Box<dyn PagedBackend + 'm>,
+    ) -> Scheduler<'m> {
+        let s = Self::build(model, cfg, stats, Some(backend));
+        s.publish_blocks();
+        s
+    }
+
+    fn build(
+        model: &'m Model,
+        cfg: SchedulerConfig,
+        stats: Arc<SchedulerStats>,
+        paged: Option<Box<dyn PagedBackend + 'm>>,
+    ) -> Scheduler<'m> {
+        let cpu_ctx = if paged.is_some() { 0 } else { cfg.n_ctx };
         let slots = (0..cfg.n_slots.max(1))
             .map(|_| Slot {
                 cache: {
                     // Resident from the start: the server's memory does not grow under load.
-                    let mut c = KvCache::new(&model.weights.cfg, cfg.n_ctx);
+                    let mut c = KvCache::new(&model.weights.cfg, cpu_ctx);
                     c.commit();
                     c
                 },
@@ -397,6 +430,7 @@ impl<'m> Scheduler<'m> {
             .collect();
         Scheduler {
             model,
+            paged,
             cfg,
             slots,
             waiting: VecDeque::new(),
@@ -418,6 +452,19 @@ impl<'m> Scheduler<'m> {
             slot.draft = Some(d);
         }
         Ok(self)
+    }
+
+    /// The paged KV cache's blocks (`None` on the CPU).
+    pub fn blocks(&self) -> Option<BlockUse> {
+        self.paged.as_ref().map(|p| p.blocks())
+    }
+
+    fn publish_blocks(&self) {
+        if let Some(b) = self.blocks() {
+            self.stats.kv_blocks_used.store(b.used, Ordering::Relaxed);
+            self.stats.kv_blocks_cached.store(b.cached, Ordering::Relaxed);
+            self.stats.kv_blocks_total.store(b.total, Ordering::Relaxed);
+        }
     }
 
     pub fn n_active(&self) -> usize {
@@ -575,11 +622,34 @@ impl<'m> Scheduler<'m> {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.seq.is_none())
-            .map(|(i, s)| (self.reusable(s, &req.prompt), std::cmp::Reverse(s.last_used), i))
+            .map(|(i, s)| {
+                let keep = if self.paged.is_some() { 0 } else { self.reusable(s, &req.prompt) };
+                (keep, std::cmp::Reverse(s.last_used), i)
+            })
             .max();
-        let Some((keep, _, i)) = best else { return Err(Box::new(req)) };
+        let Some((mut keep, _, i)) = best else { return Err(Box::new(req)) };
+        if let Some(p) = self.paged.as_mut() {
+            // Blocks for the whole sequence are reserved now, so a running request never runs
+            // out; without them the request waits (in order) until others finish.
+            let max_len = req.prompt.len().saturating_add(req.max_tokens).min(n_ctx);
+            match p.admit(i, &req.prompt, max_len) {
+                Ok(Some(k)) => keep = k,
+                Ok(None) => return Err(Box::new(req)),
+                Err(e) => {
+                    req.sink.send(Event::Error(format!("{e:#}")));
+                    return Ok(());
+                }
+            }
+            self.slots[i].tokens = req.prompt[..keep].to_vec();
+            self.publish_blocks();
+        }
         if !req.place.start() {
             // The client left meanwhile.
+            if let Some(p) = self.paged.as_mut() {
+                p.release(i);
+                self.slots[i].tokens.clear();
+                self.publish_blocks();
+            }
             return Ok(());
         }
         let slot = &mut self.slots[i];
@@ -640,6 +710,7 @@ impl<'m> Scheduler<'m> {
         let max = self.cfg.prefill_budget.max(MIN_CHUNK);
         let mut budget = if generating { self.pace.budget(max) } else { max };
         let mut produces = vec![false; self.slots.len()];
+        let mut prompt_step = vec![false; self.slots.len()];
         let (mut prompt_fed, mut decode_fed) = (0, 0);
         let mut reading = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
@@ -652,7 +723,7 @@ impl<'m> Scheduler<'m> {
                     history.extend_from_slice(&slot.tokens);
                     history.push(*next);
                     let room = (seq.req.max_tokens.saturating_sub(seq.generated + 1))
-                        .min(slot.cache.n_ctx.saturating_sub(slot.tokens.len() + 1));
+                        .min(self.cfg.n_ctx.saturating_sub(slot.tokens.len() + 1));
                     // A draft model that fails to draft (its context full) leaves the token to
                     // plain decoding; the model's own step reports real errors.
                     seq.drafts = sp.propose(&history, room).unwrap_or_default();
@@ -670,10 +741,17 @@ impl<'m> Scheduler<'m> {
         for (_, i) in reading {
             let slot = &mut self.slots[i];
             let Some(seq) = slot.seq.as_mut() else { continue };
-            let n = prompt_chunk(seq.prompt_left.len(), budget);
+            let n = match &self.paged {
+                // The backend's chunks (bounds fixed by the prompt alone), as many as the budget
+                // takes, at least one per step.
+                Some(p) if prompt_fed == 0 || budget > 0 => p.prompt_chunk(i, seq.prompt_left.len()),
+                Some(_) => 0,
+                None => prompt_chunk(seq.prompt_left.len(), budget),
+            };
             if n == 0 {
                 continue;
             }
+            prompt_step[i] = true;
             budget = budget.saturating_sub(n);
             prompt_fed += n;
             slot.feed = seq.prompt_left.drain(..n).collect();
@@ -709,6 +787,7 @@ impl<'m> Scheduler<'m> {
                 }
             }
             let (model, precision, ws) = (&self.model.weights, self.cfg.precision, &mut self.ws);
+            let paged = self.paged.as_mut();
             std::thread::scope(|s| {
                 let masking = (!masks.is_empty()).then(|| {
                     s.spawn(move || {
@@ -718,7 +797,22 @@ impl<'m> Scheduler<'m> {
                         }
                     })
                 });
-                let r = forward_batch(model, &mut steps, precision, ws, None);
+                let r = match paged {
+                    Some(p) => {
+                        let paged_steps: Vec<PagedStep<'_>> = order
+                            .iter()
+                            .zip(&steps)
+                            .map(|(&i, st)| PagedStep {
+                                slot: i,
+                                tokens: st.tokens,
+                                want: st.want,
+                                prompt: prompt_step[i],
+                            })
+                            .collect();
+                        p.step(&paged_steps).map_err(|e| format!("{e:#}"))
+                    }
+                    None => forward_batch(model, &mut steps, precision, ws, None).map_err(|e| e.to_string()),
+                };
                 if let Some(h) = masking {
                     let _ = h.join();
                 }
@@ -750,6 +844,7 @@ impl<'m> Scheduler<'m> {
                 return self.n_active();
             }
         };
+        let mut sampled = Vec::new();
         for (&i, mut logits) in order.iter().zip(all_logits) {
             let slot = &mut self.slots[i];
             let fed = std::mem::take(&mut slot.feed);
@@ -762,120 +857,169 @@ impl<'m> Scheduler<'m> {
                 slot.prompt_kernel_len += fed.len();
             }
             slot.tokens.extend_from_slice(&fed);
-            if !produces[i] {
-                continue;
-            }
-            if let Some(exit) = self.advance(i, &mut logits) {
-                self.exit(i, exit);
+            if produces[i] {
+                sampled.push((i, std::mem::take(&mut logits)));
             }
         }
-        self.n_active()
-    }
-
-    /// Samples slot `i`'s tokens from `logits` — one row, or one per token fed when it verified
-    /// drafts: row by row while the drafted token is the one drawn — and hands out the text that
-    /// became final. The keys and values of rejected drafts leave the cache.
-    fn advance(&mut self, i: usize, logits: &mut [f32]) -> Option<Exit> {
-        let nv = self.model.weights.cfg.n_vocab;
-        let drafts = std::mem::take(&mut self.slots[i].seq.as_mut()?.drafts);
-        let fed = self.slots[i].tokens.len();
-        let mut accepted = 0;
-        let mut exit = None;
-        for (row, logits) in logits.chunks_exact_mut(nv).enumerate() {
-            let draft = drafts.get(row).copied();
-            // Tokens in the cache up to this row's: the drafts after it are not (yet) accepted.
-            let in_cache = fed - (drafts.len() - row);
-            match self.advance_one(i, logits, in_cache) {
-                Ok(next) if draft == Some(next) => accepted += 1,
-                Ok(_) => break,
-                Err(e) => {
-                    exit = Some(e);
-                    break;
+        // Sampling, decoding and stop strings, per sequence: in parallel when several sample
+        // (each touches only its own slot; with many sequences the softmaxes and sorts over the
+        // vocabulary cost as much as a GPU step).
+        let (model, stats, n_ctx) = (self.model, &*self.stats, self.cfg.n_ctx);
+        let mut work: Vec<(usize, &mut Slot<'m>, Vec<f32>)> = Vec::with_capacity(sampled.len());
+        {
+            let mut rows = sampled.into_iter().peekable();
+            for (i, slot) in self.slots.iter_mut().enumerate() {
+                if rows.peek().is_some_and(|(j, _)| *j == i) {
+                    let (_, l) = rows.next().expect("peeked");
+                    work.push((i, slot, l));
                 }
             }
         }
-        if !drafts.is_empty() {
-            self.stats.spec_verifications.fetch_add(1, Ordering::Relaxed);
-            self.stats.spec_drafted.fetch_add(drafts.len() as u64, Ordering::Relaxed);
-            self.stats.spec_accepted.fetch_add(accepted as u64, Ordering::Relaxed);
-        }
-        let slot = &mut self.slots[i];
-        if let Some(sp) = slot.seq.as_mut().and_then(|q| q.speculator.as_mut()) {
-            sp.record_verification(drafts.len(), accepted);
-        }
-        if exit.is_none() {
-            // The rejected drafts' keys and values go (a finished sequence keeps them: they are
-            // right for the tokens they follow, and the slot's tokens say which those are).
-            let keep = fed - drafts.len() + accepted;
-            slot.cache.truncate(keep);
-            slot.tokens.truncate(keep);
-        }
-        exit
-    }
-
-    /// Samples one token of slot `i` from `logits` with `in_cache` tokens before it in the cache,
-    /// and hands out the text that became final.
-    /// Returns the token, or why the sequence ends.
-    fn advance_one(&mut self, i: usize, logits: &mut [f32], in_cache: usize) -> Result<u32, Exit> {
-        let tok = &self.model.tokenizer;
-        let slot = &mut self.slots[i];
-        let n_ctx = slot.cache.n_ctx;
-        let Some(seq) = slot.seq.as_mut() else { return Err(Exit::Gone) };
-        let lp = seq.req.logprobs.map(|k| token_logprobs(logits, k));
-        if let Some(c) = seq.constraint.as_mut() {
-            if let Err(e) = c.apply(logits) {
-                return Err(Exit::Failed(e.to_string()));
-            }
-        }
-        // The token plain decoding draws here (same logits, same random number): a drafted token
-        // is accepted when it is this one.
-        let next = seq.sampler.sample(logits);
-        seq.sampler.accept(next);
-        seq.first_token.get_or_insert_with(Instant::now);
-        // Under a constraint an end-of-generation token is drawn only where the output may end.
-        if (seq.req.stop_at_eog || seq.constraint.is_some()) && tok.is_eog(next) {
-            return Err(Exit::Finished(FinishReason::Stop));
-        }
-        if let Some(c) = seq.constraint.as_mut() {
-            if let Err(e) = c.accept(next) {
-                return Err(Exit::Failed(e.to_string()));
-            }
-        }
-        seq.generated += 1;
-        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        let text = match seq.decoder.push(next) {
-            Ok(text) => text,
-            Err(e) => return Err(Exit::Failed(format!("decoding token {next}: {e}"))),
+        let advance = |(i, slot, mut logits): (usize, &mut Slot<'m>, Vec<f32>)| {
+            let (exit, keep) = advance(slot, &mut logits, model, stats, n_ctx);
+            (i, exit, keep)
         };
-        if let Some((logprob, top)) = lp {
-            let piece = |t: u32| tok.token_to_piece(t).unwrap_or_default();
-            let top = top.into_iter().map(|(t, l)| (t, piece(t), l)).collect();
-            let (bytes, logprob) = (piece(next), logprob[next as usize]);
-            seq.logprobs.push(TokenLogprob { token: next, bytes, text: text.clone(), logprob, top });
-        }
-        seq.pending.push_str(&text);
-        if let Some(cut) = find_stop(&seq.pending, &seq.req.stop) {
-            seq.pending.truncate(cut);
-            if !flush(seq, cut) {
-                return Err(Exit::Gone);
+        let outcomes: Vec<(usize, Option<Exit>, Option<usize>)> = if work.len() >= PARALLEL_SAMPLING {
+            use rayon::prelude::*;
+            work.into_par_iter().map(advance).collect()
+        } else {
+            work.into_iter().map(advance).collect()
+        };
+        for (i, exit, keep) in outcomes {
+            if let (Some(p), Some(keep)) = (self.paged.as_mut(), keep) {
+                p.truncate(i, keep);
             }
-            return Err(Exit::Finished(FinishReason::Stop));
+            if let Some(exit) = exit {
+                self.exit(i, exit);
+            }
         }
-        let safe = seq.pending.len() - held_back(&seq.pending, &seq.req.stop);
-        if safe > 0 && !flush(seq, safe) {
+        self.publish_blocks();
+        self.n_active()
+    }
+}
+
+/// Slots sampling in one step from which their sampling runs in parallel.
+const PARALLEL_SAMPLING: usize = 4;
+
+/// Samples `slot`'s tokens from `logits` — one row, or one per token fed when it verified drafts:
+/// row by row while the drafted token is the one drawn — and hands out the text that became final.
+/// The keys and values of rejected drafts leave the slot's cache; returns why the sequence ends
+/// (if it does) and, when drafts were rejected, the positions its cache keeps (for a paged
+/// backend's cache, which the caller truncates).
+fn advance(
+    slot: &mut Slot<'_>,
+    logits: &mut [f32],
+    model: &Model,
+    stats: &SchedulerStats,
+    n_ctx: usize,
+) -> (Option<Exit>, Option<usize>) {
+    let nv = model.weights.cfg.n_vocab;
+    let Some(seq) = slot.seq.as_mut() else { return (None, None) };
+    let drafts = std::mem::take(&mut seq.drafts);
+    let fed = slot.tokens.len();
+    let mut accepted = 0;
+    let mut exit = None;
+    for (row, logits) in logits.chunks_exact_mut(nv).enumerate() {
+        let draft = drafts.get(row).copied();
+        // Tokens in the cache up to this row's: the drafts after it are not (yet) accepted.
+        let in_cache = fed - (drafts.len() - row);
+        match advance_one(slot, logits, in_cache, model, stats, n_ctx) {
+            Ok(next) if draft == Some(next) => accepted += 1,
+            Ok(_) => break,
+            Err(e) => {
+                exit = Some(e);
+                break;
+            }
+        }
+    }
+    if !drafts.is_empty() {
+        stats.spec_verifications.fetch_add(1, Ordering::Relaxed);
+        stats.spec_drafted.fetch_add(drafts.len() as u64, Ordering::Relaxed);
+        stats.spec_accepted.fetch_add(accepted as u64, Ordering::Relaxed);
+    }
+    if let Some(sp) = slot.seq.as_mut().and_then(|q| q.speculator.as_mut()) {
+        sp.record_verification(drafts.len(), accepted);
+    }
+    let mut kept = None;
+    if exit.is_none() {
+        // The rejected drafts' keys and values go (a finished sequence keeps them: they are
+        // right for the tokens they follow, and the slot's tokens say which those are).
+        let keep = fed - drafts.len() + accepted;
+        slot.cache.truncate(keep);
+        slot.tokens.truncate(keep);
+        kept = (keep < fed).then_some(keep);
+    }
+    (exit, kept)
+}
+
+/// Samples one token of `slot` from `logits` with `in_cache` tokens before it in the cache, and
+/// hands out the text that became final. Returns the token, or why the sequence ends.
+fn advance_one(
+    slot: &mut Slot<'_>,
+    logits: &mut [f32],
+    in_cache: usize,
+    model: &Model,
+    stats: &SchedulerStats,
+    n_ctx: usize,
+) -> Result<u32, Exit> {
+    let tok = &model.tokenizer;
+    let Some(seq) = slot.seq.as_mut() else { return Err(Exit::Gone) };
+    let lp = seq.req.logprobs.map(|k| token_logprobs(logits, k));
+    if let Some(c) = seq.constraint.as_mut() {
+        if let Err(e) = c.apply(logits) {
+            return Err(Exit::Failed(e.to_string()));
+        }
+    }
+    // The token plain decoding draws here (same logits, same random number): a drafted token
+    // is accepted when it is this one.
+    let next = seq.sampler.sample(logits);
+    seq.sampler.accept(next);
+    seq.first_token.get_or_insert_with(Instant::now);
+    // Under a constraint an end-of-generation token is drawn only where the output may end.
+    if (seq.req.stop_at_eog || seq.constraint.is_some()) && tok.is_eog(next) {
+        return Err(Exit::Finished(FinishReason::Stop));
+    }
+    if let Some(c) = seq.constraint.as_mut() {
+        if let Err(e) = c.accept(next) {
+            return Err(Exit::Failed(e.to_string()));
+        }
+    }
+    seq.generated += 1;
+    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    let text = match seq.decoder.push(next) {
+        Ok(text) => text,
+        Err(e) => return Err(Exit::Failed(format!("decoding token {next}: {e}"))),
+    };
+    if let Some((logprob, top)) = lp {
+        let piece = |t: u32| tok.token_to_piece(t).unwrap_or_default();
+        let top = top.into_iter().map(|(t, l)| (t, piece(t), l)).collect();
+        let (bytes, logprob) = (piece(next), logprob[next as usize]);
+        seq.logprobs.push(TokenLogprob { token: next, bytes, text: text.clone(), logprob, top });
+    }
+    seq.pending.push_str(&text);
+    if let Some(cut) = find_stop(&seq.pending, &seq.req.stop) {
+        seq.pending.truncate(cut);
+        if !flush(seq, cut) {
             return Err(Exit::Gone);
         }
-        if seq.constraint.as_ref().is_some_and(Constraint::is_complete) {
-            return Err(Exit::Finished(FinishReason::Stop));
-        }
-        if seq.generated >= seq.req.max_tokens || in_cache + 1 > n_ctx {
-            return Err(Exit::Finished(FinishReason::Length));
-        }
-        slot.feed.clear();
-        slot.feed.push(next);
-        Ok(next)
+        return Err(Exit::Finished(FinishReason::Stop));
     }
+    let safe = seq.pending.len() - held_back(&seq.pending, &seq.req.stop);
+    if safe > 0 && !flush(seq, safe) {
+        return Err(Exit::Gone);
+    }
+    if seq.constraint.as_ref().is_some_and(Constraint::is_complete) {
+        return Err(Exit::Finished(FinishReason::Stop));
+    }
+    if seq.generated >= seq.req.max_tokens || in_cache + 1 > n_ctx {
+        return Err(Exit::Finished(FinishReason::Length));
+    }
+    slot.feed.clear();
+    slot.feed.push(next);
+    Ok(next)
+}
 
+impl<'m> Scheduler<'m> {
     /// Ends the sequence in slot `i`; the slot keeps its cache and tokens for prefix reuse.
     fn exit(&mut self, i: usize, why: Exit) {
         let slot = &mut self.slots[i];
@@ -883,6 +1027,15 @@ impl<'m> Scheduler<'m> {
         let Some(mut seq) = slot.seq.take() else { return };
         if let Some(d) = seq.speculator.take().and_then(Speculator::into_draft) {
             slot.draft = Some(d);
+        }
+        if let Some(p) = self.paged.as_mut() {
+            // The blocks go back now (a client gone, a request done): registered prompt blocks
+            // stay cached for later prompts, the rest are free.
+            p.release(i);
+            slot.tokens.clear();
+            let b = p.blocks();
+            self.stats.kv_blocks_used.store(b.used, Ordering::Relaxed);
+            self.stats.kv_blocks_cached.store(b.cached, Ordering::Relaxed);
         }
         match why {
             Exit::Gone => {}

@@ -5,16 +5,21 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use kiln_model::{forward, KvCache, Logits, Observer, Precision};
 
+use crate::backend::SequenceForward;
 use crate::constraint::Constraint;
 use crate::speculative::Speculator;
-use crate::{Model, Sampler};
+use crate::{GpuModel, Model, Sampler};
 
 pub struct Session<'m> {
     pub model: &'m Model,
+    /// The CPU's KV cache (empty when the session runs on a device).
     pub cache: KvCache,
     /// Tokens whose keys and values are in the cache, in order.
     pub tokens: Vec<u32>,
     pub precision: Precision,
+    n_ctx: usize,
+    /// The forward pass on a GPU, with its own KV cache ([`Session::on_gpu`]).
+    device: Option<Box<dyn SequenceForward + 'm>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -52,7 +57,14 @@ pub struct Generation {
 impl<'m> Session<'m> {
     /// A session whose context size was already checked ([`Session::try_new`] checks it).
     pub fn new(model: &'m Model, n_ctx: usize, precision: Precision) -> Session<'m> {
-        Session { model, cache: KvCache::new(&model.weights.cfg, n_ctx), tokens: Vec::new(), precision }
+        Session {
+            model,
+            cache: KvCache::new(&model.weights.cfg, n_ctx),
+            tokens: Vec::new(),
+            precision,
+            n_ctx,
+            device: None,
+        }
     }
 
     /// A session of `n_ctx` positions, if its KV cache has a size and fits in the memory available
@@ -61,16 +73,42 @@ impl<'m> Session<'m> {
     pub fn try_new(model: &'m Model, n_ctx: usize, precision: Precision) -> Result<Session<'m>> {
         let cfg = &model.weights.cfg;
         kiln_model::check_kv_memory(cfg, n_ctx, 1)?;
-        Ok(Session { model, cache: KvCache::try_new(cfg, n_ctx)?, tokens: Vec::new(), precision })
+        Ok(Session { model, cache: KvCache::try_new(cfg, n_ctx)?, tokens: Vec::new(), precision, n_ctx, device: None })
+    }
+
+    /// A session of `n_ctx` positions whose forward pass runs on `gpu` (the default path's
+    /// semantics; the exact path and observers stay on the CPU).
+    pub fn on_gpu(model: &'m Model, n_ctx: usize, gpu: &'m GpuModel) -> Result<Session<'m>> {
+        Ok(Session {
+            model,
+            cache: KvCache::new(&model.weights.cfg, 0),
+            tokens: Vec::new(),
+            precision: Precision::Fast,
+            n_ctx,
+            device: Some(gpu.session(n_ctx)?),
+        })
+    }
+
+    /// Whether the forward pass runs on a GPU.
+    pub fn on_device(&self) -> bool {
+        self.device.is_some()
     }
 
     pub fn n_ctx(&self) -> usize {
-        self.cache.n_ctx
+        self.n_ctx
     }
 
     pub fn reset(&mut self) {
-        self.cache.clear();
-        self.tokens.clear();
+        self.truncate(0);
+    }
+
+    /// Forgets every cached position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        match &mut self.device {
+            Some(d) => d.truncate(len),
+            None => self.cache.truncate(len),
+        }
+        self.tokens.truncate(len);
     }
 
     /// Appends `tokens` and returns the logits of the last one (`Logits::Last`) or of all.
@@ -79,7 +117,11 @@ impl<'m> Session<'m> {
     }
 
     pub fn eval_observed(&mut self, tokens: &[u32], want: Logits, obs: Option<&mut dyn Observer>) -> Result<Vec<f32>> {
-        let logits = forward(&self.model.weights, &mut self.cache, tokens, self.precision, want, obs)?;
+        let logits = match &mut self.device {
+            Some(_) if obs.is_some() => bail!("observing the operations of a forward pass needs the CPU backend"),
+            Some(d) => d.eval(tokens, want)?,
+            None => forward(&self.model.weights, &mut self.cache, tokens, self.precision, want, obs)?,
+        };
         self.tokens.extend_from_slice(tokens);
         Ok(logits)
     }
@@ -96,8 +138,7 @@ impl<'m> Session<'m> {
         let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // At least one token must run to produce logits.
         let keep = common.min(prompt.len() - 1);
-        self.cache.truncate(keep);
-        self.tokens.truncate(keep);
+        self.truncate(keep);
         let logits = self.eval(&prompt[keep..], Logits::Last)?;
         Ok((logits, prompt.len() - keep))
     }
@@ -231,8 +272,7 @@ impl<'m> Session<'m> {
                 break;
             }
             // Keys and values of rejected drafts go; those of accepted ones stay.
-            self.cache.truncate(base + accepted);
-            self.tokens.truncate(base + accepted);
+            self.truncate(base + accepted);
             if self.tokens.len() >= self.n_ctx() {
                 bail!(
                     "context full after {} generated tokens ({} positions; raise --ctx)",

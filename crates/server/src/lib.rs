@@ -29,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use kiln_engine::scheduler::{Request, Scheduler, SchedulerConfig, SchedulerStats};
+use kiln_engine::GpuModel;
 use kiln_engine::Model;
 use kiln_model::Precision;
 use sha2::{Digest, Sha256};
@@ -59,6 +60,10 @@ pub struct Config {
     /// A draft model for speculative decoding (`--model-draft`): requests may then speculate with
     /// it (`"speculative": {"mode": "draft"}`, or by default where `spec` says so).
     pub draft: Option<DraftModelFile>,
+    /// The GPU the scheduler's steps run on (`kiln serve --backend`), with a paged KV cache of
+    /// `kv_memory` bytes (`None`: what the GPU has free after the weights and work buffers).
+    pub gpu: Option<Arc<GpuModel>>,
+    pub kv_memory: Option<usize>,
     /// Fault injection for tests: the scheduler panics at this step (see
     /// [`SchedulerConfig::panic_at_step`]).
     #[doc(hidden)]
@@ -104,6 +109,8 @@ impl Config {
             prefill_budget: 256,
             spec: Default::default(),
             draft: None,
+            gpu: None,
+            kv_memory: None,
             fault_scheduler_panic_at_step: None,
             header_timeout: HEADER_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
@@ -153,9 +160,12 @@ impl Server {
         anyhow::ensure!(cfg.parallel >= 1, "--parallel must be at least 1");
         anyhow::ensure!(cfg.ctx >= 2, "--ctx must be at least 2");
         anyhow::ensure!(cfg.queue >= 1, "the queue must hold at least 1 request");
-        // Every slot's KV cache, checked for overflow and against the memory available.
-        kiln_model::check_kv_memory(&model.weights.cfg, cfg.ctx, cfg.parallel)
-            .with_context(|| format!("--ctx {} --parallel {}", cfg.ctx, cfg.parallel))?;
+        // Every slot's KV cache, checked for overflow and against the memory available (on the
+        // GPU the paged cache is sized from its memory instead).
+        if cfg.gpu.is_none() {
+            kiln_model::check_kv_memory(&model.weights.cfg, cfg.ctx, cfg.parallel)
+                .with_context(|| format!("--ctx {} --parallel {}", cfg.ctx, cfg.parallel))?;
+        }
         if let Some(d) = &cfg.draft {
             kiln_engine::speculative::check_vocabulary(&model, &d.0)?;
             // The draft model's caches too, and both together.
@@ -205,28 +215,55 @@ impl Server {
             prefill_budget: cfg.prefill_budget.max(1),
             panic_at_step: cfg.fault_scheduler_panic_at_step,
         };
+        // The scheduler says when its KV cache is in place (or why it could not be).
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let scheduler = {
             let (model, stats, cancel) = (model.clone(), stats.clone(), cancel.clone());
             let draft = cfg.draft.clone();
+            let (gpu, kv_memory) = (cfg.gpu.clone(), cfg.kv_memory);
             std::thread::Builder::new()
                 .name("kiln-scheduler".into())
                 .spawn(move || {
-                    let sched = Scheduler::new(&model, sched_cfg, stats.clone());
+                    let sched = match &gpu {
+                        None => Scheduler::new(&model, sched_cfg, stats.clone()),
+                        Some(g) => match g.paged(sched_cfg.n_slots, sched_cfg.n_ctx, kv_memory) {
+                            Ok((backend, bytes)) => {
+                                let b = backend.blocks();
+                                eprintln!(
+                                    "kiln: paged KV cache on {}: {} blocks of {} positions ({})",
+                                    g.device_name(),
+                                    b.total,
+                                    kiln_engine::backend::KV_BLOCK_POSITIONS,
+                                    kiln_model::human_bytes(bytes as u64)
+                                );
+                                Scheduler::paged(&model, sched_cfg, stats.clone(), backend)
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(format!("the GPU's KV cache: {e:#}")));
+                                return;
+                            }
+                        },
+                    };
                     let mut sched = match &draft {
                         None => sched,
                         Some(d) => match sched.with_draft(&d.0) {
                             Ok(s) => s,
                             Err(e) => {
-                                // The serve loop sees the scheduler gone and exits with this.
-                                let _ = stats.failure.set(format!("the draft model's slots: {e:#}"));
+                                let _ = ready_tx.send(Err(format!("the draft model's slots: {e:#}")));
                                 return;
                             }
                         },
                     };
+                    let _ = ready_tx.send(Ok(()));
                     sched.run(&rx, &cancel)
                 })
                 .context("starting the scheduler thread")?
         };
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => anyhow::bail!(e),
+            Err(_) => anyhow::bail!("the scheduler thread ended while starting"),
+        }
         // The constraint engine's view of the vocabulary (tens to hundreds of milliseconds) is
         // built now, off the request path; the first structured request waits for it if early.
         {

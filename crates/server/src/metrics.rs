@@ -108,6 +108,19 @@ impl Metrics {
                 if verifications > 0.0 { (accepted + verifications) / verifications } else { 0.0 },
             ),
             ("kiln_queue_depth", "Requests waiting for a slot.", s.queued.load(Ordering::SeqCst) as f64),
+            (
+                "kiln_running_requests",
+                "Requests being read or generated (holding a slot).",
+                s.active.load(Ordering::SeqCst) as f64,
+            ),
+            (
+                "kiln_prefix_cache_hit_rate",
+                "Prompt tokens reused from cached keys and values per prompt token, since start.",
+                {
+                    let (c, e) = (load(&s.prompt_tokens_cached) as f64, load(&s.prompt_tokens_evaluated) as f64);
+                    if c + e > 0.0 { c / (c + e) } else { 0.0 }
+                },
+            ),
             ("kiln_slots_busy", "Slots running a request.", s.active.load(Ordering::SeqCst) as f64),
             ("kiln_slots", "Slots (sequences decoded together).", slots as f64),
             ("kiln_tokens_per_second", "Generated tokens per second of forward time, all slots together.", tps),
@@ -120,6 +133,27 @@ impl Metrics {
         for (name, help, v) in gauges {
             head(&mut o, name, "gauge", help);
             let _ = writeln!(o, "{name} {v}");
+        }
+        let total = s.kv_blocks_total.load(Ordering::Relaxed);
+        if total > 0 {
+            // The GPU's paged KV cache (the CPU's slots each own a whole cache: nothing to count).
+            let blocks = [
+                (
+                    "kiln_kv_blocks_used",
+                    "GPU KV cache blocks used by running requests.",
+                    s.kv_blocks_used.load(Ordering::Relaxed),
+                ),
+                (
+                    "kiln_kv_blocks_cached",
+                    "GPU KV cache blocks kept for prefix sharing, used by no request (evicted when needed).",
+                    s.kv_blocks_cached.load(Ordering::Relaxed),
+                ),
+                ("kiln_kv_blocks_total", "GPU KV cache blocks in all.", total),
+            ];
+            for (name, help, v) in blocks {
+                head(&mut o, name, "gauge", help);
+                let _ = writeln!(o, "{name} {v}");
+            }
         }
         let h = self.ttft.lock().unwrap_or_else(|e| e.into_inner());
         let name = "kiln_time_to_first_token_seconds";

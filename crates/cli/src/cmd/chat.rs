@@ -42,6 +42,8 @@ pub struct Args {
     #[arg(short, long)]
     pub verbose: bool,
     #[command(flatten)]
+    pub backend: common::BackendArgs,
+    #[command(flatten)]
     pub load: common::LoadArgs,
 }
 
@@ -53,13 +55,16 @@ pub fn main(a: Args) -> Result<ExitCode> {
     let spec_opts = a.spec.options()?;
     common::set_threads(a.threads)?;
     let pages = common::cpu_weight_pages(a.mmap);
-    let mut model = common::load_model_opts(&a.model, pages, &a.load)?;
+    let (mut model, gpu) = a.backend.load(&a.model, a.mmap, &a.load, a.exact, |m| {
+        kiln_engine::GpuModel::session_bytes(&m.weights.cfg, a.ctx.unwrap_or_else(|| m.default_ctx()).max(1))
+    })?;
     let draft = a.spec.load_draft(&model, pages, &a.load)?;
     // Without a template, each line continues the transcript as plain text (raw mode).
     a.template.apply(&mut model, "your lines continue the transcript")?;
     let n_ctx = a.ctx.unwrap_or_else(|| model.default_ctx()).max(1);
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
-    let mut session = common::session(&model, n_ctx, precision, &crate::cmd::run::ctx_flag(a.ctx, n_ctx))?;
+    let mut session =
+        common::session_on(&model, gpu.as_ref(), n_ctx, precision, &crate::cmd::run::ctx_flag(a.ctx, n_ctx))?;
     let mut sampler = Sampler::new(params);
     let mut speculator = common::speculator(spec_opts, draft.as_ref(), n_ctx)?;
     let mut raw = model.template.is_none();

@@ -22,18 +22,23 @@ pub struct Args {
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
     #[command(flatten)]
+    pub backend: common::BackendArgs,
+    #[command(flatten)]
     pub load: common::LoadArgs,
 }
 
 pub fn main(a: Args) -> Result<ExitCode> {
     common::set_threads(a.threads)?;
     let tokens = common::parse_tokens(&a.tokens)?;
-    let model = common::load_model(&a.model, &a.load)?;
+    let n = tokens.len();
+    let (model, gpu) = a
+        .backend
+        .load(&a.model, false, &a.load, a.exact, |m| kiln_engine::GpuModel::session_bytes(&m.weights.cfg, n))?;
     common::check_tokens(&model, &tokens)?;
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
     let flag = format!("--tokens ({} tokens)", tokens.len());
     common::check_pass_memory(&model, tokens.len(), true, Some(0), &flag)?;
-    let mut s = common::session(&model, tokens.len(), precision, &flag)?;
+    let mut s = common::session_on(&model, gpu.as_ref(), tokens.len(), precision, &flag)?;
     let logits = s.eval(&tokens, Logits::All)?;
     let n_vocab = model.weights.cfg.n_vocab;
     match &a.out {

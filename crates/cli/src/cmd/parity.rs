@@ -46,9 +46,15 @@ impl Backend {
     }
 }
 
-/// The default path on the GPU: a fresh CUDA session per sequence.
+/// The default path on the GPU: a fresh CUDA session per sequence for prompts; one-token steps
+/// through the serving path too — [`BATCH_SEQUENCES`] sequences of the same tokens side by side
+/// in each step over the paged KV cache — which must give the session's bits on every sequence.
 #[cfg(feature = "cuda")]
 struct CudaDefault<'a>(&'a kiln_cuda::CudaModel);
+
+/// Sequences run together in the batched one-token steps of `parity --backend cuda`.
+#[cfg(feature = "cuda")]
+const BATCH_SEQUENCES: usize = 3;
 
 #[cfg(feature = "cuda")]
 impl parity::DefaultPath for CudaDefault<'_> {
@@ -61,6 +67,34 @@ impl parity::DefaultPath for CudaDefault<'_> {
         let mut all = Vec::with_capacity(tokens.len() * self.0.cfg.n_vocab);
         for &t in tokens {
             all.extend(s.eval(&[t], Logits::Last)?);
+        }
+        // The serving path: several sequences per step, paged cache (blocks of every sequence
+        // interleaved in the pool), CUDA graphs per row count.
+        let n = tokens.len();
+        let kv = BATCH_SEQUENCES * n.div_ceil(kiln_cuda::KV_BLOCK) * kiln_cuda::CudaBatch::block_bytes(&self.0.cfg);
+        let mut b = kiln_cuda::CudaBatch::new(self.0, BATCH_SEQUENCES, n, kv)?;
+        for slot in 0..BATCH_SEQUENCES {
+            anyhow::ensure!(b.admit(slot, tokens, n)?.is_some(), "the paged cache refused a sequence");
+        }
+        let nv = self.0.cfg.n_vocab;
+        for (i, t) in tokens.iter().enumerate() {
+            let steps: Vec<kiln_cuda::BatchStep<'_>> = (0..BATCH_SEQUENCES)
+                .map(|slot| kiln_cuda::BatchStep {
+                    slot,
+                    tokens: std::slice::from_ref(t),
+                    want: Logits::Last,
+                    prompt: false,
+                })
+                .collect();
+            let rows = b.step(&steps)?;
+            let want = &all[i * nv..(i + 1) * nv];
+            for (slot, row) in rows.iter().enumerate() {
+                let same = row.len() == nv && row.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+                anyhow::ensure!(
+                    same,
+                    "batched serving step differs from the session's at position {i} (sequence {slot} of {BATCH_SEQUENCES})"
+                );
+            }
         }
         Ok(all)
     }

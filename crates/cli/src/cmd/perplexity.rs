@@ -47,6 +47,8 @@ pub struct Args {
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
     #[command(flatten)]
+    pub backend: common::BackendArgs,
+    #[command(flatten)]
     pub load: common::LoadArgs,
 }
 
@@ -65,7 +67,9 @@ struct Output {
 
 pub fn main(a: Args) -> Result<ExitCode> {
     common::set_threads(a.threads)?;
-    let model = common::load_model_opts(&a.model, common::cpu_weight_pages(a.mmap), &a.load)?;
+    let (model, gpu) = a
+        .backend
+        .load(&a.model, a.mmap, &a.load, a.exact, |m| kiln_engine::GpuModel::session_bytes(&m.weights.cfg, a.ctx))?;
     let n_ctx_train = model.weights.cfg.n_ctx_train;
     if a.file.is_some() && n_ctx_train > 0 && a.ctx > n_ctx_train {
         bail!("--ctx {} is longer than the model's training context ({n_ctx_train})", a.ctx);
@@ -122,7 +126,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let result = ppl::run(&model, &chunks, precision, save, base, |done, nll| {
+    let result = ppl::run(&model, &chunks, precision, gpu.as_ref(), save, base, |done, nll| {
         if nll.n > 0 {
             bar.set_message(format!("ppl {:.4}", nll.perplexity().0));
         }

@@ -67,6 +67,8 @@ pub struct Args {
     #[command(flatten)]
     pub spec: common::SpecArgs,
     #[command(flatten)]
+    pub backend: common::BackendArgs,
+    #[command(flatten)]
     pub load: common::LoadArgs,
 }
 
@@ -102,7 +104,9 @@ pub fn main(a: Args) -> Result<ExitCode> {
     let spec_opts = a.spec.options()?;
     common::set_threads(a.threads)?;
     let pages = common::cpu_weight_pages(a.mmap);
-    let mut model = common::load_model_opts(&a.model, pages, &a.load)?;
+    let (mut model, gpu) = a.backend.load(&a.model, a.mmap, &a.load, a.exact, |m| {
+        kiln_engine::GpuModel::session_bytes(&m.weights.cfg, a.ctx.unwrap_or_else(|| m.default_ctx()))
+    })?;
     let draft = a.spec.load_draft(&model, pages, &a.load)?;
     let prompt_ids = if let Some(t) = &a.tokens {
         let ids = common::parse_tokens(t)?;
@@ -129,7 +133,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
         bail!("the prompt has {} tokens but the context holds {n_ctx} (raise --ctx)", prompt_ids.len());
     }
     let precision = if a.exact { Precision::Exact } else { Precision::Fast };
-    let mut session = common::session(&model, n_ctx, precision, &ctx_flag(a.ctx, n_ctx))?;
+    let mut session = common::session_on(&model, gpu.as_ref(), n_ctx, precision, &ctx_flag(a.ctx, n_ctx))?;
     let mut sampler = Sampler::new(params);
     let mut speculator = common::speculator(spec_opts, draft.as_ref(), n_ctx)?;
     let opts = GenerateOptions {

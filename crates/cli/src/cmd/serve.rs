@@ -70,6 +70,12 @@ pub struct Args {
     #[command(flatten)]
     pub spec: common::SpecArgs,
     #[command(flatten)]
+    pub backend: common::BackendArgs,
+    /// GPU memory for the paged KV cache, e.g. `8G`, `512M` or bytes (default: what is free
+    /// after the weights and work buffers, less a margin).
+    #[arg(long, value_name = "SIZE")]
+    pub kv_memory: Option<String>,
+    #[command(flatten)]
     pub load: common::LoadArgs,
 }
 
@@ -97,8 +103,16 @@ pub fn main(a: Args) -> Result<ExitCode> {
     a.template.check()?;
     let spec = a.spec.options()?;
     common::set_threads(a.threads)?;
+    let kv_memory = a.kv_memory.as_deref().map(parse_size).transpose()?;
     let pages = common::cpu_weight_pages(a.mmap);
-    let mut model = common::load_model_opts(&a.model, pages, &a.load)?;
+    let (mut model, gpu) = a.backend.load(&a.model, a.mmap, &a.load, a.exact, |m| {
+        let ctx = a.ctx.unwrap_or_else(|| m.default_ctx());
+        let kv = kv_memory.unwrap_or(0);
+        kiln_engine::GpuModel::serving_bytes(&m.weights.cfg, a.parallel, ctx).max(kv)
+    })?;
+    if gpu.is_none() && kv_memory.is_some() {
+        bail!("--kv-memory sizes the GPU's KV cache, and the server runs on the CPU (each slot there has its own cache of --ctx positions)");
+    }
     let draft = a.spec.load_draft(&model, pages, &a.load)?;
     // The server renders chat requests with `model.template`; without one it writes the messages
     // as a plain `role: content` transcript.
@@ -123,8 +137,31 @@ pub fn main(a: Args) -> Result<ExitCode> {
         cfg.max_connections = n;
     }
     cfg.precision = if a.exact { Precision::Exact } else { Precision::Fast };
+    cfg.gpu = gpu.map(std::sync::Arc::new);
+    cfg.kv_memory = kv_memory;
     kiln_server::run_blocking(model, cfg)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--kv-memory`: bytes, or a number with K, M, G or T (binary units, `GiB`/`GB` spellings too).
+fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches('B').trim_end_matches('I') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => bail!("--kv-memory {s:?}: give bytes or a size like 8G or 512M"),
+    };
+    let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("--kv-memory {s:?}: give bytes or a size like 8G or 512M"))?;
+    let bytes = v * (1u64 << shift) as f64;
+    if !(bytes >= 1.0 && bytes < usize::MAX as f64) {
+        bail!("--kv-memory {s:?}: the size must be at least 1 byte and fit in memory addresses");
+    }
+    Ok(bytes as usize)
 }
 
 /// A flag's number of seconds as a Duration: finite, not negative (nor 0 unless `zero_ok`), and

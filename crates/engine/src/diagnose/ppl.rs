@@ -300,6 +300,7 @@ pub fn run(
     model: &crate::Model,
     chunks: &[Chunk],
     precision: kiln_model::Precision,
+    gpu: Option<&crate::GpuModel>,
     mut save: Option<LogitsWriter>,
     mut base: Option<LogitsReader>,
     mut progress: impl FnMut(usize, &Nll),
@@ -309,13 +310,15 @@ pub fn run(
         b.check_matches(n_vocab, chunks)?;
     }
     let longest = chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(0);
-    let mut cache = kiln_model::KvCache::new(&model.weights.cfg, longest);
+    let mut session = match gpu {
+        Some(g) => crate::Session::on_gpu(model, longest, g)?,
+        None => crate::Session::new(model, longest, precision),
+    };
     let mut nll = Nll::default();
     let mut kl = KlAcc::default();
     for (i, c) in chunks.iter().enumerate() {
-        cache.clear();
-        let logits =
-            kiln_model::forward(&model.weights, &mut cache, &c.tokens, precision, kiln_model::Logits::All, None)?;
+        session.reset();
+        let logits = session.eval(&c.tokens, kiln_model::Logits::All)?;
         for j in c.first..c.end {
             let lj = &logits[j * n_vocab..(j + 1) * n_vocab];
             if let Some(&next) = c.tokens.get(j + 1) {
