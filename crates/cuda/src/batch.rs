@@ -30,6 +30,11 @@ pub const PROMPT_CHUNK: usize = 256;
 /// Rows one sequence may feed in a generation step (a token and up to 14 drafts).
 pub const MAX_ROWS_PER_SEQUENCE: usize = 15;
 
+/// Whether `st` runs in a pass of its own: a prompt chunk too long for the one-token kernels.
+fn own_pass(st: &BatchStep<'_>) -> bool {
+    st.prompt && !CudaBatch::rides_along(st.tokens.len())
+}
+
 /// The work of one sequence (slot) in a step.
 pub struct BatchStep<'a> {
     pub slot: usize,
@@ -198,11 +203,10 @@ impl<'m> CudaBatch<'m> {
             if let Some(&id) = st.tokens.iter().find(|&&t| t as usize >= nv) {
                 return Err(kiln_model::ModelError::TokenOutOfRange { id, n_vocab: nv }.into());
             }
-            if st.prompt {
-                if st.tokens.len() > PROMPT_CHUNK - s.len % PROMPT_CHUNK {
-                    bail!("internal: a prompt chunk crosses a chunk bound");
-                }
-            } else {
+            if st.prompt && st.tokens.len() > PROMPT_CHUNK - s.len % PROMPT_CHUNK {
+                bail!("internal: a prompt chunk crosses a chunk bound");
+            }
+            if !own_pass(st) {
                 gen_rows += st.tokens.len();
             }
         }
@@ -219,10 +223,11 @@ impl<'m> CudaBatch<'m> {
             }
         }
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); steps.len()];
-        // Generation rows of all sequences: one pass.
+        // Generation rows of all sequences, and prompt chunks short enough for the same kernels
+        // (they would take them alone too): one pass.
         if gen_rows > 0 {
             let (mut tokens, mut pos, mut tbl, mut bt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for st in steps.iter().filter(|s| !s.prompt) {
+            for st in steps.iter().filter(|s| !own_pass(s)) {
                 let s = &self.seqs[st.slot];
                 let off = bt.len() as i32;
                 bt.extend(s.blocks.iter().map(|&b| b as i32));
@@ -236,7 +241,7 @@ impl<'m> CudaBatch<'m> {
             self.generation_pass(gen_rows)?;
             let all = self.f.logits_rows(0, gen_rows)?;
             let mut row = 0;
-            for (i, st) in steps.iter().enumerate().filter(|(_, s)| !s.prompt) {
+            for (i, st) in steps.iter().enumerate().filter(|(_, s)| !own_pass(s)) {
                 let n = st.tokens.len();
                 out[i] = match st.want {
                     Logits::All => all[row * nv..(row + n) * nv].to_vec(),
@@ -246,7 +251,7 @@ impl<'m> CudaBatch<'m> {
             }
         }
         // Prompt chunks: a pass each.
-        for (i, st) in steps.iter().enumerate().filter(|(_, s)| s.prompt) {
+        for (i, st) in steps.iter().enumerate().filter(|(_, s)| own_pass(s)) {
             let s = &self.seqs[st.slot];
             let n = st.tokens.len();
             let pos: Vec<i32> = (s.len..s.len + n).map(|p| p as i32).collect();
@@ -273,6 +278,13 @@ impl<'m> CudaBatch<'m> {
             }
         }
         Ok(out)
+    }
+
+    /// Whether a prompt chunk of `n` tokens runs in the generation pass: chunks of up to
+    /// [`crate::MATVEC_MAX_TOKENS`] take the matrix-vector kernels alone as well, so their rows
+    /// are the same bits there, and they join the step's one pass instead of a pass of their own.
+    pub fn rides_along(n: usize) -> bool {
+        n <= crate::MATVEC_MAX_TOKENS
     }
 
     /// The generation pass over the uploaded rows: a captured graph per row count once that

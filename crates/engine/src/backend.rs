@@ -68,6 +68,9 @@ pub trait PagedBackend {
     /// Prompt tokens `slot` reads next out of `left` (chunk bounds that keep results independent
     /// of the batch).
     fn prompt_chunk(&self, slot: usize, left: usize) -> usize;
+    /// Whether a prompt chunk of `n` tokens rides along in the step's generation pass (costing
+    /// little beside it): the scheduler then reads it whatever its prompt budget.
+    fn rides_along(&self, n: usize) -> bool;
     /// One step; each step's logits (last row or all rows), in order. On error nothing changed.
     fn step(&mut self, steps: &[PagedStep<'_>]) -> Result<Vec<Vec<f32>>>;
     fn blocks(&self) -> BlockUse;
@@ -290,6 +293,9 @@ impl PagedBackend for kiln_cuda::CudaBatch<'_> {
     }
     fn prompt_chunk(&self, slot: usize, left: usize) -> usize {
         kiln_cuda::CudaBatch::prompt_chunk(self, slot, left)
+    }
+    fn rides_along(&self, n: usize) -> bool {
+        kiln_cuda::CudaBatch::rides_along(n)
     }
     fn step(&mut self, steps: &[PagedStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let steps: Vec<kiln_cuda::BatchStep<'_>> = steps

@@ -743,9 +743,15 @@ impl<'m> Scheduler<'m> {
             let Some(seq) = slot.seq.as_mut() else { continue };
             let n = match &self.paged {
                 // The backend's chunks (bounds fixed by the prompt alone), as many as the budget
-                // takes, at least one per step.
-                Some(p) if prompt_fed == 0 || budget > 0 => p.prompt_chunk(i, seq.prompt_left.len()),
-                Some(_) => 0,
+                // takes, at least one per step; short ones ride along in the generation pass.
+                Some(p) => {
+                    let n = p.prompt_chunk(i, seq.prompt_left.len());
+                    if prompt_fed == 0 || budget > 0 || p.rides_along(n) {
+                        n
+                    } else {
+                        0
+                    }
+                }
                 None => prompt_chunk(seq.prompt_left.len(), budget),
             };
             if n == 0 {
