@@ -507,8 +507,8 @@ impl<'m> Forward<'m> {
             let tk = k.for_layout(mat.ty, mat.repacked)?;
             let per_tok = smem as usize;
             let (f, tm) = match (&tk.matvec_fast_t8, &tk.matvec_fast_t4) {
-                (Some(f8), _) if n >= 8 && k.mvf_tm >= 8 && 8 * per_tok <= crate::FAST_SMEM_MAX => (f8, 8),
-                (_, Some(f4)) if n >= 2 && k.mvf_tm >= 4 && 4 * per_tok <= crate::FAST_SMEM_MAX => (f4, 4),
+                (Some(f8), _) if n >= 8 && k.mvf_tm >= 8 && 8 * per_tok <= k.fast_smem_max => (f8, 8),
+                (_, Some(f4)) if n >= 2 && k.mvf_tm >= 4 && 4 * per_tok <= k.fast_smem_max => (f4, 4),
                 _ => (f, 1),
             };
             let smem = (tm * per_tok) as u32;

@@ -82,6 +82,9 @@ pub(crate) struct Kernels {
     pub sms: usize,
     /// Most tokens per block of the many-token mat-vec variants (1, 4 or 8; `KILN_MVF_TM`).
     pub mvf_tm: usize,
+    /// Most dynamic shared memory a many-token mat-vec block may take: the device's opt-in
+    /// limit less 1 KiB for the kernel's static shared memory (the two together must fit).
+    pub fast_smem_max: usize,
     /// Whether the fast mat-vec kernels and the repacked layouts are used (`KILN_CUDA_FAST=0`:
     /// the generic kernel everywhere, for comparisons).
     pub fast: bool,
@@ -115,9 +118,6 @@ impl Kernels {
         }
     }
 }
-
-/// Most dynamic shared memory of a many-token mat-vec block (Hopper and Ampere allow 227 KiB).
-pub(crate) const FAST_SMEM_MAX: usize = 227 * 1024;
 
 /// Dynamic shared memory of `attention_tiled_impl<d, bk>` (kernels.cu): Q [64][d+4], K [bk][d+4],
 /// V [bk][d] and P [64][bk+4] floats.
@@ -231,6 +231,11 @@ impl Device {
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .max(1) as usize,
             mvf_tm: env_usize("KILN_MVF_TM", 8),
+            fast_smem_max: ctx
+                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .max(48 * 1024) as usize
+                - 1024,
             fast: std::env::var("KILN_CUDA_FAST").map(|v| v != "0").unwrap_or(true),
             rms_norm: f("rms_norm")?,
             split_f16: f("split_f16")?,
@@ -249,7 +254,7 @@ impl Device {
             for f in [&tk.matvec_fast_t4, &tk.matvec_fast_t8].into_iter().flatten() {
                 f.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    FAST_SMEM_MAX as i32,
+                    kernels.fast_smem_max as i32,
                 )
                 .map_err(|e| anyhow::anyhow!("mat-vec kernel shared memory: {e}"))?;
             }
