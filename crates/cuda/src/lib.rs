@@ -232,7 +232,9 @@ impl Device {
                 .max(1) as usize,
             mvf_tm: env_usize("KILN_MVF_TM", 8),
             fast_smem_max: ctx
-                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .max(48 * 1024) as usize
                 - 1024,
