@@ -490,3 +490,27 @@ fn mapped_model_truncated_during_generation() {
         "{err}"
     );
 }
+
+/// The backend flags: `--backend cuda` where it cannot run (every CI build: no `cuda` feature; a
+/// CUDA build on a machine without a driver) is one line saying why; `--exact` with `--backend
+/// cuda` is refused (the exact path is CPU-only); `--kv-memory` sizes are checked before anything
+/// loads, and the flag is refused when the server runs on the CPU.
+#[test]
+fn backend_flags_are_one_line_errors() {
+    let m = tiny();
+    let o = kiln(&["run", "-m", &m, "--backend", "cuda", "-n", "1", "hi"]);
+    if o.status.success() {
+        let _ = writeln!(std::io::stderr(), "SKIPPED backend_flags_are_one_line_errors (--backend cuda): a GPU ran it");
+    } else {
+        assert_one_line_error(&o, "--backend cuda");
+    }
+    let o = kiln(&["run", "-m", &m, "--backend", "cuda", "--exact", "-n", "1", "hi"]);
+    assert_one_line_error(&o, "--exact runs on the CPU only");
+    for bad in ["abc", "-5G", "0", "1e30G", "99999999999T", "8Q", ""] {
+        let flag = format!("--kv-memory={bad}");
+        let o = kiln(&["serve", "-m", &m, "--backend", "cpu", &flag, "--port", "0"]);
+        assert_one_line_error(&o, "--kv-memory");
+    }
+    let o = kiln(&["serve", "-m", &m, "--backend", "cpu", "--kv-memory", "1G", "--port", "0"]);
+    assert_one_line_error(&o, "--kv-memory sizes the GPU's KV cache");
+}
