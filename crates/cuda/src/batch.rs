@@ -54,8 +54,6 @@ struct SeqPages {
     len: usize,
     /// The tokens at those positions (to register whole prompt chunks).
     tokens: Vec<u32>,
-    /// Leading positions computed by whole prompt chunks (or shared from such): the shareable part.
-    chunked: usize,
 }
 
 pub struct CudaBatch<'m> {
@@ -87,7 +85,7 @@ impl<'m> CudaBatch<'m> {
         }
         let n_slots = n_slots.max(1);
         let rows = Self::rows(n_slots);
-        let f = Forward::new(m, n_ctx, rows, n_blocks, n_slots * per_seq, true)?;
+        let f = Forward::new(m, n_ctx, rows, n_blocks, n_slots * per_seq)?;
         let use_graph = std::env::var("KILN_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true);
         Ok(CudaBatch {
             f,
@@ -156,7 +154,6 @@ impl<'m> CudaBatch<'m> {
         s.reserved = more;
         s.len = keep;
         s.tokens = prompt[..keep].to_vec();
-        s.chunked = keep;
         Ok(Some(keep))
     }
 
@@ -172,7 +169,6 @@ impl<'m> CudaBatch<'m> {
         let s = &mut self.seqs[slot];
         s.len = s.len.min(len);
         s.tokens.truncate(s.len);
-        s.chunked = s.chunked.min(s.len);
     }
 
     /// Prompt tokens to read next in `slot` out of `left`: up to the next multiple of
@@ -268,9 +264,10 @@ impl<'m> CudaBatch<'m> {
             let start = s.len;
             s.len += st.tokens.len();
             s.tokens.extend_from_slice(st.tokens);
+            // Everything before a whole chunk is whole chunks too (or shared ones): registration
+            // only needs each block's parent registered, which `register` checks.
             let whole_chunk = st.prompt && start.is_multiple_of(PROMPT_CHUNK) && st.tokens.len() == PROMPT_CHUNK;
-            if whole_chunk && s.chunked == start {
-                s.chunked = s.len;
+            if whole_chunk {
                 for b in start / KV_BLOCK..s.len / KV_BLOCK {
                     let parent = b.checked_sub(1).map(|p| s.blocks[p]);
                     self.pool.register(s.blocks[b], parent, &s.tokens[b * KV_BLOCK..(b + 1) * KV_BLOCK]);

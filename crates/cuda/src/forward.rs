@@ -30,7 +30,7 @@ const MATVEC_ROWS_PER_WARP: usize = 1;
 const NORM_THREADS: u32 = 1024;
 
 /// Device bytes of the work buffers of passes of up to `rows` rows over sequences of up to `n_ctx`
-/// positions (the KV pools not included), as [`Forward::new`] allocates them with `gemm`.
+/// positions (the KV pools not included), as [`Forward::new`] allocates them.
 pub fn work_bytes(cfg: &ModelConfig, rows: usize, n_ctx: usize) -> usize {
     let (e, qd, kvd, ff, nv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff, cfg.n_vocab);
     let widest = e.max(qd).max(ff);
@@ -85,16 +85,9 @@ pub(crate) struct Forward<'m> {
 
 impl<'m> Forward<'m> {
     /// Buffers for passes of up to `rows` rows of sequences of up to `n_ctx` positions, KV pools
-    /// of `kv_blocks` blocks per layer, uploads of up to `bt_cap` block-table entries; `gemm`:
-    /// passes may take the cuBLAS path (its scratch buffers are allocated).
-    pub fn new(
-        m: &'m CudaModel,
-        n_ctx: usize,
-        rows: usize,
-        kv_blocks: usize,
-        bt_cap: usize,
-        gemm: bool,
-    ) -> Result<Forward<'m>> {
+    /// of `kv_blocks` blocks per layer, uploads of up to `bt_cap` block-table entries (with the
+    /// cuBLAS path's scratch buffers when cuBLAS is there).
+    pub fn new(m: &'m CudaModel, n_ctx: usize, rows: usize, kv_blocks: usize, bt_cap: usize) -> Result<Forward<'m>> {
         let cfg = &m.cfg;
         let n_ctx = n_ctx.max(1);
         let rows = rows.max(1);
@@ -145,7 +138,7 @@ impl<'m> Forward<'m> {
         let gu = alloc(rows * 2 * ff * 4)?;
         let ffo = alloc(rows * ff * 4)?;
         let widest = e.max(qd).max(ff);
-        let (w16, x16_hi, x16_lo) = if gemm && m.dev.blas.is_some() {
+        let (w16, x16_hi, x16_lo) = if m.dev.blas.is_some() {
             (alloc(m.max_elems * 2)?, alloc(rows * widest * 2)?, alloc(rows * widest * 2)?)
         } else {
             (0, 0, 0)

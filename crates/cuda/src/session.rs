@@ -27,7 +27,7 @@ impl<'m> CudaSession<'m> {
     pub fn new(m: &'m CudaModel, n_ctx: usize) -> Result<CudaSession<'m>> {
         let n_ctx = n_ctx.max(1);
         let blocks = n_ctx.div_ceil(KV_BLOCK);
-        let mut f = Forward::new(m, n_ctx, UBATCH.min(n_ctx), blocks, blocks, true)?;
+        let mut f = Forward::new(m, n_ctx, UBATCH.min(n_ctx), blocks, blocks)?;
         let identity: Vec<i32> = (0..blocks as i32).collect();
         f.upload_rows(&[], &[], &[], Some(&identity))?;
         let use_graph = std::env::var("KILN_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true);

@@ -1039,14 +1039,13 @@ impl<'m> Scheduler<'m> {
             // stay cached for later prompts, the rest are free.
             p.release(i);
             slot.tokens.clear();
-            let b = p.blocks();
-            self.stats.kv_blocks_used.store(b.used, Ordering::Relaxed);
-            self.stats.kv_blocks_cached.store(b.cached, Ordering::Relaxed);
+            self.publish_blocks();
         }
         match why {
             Exit::Gone => {}
             Exit::Failed(msg) => {
                 // The cache may be half-written for this sequence: forget it.
+                let slot = &mut self.slots[i];
                 slot.cache.clear();
                 slot.tokens.clear();
                 slot.prompt_kernel_len = 0;
