@@ -5,7 +5,7 @@
 #   bench/gpu_serving.sh KILN LLAMA_SRC MODEL.gguf [STREAMS] [DURATION]
 #
 # KILN: a kiln binary built with --features cuda. LLAMA_SRC: llama.cpp's source (e.g. llama-cpp-python
-# 0.3.36's vendor/llama.cpp; needs CMakeLists.txt, cmake, ggml, src, include, common, tools, vendor, app);
+# 0.3.36's vendor/llama.cpp; needs CMakeLists.txt, cmake, ggml, src, include, common, tools, vendor, app, scripts);
 # llama-server is built there once (CUDA, sm_90, no UI, no network) into LLAMA_SRC/build-cuda.
 # MODEL: e.g. ../shared/tools/make_synth_model.py M.gguf --preset tinyllama --type Q4_0.
 # Both servers get 64 slots of 512 positions; bench/loadtest.py runs STREAMS (default 1,8,32,64) for
