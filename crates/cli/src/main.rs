@@ -58,6 +58,10 @@ enum Command {
     Tokenize(cmd::tokenize::Args),
     /// Render a chat prompt with a model's chat template.
     Template(cmd::template::Args),
+    /// Write a model's tokenizer, chat template and shape as Hugging Face files (tokenizer.json,
+    /// tokenizer_config.json, config.json, generation_config.json) for front ends that tokenize
+    /// requests themselves (NVIDIA Dynamo's).
+    ExportTokenizer(cmd::export_tokenizer::Args),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => cmd::serve::main(a),
         Command::Tokenize(a) => cmd::tokenize::main(a),
         Command::Template(a) => cmd::template::main(a),
+        Command::ExportTokenizer(a) => cmd::export_tokenizer::main(a),
     };
     match result {
         Ok(code) => code,

@@ -116,6 +116,11 @@ impl<'m> CudaBatch<'m> {
         &self.pool
     }
 
+    /// The prefix cache's registrations and evictions since the last call.
+    pub fn take_events(&mut self) -> Vec<crate::pages::PoolEvent> {
+        self.pool.take_events()
+    }
+
     pub fn n_slots(&self) -> usize {
         self.seqs.len()
     }

@@ -14,6 +14,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+/// A change of what the pool's prefix cache holds (told to a router in front of several
+/// workers: kiln-engine's `kv_events`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// A block was registered: content id `id`, following the block of content id `parent`
+    /// (`None`: a sequence's first block), holding `tokens`.
+    Registered { id: u64, parent: Option<u64>, tokens: Vec<u32> },
+    /// The block of content id `id` was evicted (its content forgotten).
+    Evicted { id: u64 },
+}
+
 /// Content id meaning "no block before": the key of a sequence's first block.
 const ROOT: u64 = 0;
 
@@ -36,6 +47,8 @@ pub struct BlockPool {
     next_cid: u64,
     /// Blocks promised to admitted sequences and not yet taken.
     reserved: usize,
+    /// Registrations and evictions since [`BlockPool::take_events`].
+    events: Vec<PoolEvent>,
 }
 
 impl BlockPool {
@@ -52,6 +65,7 @@ impl BlockPool {
             index: HashMap::new(),
             next_cid: ROOT + 1,
             reserved: 0,
+            events: Vec::new(),
         }
     }
 
@@ -176,6 +190,8 @@ impl BlockPool {
         self.index.insert(key.clone(), block);
         self.key[block as usize] = Some(key);
         self.cid[block as usize] = self.next_cid;
+        let parent = (parent_cid != ROOT).then_some(parent_cid);
+        self.events.push(PoolEvent::Registered { id: self.next_cid, parent, tokens: tokens.to_vec() });
         self.next_cid += 1;
     }
 
@@ -184,9 +200,15 @@ impl BlockPool {
         self.key[block as usize].is_some()
     }
 
+    /// The registrations and evictions since the last call.
+    pub fn take_events(&mut self) -> Vec<PoolEvent> {
+        std::mem::take(&mut self.events)
+    }
+
     fn forget(&mut self, b: u32) {
         if let Some(k) = self.key[b as usize].take() {
             self.index.remove(&k);
+            self.events.push(PoolEvent::Evicted { id: self.cid[b as usize] });
         }
         self.cid[b as usize] = ROOT;
     }
@@ -245,6 +267,19 @@ mod tests {
         let taken: Vec<u32> = (0..4).map(|_| p.take().unwrap()).collect();
         assert_eq!(p.take(), None, "nothing beyond the reservation");
         assert!(p.lookup(&a, usize::MAX).is_empty());
+        // Registrations and evictions are told (a router's view of the prefix cache).
+        let ev = p.take_events();
+        let ids: Vec<u64> = ev
+            .iter()
+            .filter_map(|e| match e {
+                PoolEvent::Registered { id, .. } => Some(*id),
+                PoolEvent::Evicted { .. } => None,
+            })
+            .collect();
+        assert_eq!(ev.len(), 4, "{ev:?}");
+        assert_eq!(ev[0], PoolEvent::Registered { id: ids[0], parent: None, tokens: a[..2].to_vec() });
+        assert_eq!(ev[1], PoolEvent::Registered { id: ids[1], parent: Some(ids[0]), tokens: a[2..].to_vec() });
+        assert_eq!(ev[2..], [PoolEvent::Evicted { id: ids[0] }, PoolEvent::Evicted { id: ids[1] }]);
         // Reusing the evicted parent for other content does not revive the old child's key.
         let x = [50, 51];
         p.register(taken[3], None, &x);

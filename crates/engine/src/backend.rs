@@ -74,6 +74,11 @@ pub trait PagedBackend {
     /// One step; each step's logits (last row or all rows), in order. On error nothing changed.
     fn step(&mut self, steps: &[PagedStep<'_>]) -> Result<Vec<Vec<f32>>>;
     fn blocks(&self) -> BlockUse;
+    /// The blocks of the prefix cache registered and evicted since the last call
+    /// ([`crate::kv_events`]); empty where the backend keeps no prefix cache.
+    fn take_kv_events(&mut self) -> Vec<crate::kv_events::KvEvent> {
+        Vec::new()
+    }
 }
 
 /// A model's weights on a GPU (no value exists in builds without CUDA).
@@ -307,6 +312,19 @@ impl PagedBackend for kiln_cuda::CudaBatch<'_> {
     fn blocks(&self) -> BlockUse {
         let p = self.pool();
         BlockUse { used: p.in_use(), cached: p.cached(), total: p.n_blocks() }
+    }
+    fn take_kv_events(&mut self) -> Vec<crate::kv_events::KvEvent> {
+        use crate::kv_events::{KvEvent, StoredBlock};
+        use kiln_cuda::pages::PoolEvent;
+        self.take_events()
+            .into_iter()
+            .map(|e| match e {
+                PoolEvent::Registered { id, parent, tokens } => {
+                    KvEvent::Stored { parent, blocks: vec![StoredBlock { id, tokens }] }
+                }
+                PoolEvent::Evicted { id } => KvEvent::Removed { ids: vec![id] },
+            })
+            .collect()
     }
 }
 

@@ -36,6 +36,7 @@ use kiln_tokenizer::StreamDecoder;
 
 use crate::backend::{BlockUse, PagedBackend, PagedStep};
 use crate::constraint::Constraint;
+use crate::kv_events::{BlockTracker, KvEventSink};
 use crate::session::{find_stop, held_back};
 use crate::speculative::{DraftModel, SpecMode, SpecOptions, Speculator};
 use crate::{Model, Sampler, SamplingParams};
@@ -58,6 +59,10 @@ pub struct Request {
     /// Speculative decoding for this request (a draft model only where the scheduler has one:
     /// [`Scheduler::with_draft`]).
     pub spec: SpecOptions,
+    /// Send a [`Event::Delta`] for every generated token, even one whose text is not final yet
+    /// (a client that detokenizes itself, e.g. a Dynamo frontend); needs `stop` empty, since
+    /// text held back for a stop string would otherwise be sent.
+    pub token_deltas: bool,
     /// Where this request's events go.
     pub sink: Box<dyn EventSink>,
     /// When the request was queued (for queue time).
@@ -80,8 +85,9 @@ pub enum Event {
     /// The request got a slot; `cached_tokens` prompt tokens were reused from the slot's cache.
     Started { prompt_tokens: usize, cached_tokens: usize },
     /// Generated text that is now final (never half a UTF-8 character, never part of a stop
-    /// string), with the tokens generated since the previous delta when log-probabilities were asked.
-    Delta { text: String, logprobs: Vec<TokenLogprob> },
+    /// string), the ids of the tokens generated since the previous delta, and their
+    /// log-probabilities when those were asked.
+    Delta { text: String, tokens: Vec<u32>, logprobs: Vec<TokenLogprob> },
     /// The last event of a request that ran.
     Done(Finish),
     /// The request failed (bad prompt, model error, shutdown); the last event.
@@ -269,6 +275,9 @@ struct Slot<'m> {
     /// [`MIN_CHUNK`]); the rest by the generation kernels. A cached position is reused only where
     /// a fresh computation of the new prompt would take the same kernels ([`reusable`]).
     prompt_kernel_len: usize,
+    /// How many leading `tokens` are unchanged since the KV events were last told
+    /// ([`Scheduler::with_kv_events`]).
+    kv_told: usize,
     /// Tokens to feed at the next step.
     feed: Vec<u32>,
     /// Step counter value when the slot was last used (least recently used wins ties).
@@ -291,6 +300,8 @@ struct Sequence<'m> {
     /// Text decoded but not yet sent, because it may be the start of a stop string.
     pending: String,
     logprobs: Vec<TokenLogprob>,
+    /// Tokens generated since the last delta.
+    tokens: Vec<u32>,
     admitted: Instant,
     first_token: Option<Instant>,
     /// The sequence's drafting, when it speculates.
@@ -312,6 +323,8 @@ pub struct Scheduler<'m> {
     step_no: u64,
     pace: Pace,
     stats: Arc<SchedulerStats>,
+    /// Where KV block events go, and (on the CPU) what the slots' caches hold.
+    kv_events: Option<(BlockTracker, Box<dyn KvEventSink>)>,
 }
 
 /// Recent step times, from which the prompt work of a step that others generate in is sized.
@@ -422,6 +435,7 @@ impl<'m> Scheduler<'m> {
                 },
                 tokens: Vec::new(),
                 prompt_kernel_len: 0,
+                kv_told: 0,
                 feed: Vec::new(),
                 last_used: 0,
                 seq: None,
@@ -438,6 +452,7 @@ impl<'m> Scheduler<'m> {
             step_no: 0,
             pace: Pace::default(),
             stats,
+            kv_events: None,
         }
     }
 
@@ -452,6 +467,33 @@ impl<'m> Scheduler<'m> {
             slot.draft = Some(d);
         }
         Ok(self)
+    }
+
+    /// Sends the blocks the KV caches come to hold and stop holding to `sink`
+    /// ([`crate::kv_events`]), after each admission and step that changed them; the first event
+    /// is [`crate::kv_events::KvEvent::Cleared`].
+    pub fn with_kv_events(mut self, sink: Box<dyn KvEventSink>) -> Scheduler<'m> {
+        self.kv_events = Some((BlockTracker::new(self.slots.len()), sink));
+        self.tell_kv_events();
+        self
+    }
+
+    fn tell_kv_events(&mut self) {
+        let Some((tracker, sink)) = self.kv_events.as_mut() else { return };
+        let mut events = tracker.take_events();
+        match self.paged.as_mut() {
+            Some(p) => events.extend(p.take_kv_events()),
+            None => {
+                for (i, slot) in self.slots.iter_mut().enumerate() {
+                    tracker.sync(i, &slot.tokens, slot.kv_told);
+                    slot.kv_told = slot.tokens.len();
+                }
+                events.extend(tracker.take_events());
+            }
+        }
+        if !events.is_empty() {
+            sink.publish(events);
+        }
     }
 
     /// The paged KV cache's blocks (`None` on the CPU).
@@ -655,6 +697,7 @@ impl<'m> Scheduler<'m> {
         let slot = &mut self.slots[i];
         slot.cache.truncate(keep);
         slot.tokens.truncate(keep);
+        slot.kv_told = slot.kv_told.min(keep);
         slot.prompt_kernel_len = slot.prompt_kernel_len.min(keep);
         slot.feed.clear();
         let mut sampler = Sampler::new(req.params.clone());
@@ -681,18 +724,26 @@ impl<'m> Scheduler<'m> {
             generated: 0,
             pending: String::new(),
             logprobs: Vec::new(),
+            tokens: Vec::new(),
             admitted: Instant::now(),
             first_token: None,
             speculator,
             drafts: Vec::new(),
         });
         self.stats.active.store(self.n_active(), Ordering::SeqCst);
+        self.tell_kv_events();
         Ok(())
     }
 
     /// One batched forward step over every active slot, then sampling for those that produced
     /// logits. Returns how many slots are still active.
     pub fn step(&mut self) -> usize {
+        let n = self.step_slots();
+        self.tell_kv_events();
+        n
+    }
+
+    fn step_slots(&mut self) -> usize {
         self.step_no += 1;
         if self.cfg.panic_at_step == Some(self.step_no) {
             panic!("fault injection: the scheduler panics at step {}", self.step_no);
@@ -953,6 +1004,7 @@ fn advance(
         let keep = fed - drafts.len() + accepted;
         slot.cache.truncate(keep);
         slot.tokens.truncate(keep);
+        slot.kv_told = slot.kv_told.min(keep);
         kept = (keep < fed).then_some(keep);
     }
     (exit, kept)
@@ -991,6 +1043,7 @@ fn advance_one(
         }
     }
     seq.generated += 1;
+    seq.tokens.push(next);
     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
     let text = match seq.decoder.push(next) {
         Ok(text) => text,
@@ -1011,7 +1064,7 @@ fn advance_one(
         return Err(Exit::Finished(FinishReason::Stop));
     }
     let safe = seq.pending.len() - held_back(&seq.pending, &seq.req.stop);
-    if safe > 0 && !flush(seq, safe) {
+    if (safe > 0 || seq.req.token_deltas) && !flush(seq, safe) {
         return Err(Exit::Gone);
     }
     if seq.constraint.as_ref().is_some_and(Constraint::is_complete) {
@@ -1048,6 +1101,7 @@ impl<'m> Scheduler<'m> {
                 let slot = &mut self.slots[i];
                 slot.cache.clear();
                 slot.tokens.clear();
+                slot.kv_told = 0;
                 slot.prompt_kernel_len = 0;
                 seq.req.sink.send(Event::Error(msg));
             }
@@ -1061,7 +1115,7 @@ impl<'m> Scheduler<'m> {
                     seq.pending.push_str(&rest);
                 }
                 let n = seq.pending.len();
-                if (n > 0 || !seq.logprobs.is_empty()) && !flush(&mut seq, n) {
+                if (n > 0 || !seq.tokens.is_empty()) && !flush(&mut seq, n) {
                     self.stats.active.store(self.n_active(), Ordering::SeqCst);
                     return;
                 }
@@ -1105,7 +1159,8 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 fn flush(seq: &mut Sequence<'_>, upto: usize) -> bool {
     let text: String = seq.pending.drain(..upto).collect();
     let logprobs = std::mem::take(&mut seq.logprobs);
-    seq.req.sink.send(Event::Delta { text, logprobs })
+    let tokens = std::mem::take(&mut seq.tokens);
+    seq.req.sink.send(Event::Delta { text, tokens, logprobs })
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -1216,6 +1271,7 @@ mod tests {
             logprobs: Some(0),
             constraint: None,
             spec: SpecOptions::off(),
+            token_deltas: false,
             sink,
             submitted: Instant::now(),
             place: stats.try_enter(usize::MAX).expect("a place"),
@@ -1576,5 +1632,104 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-6, "{total}");
         assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
         assert!((lp[1] - lp[2] - 1.0).abs() < 1e-6);
+    }
+
+    struct KvLog(Arc<Mutex<Vec<crate::kv_events::KvEvent>>>);
+
+    impl KvEventSink for KvLog {
+        fn publish(&mut self, events: Vec<crate::kv_events::KvEvent>) {
+            self.0.lock().unwrap().extend(events);
+        }
+    }
+
+    /// The KV events, replayed in order, give exactly the full blocks the slots' caches hold:
+    /// every id stored once while held, removed only while held, shared prefixes told once.
+    #[test]
+    fn kv_events_tell_exactly_the_blocks_the_slots_hold() {
+        use crate::kv_events::{block_id, KvEvent, KV_EVENT_BLOCK};
+        use std::collections::HashSet;
+        let model = synth("Q8_0");
+        let stats = Arc::new(SchedulerStats::default());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut sched =
+            Scheduler::new(&model, config(2, 64), stats.clone()).with_kv_events(Box::new(KvLog(log.clone())));
+        let base: Vec<u32> = (0..40).map(|i| 100 + i * 3).collect();
+        let other: Vec<u32> = (0..50).map(|i| 900 + i).collect();
+        let mut branch = base[..33].to_vec();
+        branch.extend([7, 8, 9, 10, 11, 12]);
+        let mut replay: HashSet<u64> = HashSet::new();
+        let mut stored_ever = 0;
+        for (round, prompts) in
+            [vec![&base, &branch], vec![&other], vec![&base, &other], vec![&branch]].iter().enumerate()
+        {
+            for p in prompts {
+                let (req, _) = logged(&stats, p, 12);
+                assert!(sched.admit(req).is_ok());
+            }
+            while sched.step() > 0 {}
+            for e in log.lock().unwrap().drain(..) {
+                match e {
+                    KvEvent::Cleared => replay.clear(),
+                    KvEvent::Stored { parent, blocks } => {
+                        let mut parent = parent;
+                        if let Some(p) = parent {
+                            assert!(replay.contains(&p), "round {round}: parent {p} is not held");
+                        }
+                        for b in blocks {
+                            assert_eq!(b.tokens.len(), KV_EVENT_BLOCK);
+                            assert_eq!(b.id, block_id(parent, &b.tokens), "round {round}: ids chain");
+                            assert!(replay.insert(b.id), "round {round}: {} stored twice", b.id);
+                            stored_ever += 1;
+                            parent = Some(b.id);
+                        }
+                    }
+                    KvEvent::Removed { ids } => {
+                        for id in ids {
+                            assert!(replay.remove(&id), "round {round}: {id} removed but not held");
+                        }
+                    }
+                }
+            }
+            let mut want = HashSet::new();
+            for slot in &sched.slots {
+                let mut parent = None;
+                for c in slot.tokens.chunks_exact(KV_EVENT_BLOCK) {
+                    let id = block_id(parent, c);
+                    want.insert(id);
+                    parent = Some(id);
+                }
+            }
+            assert_eq!(replay, want, "round {round}");
+        }
+        // The shared 32-token prefix of `base` and `branch` was told once in round 0.
+        assert!(stored_ever > 0);
+    }
+
+    /// With `token_deltas` every generated token comes in a delta of its own, in order; the text
+    /// is the same.
+    #[test]
+    fn token_deltas_send_every_token_at_once() {
+        let model = synth("Q8_0");
+        let stats = Arc::new(SchedulerStats::default());
+        let mut sched = Scheduler::new(&model, config(1, 64), stats.clone());
+        let prompt = model.tokenizer.encode("Once upon a time", true, false).unwrap();
+        let (plain, plain_log) = logged(&stats, &prompt, 16);
+        assert!(sched.admit(plain).is_ok());
+        while sched.step() > 0 {}
+        let (mut req, log) = logged(&stats, &prompt, 16);
+        req.token_deltas = true;
+        assert!(sched.admit(req).is_ok());
+        while sched.step() > 0 {}
+        let tokens = |log: &Log| -> Vec<Vec<u32>> {
+            let ev = log.lock().unwrap();
+            ev.iter()
+                .filter_map(|e| if let Event::Delta { tokens, .. } = e { Some(tokens.clone()) } else { None })
+                .collect()
+        };
+        let each = tokens(&log);
+        assert_eq!(each.len(), 16);
+        assert!(each.iter().all(|t| t.len() == 1));
+        assert_eq!(each.concat(), tokens(&plain_log).concat());
+        assert_eq!(text(&log), text(&plain_log));
     }
 }

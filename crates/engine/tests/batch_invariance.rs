@@ -100,6 +100,7 @@ fn request(stats: &Arc<SchedulerStats>, job: &Job, log: Log, gone: Arc<AtomicBoo
         logprobs: Some(20),
         constraint: None,
         spec: job.spec,
+        token_deltas: false,
         sink: Box::new(Collect(log, gone)),
         submitted: Instant::now(),
         place: stats.try_enter(usize::MAX).expect("a place"),

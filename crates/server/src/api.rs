@@ -406,6 +406,7 @@ async fn generate(
         spec,
         logprobs,
         constraint,
+        token_deltas: false,
         sink: Box::new(ChannelSink(tx)),
         submitted: Instant::now(),
         place,
@@ -530,7 +531,7 @@ impl Relay {
                     self.push(c);
                 }
             }
-            Some(Event::Delta { text, logprobs }) => self.on_text(text, logprobs),
+            Some(Event::Delta { text, logprobs, .. }) => self.on_text(text, logprobs),
             Some(Event::Done(f)) => {
                 if f.reason == FinishReason::Cancelled {
                     return self.fail(ApiError::unavailable("the server shut down before the request finished"));
@@ -643,7 +644,7 @@ async fn collect(mut r: Relay) -> Result<Response, ApiError> {
         match r.rx.recv().await {
             None => return Err(r.stopped()),
             Some(Event::Started { .. }) => {}
-            Some(Event::Delta { text: t, logprobs }) => {
+            Some(Event::Delta { text: t, logprobs, .. }) => {
                 text.push_str(&t);
                 lps.extend(logprobs);
             }

@@ -8,6 +8,7 @@
 mod bpe;
 mod decode;
 mod error;
+mod hf_export;
 mod pretokenize;
 mod special;
 mod spm;

@@ -2,6 +2,7 @@ pub mod bench;
 pub mod chat;
 pub mod diff;
 pub mod dump;
+pub mod export_tokenizer;
 pub mod inspect;
 pub mod logits;
 pub mod parity;
