@@ -5,6 +5,7 @@ pub mod backend;
 pub mod constraint;
 pub mod default_model;
 pub mod diagnose;
+pub mod hf_files;
 pub mod kv_events;
 mod loaded;
 pub mod parity;

@@ -155,6 +155,10 @@ pub struct SchedulerConfig {
 /// give the prompt other bits than reading it whole (as `kiln run` does).
 pub const MIN_CHUNK: usize = kiln_quant::gemm::MIN_TOKENS;
 
+/// Cached tokens for which a request takes a slot holding another sequence's cache rather than
+/// an empty slot: one KV block ([`crate::kv_events::KV_EVENT_BLOCK`]).
+const MIN_REUSE: usize = crate::kv_events::KV_EVENT_BLOCK;
+
 /// Counters the scheduler keeps up to date, read by whoever reports metrics.
 #[derive(Debug, Default)]
 pub struct SchedulerStats {
@@ -666,10 +670,21 @@ impl<'m> Scheduler<'m> {
             .filter(|(_, s)| s.seq.is_none())
             .map(|(i, s)| {
                 let keep = if self.paged.is_some() { 0 } else { self.reusable(s, &req.prompt) };
-                (keep, std::cmp::Reverse(s.last_used), i)
+                // A slot is taken for its cache when that saves a whole block or is all it
+                // holds; a few shared leading tokens (a chat template's first words) are not
+                // worth overwriting another conversation's cached prefix while a slot is empty.
+                let worth = keep >= MIN_REUSE || (keep > 0 && keep == s.tokens.len());
+                let tier = if worth {
+                    2
+                } else if s.tokens.is_empty() {
+                    1
+                } else {
+                    0
+                };
+                (tier, keep, std::cmp::Reverse(s.last_used), i)
             })
             .max();
-        let Some((mut keep, _, i)) = best else { return Err(Box::new(req)) };
+        let Some((_, mut keep, _, i)) = best else { return Err(Box::new(req)) };
         if let Some(p) = self.paged.as_mut() {
             // Blocks for the whole sequence are reserved now, so a running request never runs
             // out; without them the request waits (in order) until others finish.

@@ -11,6 +11,8 @@
 //!   llama.cpp's SentencePiece merges the best-scoring pair first); spaces become `▁` and, where
 //!   the model adds a space prefix, each text segment starts with one (llama.cpp adds it at the
 //!   start and after every special token).
+//! - Decoding removes spaces before punctuation and contractions where llama.cpp does
+//!   (`clean_spaces`, e.g. GPT-2's pre-tokenizer), as `Replace` steps after the byte mapping.
 //! - Control, user-defined and unknown tokens are added tokens, matched whole in the input (as
 //!   kiln encodes with special tokens parsed); BOS/EOS are added as `tokenizer.ggml.add_*_token`
 //!   say.
@@ -63,8 +65,21 @@ impl Tokenizer {
                     "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                     "ignore_merges": pre.ignore_merges, "vocab": vocab, "merges": merges,
                 });
-                let decoder =
+                let byte_level =
                     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+                let decoder = if self.clean_spaces {
+                    // llama.cpp's `clean_spaces` passes, in its order, on the decoded text: no space
+                    // before ? ! . , ; " ' " becomes "'"; no space before 's 'm 're 've.
+                    let replace = |pattern: Json, content: &str| json!({"type": "Replace", "pattern": pattern, "content": content});
+                    json!({"type": "Sequence", "decoders": [
+                        byte_level,
+                        replace(json!({"Regex": " (?=[?!.,])"}), ""),
+                        replace(json!({"String": " ' "}), "'"),
+                        replace(json!({"Regex": " (?='(?:[sm]|re|ve))"}), ""),
+                    ]})
+                } else {
+                    byte_level
+                };
                 (model, Json::Null, json!({"type": "Sequence", "pretokenizers": steps}), decoder)
             }
             ModelKind::Spm => {

@@ -1,0 +1,238 @@
+//! A Dynamo request (pre-tokenized by the frontend) as kiln's scheduler takes it: sampling options
+//! checked as `kiln serve` checks them, guided decoding as kiln's constraints. What kiln cannot
+//! do is refused with a message naming the field, never dropped silently.
+//!
+//! Stop strings and stop token ids are the frontend's: its detokenizer watches the streamed
+//! tokens and cancels the request when one matches. The end-of-generation ids come with the
+//! request (`eos_token_ids`; empty with `ignore_eos`) and are the model's own, which kiln stops at.
+
+use dynamo_llm::protocols::common::preprocessor::PreprocessedRequest;
+use dynamo_llm::protocols::common::{GuidedDecodingOptions, SamplingOptions};
+use kiln_engine::constraint::ConstraintSpec;
+use kiln_engine::SamplingParams;
+
+/// What a request asks of the scheduler, checked.
+#[derive(Debug)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop_at_eog: bool,
+    pub constraint: Option<ConstraintSpec>,
+}
+
+/// Checks `req` against a context of `n_ctx` tokens and a vocabulary of `n_vocab`.
+pub fn job(req: &PreprocessedRequest, n_ctx: usize, n_vocab: usize) -> Result<Job, String> {
+    let prompt: Vec<u32> = req.token_ids.iter().copied().collect();
+    if prompt.is_empty() {
+        return Err("the prompt is empty: nothing to generate from".into());
+    }
+    if prompt.len() >= n_ctx {
+        return Err(format!(
+            "the prompt has {} tokens but the context holds {n_ctx}: no room to generate",
+            prompt.len()
+        ));
+    }
+    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
+        return Err(format!("token id {t} is out of range (the vocabulary has {n_vocab} tokens)"));
+    }
+    if req.prompt_embeds.is_some() || req.multi_modal_data.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err("prompt embeddings and multimodal data are not supported by kiln".into());
+    }
+    let sc = &req.stop_conditions;
+    let room = n_ctx - prompt.len();
+    let max_tokens = match sc.max_tokens {
+        None => room,
+        Some(0) => return Err("max_tokens must be at least 1".into()),
+        Some(m) => (m as usize).min(room),
+    };
+    if sc.min_tokens.is_some_and(|m| m > 0) {
+        return Err("min_tokens is not supported by kiln".into());
+    }
+    if sc.max_thinking_tokens.is_some() {
+        return Err("max_thinking_tokens is not supported by kiln".into());
+    }
+    let o = &req.output_options;
+    if o.logprobs.is_some() || o.prompt_logprobs.is_some() {
+        return Err("logprobs through Dynamo are not supported by this worker yet (kiln serve has them)".into());
+    }
+    let ignore_eos = sc.ignore_eos.unwrap_or(false);
+    let (params, constraint) = sampling(&req.sampling_options)?;
+    Ok(Job { prompt, params, max_tokens, stop_at_eog: !ignore_eos, constraint })
+}
+
+fn sampling(s: &SamplingOptions) -> Result<(SamplingParams, Option<ConstraintSpec>), String> {
+    if s.n.is_some_and(|n| n != 1) || s.best_of.is_some_and(|n| n != 1) {
+        return Err("n and best_of other than 1 are not supported by kiln".into());
+    }
+    if s.use_beam_search == Some(true) || s.length_penalty.is_some() {
+        return Err("beam search (use_beam_search, length_penalty) is not supported by kiln".into());
+    }
+    let d = SamplingParams::default();
+    let temperature = s.temperature.unwrap_or(d.temperature);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(format!("temperature must be in [0, 2], got {temperature}"));
+    }
+    let top_p = s.top_p.unwrap_or(d.top_p);
+    if !(0.0..=1.0).contains(&top_p) {
+        return Err(format!("top_p must be in [0, 1], got {top_p}"));
+    }
+    let min_p = s.min_p.unwrap_or(d.min_p);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(format!("min_p must be in [0, 1], got {min_p}"));
+    }
+    let top_k = match s.top_k {
+        None => d.top_k,
+        // vLLM's "no limit".
+        Some(-1) | Some(0) => 0,
+        Some(k) if k < 0 => return Err(format!("top_k must be -1 (no limit) or positive, got {k}")),
+        Some(k) => k as usize,
+    };
+    let penalty = |v: Option<f32>, name: &str| -> Result<f32, String> {
+        let v = v.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(format!("{name} must be in [-2, 2], got {v}"));
+        }
+        Ok(v)
+    };
+    let presence_penalty = penalty(s.presence_penalty, "presence_penalty")?;
+    let frequency_penalty = penalty(s.frequency_penalty, "frequency_penalty")?;
+    let repeat_penalty = s.repetition_penalty.unwrap_or(d.repeat_penalty);
+    // Written so that NaN fails too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    if !(repeat_penalty > 0.0 && repeat_penalty <= 10.0) {
+        return Err(format!("repetition_penalty must be in (0, 10], got {repeat_penalty}"));
+    }
+    let seed = match s.seed {
+        Some(v) => v as u64,
+        None => random_seed(),
+    };
+    let params = SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repeat_penalty,
+        frequency_penalty,
+        presence_penalty,
+        seed,
+        ..d
+    };
+    params.validate()?;
+    let constraint = s.guided_decoding.as_ref().map(guided).transpose()?.flatten();
+    Ok((params, constraint))
+}
+
+/// Guided decoding as a kiln constraint (llguidance, as `kiln serve`'s `response_format`).
+fn guided(g: &GuidedDecodingOptions) -> Result<Option<ConstraintSpec>, String> {
+    if g.whitespace_pattern.is_some() {
+        return Err("guided_whitespace_pattern is not supported by kiln".into());
+    }
+    if g.structural_tag.is_some() {
+        return Err("structural tags are not supported by kiln".into());
+    }
+    let mut specs = Vec::new();
+    if let Some(j) = &g.json {
+        specs.push(match j {
+            serde_json::Value::Object(o) if o.len() == 1 && o.get("type") == Some(&serde_json::json!("object")) => {
+                ConstraintSpec::JsonObject
+            }
+            other => ConstraintSpec::JsonSchema(other.clone()),
+        });
+    }
+    if let Some(r) = &g.regex {
+        specs.push(ConstraintSpec::Regex(r.clone()));
+    }
+    if let Some(c) = &g.choice {
+        if c.is_empty() {
+            return Err("guided_choice is empty".into());
+        }
+        let alts: Vec<String> = c.iter().map(|s| regex_escape(s)).collect();
+        specs.push(ConstraintSpec::Regex(format!("(?:{})", alts.join("|"))));
+    }
+    if let Some(gr) = &g.grammar {
+        specs.push(ConstraintSpec::grammar_text(gr.clone()));
+    }
+    match specs.len() {
+        0 | 1 => Ok(specs.pop()),
+        _ => Err("give one of guided json, regex, choice and grammar, not several".into()),
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A seed that differs between requests (as kiln serve draws one when none is given).
+fn random_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let mut z = t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(tokens: Vec<u32>) -> PreprocessedRequest {
+        serde_json::from_value(serde_json::json!({ "model": "m", "token_ids": tokens })).expect("a request")
+    }
+
+    #[test]
+    fn checks_prompt_context_and_options() {
+        let r = req(vec![1, 2, 3]);
+        let j = job(&r, 16, 100).unwrap();
+        assert_eq!((j.prompt.len(), j.max_tokens, j.stop_at_eog), (3, 13, true));
+        assert!(job(&req(vec![]), 16, 100).unwrap_err().contains("empty"));
+        assert!(job(&req(vec![1; 16]), 16, 100).unwrap_err().contains("no room"));
+        assert!(job(&req(vec![1, 200]), 16, 100).unwrap_err().contains("200"));
+        let mut r = req(vec![1, 2]);
+        r.sampling_options.temperature = Some(0.0);
+        r.stop_conditions.max_tokens = Some(5);
+        r.stop_conditions.ignore_eos = Some(true);
+        let j = job(&r, 16, 100).unwrap();
+        assert_eq!((j.params.temperature, j.max_tokens, j.stop_at_eog), (0.0, 5, false));
+        for (set, want) in [
+            (
+                Box::new(|r: &mut PreprocessedRequest| r.sampling_options.n = Some(2)) as Box<dyn Fn(&mut _)>,
+                "n and best_of",
+            ),
+            (Box::new(|r: &mut PreprocessedRequest| r.sampling_options.temperature = Some(3.0)), "temperature"),
+            (Box::new(|r: &mut PreprocessedRequest| r.sampling_options.top_k = Some(-5)), "top_k"),
+            (Box::new(|r: &mut PreprocessedRequest| r.stop_conditions.min_tokens = Some(3)), "min_tokens"),
+            (Box::new(|r: &mut PreprocessedRequest| r.output_options.logprobs = Some(2)), "logprobs"),
+            (Box::new(|r: &mut PreprocessedRequest| r.stop_conditions.max_tokens = Some(0)), "max_tokens"),
+        ] {
+            let mut r = req(vec![1, 2]);
+            set(&mut r);
+            let e = job(&r, 16, 100).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn guided_decoding_becomes_a_constraint() {
+        let g = |v: serde_json::Value| guided(&serde_json::from_value(v).unwrap());
+        assert_eq!(g(serde_json::json!({"json": {"type": "object"}})).unwrap(), Some(ConstraintSpec::JsonObject));
+        let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(g(serde_json::json!({ "json": schema.clone() })).unwrap(), Some(ConstraintSpec::JsonSchema(schema)));
+        assert_eq!(
+            g(serde_json::json!({"choice": ["yes", "no (maybe)"]})).unwrap(),
+            Some(ConstraintSpec::Regex(r"(?:yes|no \(maybe\))".into()))
+        );
+        assert!(g(serde_json::json!({"regex": "a+", "choice": ["x"]})).unwrap_err().contains("not several"));
+        assert!(g(serde_json::json!({"whitespace_pattern": " "})).is_err());
+    }
+}
