@@ -670,10 +670,12 @@ impl<'m> Scheduler<'m> {
             .filter(|(_, s)| s.seq.is_none())
             .map(|(i, s)| {
                 let keep = if self.paged.is_some() { 0 } else { self.reusable(s, &req.prompt) };
-                // A slot is taken for its cache when that saves a whole block or is all it
-                // holds; a few shared leading tokens (a chat template's first words) are not
-                // worth overwriting another conversation's cached prefix while a slot is empty.
-                let worth = keep >= MIN_REUSE || (keep > 0 && keep == s.tokens.len());
+                // A slot is taken for its cache when the prompt shares a whole block with it (the
+                // same conversation, even where the kernels' rules reuse less) or all it holds; a
+                // few shared leading tokens (a chat template's first words) are not worth
+                // overwriting another conversation's cached prefix while a slot is empty.
+                let shared = common_prefix(&s.tokens, &req.prompt);
+                let worth = keep > 0 && (shared >= MIN_REUSE || keep == s.tokens.len());
                 let tier = if worth {
                     2
                 } else if s.tokens.is_empty() {
@@ -1746,5 +1748,30 @@ mod tests {
         assert!(each.iter().all(|t| t.len() == 1));
         assert_eq!(each.concat(), tokens(&plain_log).concat());
         assert_eq!(text(&log), text(&plain_log));
+    }
+
+    /// A prompt that shares only a few leading tokens with a cached slot takes an empty slot, so
+    /// the cached sequence's prefix survives for its follow-up (a chat template's first words do
+    /// not evict another conversation).
+    #[test]
+    fn a_few_shared_tokens_do_not_evict_a_cached_prefix() {
+        let model = synth("Q8_0");
+        let stats = Arc::new(SchedulerStats::default());
+        let mut sched = Scheduler::new(&model, config(2, 64), stats.clone());
+        let a: Vec<u32> = (0..48).map(|i| 100 + i).collect();
+        let mut b: Vec<u32> = a[..5].to_vec();
+        b.extend((0..40).map(|i| 500 + i));
+        for p in [&a, &b] {
+            let (req, _) = logged(&stats, p, 4);
+            assert!(sched.admit(req).is_ok());
+            while sched.step() > 0 {}
+        }
+        assert!(sched.slots.iter().any(|s| s.tokens.starts_with(&a)), "the first prompt's slot kept its cache");
+        let (req, log) = logged(&stats, &a, 4);
+        assert!(sched.admit(req).is_ok());
+        while sched.step() > 0 {}
+        let ev = log.lock().unwrap();
+        let Some(Event::Done(f)) = ev.last() else { panic!("{ev:?}") };
+        assert!(f.cached_tokens >= MIN_REUSE, "the follow-up found its prefix: {f:?}");
     }
 }
