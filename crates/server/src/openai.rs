@@ -8,7 +8,6 @@
 //! naming the field too. The same holds inside `messages` and `stream_options`.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_engine::speculative::{SpecMode, SpecOptions};
@@ -719,7 +718,7 @@ impl Sampling {
         // Without a seed every request draws differently, as with OpenAI.
         let seed = match self.seed {
             Some(s) => s as u64,
-            None => random_seed(),
+            None => kiln_engine::sampler::random_seed(),
         };
         let params = SamplingParams {
             temperature,
@@ -740,19 +739,9 @@ impl Sampling {
     }
 }
 
-fn random_seed() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    // splitmix64 of time and a counter: distinct for requests in the same nanosecond.
-    let mut z = t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// A fresh response id with the given prefix (`chatcmpl-…`, `cmpl-…`).
 pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", random_seed())
+    format!("{prefix}-{:016x}", kiln_engine::sampler::random_seed())
 }
 
 pub fn unix_now() -> u64 {
