@@ -68,57 +68,19 @@ fn sampling(s: &SamplingOptions) -> Result<(SamplingParams, Option<ConstraintSpe
     if s.use_beam_search == Some(true) || s.length_penalty.is_some() {
         return Err("beam search (use_beam_search, length_penalty) is not supported by kiln".into());
     }
-    let d = SamplingParams::default();
-    let temperature = s.temperature.unwrap_or(d.temperature);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(format!("temperature must be in [0, 2], got {temperature}"));
+    // One validator for every front end (kiln serve's, this worker's).
+    let params = kiln_engine::sampler::SamplingRequest {
+        temperature: s.temperature,
+        top_k: s.top_k.map(i64::from),
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repetition_penalty,
+        frequency_penalty: s.frequency_penalty,
+        presence_penalty: s.presence_penalty,
+        seed: s.seed.map(|v| v as u64),
     }
-    let top_p = s.top_p.unwrap_or(d.top_p);
-    if !(0.0..=1.0).contains(&top_p) {
-        return Err(format!("top_p must be in [0, 1], got {top_p}"));
-    }
-    let min_p = s.min_p.unwrap_or(d.min_p);
-    if !(0.0..=1.0).contains(&min_p) {
-        return Err(format!("min_p must be in [0, 1], got {min_p}"));
-    }
-    let top_k = match s.top_k {
-        None => d.top_k,
-        // vLLM's "no limit".
-        Some(-1) | Some(0) => 0,
-        Some(k) if k < 0 => return Err(format!("top_k must be -1 (no limit) or positive, got {k}")),
-        Some(k) => k as usize,
-    };
-    let penalty = |v: Option<f32>, name: &str| -> Result<f32, String> {
-        let v = v.unwrap_or(0.0);
-        if !(-2.0..=2.0).contains(&v) {
-            return Err(format!("{name} must be in [-2, 2], got {v}"));
-        }
-        Ok(v)
-    };
-    let presence_penalty = penalty(s.presence_penalty, "presence_penalty")?;
-    let frequency_penalty = penalty(s.frequency_penalty, "frequency_penalty")?;
-    let repeat_penalty = s.repetition_penalty.unwrap_or(d.repeat_penalty);
-    // Written so that NaN fails too.
-    #[allow(clippy::neg_cmp_op_on_partial_ord)]
-    if !(repeat_penalty > 0.0 && repeat_penalty <= 10.0) {
-        return Err(format!("repetition_penalty must be in (0, 10], got {repeat_penalty}"));
-    }
-    let seed = match s.seed {
-        Some(v) => v as u64,
-        None => kiln_engine::sampler::random_seed(),
-    };
-    let params = SamplingParams {
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        repeat_penalty,
-        frequency_penalty,
-        presence_penalty,
-        seed,
-        ..d
-    };
-    params.validate()?;
+    .resolve("repetition_penalty")
+    .map_err(|e| e.message)?;
     let constraint = s.guided_decoding.as_ref().map(guided).transpose()?.flatten();
     Ok((params, constraint))
 }

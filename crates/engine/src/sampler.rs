@@ -65,6 +65,86 @@ impl SamplingParams {
     }
 }
 
+/// The sampling fields of an API request as the client gave them (`None`: not given), checked
+/// and resolved in one place for every front end (`kiln serve`'s OpenAI API, the Dynamo worker).
+#[derive(Clone, Debug, Default)]
+pub struct SamplingRequest {
+    pub temperature: Option<f32>,
+    /// `-1` and `0` mean no limit (vLLM's and llama.cpp's conventions).
+    pub top_k: Option<i64>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    /// Without one every request draws differently ([`random_seed`]), as with OpenAI.
+    pub seed: Option<u64>,
+}
+
+/// A request that was refused: the field as the client spelled it (`None`: the combination), and
+/// why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldError {
+    pub field: Option<&'static str>,
+    pub message: String,
+}
+
+impl SamplingRequest {
+    /// The parameters, with kiln's defaults for fields not given; `repeat_field` is how the front
+    /// end names the repetition penalty (`repeat_penalty`, `repetition_penalty`), for messages.
+    /// Ranges are OpenAI's where it has the field (temperature [0, 2], penalties [-2, 2]).
+    pub fn resolve(&self, repeat_field: &'static str) -> Result<SamplingParams, FieldError> {
+        let err = |field: &'static str, message: String| Err(FieldError { field: Some(field), message });
+        let d = SamplingParams::default();
+        let temperature = self.temperature.unwrap_or(d.temperature);
+        if !(0.0..=2.0).contains(&temperature) {
+            return err("temperature", format!("temperature must be in [0, 2], got {temperature}"));
+        }
+        let top_p = self.top_p.unwrap_or(d.top_p);
+        if !(0.0..=1.0).contains(&top_p) {
+            return err("top_p", format!("top_p must be in [0, 1], got {top_p}"));
+        }
+        let min_p = self.min_p.unwrap_or(d.min_p);
+        if !(0.0..=1.0).contains(&min_p) {
+            return err("min_p", format!("min_p must be in [0, 1], got {min_p}"));
+        }
+        let top_k = match self.top_k {
+            None => d.top_k,
+            Some(-1) | Some(0) => 0,
+            Some(k) if k < 0 => return err("top_k", format!("top_k must be -1 or 0 (no limit) or positive, got {k}")),
+            Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
+        };
+        let penalty = |v: Option<f32>, field: &'static str| -> Result<f32, FieldError> {
+            let v = v.unwrap_or(0.0);
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(FieldError { field: Some(field), message: format!("{field} must be in [-2, 2], got {v}") });
+            }
+            Ok(v)
+        };
+        let presence_penalty = penalty(self.presence_penalty, "presence_penalty")?;
+        let frequency_penalty = penalty(self.frequency_penalty, "frequency_penalty")?;
+        let repeat_penalty = self.repeat_penalty.unwrap_or(d.repeat_penalty);
+        // Written so that NaN fails too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        if !(repeat_penalty > 0.0 && repeat_penalty <= 10.0) {
+            return err(repeat_field, format!("{repeat_field} must be in (0, 10], got {repeat_penalty}"));
+        }
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            frequency_penalty,
+            presence_penalty,
+            seed: self.seed.unwrap_or_else(random_seed),
+            ..d
+        };
+        params.validate().map_err(|message| FieldError { field: None, message })?;
+        Ok(params)
+    }
+}
+
 /// A seed that differs between calls (time and a counter through splitmix64: distinct even for
 /// requests in the same nanosecond), for requests that give none.
 pub fn random_seed() -> u64 {
@@ -212,6 +292,45 @@ pub fn softmax(logits: impl Iterator<Item = f32> + Clone, temperature: f64) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One validator for every front end: defaults, the ranges, -1/0 as "no top-k limit", and
+    /// the front end's own name for the repetition penalty in messages.
+    #[test]
+    fn sampling_request_resolves_and_refuses_with_the_field_name() {
+        let d = SamplingParams::default();
+        let p = SamplingRequest { seed: Some(7), ..Default::default() }.resolve("repeat_penalty").unwrap();
+        assert_eq!(p, SamplingParams { seed: 7, ..d.clone() });
+        for k in [-1, 0] {
+            let p = SamplingRequest { top_k: Some(k), ..Default::default() }.resolve("x").unwrap();
+            assert_eq!(p.top_k, 0);
+        }
+        let refused = |r: SamplingRequest| r.resolve("repetition_penalty").unwrap_err();
+        let e = refused(SamplingRequest { top_k: Some(-2), ..Default::default() });
+        assert_eq!(e.field, Some("top_k"));
+        let e = refused(SamplingRequest { temperature: Some(2.5), ..Default::default() });
+        assert_eq!((e.field, e.message.as_str()), (Some("temperature"), "temperature must be in [0, 2], got 2.5"));
+        let e = refused(SamplingRequest { temperature: Some(f32::NAN), ..Default::default() });
+        assert_eq!(e.field, Some("temperature"));
+        let e = refused(SamplingRequest { top_p: Some(1.5), ..Default::default() });
+        assert_eq!(e.field, Some("top_p"));
+        let e = refused(SamplingRequest { min_p: Some(-0.1), ..Default::default() });
+        assert_eq!(e.field, Some("min_p"));
+        let e = refused(SamplingRequest { presence_penalty: Some(3.0), ..Default::default() });
+        assert_eq!(e.field, Some("presence_penalty"));
+        let e = refused(SamplingRequest { frequency_penalty: Some(f32::INFINITY), ..Default::default() });
+        assert_eq!(e.field, Some("frequency_penalty"));
+        let e = refused(SamplingRequest { repeat_penalty: Some(0.0), ..Default::default() });
+        assert_eq!(
+            (e.field, e.message.as_str()),
+            (Some("repetition_penalty"), "repetition_penalty must be in (0, 10], got 0")
+        );
+        let e = refused(SamplingRequest { repeat_penalty: Some(f32::NAN), ..Default::default() });
+        assert_eq!(e.field, Some("repetition_penalty"));
+        // Two requests without a seed draw differently.
+        let a = SamplingRequest::default().resolve("x").unwrap();
+        let b = SamplingRequest::default().resolve("x").unwrap();
+        assert_ne!(a.seed, b.seed);
+    }
 
     #[test]
     fn greedy_picks_argmax() {

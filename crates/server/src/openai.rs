@@ -667,45 +667,6 @@ impl Sampling {
             }
             Some(m) => Some(m as usize),
         };
-        let d = SamplingParams::default();
-        let temperature = self.temperature.unwrap_or(d.temperature);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::bad_param(
-                "temperature",
-                format!("temperature must be in [0, 2], got {temperature}"),
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(d.top_p);
-        if !(0.0..=1.0).contains(&top_p) {
-            return Err(ApiError::bad_param("top_p", format!("top_p must be in [0, 1], got {top_p}")));
-        }
-        let min_p = self.min_p.unwrap_or(d.min_p);
-        if !(0.0..=1.0).contains(&min_p) {
-            return Err(ApiError::bad_param("min_p", format!("min_p must be in [0, 1], got {min_p}")));
-        }
-        let top_k = match self.top_k {
-            None => d.top_k,
-            Some(k) if k < 0 => return Err(ApiError::bad_param("top_k", format!("top_k must be ≥ 0, got {k}"))),
-            Some(k) => k as usize,
-        };
-        let penalty = |v: Option<f32>, name: &'static str| -> Result<f32, ApiError> {
-            let v = v.unwrap_or(0.0);
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(ApiError::bad_param(name, format!("{name} must be in [-2, 2], got {v}")));
-            }
-            Ok(v)
-        };
-        let presence_penalty = penalty(self.presence_penalty, "presence_penalty")?;
-        let frequency_penalty = penalty(self.frequency_penalty, "frequency_penalty")?;
-        let repeat_penalty = self.repeat_penalty.unwrap_or(d.repeat_penalty);
-        // Written so that NaN fails too.
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        if !(repeat_penalty > 0.0 && repeat_penalty <= 10.0) {
-            return Err(ApiError::bad_param(
-                "repeat_penalty",
-                format!("repeat_penalty must be in (0, 10], got {repeat_penalty}"),
-            ));
-        }
         let stop = match &self.stop {
             None => Vec::new(),
             Some(StringOrList::One(s)) => vec![s.clone()],
@@ -715,23 +676,21 @@ impl Sampling {
             return Err(ApiError::bad_param("stop", format!("at most 16 stop strings, got {}", stop.len())));
         }
         let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
-        // Without a seed every request draws differently, as with OpenAI.
-        let seed = match self.seed {
-            Some(s) => s as u64,
-            None => kiln_engine::sampler::random_seed(),
-        };
-        let params = SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty,
-            frequency_penalty,
-            presence_penalty,
-            seed,
-            ..d
-        };
-        params.validate().map_err(ApiError::bad_request)?;
+        let params = kiln_engine::sampler::SamplingRequest {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed.map(|s| s as u64),
+        }
+        .resolve("repeat_penalty")
+        .map_err(|e| match e.field {
+            Some(f) => ApiError::bad_param(f, e.message),
+            None => ApiError::bad_request(e.message),
+        })?;
         let stream = self.stream.unwrap_or(false);
         let include_usage = stream && self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
         let spec = spec_request(self.speculative.as_ref(), self.speculative_n_max)?;
