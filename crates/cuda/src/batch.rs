@@ -3,8 +3,10 @@
 //!
 //! **Batch invariance.** A sequence's results are the same bits whatever else runs beside it:
 //! - generation rows (one token, or a token and its drafts) of all sequences run in one pass
-//!   through the matrix-vector kernels and per-row attention, which compute each row alone, in
-//!   an order fixed by the row (never cuBLAS, whose algorithm depends on the batch's size);
+//!   through the matrix-vector kernels (or, where turned on, the tensor-core row kernel: one
+//!   kernel for every row count) and per-row attention, which compute each row alone, in an
+//!   order fixed by the row and the model (never cuBLAS, whose algorithm depends on the batch's
+//!   size);
 //! - prompts run one sequence per pass, in chunks whose bounds depend on the prompt alone: they
 //!   end at multiples of [`PROMPT_CHUNK`] positions (the last one at the prompt's end), so each
 //!   chunk's products have the shape they would have if the request ran alone;
@@ -258,7 +260,7 @@ impl<'m> CudaBatch<'m> {
             let pos: Vec<i32> = (s.len..s.len + n).map(|p| p as i32).collect();
             let bt: Vec<i32> = s.blocks.iter().map(|&b| b as i32).collect();
             self.f.upload_rows(st.tokens, &pos, &vec![0; n], Some(&bt))?;
-            let p = Pass { off: 0, n, gemm: self.f.gemm_for(n) };
+            let p = Pass { off: 0, n, gemm: self.f.gemm_for(n), mma: false };
             self.f.run(p, Some(st.want), 0)?;
             out[i] = self.f.logits_rows(0, if st.want == Logits::All { n } else { 1 })?;
         }
@@ -292,7 +294,9 @@ impl<'m> CudaBatch<'m> {
     /// The generation pass over the uploaded rows: a captured graph per row count once that
     /// count has run eagerly (the graph reads positions and tables from the uploaded rows).
     fn generation_pass(&mut self, n: usize) -> Result<()> {
-        let p = Pass { off: 0, n, gemm: false };
+        // Every row count takes the same kernels (the tensor-core row kernel where the model
+        // allows it), so a row's bits do not depend on how many sequences share the step.
+        let p = Pass { off: 0, n, gemm: false, mma: self.f.m.mma_rows };
         if self.use_graph {
             if !self.graphs.contains_key(&n) && self.seen[n] {
                 let s = &self.f.m.dev.stream;

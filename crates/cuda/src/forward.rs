@@ -5,8 +5,9 @@
 //! Rows carry their own position and block table (`KvMap` in kernels.cu), so one pass may hold
 //! rows of different sequences; every kernel computes each row independently of the others, in
 //! an order fixed by the row alone, so a row's results do not depend on what else is in the pass.
-//! Which kernels a row takes depends only on the pass kind ([`Pass::gemm`]): matrix-vector kernels
-//! (f32 activations) or dequantize + cuBLAS (f16 activations, prompts).
+//! Which kernels a row takes depends only on the pass kind ([`Pass::gemm`], [`Pass::mma`]):
+//! matrix-vector kernels (f32 activations), dequantize + cuBLAS (f16 activations, prompts), or the
+//! tensor-core row kernel (f16 activations, the serving path's generation rows).
 
 use std::ffi::c_void;
 
@@ -26,6 +27,9 @@ const MATVEC_THREADS: u32 = 128;
 pub(crate) const ATTN_THREADS: u32 = 256;
 /// Rows each warp of the matrix-vector kernel computes (`MV_ROWS` in kernels.cu).
 const MATVEC_ROWS_PER_WARP: usize = 1;
+/// Tokens per block and threads of the tensor-core row kernel (`MMA_TOK`, `MMA_WARPS` × 32).
+const MMA_TOKENS: usize = 64;
+const MMA_THREADS: u32 = 8 * 32;
 /// Threads of the RMSNorm blocks (one block per row).
 const NORM_THREADS: u32 = 1024;
 
@@ -46,13 +50,23 @@ pub fn kv_bytes(cfg: &ModelConfig, blocks: usize) -> usize {
 }
 
 /// Rows `off .. off + n` of the uploaded rows, and how they run: `gemm` = dequantize + cuBLAS
-/// for the matrices and tiled prompt attention (consecutive positions of one sequence), else
-/// the matrix-vector kernels and per-row attention (any rows).
+/// for the matrices and tiled prompt attention (consecutive positions of one sequence); `mma` =
+/// the tensor-core row kernel for the matrices (one weight read for up to 64 rows, f16
+/// activations) and per-row attention (any rows: the serving path's generation pass); else the
+/// matrix-vector kernels and per-row attention (any rows).
 #[derive(Clone, Copy, Debug)]
 pub struct Pass {
     pub off: usize,
     pub n: usize,
     pub gemm: bool,
+    pub mma: bool,
+}
+
+impl Pass {
+    /// Whether the matrices read f16 activation planes (written by the producers or split).
+    fn planes(&self) -> bool {
+        self.gemm || self.mma
+    }
 }
 
 /// The buffers of passes of up to `rows` rows over KV pools of `kv_rows` positions.
@@ -138,10 +152,11 @@ impl<'m> Forward<'m> {
         let gu = alloc(rows * 2 * ff * 4)?;
         let ffo = alloc(rows * ff * 4)?;
         let widest = e.max(qd).max(ff);
-        let (w16, x16_hi, x16_lo) = if m.dev.blas.is_some() {
-            (alloc(m.max_elems * 2)?, alloc(rows * widest * 2)?, alloc(rows * widest * 2)?)
+        let w16 = if m.dev.blas.is_some() { alloc(m.max_elems * 2)? } else { 0 };
+        let (x16_hi, x16_lo) = if m.dev.blas.is_some() || m.mma_rows {
+            (alloc(rows * widest * 2)?, alloc(rows * widest * 2)?)
         } else {
-            (0, 0, 0)
+            (0, 0)
         };
         let cs = rope_table(cfg, m.rope_freqs.as_deref(), n_ctx);
         let cs_bytes: Vec<u8> = cs.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -358,7 +373,7 @@ impl<'m> Forward<'m> {
             Some(Logits::Last) => {
                 let last = self.x + ((n - 1) * e * 4) as u64;
                 // One row: the LM head's input is a pass of its own (no cuBLAS for one row).
-                let one = Pass { off: p.off + n - 1, n: 1, gemm: false };
+                let one = Pass { off: p.off + n - 1, n: 1, gemm: false, mma: p.mma };
                 let (src, norm, planes) =
                     self.normed_input(one, std::slice::from_ref(&m.output), m.output_norm, last)?;
                 self.matmul(one, &m.output, src, norm, planes, out, cfg.n_vocab, false)?;
@@ -403,7 +418,7 @@ impl<'m> Forward<'m> {
     /// Where producers of `n` tokens' activations write their f16 planes too: the batched path's
     /// (hi, lo) buffers, else (0, 0) (not written).
     fn planes_out(&self, p: Pass) -> (u64, u64) {
-        if p.gemm {
+        if p.planes() {
             (self.x16_hi, if self.m.float_weights { self.x16_lo } else { 0 })
         } else {
             (0, 0)
@@ -416,7 +431,7 @@ impl<'m> Forward<'m> {
     /// planes were written as well).
     fn normed_input(&self, p: Pass, mats: &[Mat], g: u64, x: u64) -> Result<(u64, Option<u64>, bool)> {
         let n = p.n;
-        if !p.gemm && mats.iter().all(|m| self.fast_kernel(m).is_some()) {
+        if !p.planes() && mats.iter().all(|m| self.fast_kernel(m).is_some()) {
             return Ok((x, Some(g), false));
         }
         let (hi, lo) = self.planes_out(p);
@@ -424,7 +439,8 @@ impl<'m> Forward<'m> {
         let args = [A::P(x), A::P(g), A::P(self.h), A::I(cfg.n_embd as i32), A::D(cfg.rms_eps), A::P(hi), A::P(lo)];
         // Many rows: smaller blocks, all resident at once (ncu, pp512: 11 us per call with 1024
         // threads a row); a few rows (decode, non-fused norms): 1024 threads share each row.
-        let threads = if p.gemm { 256 } else { NORM_THREADS };
+        // The block size sets the sum's order: fixed by the pass kind, never by the row count.
+        let threads = if p.planes() { 256 } else { NORM_THREADS };
         self.launch(&self.m.dev.kernels.rms_norm, (n as u32, 1, 1), threads, 0, &args)?;
         Ok((self.h, None, hi != 0))
     }
@@ -443,7 +459,7 @@ impl<'m> Forward<'m> {
     fn pair_epilogue<'a>(&self, p: Pass, mats: &'a [Mat]) -> Option<&'a Mat> {
         let k = &self.m.dev.kernels;
         match mats {
-            [mat] if !p.gemm && k.mvf_rows.is_multiple_of(2) && self.fast_kernel(mat).is_some() => Some(mat),
+            [mat] if !p.planes() && k.mvf_rows.is_multiple_of(2) && self.fast_kernel(mat).is_some() => Some(mat),
             _ => None,
         }
     }
@@ -557,13 +573,16 @@ impl<'m> Forward<'m> {
         let dev = &self.m.dev;
         let tk = dev.kernels.for_layout(mat.ty, mat.repacked)?;
         let yo = y + (mat.out_off * 4) as u64;
+        if norm.is_some() && p.planes() {
+            bail!("internal: a fused RMSNorm on the batched path");
+        }
+        if p.mma {
+            return self.mma_rows(p, mat, x, planes, yo, ldy, acc);
+        }
         let blas = match &dev.blas {
             Some(b) if p.gemm => b,
             _ => return self.matvec(p, mat, x, norm, y, ldy, acc, Epi::Plain),
         };
-        if norm.is_some() {
-            bail!("internal: a fused RMSNorm on the batched path");
-        }
         let (rows, cols) = (mat.rows as i32, mat.cols as i32);
         let alpha = 1f32;
         let beta0 = if acc { 1f32 } else { 0f32 };
@@ -652,5 +671,34 @@ impl<'m> Forward<'m> {
             .map_err(dev_err)?;
         }
         Ok(())
+    }
+    /// `y[t * ldy + r] (+)= Σ_c f16(W[r, c]) x[t, c]` for the rows of an `mma` pass on the tensor
+    /// cores (`mma_rows_*` in kernels.cu); `planes`: x's f16 planes are already in the buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn mma_rows(&self, p: Pass, mat: &Mat, x: u64, planes: bool, yo: u64, ldy: usize, acc: bool) -> Result<()> {
+        let dev = &self.m.dev;
+        let n = p.n;
+        // Float weights carry ~11 significant bits of their own: two activation planes (see matmul).
+        let lo = if matches!(mat.ty, GgmlType::F16 | GgmlType::BF16) { self.x16_lo } else { 0 };
+        if !planes {
+            let total = (n * mat.cols) as i64;
+            let args = [A::P(x), A::P(self.x16_hi), A::P(lo), A::L(total)];
+            self.launch(&dev.kernels.split_f16, ((total as u32).div_ceil(256), 1, 1), 256, 0, &args)?;
+        }
+        let f = &dev.kernels.for_layout(mat.ty, mat.repacked)?.mma_rows;
+        let args = [
+            A::P(mat.ptr),
+            A::L(mat.row_bytes as i64),
+            A::P(self.x16_hi),
+            A::P(lo),
+            A::P(yo),
+            A::I(mat.rows as i32),
+            A::I(mat.cols as i32),
+            A::I(ldy as i32),
+            A::I(acc as i32),
+            A::I(n as i32),
+        ];
+        let grid = (mat.rows.div_ceil(16) as u32, n.div_ceil(MMA_TOKENS) as u32, 1);
+        self.launch(f, grid, MMA_THREADS, 0, &args)
     }
 }

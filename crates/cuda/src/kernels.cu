@@ -763,6 +763,151 @@ __device__ __forceinline__ void dequant_f16_impl(const u8* __restrict__ W, long 
     *(uint4*)(out + (usize)r * cols + e0) = v;
 }
 
+// Generation rows of many sequences on the tensor cores: y[t * ldy + r] (+)= Σ_c f16(W[r, c]) x[t, c]
+// for t < n, x given as f16 planes (hi, and lo = hi's rounding error when non-null), f32 sums.
+// The weights take the batched prompt path's rounding (one f16 per dequantized weight); what
+// changes from the mat-vec kernels is that each weight is read once for up to 64 rows, and the
+// products run on the tensor cores instead of as f32 FMAs (a 7B-shape step of 64 rows was
+// arithmetic-bound there: ~75 ms where reading the weights takes ~1 ms).
+//
+// Batch invariance: a block takes 16 weight rows and up to MMA_TOK tokens; its warps split the
+// columns into MMA_WARPS fixed ranges (by the matrix width alone), walk them in order and are
+// summed in warp order. Every output element (r, t) is the same chain of mma instructions on
+// row r and token t alone (an mma's element depends only on its row of A and column of B), so its
+// bits do not depend on n, on the other tokens or on where t sits in the block.
+//
+// Fragment layout (m16n8k16, A row-major, B column-major): lane (g = lane / 4, q = lane % 4)
+// decodes 8 consecutive weights at column c0 = 32 s + 8 q of rows g and g + 8 and loads the same 8
+// columns of token g's activations, one 16-byte load per plane. The 32 columns of step s are
+// assigned to two mma's k slots so that A and B agree: weights 0-1 -> k 2q..2q+1 and 2-3 -> k
+// 2q+8..2q+9 of the first, 4-7 likewise of the second. Needs cols % 32 == 0.
+#ifndef MMA_WARPS
+#define MMA_WARPS 8
+#endif
+#define MMA_TOK 64
+#define MMA_UNROLL 4
+
+__device__ __forceinline__ u32 pack_h2(float a, float b) { return (u32)f2h(a) | ((u32)f2h(b) << 16); }
+
+__device__ __forceinline__ void mma_f16_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ < 800
+    // m16n8k16 needs sm_80; the host takes this path only on such devices (CudaModel::mma_rows).
+    __trap();
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// The A fragments of one 32-column step: [0..4) for the first mma, [4..8) for the second.
+template <int T>
+__device__ __forceinline__ void mma_a_frags(const u8* __restrict__ wa, const u8* __restrict__ wb, int c0, u32* a) {
+    float w[8], u[8];
+    deq8<T>(wa, c0, w);
+    deq8<T>(wb, c0, u);
+    a[0] = pack_h2(w[0], w[1]);
+    a[1] = pack_h2(u[0], u[1]);
+    a[2] = pack_h2(w[2], w[3]);
+    a[3] = pack_h2(u[2], u[3]);
+    a[4] = pack_h2(w[4], w[5]);
+    a[5] = pack_h2(u[4], u[5]);
+    a[6] = pack_h2(w[6], w[7]);
+    a[7] = pack_h2(u[6], u[7]);
+}
+
+template <int T>
+__device__ __forceinline__ void mma_rows_impl(const u8* __restrict__ W, long long row_bytes, const u16* __restrict__ xhi,
+                                              const u16* __restrict__ xlo, float* __restrict__ y, int rows, int cols,
+                                              int ldy, int acc, int n) {
+    __shared__ float part[MMA_WARPS][MMA_TOK / 8][4][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int r0 = blockIdx.x * 16;
+    const int tok0 = blockIdx.y * MMA_TOK;
+    const int ntile = min(MMA_TOK / 8, (n - tok0 + 7) / 8);
+    // Rows past the matrix read its last row (their sums are not stored).
+    const u8* wa = W + (usize)min(r0 + g, rows - 1) * row_bytes;
+    const u8* wb = W + (usize)min(r0 + g + 8, rows - 1) * row_bytes;
+    // Token g of each 8-token tile; tiles past n read the last token (not stored).
+    const u16* xh[MMA_TOK / 8];
+    const u16* xl[MMA_TOK / 8];
+#pragma unroll
+    for (int j = 0; j < MMA_TOK / 8; j++) {
+        usize t = (usize)min(tok0 + 8 * j + g, n - 1);
+        xh[j] = xhi + t * cols;
+        xl[j] = xlo ? xlo + t * cols : xlo;
+    }
+    float c[MMA_TOK / 8][4];
+#pragma unroll
+    for (int j = 0; j < MMA_TOK / 8; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+    const int steps = cols >> 5;
+    const int s0 = (int)((long long)steps * warp / MMA_WARPS), s1 = (int)((long long)steps * (warp + 1) / MMA_WARPS);
+    int s = s0;
+    // MMA_UNROLL steps' weights decoded before their products: their loads are in flight together.
+    for (; s + MMA_UNROLL <= s1; s += MMA_UNROLL) {
+        u32 a[MMA_UNROLL][8];
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; u++) mma_a_frags<T>(wa, wb, 32 * (s + u) + 8 * q, a[u]);
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; u++) {
+            const int c0 = 32 * (s + u) + 8 * q;
+#pragma unroll
+            for (int j = 0; j < MMA_TOK / 8; j++) {
+                if (j < ntile) {
+                    uint4 v = *(const uint4*)(xh[j] + c0);
+                    mma_f16_16816(c[j], a[u][0], a[u][1], a[u][2], a[u][3], v.x, v.y);
+                    mma_f16_16816(c[j], a[u][4], a[u][5], a[u][6], a[u][7], v.z, v.w);
+                    if (xlo) {
+                        uint4 l = *(const uint4*)(xl[j] + c0);
+                        mma_f16_16816(c[j], a[u][0], a[u][1], a[u][2], a[u][3], l.x, l.y);
+                        mma_f16_16816(c[j], a[u][4], a[u][5], a[u][6], a[u][7], l.z, l.w);
+                    }
+                }
+            }
+        }
+    }
+    for (; s < s1; s++) {
+        u32 a[8];
+        const int c0 = 32 * s + 8 * q;
+        mma_a_frags<T>(wa, wb, c0, a);
+#pragma unroll
+        for (int j = 0; j < MMA_TOK / 8; j++) {
+            if (j < ntile) {
+                uint4 v = *(const uint4*)(xh[j] + c0);
+                mma_f16_16816(c[j], a[0], a[1], a[2], a[3], v.x, v.y);
+                mma_f16_16816(c[j], a[4], a[5], a[6], a[7], v.z, v.w);
+                if (xlo) {
+                    uint4 l = *(const uint4*)(xl[j] + c0);
+                    mma_f16_16816(c[j], a[0], a[1], a[2], a[3], l.x, l.y);
+                    mma_f16_16816(c[j], a[4], a[5], a[6], a[7], l.z, l.w);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < MMA_TOK / 8; j++) {
+        if (j < ntile) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) part[warp][j][i][lane] = c[j][i];
+        }
+    }
+    __syncthreads();
+    // The warps' partial sums in warp order; element i of lane l: row g + 8 (i / 2), token 2 q + i % 2.
+    for (int idx = threadIdx.x; idx < ntile * 128; idx += blockDim.x) {
+        const int j = idx >> 7, i = (idx >> 5) & 3, l = idx & 31;
+        float v = part[0][j][i][l];
+#pragma unroll
+        for (int w = 1; w < MMA_WARPS; w++) v += part[w][j][i][l];
+        const int r = r0 + (l >> 2) + 8 * (i >> 1);
+        const int t = tok0 + 8 * j + 2 * (l & 3) + (i & 1);
+        if (r < rows && t < n) {
+            float* yp = y + (usize)t * ldy + r;
+            *yp = acc ? *yp + v : v;
+        }
+    }
+}
+
 // out[t * cols ..] = row tokens[t] of W, dequantized (the embedding lookup). Block t.
 template <int T>
 __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, long long row_bytes, const int* __restrict__ toks,
@@ -787,6 +932,11 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, long lon
     }                                                                                                                  \
     extern "C" __global__ void get_rows_##name(const u8* W, long long rb, const int* toks, float* out, int cols) {     \
         get_rows_impl<T>(W, rb, toks, out, cols);                                                                      \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                                       \
+        mma_rows_##name(const u8* W, long long rb, const u16* xhi, const u16* xlo, float* y, int rows, int cols,       \
+                        int ldy, int acc, int n) {                                                                     \
+        mma_rows_impl<T>(W, rb, xhi, xlo, y, rows, cols, ldy, acc, n);                                                 \
     }
 
 KILN_TYPE_KERNELS(f32, T_F32)

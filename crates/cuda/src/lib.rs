@@ -55,11 +55,13 @@ const TYPES: [(GgmlType, &str); 15] = [
     (GgmlType::IQ4_XS, "iq4_xs"),
 ];
 
-/// The three kernels specialised for one weight type.
+/// The kernels specialised for one weight type.
 pub(crate) struct TypeKernels {
     pub matvec: CudaFunction,
     pub dequant_f16: CudaFunction,
     pub get_rows: CudaFunction,
+    /// The tensor-core kernel of the serving path's generation rows (`mma_rows_*`).
+    pub mma_rows: CudaFunction,
     /// The fast matrix-vector kernel (16-byte unit loads, optional fused RMSNorm), for the types
     /// and layouts that have one; its variants that apply each weight load to 4 and 8 tokens.
     pub matvec_fast: Option<CudaFunction>,
@@ -210,6 +212,7 @@ impl Device {
                 matvec: f(&format!("matvec_{sfx}"))?,
                 dequant_f16: f(&format!("dequant_f16_{sfx}"))?,
                 get_rows: f(&format!("get_rows_{sfx}"))?,
+                mma_rows: f(&format!("mma_rows_{sfx}"))?,
                 matvec_fast: if fast { Some(f(&format!("matvec_fast_{sfx}"))?) } else { None },
                 matvec_fast_t4: if fast { Some(f(&format!("matvec_fast_{sfx}_t4"))?) } else { None },
                 matvec_fast_t8: if fast { Some(f(&format!("matvec_fast_{sfx}_t8"))?) } else { None },

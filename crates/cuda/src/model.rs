@@ -81,10 +81,37 @@ pub struct CudaModel {
     pub(crate) max_elems: usize,
     /// Whether some matrix is F16 or BF16 (its batched products take two activation planes).
     pub(crate) float_weights: bool,
+    /// Whether the serving path's generation rows run on the tensor cores (`mma_rows_*`): an
+    /// sm_80+ device, every matrix 32-column aligned and none F32 (those keep exact f32 products),
+    /// and `KILN_CUDA_MMA=1` (opt-in until it has run on a GPU: see NOTES.md). Fixed per model, so
+    /// every row count takes the same kernels.
+    pub(crate) mma_rows: bool,
+    /// Whether the model and device allow `mma_rows` at all.
+    mma_eligible: bool,
     _owners: Vec<CudaSlice<u8>>,
 }
 
 impl CudaModel {
+    /// Whether the serving path's generation rows run on the tensor cores (f16 activations, the
+    /// batched prompt path's rounding) rather than through the single-sequence decode kernels.
+    pub fn serving_on_tensor_cores(&self) -> bool {
+        self.mma_rows
+    }
+
+    /// Turns the tensor-core generation rows on or off (before any batch is made); `Err` says
+    /// why they cannot run this model here (a device older than sm_80, an F32 matrix, a width
+    /// that is not a multiple of 32).
+    pub fn set_serving_on_tensor_cores(&mut self, on: bool) -> Result<()> {
+        if on && !self.mma_eligible {
+            bail!(
+                "the tensor-core generation rows need an sm_80+ GPU and matrices of widths that are \
+                 multiples of 32, none F32"
+            );
+        }
+        self.mma_rows = on;
+        Ok(())
+    }
+
     /// Device bytes [`CudaModel::upload`] will take for `w` (its matrices as stored, tied output
     /// once, norms), known before anything is allocated.
     pub fn upload_bytes(w: &ModelWeights) -> usize {
@@ -256,6 +283,13 @@ impl CudaModel {
         device_bytes += norm_bytes.len();
         owners.push(norm_buf);
         dev.stream.synchronize().map_err(dev_err)?;
+        let mma_eligible = dev.capability.0 >= 8
+            && layers
+                .iter()
+                .flat_map(|l| l.qkv.iter().chain(&l.gate_up).chain([&l.wo, &l.down]))
+                .chain([&output])
+                .all(|m| m.cols.is_multiple_of(32) && m.ty != GgmlType::F32);
+        let mma_rows = mma_eligible && std::env::var("KILN_CUDA_MMA").is_ok_and(|v| v == "1");
         Ok(CudaModel {
             cfg,
             token_embd,
@@ -267,6 +301,8 @@ impl CudaModel {
             device_bytes,
             max_elems,
             float_weights,
+            mma_rows,
+            mma_eligible,
             dev,
             _owners: owners,
         })

@@ -91,7 +91,7 @@ impl<'m> CudaSession<'m> {
             match &self.graph {
                 Some(g) if decode && self.use_graph => g.launch().map_err(dev_err)?,
                 _ => {
-                    let p = Pass { off: 0, n, gemm: self.f.gemm_for(n) };
+                    let p = Pass { off: 0, n, gemm: self.f.gemm_for(n), mma: false };
                     self.f.run(p, chunk_want, 0)?;
                     self.eager_decode_steps += decode as usize;
                 }
@@ -109,7 +109,7 @@ impl<'m> CudaSession<'m> {
     fn capture(&self) -> Result<CudaGraph> {
         let s = &self.f.m.dev.stream;
         s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).map_err(dev_err)?;
-        let r = self.f.run(Pass { off: 0, n: 1, gemm: false }, Some(Logits::Last), 0);
+        let r = self.f.run(Pass { off: 0, n: 1, gemm: false, mma: false }, Some(Logits::Last), 0);
         // End the capture whatever happened, so the stream leaves capture mode.
         let g = s.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(dev_err);
         r?;

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use kiln_cuda::{CudaModel, CudaSession, Device};
+use kiln_cuda::{BatchStep, CudaBatch, CudaModel, CudaSession, Device, KV_BLOCK};
 use kiln_gguf::GgufFile;
 use kiln_model::{forward, KvCache, Logits, ModelWeights, Precision};
 
@@ -132,5 +132,69 @@ fn prompt_chunks_then_steps_match_cpu() {
         assert!(steps_err < 1e-4, "{name}: one-token steps: rel-L2 {steps_err:.2e}");
         drop(s);
         dev = gpu_model.dev;
+    }
+}
+
+/// The serving path's generation rows on the tensor cores (`CudaModel::set_serving_on_tensor_cores`,
+/// `KILN_CUDA_MMA=1`): three sequences of different tokens stepped together — one token per step,
+/// every third step a token and a draft — against the CPU's exact path (the batched path's f16
+/// bound: the rows' activations are rounded to f16 as there), and the first sequence stepped alone
+/// must give the same bits as beside the others (batch invariance with one kernel for every row
+/// count). Models of one weight type each, quantized and float (two activation planes).
+#[test]
+fn serving_rows_on_tensor_cores() {
+    let Some(mut dev) = device_or_skip("serving_rows_on_tensor_cores") else { return };
+    for name in ["synth-tiny-Q4_0.gguf", "synth-tiny-Q4_K.gguf", "synth-tiny-Q8_0.gguf", "synth-tiny-F16.gguf"] {
+        let path = synth(name);
+        if !path.is_file() {
+            skipped(&format!("serving_rows_on_tensor_cores: {} not found", path.display()));
+            continue;
+        }
+        let g = GgufFile::open(&path).expect("synth model");
+        let w = ModelWeights::load(&g).expect("weights");
+        let nv = w.cfg.n_vocab;
+        let n = 40;
+        let seqs: Vec<Vec<u32>> =
+            (0..3).map(|k| (0..n).map(|i| ((i * 37 + 5 + 101 * k) % nv) as u32).collect()).collect();
+        let cpu: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|t| {
+                let mut cache = KvCache::new(&w.cfg, t.len());
+                forward(&w, &mut cache, t, Precision::Exact, Logits::All, None).expect("cpu forward")
+            })
+            .collect();
+        let mut gm = CudaModel::upload(dev, &w).expect("upload");
+        gm.set_serving_on_tensor_cores(true).expect("a model the tensor-core rows take");
+        let run = |slots: usize| -> Vec<Vec<f32>> {
+            let kv = slots * n.div_ceil(KV_BLOCK) * CudaBatch::block_bytes(&gm.cfg);
+            let mut b = CudaBatch::new(&gm, slots, n, kv).expect("batch");
+            for (slot, seq) in seqs.iter().enumerate().take(slots) {
+                b.admit(slot, seq, n).expect("admit").expect("room for the sequence");
+            }
+            let mut out = vec![Vec::new(); slots];
+            let mut at = 0;
+            while at < n {
+                let k = if at % 3 == 2 && at + 2 <= n { 2 } else { 1 };
+                let steps: Vec<BatchStep<'_>> = (0..slots)
+                    .map(|slot| BatchStep { slot, tokens: &seqs[slot][at..at + k], want: Logits::All, prompt: false })
+                    .collect();
+                let rows = b.step(&steps).expect("step");
+                for (o, r) in out.iter_mut().zip(rows) {
+                    o.extend(r);
+                }
+                at += k;
+            }
+            out
+        };
+        let together = run(3);
+        for (k, (got, want)) in together.iter().zip(&cpu).enumerate() {
+            let err = worst_row(got, want, nv);
+            assert!(err < 1e-2, "{name}: sequence {k} on the tensor cores: rel-L2 {err:.2e}");
+        }
+        let alone = run(1);
+        let same = alone[0].len() == together[0].len()
+            && alone[0].iter().zip(&together[0]).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{name}: a sequence stepped alone differs from the same sequence beside two others");
+        dev = gm.dev;
     }
 }

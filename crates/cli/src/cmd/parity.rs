@@ -48,7 +48,10 @@ impl Backend {
 
 /// The default path on the GPU: a fresh CUDA session per sequence for prompts; one-token steps
 /// through the serving path too — [`BATCH_SEQUENCES`] sequences of the same tokens side by side
-/// in each step over the paged KV cache — which must give the session's bits on every sequence.
+/// in each step over the paged KV cache — which must give every sequence the same bits. Where the
+/// model's generation rows run on the tensor cores ([`kiln_cuda::CudaModel::serving_on_tensor_cores`])
+/// the per-token logits reported are the serving path's (what `kiln serve` computes), else they
+/// must also be the session's bits.
 #[cfg(feature = "cuda")]
 struct CudaDefault<'a>(&'a kiln_cuda::CudaModel);
 
@@ -64,9 +67,12 @@ impl parity::DefaultPath for CudaDefault<'_> {
         if !per_token {
             return s.eval(tokens, Logits::All);
         }
-        let mut all = Vec::with_capacity(tokens.len() * self.0.cfg.n_vocab);
-        for &t in tokens {
-            all.extend(s.eval(&[t], Logits::Last)?);
+        let tensor_cores = self.0.serving_on_tensor_cores();
+        let mut session = Vec::with_capacity(tokens.len() * self.0.cfg.n_vocab);
+        if !tensor_cores {
+            for &t in tokens {
+                session.extend(s.eval(&[t], Logits::Last)?);
+            }
         }
         // The serving path: several sequences per step, paged cache (blocks of every sequence
         // interleaved in the pool), CUDA graphs per row count.
@@ -77,6 +83,7 @@ impl parity::DefaultPath for CudaDefault<'_> {
             anyhow::ensure!(b.admit(slot, tokens, n)?.is_some(), "the paged cache refused a sequence");
         }
         let nv = self.0.cfg.n_vocab;
+        let mut served = Vec::with_capacity(tokens.len() * nv);
         for (i, t) in tokens.iter().enumerate() {
             let steps: Vec<kiln_cuda::BatchStep<'_>> = (0..BATCH_SEQUENCES)
                 .map(|slot| kiln_cuda::BatchStep {
@@ -87,16 +94,20 @@ impl parity::DefaultPath for CudaDefault<'_> {
                 })
                 .collect();
             let rows = b.step(&steps)?;
-            let want = &all[i * nv..(i + 1) * nv];
+            let want: &[f32] = if tensor_cores { &rows[0] } else { &session[i * nv..(i + 1) * nv] };
             for (slot, row) in rows.iter().enumerate() {
                 let same = row.len() == nv && row.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+                let other = if tensor_cores { "sequence 0's" } else { "the session's" };
                 anyhow::ensure!(
                     same,
-                    "batched serving step differs from the session's at position {i} (sequence {slot} of {BATCH_SEQUENCES})"
+                    "batched serving step differs from {other} at position {i} (sequence {slot} of {BATCH_SEQUENCES})"
                 );
             }
+            if tensor_cores {
+                served.extend_from_slice(&rows[0]);
+            }
         }
-        Ok(all)
+        Ok(if tensor_cores { served } else { session })
     }
 }
 
