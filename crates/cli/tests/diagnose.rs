@@ -495,3 +495,24 @@ fn default_model_perplexity_on_prose_is_plausible() {
     assert!(ppl.is_finite() && ppl > 5.0 && ppl < 60.0, "perplexity {ppl}");
     assert!(se > 0.0 && se < ppl / 2.0, "stderr {se}");
 }
+
+/// `parity --tensor-parallel 2`: the default path split over two ranks passes the parity bars
+/// on a model with q/k/v biases and grouped KV heads (Qwen2) and on one with fewer KV heads than
+/// ranks, post-norms and a GELU FFN (Gemma 3: its one KV head repeated on both ranks); a split
+/// the model cannot take is skipped with the reason, not passed.
+#[test]
+fn parity_over_tensor_parallel_ranks() {
+    let fixtures = shared().join("fixtures/parity");
+    for only in ["synth-qwen2-tiny-Q8_0.json", "synth-gemma3-tiny-Q8_0.json"] {
+        let o = kiln(&["parity", "--tensor-parallel", "2", "--only", only, "--json", fixtures.to_str().unwrap()]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{only}: {err}");
+        assert!(err.contains("over 2 tensor-parallel ranks") && err.contains(": pass"), "{only}: {err}");
+        let report = json(&o);
+        assert_eq!(report.as_array().map(|a| a.len()), Some(1), "{only}");
+        assert!(report[0]["failures"].as_array().is_some_and(|f| f.is_empty()), "{only}: {report}");
+    }
+    let o = kiln(&["parity", "--tensor-parallel", "3", "--only", "synth-tiny-Q8_0.json", fixtures.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(err.contains("skipped") && err.contains("4 query heads do not split evenly"), "{err}");
+}

@@ -93,7 +93,7 @@ pub fn forward_ubatched(
     let result = run_in_pool(|| {
         if obs.is_some() || tokens.len() <= ubatch {
             let mut steps = [SeqStep { cache: &mut *cache, tokens, want }];
-            return Ok(forward_steps(w, &mut steps, precision, &mut ws, obs, GenerationPass::Auto)?
+            return Ok(forward_steps(w, &mut steps, precision, &mut ws, obs, GenerationPass::Auto, None)?
                 .pop()
                 .unwrap_or_default());
         }
@@ -103,8 +103,9 @@ pub fn forward_ubatched(
         let mut out = Vec::new();
         for part in tokens.chunks(size) {
             let mut steps = [SeqStep { cache: &mut *cache, tokens: part, want }];
-            let logits =
-                forward_steps(w, &mut steps, precision, &mut ws, None, GenerationPass::Auto)?.pop().unwrap_or_default();
+            let logits = forward_steps(w, &mut steps, precision, &mut ws, None, GenerationPass::Auto, None)?
+                .pop()
+                .unwrap_or_default();
             match want {
                 Logits::All => out.extend_from_slice(&logits),
                 Logits::Last => out = logits,
@@ -148,7 +149,7 @@ pub fn forward_batch(
     ws: &mut Workspace,
     obs: Option<&mut dyn Observer>,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    run_in_pool(|| forward_steps(w, steps, precision, ws, obs, GenerationPass::Auto))
+    run_in_pool(|| forward_steps(w, steps, precision, ws, obs, GenerationPass::Auto, None))
 }
 
 /// How a generation step's parallel work is organised (the results are the same bits either way).
@@ -173,7 +174,32 @@ pub fn forward_batch_with(
     ws: &mut Workspace,
     pass: GenerationPass,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    run_in_pool(|| forward_steps(w, steps, Precision::Fast, ws, None, pass))
+    run_in_pool(|| forward_steps(w, steps, Precision::Fast, ws, None, pass, None))
+}
+
+/// Sums one rank's partial output of a row-parallel matrix (`wo`, `w_down`: each rank holds some
+/// of their columns) with the other ranks', in place, the same bits on every rank
+/// ([`crate::tensor_parallel`]).
+pub type PartialSum<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
+
+/// One rank's share of a tensor-parallel pass: [`forward`] over a shard's weights
+/// ([`crate::tensor_parallel::Shards`]) and its own cache (its KV heads), with `reduce` completing
+/// each row-parallel product before the residual. Every rank must call it with the same tokens.
+/// Runs on the calling thread (not moved onto the pool: ranks wait for each other in `reduce`,
+/// and a pool thread waiting there could hold the thread another rank's work needs).
+pub fn forward_shard(
+    w: &ModelWeights,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    precision: Precision,
+    want: Logits,
+    reduce: PartialSum<'_>,
+) -> Result<Vec<f32>, ModelError> {
+    let mut ws = std::mem::take(&mut cache.buffers);
+    let mut steps = [SeqStep { cache: &mut *cache, tokens, want }];
+    let r = forward_steps(w, &mut steps, precision, &mut ws, None, GenerationPass::Sections, Some(reduce));
+    cache.buffers = ws;
+    Ok(r?.pop().unwrap_or_default())
 }
 
 /// Runs `f` on a pool thread: the many short parallel sections inside then start by work stealing
@@ -194,6 +220,7 @@ fn forward_steps(
     ws: &mut Workspace,
     mut obs: Option<&mut dyn Observer>,
     pass: GenerationPass,
+    reduce: Option<PartialSum<'_>>,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
     let cfg = &w.cfg;
     for s in steps.iter() {
@@ -240,7 +267,10 @@ fn forward_steps(
             .collect::<Vec<_>>()
     };
 
-    let lockstep_fits = obs.is_none() && precision == Precision::Fast && row_segments.iter().all(|(_, prompt)| !prompt);
+    let lockstep_fits = obs.is_none()
+        && reduce.is_none()
+        && precision == Precision::Fast
+        && row_segments.iter().all(|(_, prompt)| !prompt);
     let lockstep = match pass {
         GenerationPass::Sections => false,
         GenerationPass::Auto => lockstep_fits && crate::forward_lockstep::enabled(),
@@ -351,6 +381,9 @@ fn forward_steps(
         emit(&mut obs, li, "attn_out", n, qd, attn);
 
         mm(&mut [(&lw.wo, h)], attn);
+        if let Some(sum) = reduce {
+            sum(h);
+        }
         emit(&mut obs, li, "attn_proj", n, e, h);
         if let Some(pn) = &lw.post_norms {
             rms_norm_in_place(h, &pn.attn, rms_eps);
@@ -376,6 +409,9 @@ fn forward_steps(
                 ffn_act_in_place(cfg.ffn_activation, g, u, precision);
                 kiln_quant::gemm::gemm_cols(&lw.w_down, r0, g, n, down, i > 0);
             }
+            if let Some(sum) = reduce {
+                sum(down);
+            }
             if let Some(pn) = &lw.post_norms {
                 rms_norm_in_place(down, &pn.ffn, rms_eps);
             }
@@ -389,6 +425,9 @@ fn forward_steps(
         ffn_act_in_place(cfg.ffn_activation, gate, up, precision);
         emit(&mut obs, li, "ffn_swiglu", n, ff, gate);
         mm(&mut [(&lw.w_down, h)], gate);
+        if let Some(sum) = reduce {
+            sum(h);
+        }
         emit(&mut obs, li, "ffn_down", n, e, h);
         if let Some(pn) = &lw.post_norms {
             rms_norm_in_place(h, &pn.ffn, rms_eps);

@@ -22,6 +22,33 @@ pub struct Args {
     /// Where the default path runs (the exact reference always runs on the CPU).
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
+    /// Run the default path split across N tensor-parallel ranks (threads of this process, each
+    /// holding its share of the attention heads and FFN units, an all-reduce after each
+    /// row-parallel product): what an N-GPU split computes. CPU only in this build.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub tensor_parallel: u16,
+}
+
+/// The default path split across ranks ([`kiln_model::tensor_parallel`]): a fresh set of ranks
+/// and caches per sequence.
+struct TensorParallelDefault<'a> {
+    weights: &'a kiln_model::ModelWeights<'a>,
+    columns: &'a kiln_model::tensor_parallel::ColumnShards,
+}
+
+impl parity::DefaultPath for TensorParallelDefault<'_> {
+    fn logits(&mut self, tokens: &[u32], per_token: bool) -> Result<Vec<f32>> {
+        use kiln_model::{Logits, Precision};
+        let mut tp = kiln_model::tensor_parallel::TensorParallel::new(self.weights, self.columns, tokens.len())?;
+        if !per_token {
+            return Ok(tp.eval(tokens, Precision::Fast, Logits::All)?);
+        }
+        let mut all = Vec::with_capacity(tokens.len() * self.weights.cfg.n_vocab);
+        for t in tokens {
+            all.extend(tp.eval(std::slice::from_ref(t), Precision::Fast, Logits::Last)?);
+        }
+        Ok(all)
+    }
 }
 
 /// `--backend`: the CPU, or the CUDA backend (builds with `--features cuda`).
@@ -114,6 +141,10 @@ impl parity::DefaultPath for CudaDefault<'_> {
 pub fn main(a: Args) -> Result<ExitCode> {
     common::set_threads(a.threads)?;
     a.backend.check()?;
+    let tensor_parallel = a.tensor_parallel as usize;
+    if tensor_parallel > 1 && a.backend != Backend::Cpu {
+        anyhow::bail!("--tensor-parallel runs on the CPU in this build (the multi-GPU split over NCCL is not built)");
+    }
     #[cfg(feature = "cuda")]
     let mut device = match a.backend {
         Backend::Cuda => {
@@ -138,17 +169,40 @@ pub fn main(a: Args) -> Result<ExitCode> {
         let Some(model_path) =
             parity::resolve_model(&dir, &fixture.model, true).with_context(|| format!("fetching {}", fixture.model))?
         else {
-            skipped.push(fixture.model.clone());
+            skipped.push((fixture.model.clone(), "model file not found".to_string()));
             continue;
         };
         // The CPU's default path reads the interleaved private copy; the CUDA backend uploads the
         // file's layout.
         let pages = match a.backend {
             Backend::Cuda => kiln_engine::WeightPages::Mapped,
+            // Shards take whole rows and columns of the file's layout.
+            Backend::Cpu if tensor_parallel > 1 => kiln_engine::WeightPages::Mapped,
             Backend::Cpu => kiln_engine::WeightPages::HugePages,
         };
         let model = Model::load_with(&model_path, pages)?;
         let t0 = std::time::Instant::now();
+        if tensor_parallel > 1 {
+            let columns = match kiln_model::tensor_parallel::ColumnShards::new(&model.weights, tensor_parallel) {
+                Ok(c) => c,
+                Err(e) => {
+                    skipped.push((fixture.model.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            let mut path = TensorParallelDefault { weights: &model.weights, columns: &columns };
+            let report = parity::check_model_with(&model, &fixture, &dir, &mut path)?;
+            eprintln!(
+                "kiln: {} over {tensor_parallel} tensor-parallel ranks — {} cases, {} positions, {:.1} s: {}",
+                fixture.model,
+                report.cases,
+                report.default.positions,
+                t0.elapsed().as_secs_f64(),
+                if report.passed() { "pass".to_string() } else { report.failures.join("; ") }
+            );
+            reports.push(report);
+            continue;
+        }
         #[cfg(feature = "cuda")]
         let report = match device.take() {
             Some(dev) => {
@@ -176,8 +230,8 @@ pub fn main(a: Args) -> Result<ExitCode> {
     } else {
         print!("{}", parity::render_table(&reports));
     }
-    for s in &skipped {
-        eprintln!("kiln: skipped {s}: model file not found");
+    for (model, why) in &skipped {
+        eprintln!("kiln: skipped {model}: {why}");
     }
     let failed = reports.iter().filter(|r| !r.passed()).count();
     if failed > 0 {
