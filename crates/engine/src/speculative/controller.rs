@@ -54,13 +54,20 @@ impl CostModel {
 
     /// Seconds of a step of `n` tokens, relative to a one-token step when nothing is known: the
     /// measured mean where there is one, else a line through the one-token cost and the
-    /// measured sizes' mean slope.
+    /// measured sizes' mean slope. A one-token cost not yet measured (a sequence that drafted
+    /// from its first step, as a draft model does) is inferred from the measured sizes with the
+    /// prior slope, in seconds like them: a unit "1.0" beside measured seconds made every
+    /// verification look cheaper than a plain step, and drafting that never paid went on.
     pub fn seconds(&self, n: usize) -> f64 {
         let n = n.clamp(1, MAX_VERIFY);
         if self.seen[n] {
             return self.mean[n];
         }
-        let one = if self.seen[1] { self.mean[1] } else { 1.0 };
+        let inferred_one = (2..=MAX_VERIFY)
+            .filter(|&m| self.seen[m])
+            .map(|m| self.mean[m] / (1.0 + Self::PRIOR_SLOPE * (m - 1) as f64))
+            .reduce(f64::min);
+        let one = if self.seen[1] { self.mean[1] } else { inferred_one.unwrap_or(1.0) };
         let slopes: Vec<f64> =
             (2..=MAX_VERIFY).filter(|&m| self.seen[m]).map(|m| (self.mean[m] - one) / (m - 1) as f64).collect();
         let slope = if slopes.is_empty() {
@@ -181,6 +188,22 @@ mod tests {
         assert!((c.seconds(3) - 0.020).abs() < 1e-12, "{}", c.seconds(3));
         c.record(1, 0.020);
         assert!((c.seconds(1) - 0.012).abs() < 1e-12, "moving mean");
+    }
+
+    /// Every step a verification (a draft model drafts from the first step): the one-token cost
+    /// is inferred in seconds, so a draft that is never accepted stops being drafted.
+    #[test]
+    fn one_token_cost_never_measured_is_inferred_in_seconds() {
+        let mut c = CostModel::default();
+        c.record(2, 0.15);
+        assert!((c.seconds(1) - 0.1).abs() < 1e-12, "{}", c.seconds(1));
+        assert_eq!(c.seconds(2), 0.15);
+        // Nothing accepted lately, each drafted token costing 0.03 s of the draft model.
+        let a = Acceptance { accepted: 0.0, tried: 10.0 }.optimistic_rate(Acceptance::PRIOR);
+        assert_eq!(best_draft_len(8, a, &c, |k| 0.03 * k as f64), 0);
+        // Drafts nearly always accepted still pay.
+        let a = Acceptance { accepted: 30.0, tried: 30.0 }.optimistic_rate(Acceptance::PRIOR);
+        assert!(best_draft_len(8, a, &c, |k| 0.003 * k as f64) > 0);
     }
 
     #[test]
