@@ -183,8 +183,9 @@ pub fn forward_batch_with(
 pub type PartialSum<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
 
 /// One rank's share of a tensor-parallel pass: [`forward`] over a shard's weights
-/// ([`crate::tensor_parallel::Shards`]) and its own cache (its KV heads), with `reduce` completing
-/// each row-parallel product before the residual. Every rank must call it with the same tokens.
+/// ([`crate::tensor_parallel::ColumnShards::shards`]) and its own cache (its KV heads), with
+/// `reduce` completing each row-parallel product before the residual. Every rank must call it
+/// with the same tokens.
 /// Runs on the calling thread (not moved onto the pool: ranks wait for each other in `reduce`,
 /// and a pool thread waiting there could hold the thread another rank's work needs).
 pub fn forward_shard(
