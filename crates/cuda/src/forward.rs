@@ -672,6 +672,7 @@ impl<'m> Forward<'m> {
         }
         Ok(())
     }
+
     /// `y[t * ldy + r] (+)= Σ_c f16(W[r, c]) x[t, c]` for the rows of an `mma` pass on the tensor
     /// cores (`mma_rows_*` in kernels.cu); `planes`: x's f16 planes are already in the buffers.
     #[allow(clippy::too_many_arguments)]
