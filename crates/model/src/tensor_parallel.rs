@@ -39,19 +39,21 @@ pub trait Collective: Sync {
 /// deposits in rank order, all wait again (so no deposit is overwritten before every rank has
 /// read it).
 pub struct LocalCollective {
+    ranks: usize,
     parts: Mutex<Vec<Vec<f32>>>,
     barrier: Barrier,
 }
 
 impl LocalCollective {
     pub fn new(ranks: usize) -> LocalCollective {
-        LocalCollective { parts: Mutex::new(vec![Vec::new(); ranks.max(1)]), barrier: Barrier::new(ranks.max(1)) }
+        let ranks = ranks.max(1);
+        LocalCollective { ranks, parts: Mutex::new(vec![Vec::new(); ranks]), barrier: Barrier::new(ranks) }
     }
 }
 
 impl Collective for LocalCollective {
     fn ranks(&self) -> usize {
-        self.parts.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.ranks
     }
 
     fn all_reduce_sum(&self, rank: usize, buf: &mut [f32]) {
@@ -140,10 +142,17 @@ impl ColumnShards {
         let mut wo = vec![Vec::with_capacity(cfg.n_layer); ranks];
         let mut down = vec![Vec::with_capacity(cfg.n_layer); ranks];
         for (l, lw) in w.layers.iter().enumerate() {
-            for (name, m) in [("attn_output", &lw.wo), ("ffn_down", &lw.w_down)] {
-                if m.is_interleaved() {
-                    return bad(format!("blk.{l}.{name} is in the CPU's interleaved layout: load the file's layout"));
-                }
+            let mats = [
+                ("attn_q", &lw.wq),
+                ("attn_k", &lw.wk),
+                ("attn_v", &lw.wv),
+                ("attn_output", &lw.wo),
+                ("ffn_gate", &lw.w_gate),
+                ("ffn_up", &lw.w_up),
+                ("ffn_down", &lw.w_down),
+            ];
+            if let Some((name, _)) = mats.iter().find(|(_, m)| m.is_interleaved()) {
+                return bad(format!("blk.{l}.{name} is in the CPU's interleaved layout: load the file's layout"));
             }
             if !qd.is_multiple_of(lw.wo.ty.block_size()) {
                 return bad(format!(
@@ -155,16 +164,6 @@ impl ColumnShards {
             for (r, (wo_r, down_r)) in wo.iter_mut().zip(down.iter_mut()).enumerate() {
                 wo_r.push(column_bytes(&lw.wo, r * qd, qd));
                 down_r.push(column_bytes(&lw.w_down, ff[r].start, ff[r].len()));
-            }
-        }
-        for lw in &w.layers {
-            for (name, m) in [("attn_q", &lw.wq), ("attn_k", &lw.wk), ("attn_v", &lw.wv), ("ffn_gate", &lw.w_gate)] {
-                if m.is_interleaved() {
-                    return bad(format!("{name} is in the CPU's interleaved layout: load the file's layout"));
-                }
-            }
-            if lw.w_up.is_interleaved() {
-                return bad("ffn_up is in the CPU's interleaved layout: load the file's layout".into());
             }
         }
         Ok(ColumnShards { ranks, ff, wo, down })

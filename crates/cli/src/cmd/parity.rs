@@ -182,7 +182,7 @@ pub fn main(a: Args) -> Result<ExitCode> {
         };
         let model = Model::load_with(&model_path, pages)?;
         let t0 = std::time::Instant::now();
-        if tensor_parallel > 1 {
+        let report = if tensor_parallel > 1 {
             let columns = match kiln_model::tensor_parallel::ColumnShards::new(&model.weights, tensor_parallel) {
                 Ok(c) => c,
                 Err(e) => {
@@ -191,32 +191,26 @@ pub fn main(a: Args) -> Result<ExitCode> {
                 }
             };
             let mut path = TensorParallelDefault { weights: &model.weights, columns: &columns };
-            let report = parity::check_model_with(&model, &fixture, &dir, &mut path)?;
-            eprintln!(
-                "kiln: {} over {tensor_parallel} tensor-parallel ranks — {} cases, {} positions, {:.1} s: {}",
-                fixture.model,
-                report.cases,
-                report.default.positions,
-                t0.elapsed().as_secs_f64(),
-                if report.passed() { "pass".to_string() } else { report.failures.join("; ") }
-            );
-            reports.push(report);
-            continue;
-        }
-        #[cfg(feature = "cuda")]
-        let report = match device.take() {
-            Some(dev) => {
-                let gpu = kiln_cuda::CudaModel::upload(dev, &model.weights)?;
-                let r = parity::check_model_with(&model, &fixture, &dir, &mut CudaDefault(&gpu));
-                device = Some(gpu.dev);
-                r?
-            }
-            None => parity::check_model(&model, &fixture, &dir)?,
+            parity::check_model_with(&model, &fixture, &dir, &mut path)?
+        } else {
+            #[cfg(feature = "cuda")]
+            let report = match device.take() {
+                Some(dev) => {
+                    let gpu = kiln_cuda::CudaModel::upload(dev, &model.weights)?;
+                    let r = parity::check_model_with(&model, &fixture, &dir, &mut CudaDefault(&gpu));
+                    device = Some(gpu.dev);
+                    r?
+                }
+                None => parity::check_model(&model, &fixture, &dir)?,
+            };
+            #[cfg(not(feature = "cuda"))]
+            let report = parity::check_model(&model, &fixture, &dir)?;
+            report
         };
-        #[cfg(not(feature = "cuda"))]
-        let report = parity::check_model(&model, &fixture, &dir)?;
+        let split =
+            if tensor_parallel > 1 { format!(" over {tensor_parallel} tensor-parallel ranks") } else { String::new() };
         eprintln!(
-            "kiln: {} — {} cases, {} positions, {:.1} s: {}",
+            "kiln: {}{split} — {} cases, {} positions, {:.1} s: {}",
             fixture.model,
             report.cases,
             report.default.positions,
