@@ -332,18 +332,20 @@ fn return_activations(a: DotActivations) {
 fn dot_task(w: &QMatrix, acts: &DotActivations, x: &[f32], rows: std::ops::Range<usize>, ptr: OutPtr) {
     let (n, planes, cols, ty) = (acts.n, acts.planes, w.cols, w.ty);
     let (q8, q8k, a16) = (&acts.q8[..], &acts.q8k[..], &acts.i16);
-    match act_format_for(ty, planes) {
-        ActFormat::I16 => tile_rows(w, n, rows, ptr, 1, |row, t0, res| {
+    let format = act_format_for(ty, planes);
+    let group = tokens_per_call(format, planes);
+    match format {
+        ActFormat::I16 => tile_rows(w, n, rows, ptr, group, |row, t0, res| {
             res[0] = crate::dot_i16::vec_dot_q8_0(row, a16, t0);
         }),
-        ActFormat::F32 => tile_rows(w, n, rows, ptr, TOKEN_GROUP, |row, t0, res| {
+        ActFormat::F32 => tile_rows(w, n, rows, ptr, group, |row, t0, res| {
             for (i, r) in res.iter_mut().enumerate() {
                 let t = t0 + i;
                 *r = crate::dot_float::vec_dot_f32(ty, row, &x[t * cols..(t + 1) * cols]);
             }
         }),
-        ActFormat::Q8 => rows_by_groups(w, n, rows, ptr, planes, |data, t0, k, parts| {
-            let refs: [&ActQ8; TOKEN_GROUP] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
+        ActFormat::Q8 => rows_by_groups(w, n, rows, ptr, planes, group, |data, t0, k, parts| {
+            let refs: [&ActQ8; MAX_VECTORS] = std::array::from_fn(|i| &q8[(t0 * planes + i).min(n * planes - 1)]);
             match (planes, w.interleaved) {
                 (2, true) => {
                     crate::dot_legacy::vec_dot_q8_rows_planes_interleaved(ty, data, w.row_bytes, &refs[..k], parts)
@@ -358,7 +360,7 @@ fn dot_task(w: &QMatrix, acts: &DotActivations, x: &[f32], rows: std::ops::Range
                 }
             }
         }),
-        ActFormat::Q8K => rows_by_groups(w, n, rows, ptr, planes, |data, t0, k, parts| {
+        ActFormat::Q8K => rows_by_groups(w, n, rows, ptr, planes, group, |data, t0, k, parts| {
             let refs: [&ActQ8K; TOKEN_GROUP] = std::array::from_fn(|i| &q8k[(t0 * planes + i).min(n * planes - 1)]);
             match (planes, w.interleaved) {
                 (2, true) => {
@@ -421,8 +423,26 @@ fn prepare<A: Send>(
     acts[..n * planes].par_chunks_mut(planes).zip(x.par_chunks_exact(cols)).for_each(|(a, xt)| one(a, xt));
 }
 
-/// Tokens whose activations meet each weight row at once (the kernels' `_x4` width).
+/// Activation vectors that meet each weight row at once in most kernels (their `_x4` width).
 const TOKEN_GROUP: usize = 4;
+
+/// Activation vectors of the widest kernel call: four two-plane tokens ([`tokens_per_call`]).
+const MAX_VECTORS: usize = 8;
+
+/// Tokens whose activations meet each weight row in one kernel call of a format, with `planes`
+/// 8-bit planes each. More tokens per call unpack each weight block for more of them (speculative
+/// verification, batches); every token's result is the same either way.
+fn tokens_per_call(format: ActFormat, planes: usize) -> usize {
+    match format {
+        // f32 vectors: the planes do not apply
+        ActFormat::F32 => TOKEN_GROUP,
+        // its kernel reads one token's 16-bit activations
+        ActFormat::I16 => 1,
+        // four tokens (eight vectors) where the level has the registers for them (AVX-512 VNNI)
+        ActFormat::Q8 if planes == 2 => crate::dot_legacy::tokens2_per_call(),
+        ActFormat::Q8 | ActFormat::Q8K => TOKEN_GROUP / planes,
+    }
+}
 
 /// An output matrix shared by the row tasks of [`matmul_dot_many`], each writing its own rows.
 #[derive(Clone, Copy)]
@@ -436,20 +456,21 @@ unsafe impl Sync for OutPtr {}
 /// Rows handled per call of a rows kernel in [`rows_by_groups`] (bounds its stack buffer).
 const ROW_CHUNK: usize = 64;
 
-/// Weight rows `rows` of `w` against every group of tokens whose `planes` activation planes fit
-/// the kernels' four vectors: `kernel(rows_data, t0, k, parts)` gets the `k = tokens * planes`
-/// activation vectors from `t0 * planes` and fills `parts[r * tokens + i]` with row `r` · token
-/// `t0 + i` (the kernel combines the planes), written to `out[(t0 + i) * w.rows + r]`.
+/// Weight rows `rows` of `w` against every group of up to `group` tokens (of `planes` activation
+/// planes each): `kernel(rows_data, t0, k, parts)` gets the `k = tokens * planes` activation
+/// vectors from `t0 * planes` and fills `parts[r * tokens + i]` with row `r` · token `t0 + i` (the
+/// kernel combines the planes), written to `out[(t0 + i) * w.rows + r]`.
 fn rows_by_groups(
     w: &QMatrix,
     n: usize,
     rows: std::ops::Range<usize>,
     out: OutPtr,
     planes: usize,
+    group: usize,
     kernel: impl Fn(&[u8], usize, usize, &mut [f32]),
 ) {
     assert!(rows.end <= w.rows);
-    let group = TOKEN_GROUP / planes;
+    assert!(group >= 1 && group * planes <= MAX_VECTORS && group <= TOKEN_GROUP);
     let mut parts = [0f32; ROW_CHUNK * TOKEN_GROUP];
     let mut t0 = 0;
     while t0 < n {
@@ -790,6 +811,75 @@ mod tests {
                         let want: Vec<u32> = whole[t * n_rows..][rows.clone()].iter().map(|v| v.to_bits()).collect();
                         let got: Vec<u32> = part[t * rows.len()..][..rows.len()].iter().map(|v| v.to_bits()).collect();
                         assert_eq!(got, want, "{:?}, {n} tokens, rows {rows:?}, token {t}", m.ty);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every token of a generation product of n = 1..=9 tokens gets the bits a product of that token
+    /// alone gives it, across the kernels' token groups (four two-plane tokens per call with
+    /// AVX-512, two with AVX2) and their remainders: Q4_1 and Q4_0 rows in the file's layout, Q4_0
+    /// interleaved (two whole groups and a tail of rows), Q8_0 and Q4_K, one and two activation
+    /// planes. Runs at the active level and, in child processes (`KILN_ISA`), at every lower one.
+    #[test]
+    fn tokens_together_match_tokens_alone_bit_for_bit() {
+        const NAME: &str = "matmul::tests::tokens_together_match_tokens_alone_bit_for_bit";
+        if std::env::var_os("KILN_ISA").is_none() {
+            let exe = std::env::current_exe().unwrap();
+            for lower in crate::isa::available_isas().into_iter().filter(|&i| i < crate::isa::isa()) {
+                let run = std::process::Command::new(&exe)
+                    .args(["--exact", NAME, "--test-threads", "1"])
+                    .env("KILN_ISA", lower.name())
+                    .output()
+                    .unwrap();
+                let stdout = String::from_utf8_lossy(&run.stdout);
+                assert!(run.status.success() && stdout.contains("1 passed"), "KILN_ISA={}: {stdout}", lower.name());
+            }
+        }
+        let (rows, cols, cols_k) = (37, 576, 512);
+        let wf: Vec<f32> = (0..rows * cols).map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0).collect();
+        let blocks = rows * cols / 32;
+        let (mut q4_0, mut q4_1, mut q8_0) = (vec![0u8; blocks * 18], vec![0u8; blocks * 20], vec![0u8; blocks * 34]);
+        crate::q4_0::quantize_row(&wf, &mut q4_0);
+        crate::q4_1::quantize_row(&wf, &mut q4_1);
+        crate::q8_0::quantize_row(&wf, &mut q8_0);
+        let mut woven = q4_0.clone();
+        crate::interleave::interleave(GgmlType::Q4_0, &mut woven, rows, q4_0.len() / rows);
+        let mut q4_k = Vec::new();
+        crate::q4_k::quantize_row(&wf[..rows * cols_k], &mut q4_k);
+        let mats = [
+            QMatrix::new(GgmlType::Q4_1, &q4_1, rows, cols).unwrap(),
+            QMatrix::new(GgmlType::Q4_0, &q4_0, rows, cols).unwrap(),
+            QMatrix::new_interleaved(GgmlType::Q4_0, &woven, rows, cols).unwrap(),
+            QMatrix::new(GgmlType::Q8_0, &q8_0, rows, cols).unwrap(),
+            QMatrix::new(GgmlType::Q4_K, &q4_k, rows, cols_k).unwrap(),
+        ];
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for m in mats {
+            for planes in [1, 2] {
+                let m = m.with_act_planes(planes);
+                let x: Vec<f32> = (0..9 * m.cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+                let alone: Vec<Vec<u32>> = x
+                    .chunks_exact(m.cols)
+                    .map(|xt| {
+                        let mut out = vec![0f32; rows];
+                        matmul_dot(&m, xt, 1, &mut out);
+                        bits(&out)
+                    })
+                    .collect();
+                for n in 1..=9 {
+                    let mut out = vec![f32::NAN; n * rows];
+                    matmul_dot(&m, &x[..n * m.cols], n, &mut out);
+                    for (t, want) in alone.iter().enumerate().take(n) {
+                        assert_eq!(
+                            bits(&out[t * rows..(t + 1) * rows]),
+                            *want,
+                            "{:?}{} {planes} planes at {}: token {t} of {n}",
+                            m.ty,
+                            if m.is_interleaved() { " interleaved" } else { "" },
+                            crate::isa::active_isa()
+                        );
                     }
                 }
             }

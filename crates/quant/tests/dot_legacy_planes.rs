@@ -13,7 +13,7 @@ use kiln_gguf::GgmlType;
 use kiln_quant::act_q8::ActQ8;
 use kiln_quant::dot_legacy::{
     available_isas, vec_dot_q8_planes, vec_dot_q8_planes_isa, vec_dot_q8_planes_unopt,
-    vec_dot_q8_planes_unopt_with_magnitude, vec_dot_q8_rows_planes, vec_dot_q8_x4, Isa,
+    vec_dot_q8_planes_unopt_with_magnitude, vec_dot_q8_rows_planes, vec_dot_q8_rows_planes_isa, vec_dot_q8_x4, Isa,
 };
 mod common;
 
@@ -102,7 +102,7 @@ fn two_plane_kernels_match_oracle() {
         for n in LENGTHS {
             for _ in 0..3 {
                 let row = random_row(&mut rng, ty, n);
-                let p: Vec<(ActQ8, ActQ8)> = (0..2).map(|_| planes(&random_act(&mut rng, n))).collect();
+                let p: Vec<(ActQ8, ActQ8)> = (0..4).map(|_| planes(&random_act(&mut rng, n))).collect();
                 let refs: Vec<&ActQ8> = p.iter().flat_map(|(a, r)| [a, r]).collect();
                 let oracle: Vec<(f32, f64)> =
                     p.iter().map(|(a, r)| vec_dot_q8_planes_unopt_with_magnitude(ty, &row, a, r)).collect();
@@ -110,19 +110,19 @@ fn two_plane_kernels_match_oracle() {
                     assert_eq!(o.0.to_bits(), vec_dot_q8_planes_unopt(ty, &row, a, r).to_bits());
                 }
                 // The SIMD levels (AVX2, AVX-512 VNNI) form the same integers in the same lanes.
-                let simd: Vec<[u32; 2]> = available_isas()
+                let simd: Vec<[u32; 4]> = available_isas()
                     .into_iter()
                     .filter(|&isa| isa >= Isa::Avx2)
                     .map(|isa| {
-                        let mut out = [0f32; 2];
+                        let mut out = [0f32; 4];
                         vec_dot_q8_planes_isa(isa, ty, &row, &refs, &mut out);
                         out.map(f32::to_bits)
                     })
                     .collect();
                 assert!(simd.windows(2).all(|w| w[0] == w[1]), "{ty:?} n={n}: SIMD levels differ: {simd:?}");
                 for isa in available_isas() {
-                    for k in 1..=2 {
-                        let mut out = [0f32; 2];
+                    for k in 1..=4 {
+                        let mut out = [0f32; 4];
                         vec_dot_q8_planes_isa(isa, ty, &row, &refs[..2 * k], &mut out[..k]);
                         for (i, &(want, mag)) in oracle.iter().enumerate().take(k) {
                             let err = f64::from((out[i] - want).abs());
@@ -140,6 +140,36 @@ fn two_plane_kernels_match_oracle() {
         }
     }
     eprintln!("worst |kernel - oracle| / magnitude: {worst:e}");
+}
+
+/// Each of 1 to 4 two-plane activations in one call gets the bits it gets alone, at every level
+/// (the kernels of three and four activations are the ones matrix products use with AVX-512).
+#[test]
+fn two_plane_activations_together_match_each_alone_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(0x4ac75);
+    for ty in TYPES {
+        for n in LENGTHS {
+            let row = random_row(&mut rng, ty, n);
+            let p: Vec<(ActQ8, ActQ8)> = (0..4).map(|_| planes(&random_act(&mut rng, n))).collect();
+            let refs: Vec<&ActQ8> = p.iter().flat_map(|(a, r)| [a, r]).collect();
+            for isa in available_isas() {
+                let alone: Vec<u32> = p
+                    .iter()
+                    .map(|(a, r)| {
+                        let mut out = [0f32];
+                        vec_dot_q8_planes_isa(isa, ty, &row, &[a, r], &mut out);
+                        out[0].to_bits()
+                    })
+                    .collect();
+                for k in 1..=4 {
+                    let mut out = vec![f32::NAN; k];
+                    vec_dot_q8_planes_isa(isa, ty, &row, &refs[..2 * k], &mut out);
+                    let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, alone[..k], "{ty:?} n={n} {isa:?} k={k}");
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -196,18 +226,34 @@ fn rows_match_single_calls_and_reject_foreign_planes() {
         let rows = 5;
         let data: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut rng, ty, n)).collect();
         let rb = data.len() / rows;
-        let p: Vec<(ActQ8, ActQ8)> = (0..2).map(|_| planes(&random_act(&mut rng, n))).collect();
+        let p: Vec<(ActQ8, ActQ8)> = (0..4).map(|_| planes(&random_act(&mut rng, n))).collect();
         let refs: Vec<&ActQ8> = p.iter().flat_map(|(a, r)| [a, r]).collect();
-        let mut got = vec![0f32; rows * 2];
-        vec_dot_q8_rows_planes(ty, &data, rb, &refs, 2, &mut got);
-        for r in 0..rows {
-            let mut want = [0f32; 2];
-            vec_dot_q8_planes(ty, &data[r * rb..(r + 1) * rb], &refs, &mut want);
-            assert_eq!(
-                got[2 * r..2 * r + 2].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{ty:?} row {r}"
-            );
+        for k in 1..=4 {
+            let refs = &refs[..2 * k];
+            let mut got = vec![0f32; rows * k];
+            vec_dot_q8_rows_planes(ty, &data, rb, refs, 2, &mut got);
+            for r in 0..rows {
+                let mut want = vec![0f32; k];
+                vec_dot_q8_planes(ty, &data[r * rb..(r + 1) * rb], refs, &mut want);
+                assert_eq!(
+                    got[k * r..k * (r + 1)].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{ty:?} k={k} row {r}"
+                );
+            }
+            for isa in available_isas() {
+                let mut at = vec![0f32; rows * k];
+                vec_dot_q8_rows_planes_isa(isa, ty, &data, rb, refs, 2, &mut at);
+                for r in 0..rows {
+                    let mut want = vec![0f32; k];
+                    vec_dot_q8_planes_isa(isa, ty, &data[r * rb..(r + 1) * rb], refs, &mut want);
+                    assert_eq!(
+                        at[k * r..k * (r + 1)].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{ty:?} {isa:?} k={k} row {r}"
+                    );
+                }
+            }
         }
         // A plane quantized on its own (scale amax/127) is not a residual plane.
         let mut own = ActQ8::new();
@@ -258,7 +304,7 @@ fn bench_planes() {
 }
 
 /// The interleaved Q4_0 kernels ([`kiln_quant::interleave`]) against the oracle on every row:
-/// whole groups and a tail, odd block counts, 1 and 2 tokens, every level — bit for bit.
+/// whole groups and a tail, odd block counts, 1 to 4 tokens, every level — bit for bit.
 #[test]
 fn interleaved_q4_0_rows_give_the_oracle_bits() {
     use kiln_quant::dot_legacy::vec_dot_q8_rows_planes_interleaved_isa;
@@ -270,7 +316,7 @@ fn interleaved_q4_0_rows_give_the_oracle_bits() {
         let rb = plain.len() / rows;
         let mut woven = plain.clone();
         interleave::interleave(ty, &mut woven, rows, rb);
-        for tokens in 1..=2 {
+        for tokens in 1..=4 {
             let p: Vec<(ActQ8, ActQ8)> = (0..tokens).map(|_| planes(&random_act(&mut rng, n))).collect();
             let refs: Vec<&ActQ8> = p.iter().flat_map(|(a, r)| [a, r]).collect();
             for isa in available_isas() {
@@ -335,5 +381,68 @@ fn bench_planes_interleaved() {
             inter / blocks * 1e9,
             plain.len() as f64 / inter / 1e9,
         );
+    }
+}
+
+/// Two-plane kernels with 1 to 4 activations per call, in cache (SmolLM2-135M shapes), per SIMD
+/// level: ns per row and per row-token, row-at-a-time (Q4_0, Q4_1, Q8_0) and interleaved (Q4_0).
+/// Run with `cargo test -p kiln-quant --release --test dot_legacy_planes -- --ignored --nocapture
+/// bench_tokens_per_call`. (A kernel that spills a loop-carried accumulator, as the AVX2 set's
+/// two-plane Q4_1 kernel of one token does, ran 2.2x slower at one of four 16-byte stack offsets
+/// of its caller: a line of this table can move between builds whose callers' frames changed.)
+#[test]
+#[ignore]
+fn bench_tokens_per_call() {
+    use kiln_quant::dot_legacy::vec_dot_q8_rows_planes_interleaved_isa;
+    use std::hint::black_box;
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(9);
+    let time = |f: &mut dyn FnMut()| {
+        let mut best = f64::INFINITY;
+        for _ in 0..300 {
+            let t = Instant::now();
+            f();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best
+    };
+    for (rows, cols) in [(576usize, 576usize), (1536, 576), (576, 1536)] {
+        let p: Vec<(ActQ8, ActQ8)> = (0..4).map(|_| planes(&random_act(&mut rng, cols))).collect();
+        let refs: Vec<&ActQ8> = p.iter().flat_map(|(a, r)| [a, r]).collect();
+        for isa in available_isas().into_iter().filter(|&i| i >= Isa::Avx2) {
+            for (ty, woven) in
+                [(GgmlType::Q4_0, false), (GgmlType::Q4_0, true), (GgmlType::Q4_1, false), (GgmlType::Q8_0, false)]
+            {
+                let data = random_row(&mut rng, ty, rows * cols);
+                let rb = data.len() / rows;
+                let mut w = data.clone();
+                if woven {
+                    kiln_quant::interleave::interleave(ty, &mut w, rows, rb);
+                }
+                let name = format!("{ty:?}{}", if woven { " woven" } else { "" });
+                let mut line = format!("{:>6} {name:>10} {rows:>5}x{cols:<5}", isa.name());
+                // `KILN_BENCH_ONLY=avx512` (or a format, a shape) runs the lines that contain it
+                if std::env::var("KILN_BENCH_ONLY").is_ok_and(|f| !line.contains(&f)) {
+                    continue;
+                }
+                for k in 1..=4 {
+                    let mut out = vec![0f32; rows * k];
+                    let t = time(&mut || {
+                        if woven {
+                            vec_dot_q8_rows_planes_interleaved_isa(isa, ty, &w, rb, black_box(&refs[..2 * k]), &mut out)
+                        } else {
+                            vec_dot_q8_rows_planes_isa(isa, ty, &w, rb, black_box(&refs[..2 * k]), 2, &mut out)
+                        }
+                    });
+                    black_box(&out);
+                    line += &format!(
+                        " | k={k}: {:5.1} ns/row {:5.1} /token",
+                        t * 1e9 / rows as f64,
+                        t * 1e9 / (rows * k) as f64
+                    );
+                }
+                eprintln!("{line}");
+            }
+        }
     }
 }

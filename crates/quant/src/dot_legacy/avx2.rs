@@ -44,9 +44,12 @@ macro_rules! by_k {
     };
 }
 
+/// Up to four two-plane activations (eight vectors). Three and four are for the VNNI set, whose 32
+/// vector registers hold their sums; the AVX2 set has them too (same bits, but they spill), and
+/// [`super::tokens2_per_call`] keeps its callers at two.
 macro_rules! by_k2 {
     ($t:ident) => {
-        [dot::<$t, 1, 2, 2>, dot::<$t, 2, 2, 4>]
+        [dot::<$t, 1, 2, 2>, dot::<$t, 2, 2, 4>, dot::<$t, 3, 2, 6>, dot::<$t, 4, 2, 8>]
     };
 }
 
@@ -89,7 +92,7 @@ macro_rules! kernel_set {
             [by_k!(T_Q4_0), by_k!(T_Q4_1), by_k!(T_Q5_0), by_k!(T_Q5_1), by_k!(T_Q8_0), by_k!(T_IQ4_NL)];
 
         /// The two-plane kernels, indexed `[format code][K - 1]`.
-        pub(in crate::dot_legacy) const KERNELS2: [[DotFn; 2]; 6] =
+        pub(in crate::dot_legacy) const KERNELS2: [[DotFn; 4]; 6] =
             [by_k2!(T_Q4_0), by_k2!(T_Q4_1), by_k2!(T_Q5_0), by_k2!(T_Q5_1), by_k2!(T_Q8_0), by_k2!(T_IQ4_NL)];
 
         /// # Safety
@@ -403,20 +406,22 @@ unsafe fn halves8(w: *const u8, bs: usize, off: usize) -> __m128i {
 
 /// `pr[p]` holds 4 partial sums of block `2p` in its low lane and of block `2p + 1` in its high
 /// lane; lane `j` of the result is the total of block `j` (0..8).
+///
+/// In-lane unpacks and adds, then one single-source permute. (A tree ending in a two-source
+/// cross-lane interleave, two `vperm2i128` and an unpack, made LLVM join its two halves into
+/// 512-bit registers where AVX-512 is enabled; 512-bit uops in flight take port 1's vector units
+/// from the 256-bit byte products, and the VNNI kernels ran slower, most with three and four
+/// two-plane activations, which then cost more per token than two.)
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn reduce_eight(pr: [__m256i; 4]) -> __m256i {
-    // per pair of pairs: low lane [b0, b2, b0, b2], high lane [b1, b3, b1, b3] (as reduce_pairs)
-    let fold = |p01: __m256i, p23: __m256i| {
-        let t = _mm256_add_epi32(_mm256_unpacklo_epi32(p01, p23), _mm256_unpackhi_epi32(p01, p23));
-        _mm256_add_epi32(t, _mm256_shuffle_epi32::<0b01_00_11_10>(t))
-    };
-    let u = fold(pr[0], pr[1]);
-    let v = fold(pr[2], pr[3]);
-    // [b0 b2 b0 b2 | b4 b6 b4 b6] and [b1 b3 b1 b3 | b5 b7 b5 b7] interleave to b0..b7
-    let x = _mm256_permute2x128_si256::<0x20>(u, v);
-    let y = _mm256_permute2x128_si256::<0x31>(u, v);
-    _mm256_unpacklo_epi32(x, y)
+    // low lane [b0 (sums 0+2), b2 (0+2), b0 (1+3), b2 (1+3)], high lane the same for b1, b3
+    let t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(pr[0], pr[1]), _mm256_unpackhi_epi32(pr[0], pr[1]));
+    // the same for b4, b6 | b5, b7
+    let t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(pr[2], pr[3]), _mm256_unpackhi_epi32(pr[2], pr[3]));
+    // low lane [b0, b2, b4, b6], high lane [b1, b3, b5, b7]
+    let u = _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+    _mm256_permutevar8x32_epi32(u, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
 /// # Safety

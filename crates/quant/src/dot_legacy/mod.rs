@@ -143,16 +143,31 @@ fn scalar_k2<const T: u8>(row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
     }
 }
 
-const SCALAR_KERNELS2: [[DotFn; 2]; 6] = {
-    const fn row<const T: u8>() -> [DotFn; 2] {
-        [scalar_k2::<T>, scalar_k2::<T>]
+const SCALAR_KERNELS2: [[DotFn; MAX_TOKENS2]; 6] = {
+    const fn row<const T: u8>() -> [DotFn; MAX_TOKENS2] {
+        [scalar_k2::<T>; MAX_TOKENS2]
     }
     [row::<T_Q4_0>(), row::<T_Q4_1>(), row::<T_Q5_0>(), row::<T_Q5_1>(), row::<T_Q8_0>(), row::<T_IQ4_NL>()]
 };
 
+/// Two-plane activations one kernel call takes at most (eight vectors), at every level.
+const MAX_TOKENS2: usize = 4;
+
+/// Two-plane activations per kernel call for matrix products at the active level: four (eight
+/// vectors) with AVX-512 VNNI, whose 32 vector registers hold their sums; two with AVX2, whose 16
+/// make three and four spill (the scalar code gains nothing either way). Every level takes up to
+/// four and gives each activation the bits it gives it alone, so this only sets the speed.
+pub fn tokens2_per_call() -> usize {
+    if isa() >= Isa::Avx512 {
+        MAX_TOKENS2
+    } else {
+        2
+    }
+}
+
 /// The two-plane kernel table of a level (indexed `[format code][K - 1]`); the level must run
 /// here.
-fn kernels2(isa: Isa) -> &'static [[DotFn; 2]; 6] {
+fn kernels2(isa: Isa) -> &'static [[DotFn; MAX_TOKENS2]; 6] {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => &avx2::vnni::KERNELS2,
@@ -164,7 +179,7 @@ fn kernels2(isa: Isa) -> &'static [[DotFn; 2]; 6] {
 
 /// The kernel for `k` activations of `planes` planes at `isa` (the active one when `None`).
 fn kernel_for(isa: Option<Isa>, t: u8, k: usize, planes: usize) -> DotFn {
-    static ACTIVE2: OnceLock<&'static [[DotFn; 2]; 6]> = OnceLock::new();
+    static ACTIVE2: OnceLock<&'static [[DotFn; MAX_TOKENS2]; 6]> = OnceLock::new();
     match (planes, isa) {
         (1, None) => active_kernels()[usize::from(t)][k - 1],
         (1, Some(i)) => kernels(i)[usize::from(t)][k - 1],
@@ -237,7 +252,7 @@ pub fn vec_dot_q8_x4(ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32])
 /// Rows ahead of the one computed whose bytes [`vec_dot_q8_rows`] prefetches.
 const PREFETCH_ROWS: usize = 2;
 
-/// Dot products of one row with 1 or 2 activations given as two planes each, `first` (the
+/// Dot products of one row with 1 to 4 activations given as two planes each, `first` (the
 /// quantized activation, [`ActQ8::quantize`]) and `second` (its rounding error,
 /// [`ActQ8::quantize_residual`]): `out[k]` = row · `(acts[2k], acts[2k + 1])`, computed per block
 /// as `(d·d′)·Σ w (256 a + a′)` (+ `(m·d′)·Σ (256 a + a′)`) with exact integer sums, where `d′ =
@@ -255,7 +270,7 @@ pub fn vec_dot_q8_planes_isa(isa: Isa, ty: GgmlType, row: &[u8], acts: &[&ActQ8]
 
 fn vec_dot_q8_planes_at(isa: Option<Isa>, ty: GgmlType, row: &[u8], acts: &[&ActQ8], out: &mut [f32]) {
     let k = out.len();
-    assert!((1..=2).contains(&k) && acts.len() == 2 * k, "dot_legacy: 1 or 2 two-plane activations");
+    assert!((1..=MAX_TOKENS2).contains(&k) && acts.len() == 2 * k, "dot_legacy: 1 to 4 two-plane activations");
     let Some(t) = code_of(ty) else {
         panic!("dot_legacy: {ty:?} is not supported");
     };
@@ -295,10 +310,36 @@ pub fn vec_dot_q8_rows(ty: GgmlType, data: &[u8], row_bytes: usize, acts: &[&Act
     vec_dot_q8_rows_planes(ty, data, row_bytes, acts, 1, out)
 }
 
-/// [`vec_dot_q8_rows`] for activations of `planes` (1 or 2) planes each (two planes: 1 or 2
-/// activations, see [`vec_dot_q8_planes`]): `out[r * k + i]` = row `r` · activation `i`, where
-/// `k = acts.len() / planes`.
+/// [`vec_dot_q8_rows`] for activations of `planes` (1 or 2) planes each (one plane: 1 to 4
+/// activations; two planes: 1 to 4 activations, eight vectors, see [`vec_dot_q8_planes`]):
+/// `out[r * k + i]` = row `r` · activation `i`, where `k = acts.len() / planes`.
 pub fn vec_dot_q8_rows_planes(
+    ty: GgmlType,
+    data: &[u8],
+    row_bytes: usize,
+    acts: &[&ActQ8],
+    planes: usize,
+    out: &mut [f32],
+) {
+    rows_planes_at(None, ty, data, row_bytes, acts, planes, out)
+}
+
+/// [`vec_dot_q8_rows_planes`] with an explicit level; panics if this CPU cannot run `isa`.
+pub fn vec_dot_q8_rows_planes_isa(
+    isa: Isa,
+    ty: GgmlType,
+    data: &[u8],
+    row_bytes: usize,
+    acts: &[&ActQ8],
+    planes: usize,
+    out: &mut [f32],
+) {
+    assert!(isa <= detected_isa(), "dot_legacy: {} is not available on this CPU", isa.name());
+    rows_planes_at(Some(isa), ty, data, row_bytes, acts, planes, out)
+}
+
+fn rows_planes_at(
+    isa: Option<Isa>,
     ty: GgmlType,
     data: &[u8],
     row_bytes: usize,
@@ -309,7 +350,8 @@ pub fn vec_dot_q8_rows_planes(
     assert!(planes == 1 || planes == 2, "dot_legacy: 1 or 2 planes");
     assert!(acts.len().is_multiple_of(planes), "dot_legacy: activations are not whole planes");
     let k = acts.len() / planes;
-    assert!(k >= 1 && k * planes <= 4, "dot_legacy: 1 to 4 activation vectors, got {}", acts.len());
+    let max_k = if planes == 2 { MAX_TOKENS2 } else { 4 };
+    assert!((1..=max_k).contains(&k), "dot_legacy: 1 to {max_k} activations of {planes} planes, got {k}");
     assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_legacy: data is not whole rows");
     let n_rows = data.len() / row_bytes;
     assert_eq!(out.len(), n_rows * k, "dot_legacy: output length");
@@ -325,18 +367,18 @@ pub fn vec_dot_q8_rows_planes(
     if planes == 2 {
         check_planes(acts);
     }
-    let f = kernel_for(None, t, k, planes);
+    let f = kernel_for(isa, t, k, planes);
     // The SIMD kernels prefetch a steady few lines per group of blocks themselves.
-    let own_prefetch = simd_available();
+    let own_prefetch = isa.unwrap_or_else(self::isa) >= Isa::Avx2;
     for (i, (row, o)) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(k)).enumerate() {
         // Generation streams each weight row once from memory: ask for the rows ahead early.
         if !own_prefetch {
             crate::isa::prefetch(data.get((i + PREFETCH_ROWS) * row_bytes..(i + PREFETCH_ROWS + 1) * row_bytes));
         }
-        // SAFETY: the active level runs on this CPU; every row has the geometry checked above
-        // (same length as the first), every activation vector is well formed with exactly its
-        // blocks (and second planes are residual planes), `acts.len() == k · planes` and
-        // `o.len() == k`.
+        // SAFETY: the level runs on this CPU (asserted by the caller, or the active one); every
+        // row has the geometry checked above (same length as the first), every activation vector
+        // is well formed with exactly its blocks (and second planes are residual planes),
+        // `acts.len() == k · planes` and `o.len() == k`.
         unsafe { f(row, acts, o) }
     }
 }
@@ -447,7 +489,7 @@ pub fn vec_dot_q8_rows_planes_interleaved_isa(
     use crate::interleave::GROUP;
     assert!(ty == GgmlType::Q4_0, "dot_legacy: {ty:?} has no interleaved kernel");
     let k = acts.len() / 2;
-    assert!((1..=2).contains(&k) && acts.len() == 2 * k, "dot_legacy: 1 or 2 two-plane activations");
+    assert!((1..=MAX_TOKENS2).contains(&k) && acts.len() == 2 * k, "dot_legacy: 1 to 4 two-plane activations");
     assert!(row_bytes > 0 && data.len().is_multiple_of(row_bytes), "dot_legacy: data is not whole rows");
     let rows = data.len() / row_bytes;
     assert_eq!(out.len(), rows * k, "dot_legacy: output length");

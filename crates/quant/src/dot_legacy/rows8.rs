@@ -122,12 +122,13 @@ pub(super) mod vnni {
 }
 
 /// Runs the interleaved Q4_0 kernel over the whole groups of `woven` (`group_bytes` each, rows of
-/// `nb` blocks) against `acts.len() / 2` (1 or 2) two-plane activations: `out[r · NT + t]` for row
-/// `r` of the slice.
+/// `nb` blocks) against `acts.len() / 2` (1 to 4) two-plane activations: `out[r · NT + t]` for row
+/// `r` of the slice. Three and four are for the VNNI set (32 vector registers); the AVX2 set runs
+/// them too, with the same bits, but spills.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C (and AVX-512 F/BW/VL/VNNI with `vnni`); `woven` is whole groups
-/// woven from Q4_0 rows of `nb` blocks; `acts` are 2 or 4 well-formed vectors of `nb` blocks, each
+/// woven from Q4_0 rows of `nb` blocks; `acts` are 2 to 8 well-formed vectors of `nb` blocks, each
 /// second one the residual plane of the one before; `out` holds `16 · NT` values per group.
 pub(super) unsafe fn groups(vnni: bool, woven: &[u8], group_bytes: usize, nb: usize, acts: &[&ActQ8], out: &mut [f32]) {
     let nt = acts.len() / 2;
@@ -138,8 +139,12 @@ pub(super) unsafe fn groups(vnni: bool, woven: &[u8], group_bytes: usize, nb: us
             match (vnni, nt) {
                 (true, 1) => vnni::q4_0_group::<1>(data, nb, acts, o),
                 (true, 2) => vnni::q4_0_group::<2>(data, nb, acts, o),
+                (true, 3) => vnni::q4_0_group::<3>(data, nb, acts, o),
+                (true, 4) => vnni::q4_0_group::<4>(data, nb, acts, o),
                 (false, 1) => base::q4_0_group::<1>(data, nb, acts, o),
                 (false, 2) => base::q4_0_group::<2>(data, nb, acts, o),
+                (false, 3) => base::q4_0_group::<3>(data, nb, acts, o),
+                (false, 4) => base::q4_0_group::<4>(data, nb, acts, o),
                 _ => unreachable!("{nt} tokens"),
             }
         }
