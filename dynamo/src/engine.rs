@@ -150,6 +150,10 @@ fn start_scheduler(o: &Options, kv: Publisher) -> anyhow::Result<(Running, u64)>
     if choice.is_gpu() {
         let (parallel, ctx) = (o.parallel, n_ctx);
         gpu = choice.upload(&model, |cfg| GpuModel::serving_bytes(cfg, parallel, ctx))?;
+        if let Some(g) = gpu.as_mut() {
+            let rows = if g.serve_rows_for_slots(parallel) { "tensor cores" } else { "CUDA cores" };
+            tracing::info!("{parallel} sequences per step: generation rows on the {rows}");
+        }
         if gpu.is_none() {
             // `auto` met a model the GPU cannot run (a notice said so): the CPU's layout after all.
             drop(model);

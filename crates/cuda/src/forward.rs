@@ -29,6 +29,8 @@ pub(crate) const ATTN_THREADS: u32 = 256;
 const MATVEC_ROWS_PER_WARP: usize = 1;
 /// Tokens per block and threads of the tensor-core row kernel (`MMA_TOK`, `MMA_WARPS` × 32).
 const MMA_TOKENS: usize = 64;
+/// Steps of at most this many tokens take the one-tile kernel (`mma_rows8_*`).
+pub(crate) const MMA_FEW: usize = 8;
 const MMA_THREADS: u32 = 8 * 32;
 /// Threads of the RMSNorm blocks (one block per row).
 const NORM_THREADS: u32 = 1024;
@@ -686,7 +688,10 @@ impl<'m> Forward<'m> {
             let args = [A::P(x), A::P(self.x16_hi), A::P(lo), A::L(total)];
             self.launch(&dev.kernels.split_f16, ((total as u32).div_ceil(256), 1, 1), 256, 0, &args)?;
         }
-        let f = &dev.kernels.for_layout(mat.ty, mat.repacked)?.mma_rows;
+        let kernels = dev.kernels.for_layout(mat.ty, mat.repacked)?;
+        // The one-tile kernel has not run on a GPU yet (NOTES.md): opt-in until it has.
+        let few = n <= MMA_FEW && self.m.mma_few;
+        let (f, tokens_per_block) = if few { (&kernels.mma_rows8, MMA_FEW) } else { (&kernels.mma_rows, MMA_TOKENS) };
         let args = [
             A::P(mat.ptr),
             A::L(mat.row_bytes as i64),
@@ -699,7 +704,7 @@ impl<'m> Forward<'m> {
             A::I(acc as i32),
             A::I(n as i32),
         ];
-        let grid = (mat.rows.div_ceil(16) as u32, n.div_ceil(MMA_TOKENS) as u32, 1);
+        let grid = (mat.rows.div_ceil(16) as u32, n.div_ceil(tokens_per_block) as u32, 1);
         self.launch(f, grid, MMA_THREADS, 0, &args)
     }
 }

@@ -786,6 +786,9 @@ __device__ __forceinline__ void dequant_f16_impl(const u8* __restrict__ W, long 
 #endif
 #define MMA_TOK 64
 #define MMA_UNROLL 4
+#ifndef MMA_UNROLL_FEW
+#define MMA_UNROLL_FEW 8
+#endif
 
 __device__ __forceinline__ u32 pack_h2(float a, float b) { return (u32)f2h(a) | ((u32)f2h(b) << 16); }
 
@@ -817,43 +820,48 @@ __device__ __forceinline__ void mma_a_frags(const u8* __restrict__ wa, const u8*
     a[7] = pack_h2(u[6], u[7]);
 }
 
-template <int T>
+// NT: 8-token tiles a block holds (MMA_TOK / 8 for the many-sequence kernel, 1 for `mma_rows8_*`,
+// the kernel of steps of at most 8 tokens); U: 32-column steps whose weights are decoded before
+// their products (their loads in flight together). Neither changes an element's chain of mma
+// instructions (same columns, same order, same warp split), so both kernels give the same bits;
+// the small one holds fewer registers, so more blocks run per SM and more loads are in flight
+// when a step is a few tokens and reading the weights is all it does.
+template <int T, int NT, int U>
 __device__ __forceinline__ void mma_rows_impl(const u8* __restrict__ W, long long row_bytes, const u16* __restrict__ xhi,
                                               const u16* __restrict__ xlo, float* __restrict__ y, int rows, int cols,
                                               int ldy, int acc, int n) {
-    __shared__ float part[MMA_WARPS][MMA_TOK / 8][4][32];
+    __shared__ float part[MMA_WARPS][NT][4][32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     const int r0 = blockIdx.x * 16;
-    const int tok0 = blockIdx.y * MMA_TOK;
-    const int ntile = min(MMA_TOK / 8, (n - tok0 + 7) / 8);
+    const int tok0 = blockIdx.y * (8 * NT);
+    const int ntile = min(NT, (n - tok0 + 7) / 8);
     // Rows past the matrix read its last row (their sums are not stored).
     const u8* wa = W + (usize)min(r0 + g, rows - 1) * row_bytes;
     const u8* wb = W + (usize)min(r0 + g + 8, rows - 1) * row_bytes;
     // Token g of each 8-token tile; tiles past n read the last token (not stored).
-    const u16* xh[MMA_TOK / 8];
-    const u16* xl[MMA_TOK / 8];
+    const u16* xh[NT];
+    const u16* xl[NT];
 #pragma unroll
-    for (int j = 0; j < MMA_TOK / 8; j++) {
+    for (int j = 0; j < NT; j++) {
         usize t = (usize)min(tok0 + 8 * j + g, n - 1);
         xh[j] = xhi + t * cols;
         xl[j] = xlo ? xlo + t * cols : xlo;
     }
-    float c[MMA_TOK / 8][4];
+    float c[NT][4];
 #pragma unroll
-    for (int j = 0; j < MMA_TOK / 8; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+    for (int j = 0; j < NT; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
     const int steps = cols >> 5;
     const int s0 = (int)((long long)steps * warp / MMA_WARPS), s1 = (int)((long long)steps * (warp + 1) / MMA_WARPS);
     int s = s0;
-    // MMA_UNROLL steps' weights decoded before their products: their loads are in flight together.
-    for (; s + MMA_UNROLL <= s1; s += MMA_UNROLL) {
-        u32 a[MMA_UNROLL][8];
+    for (; s + U <= s1; s += U) {
+        u32 a[U][8];
 #pragma unroll
-        for (int u = 0; u < MMA_UNROLL; u++) mma_a_frags<T>(wa, wb, 32 * (s + u) + 8 * q, a[u]);
+        for (int u = 0; u < U; u++) mma_a_frags<T>(wa, wb, 32 * (s + u) + 8 * q, a[u]);
 #pragma unroll
-        for (int u = 0; u < MMA_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             const int c0 = 32 * (s + u) + 8 * q;
 #pragma unroll
-            for (int j = 0; j < MMA_TOK / 8; j++) {
+            for (int j = 0; j < NT; j++) {
                 if (j < ntile) {
                     uint4 v = *(const uint4*)(xh[j] + c0);
                     mma_f16_16816(c[j], a[u][0], a[u][1], a[u][2], a[u][3], v.x, v.y);
@@ -872,7 +880,7 @@ __device__ __forceinline__ void mma_rows_impl(const u8* __restrict__ W, long lon
         const int c0 = 32 * s + 8 * q;
         mma_a_frags<T>(wa, wb, c0, a);
 #pragma unroll
-        for (int j = 0; j < MMA_TOK / 8; j++) {
+        for (int j = 0; j < NT; j++) {
             if (j < ntile) {
                 uint4 v = *(const uint4*)(xh[j] + c0);
                 mma_f16_16816(c[j], a[0], a[1], a[2], a[3], v.x, v.y);
@@ -886,7 +894,7 @@ __device__ __forceinline__ void mma_rows_impl(const u8* __restrict__ W, long lon
         }
     }
 #pragma unroll
-    for (int j = 0; j < MMA_TOK / 8; j++) {
+    for (int j = 0; j < NT; j++) {
         if (j < ntile) {
 #pragma unroll
             for (int i = 0; i < 4; i++) part[warp][j][i][lane] = c[j][i];
@@ -936,7 +944,12 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, long lon
     extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                                       \
         mma_rows_##name(const u8* W, long long rb, const u16* xhi, const u16* xlo, float* y, int rows, int cols,       \
                         int ldy, int acc, int n) {                                                                     \
-        mma_rows_impl<T>(W, rb, xhi, xlo, y, rows, cols, ldy, acc, n);                                                 \
+        mma_rows_impl<T, MMA_TOK / 8, MMA_UNROLL>(W, rb, xhi, xlo, y, rows, cols, ldy, acc, n);                        \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                                       \
+        mma_rows8_##name(const u8* W, long long rb, const u16* xhi, const u16* xlo, float* y, int rows, int cols,      \
+                         int ldy, int acc, int n) {                                                                    \
+        mma_rows_impl<T, 1, MMA_UNROLL_FEW>(W, rb, xhi, xlo, y, rows, cols, ldy, acc, n);                              \
     }
 
 KILN_TYPE_KERNELS(f32, T_F32)

@@ -25,7 +25,7 @@ use kiln_gguf::GgmlType;
 
 pub use batch::{BatchStep, CudaBatch};
 pub use forward::KV_BLOCK;
-pub use model::CudaModel;
+pub use model::{CudaModel, TENSOR_CORE_MIN_SLOTS};
 pub use session::{CudaSession, UBATCH};
 
 /// Batches up to this many tokens run through the matrix-vector kernels (weights read once per
@@ -62,6 +62,9 @@ pub(crate) struct TypeKernels {
     pub get_rows: CudaFunction,
     /// The tensor-core kernel of the serving path's generation rows (`mma_rows_*`).
     pub mma_rows: CudaFunction,
+    /// The same products for steps of at most [`MMA_FEW`](crate::forward::MMA_FEW) tokens (`mma_rows8_*`: one tile, fewer
+    /// registers, more weight loads in flight), bit for bit what `mma_rows` gives.
+    pub mma_rows8: CudaFunction,
     /// The fast matrix-vector kernel (16-byte unit loads, optional fused RMSNorm), for the types
     /// and layouts that have one; its variants that apply each weight load to 4 and 8 tokens.
     pub matvec_fast: Option<CudaFunction>,
@@ -213,6 +216,7 @@ impl Device {
                 dequant_f16: f(&format!("dequant_f16_{sfx}"))?,
                 get_rows: f(&format!("get_rows_{sfx}"))?,
                 mma_rows: f(&format!("mma_rows_{sfx}"))?,
+                mma_rows8: f(&format!("mma_rows8_{sfx}"))?,
                 matvec_fast: if fast { Some(f(&format!("matvec_fast_{sfx}"))?) } else { None },
                 matvec_fast_t4: if fast { Some(f(&format!("matvec_fast_{sfx}_t4"))?) } else { None },
                 matvec_fast_t8: if fast { Some(f(&format!("matvec_fast_{sfx}_t8"))?) } else { None },

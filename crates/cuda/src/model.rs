@@ -64,6 +64,12 @@ pub(crate) struct Layer {
     pub down: Mat,
 }
 
+/// Server slots from which [`CudaModel::serve_rows_for_slots`] runs the generation rows on the
+/// tensor cores. Measured on an H100 (Q4_0, `bench/loadtest.py`): with 8 streams the tensor
+/// cores gave TinyLlama 2,623 t/s and Llama-7B 741 where the single-sequence kernels had given
+/// 1,928 and 613; one stream is faster on the single-sequence kernels.
+pub const TENSOR_CORE_MIN_SLOTS: usize = 8;
+
 /// A model's weights uploaded to one GPU.
 pub struct CudaModel {
     pub dev: Device,
@@ -82,10 +88,14 @@ pub struct CudaModel {
     /// Whether some matrix is F16 or BF16 (its batched products take two activation planes).
     pub(crate) float_weights: bool,
     /// Whether the serving path's generation rows run on the tensor cores (`mma_rows_*`): an
-    /// sm_80+ device, every matrix 32-column aligned and none F32 (those keep exact f32 products),
-    /// and `KILN_CUDA_MMA=1` (opt-in until it has run on a GPU: see NOTES.md). Fixed per model, so
-    /// every row count takes the same kernels.
+    /// sm_80+ device, every matrix 32-column aligned and none F32 (those keep exact f32 products).
+    /// Off at upload unless `KILN_CUDA_MMA=1`; a server turns it on for many slots
+    /// ([`CudaModel::serve_rows_for_slots`]). Fixed before any batch is made, so every row count
+    /// takes the same kernels.
     pub(crate) mma_rows: bool,
+    /// Whether steps of at most 8 tokens take the one-tile tensor-core kernel (`mma_rows8_*`,
+    /// `KILN_CUDA_MMA_FEW=1`; opt-in until it has run on a GPU).
+    pub(crate) mma_few: bool,
     /// Whether the model and device allow `mma_rows` at all.
     mma_eligible: bool,
     _owners: Vec<CudaSlice<u8>>,
@@ -110,6 +120,21 @@ impl CudaModel {
         }
         self.mma_rows = on;
         Ok(())
+    }
+
+    /// Chooses the serving path's generation rows for a server of `n_slots` sequences: the tensor
+    /// cores from [`TENSOR_CORE_MIN_SLOTS`] slots (steps of many rows are bound by arithmetic on
+    /// the CUDA cores: a 64-row Llama-7B step 3.8x faster on an H100), the single-sequence
+    /// kernels below (few rows are bound by reading the weights, which those kernels do faster).
+    /// `KILN_CUDA_MMA=1` / `0` forces either. Returns whether the tensor cores were chosen.
+    pub fn serve_rows_for_slots(&mut self, n_slots: usize) -> bool {
+        let on = match std::env::var("KILN_CUDA_MMA").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => n_slots >= TENSOR_CORE_MIN_SLOTS,
+        };
+        self.mma_rows = on && self.mma_eligible;
+        self.mma_rows
     }
 
     /// Device bytes [`CudaModel::upload`] will take for `w` (its matrices as stored, tied output
@@ -289,6 +314,8 @@ impl CudaModel {
                 .flat_map(|l| l.qkv.iter().chain(&l.gate_up).chain([&l.wo, &l.down]))
                 .chain([&output])
                 .all(|m| m.cols.is_multiple_of(32) && m.ty != GgmlType::F32);
+        // Off until a server chooses (`serve_rows_for_slots`); `KILN_CUDA_MMA=1` turns them on for
+        // every user of the model (parity, tests).
         let mma_rows = mma_eligible && std::env::var("KILN_CUDA_MMA").is_ok_and(|v| v == "1");
         Ok(CudaModel {
             cfg,
@@ -302,6 +329,7 @@ impl CudaModel {
             max_elems,
             float_weights,
             mma_rows,
+            mma_few: std::env::var("KILN_CUDA_MMA_FEW").is_ok_and(|v| v == "1"),
             mma_eligible,
             dev,
             _owners: owners,

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use kiln_cuda::{BatchStep, CudaBatch, CudaModel, CudaSession, Device, KV_BLOCK};
+use kiln_cuda::{BatchStep, CudaBatch, CudaModel, CudaSession, Device, KV_BLOCK, TENSOR_CORE_MIN_SLOTS};
 use kiln_gguf::GgufFile;
 use kiln_model::{forward, KvCache, Logits, ModelWeights, Precision};
 
@@ -135,7 +135,8 @@ fn prompt_chunks_then_steps_match_cpu() {
     }
 }
 
-/// The serving path's generation rows on the tensor cores (`CudaModel::set_serving_on_tensor_cores`,
+/// The serving path's generation rows on the tensor cores (`CudaModel::set_serving_on_tensor_cores`;
+/// a server's choice by slots, `serve_rows_for_slots`;
 /// `KILN_CUDA_MMA=1`): three sequences of different tokens stepped together — one token per step,
 /// every third step a token and a draft — against the CPU's exact path (the batched path's f16
 /// bound: the rows' activations are rounded to f16 as there), and the first sequence stepped alone
@@ -164,6 +165,11 @@ fn serving_rows_on_tensor_cores() {
             })
             .collect();
         let mut gm = CudaModel::upload(dev, &w).expect("upload");
+        if std::env::var_os("KILN_CUDA_MMA").is_none() {
+            // A server's choice: the single-sequence kernels below the slot threshold.
+            assert!(!gm.serve_rows_for_slots(TENSOR_CORE_MIN_SLOTS - 1), "{name}: few slots on the tensor cores");
+            assert!(gm.serve_rows_for_slots(TENSOR_CORE_MIN_SLOTS), "{name}: many slots not on the tensor cores");
+        }
         gm.set_serving_on_tensor_cores(true).expect("a model the tensor-core rows take");
         let run = |slots: usize| -> Vec<Vec<f32>> {
             let kv = slots * n.div_ceil(KV_BLOCK) * CudaBatch::block_bytes(&gm.cfg);

@@ -207,6 +207,19 @@ impl GpuModel {
         match *self {}
     }
 
+    /// Chooses the serving path's generation rows for `n_slots` sequences decoded together (the
+    /// tensor cores from `kiln_cuda::TENSOR_CORE_MIN_SLOTS` slots; `KILN_CUDA_MMA=1|0` forces):
+    /// call before serving. Returns whether they run on the tensor cores.
+    pub fn serve_rows_for_slots(&mut self, n_slots: usize) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.m.serve_rows_for_slots(n_slots);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = n_slots;
+            match *self {}
+        }
+    }
+
     /// Device bytes a session of `n_ctx` positions needs beside the weights.
     pub fn session_bytes(cfg: &ModelConfig, n_ctx: usize) -> usize {
         #[cfg(feature = "cuda")]

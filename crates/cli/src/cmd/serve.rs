@@ -105,11 +105,15 @@ pub fn main(a: Args) -> Result<ExitCode> {
     common::set_threads(a.threads)?;
     let kv_memory = a.kv_memory.as_deref().map(parse_size).transpose()?;
     let pages = common::cpu_weight_pages(a.mmap);
-    let (mut model, gpu) = a.backend.load(&a.model, a.mmap, &a.load, a.exact, |m| {
+    let (mut model, mut gpu) = a.backend.load(&a.model, a.mmap, &a.load, a.exact, |m| {
         let ctx = a.ctx.unwrap_or_else(|| m.default_ctx());
         let kv = kv_memory.unwrap_or(0);
         kiln_engine::GpuModel::serving_bytes(&m.weights.cfg, a.parallel, ctx).max(kv)
     })?;
+    if let Some(g) = gpu.as_mut() {
+        let rows = if g.serve_rows_for_slots(a.parallel) { "tensor cores" } else { "CUDA cores" };
+        eprintln!("kiln: {} sequences per step: generation rows on the {rows}", a.parallel);
+    }
     if gpu.is_none() && kv_memory.is_some() {
         bail!("--kv-memory sizes the GPU's KV cache, and the server runs on the CPU (each slot there has its own cache of --ctx positions)");
     }
