@@ -93,8 +93,9 @@ pub struct CudaModel {
     /// ([`CudaModel::serve_rows_for_slots`]). Fixed before any batch is made, so every row count
     /// takes the same kernels.
     pub(crate) mma_rows: bool,
-    /// Whether steps of at most 8 tokens take the one-tile tensor-core kernel (`mma_rows8_*`,
-    /// `KILN_CUDA_MMA_FEW=1`; opt-in until it has run on a GPU).
+    /// Whether steps of at most 8 tokens take the one-tile tensor-core kernel (`mma_rows8_*`; the
+    /// same bits as `mma_rows_*`, shown on an H100 by `batch_invariance gpu_serving`;
+    /// `KILN_CUDA_MMA_FEW=0` turns it off).
     pub(crate) mma_few: bool,
     /// Whether the model and device allow `mma_rows` at all.
     mma_eligible: bool,
@@ -329,7 +330,7 @@ impl CudaModel {
             max_elems,
             float_weights,
             mma_rows,
-            mma_few: std::env::var("KILN_CUDA_MMA_FEW").is_ok_and(|v| v == "1"),
+            mma_few: std::env::var("KILN_CUDA_MMA_FEW").map(|v| v != "0").unwrap_or(true),
             mma_eligible,
             dev,
             _owners: owners,
