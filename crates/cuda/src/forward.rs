@@ -348,7 +348,7 @@ impl<'m> Forward<'m> {
                     // One-token steps: more loads in flight per thread (few blocks, latency-bound);
                     // small batches keep the leaner kernel's occupancy.
                     let attn = if n == 1 { &k.attention_b8 } else { &k.attention };
-                    self.launch(attn, (cfg.n_head as u32, n as u32, 1), ATTN_THREADS, self.attn_smem, &args)?;
+                    self.launch_dependent(attn, (cfg.n_head as u32, n as u32, 1), ATTN_THREADS, self.attn_smem, &args)?;
                     false
                 }
             };
@@ -390,6 +390,31 @@ impl<'m> Forward<'m> {
     }
 
     fn launch(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &[A]) -> Result<()> {
+        self.launch_with(f, grid, block, smem, args, false)
+    }
+
+    /// [`Self::launch`] of a kernel that calls `pdl_release_then_wait` before it reads what earlier
+    /// kernels wrote: with programmatic dependent launch when the device kernels have it on.
+    fn launch_dependent(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[A],
+    ) -> Result<()> {
+        self.launch_with(f, grid, block, smem, args, self.m.dev.kernels.pdl)
+    }
+
+    fn launch_with(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[A],
+        pdl: bool,
+    ) -> Result<()> {
         let mut vals = args.to_vec();
         let mut ptrs: Vec<*mut c_void> = vals
             .iter_mut()
@@ -401,6 +426,30 @@ impl<'m> Forward<'m> {
                 A::D(v) => v as *mut f64 as *mut c_void,
             })
             .collect();
+        if pdl {
+            // SAFETY: an all-zero launch attribute is a valid value of the C struct; only the
+            // programmatic-serialization member of its union is set and read.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let config = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: self.m.dev.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as below for `ptrs`; `config` and `attr` outlive the call; the kernel waits
+            // (`pdl_release_then_wait`) before reading anything an earlier kernel writes.
+            return unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), ptrs.as_mut_ptr(), std::ptr::null_mut()) }
+                .result()
+                .map_err(dev_err);
+        }
         // SAFETY: `ptrs` point into `vals`, alive across the call, one per kernel parameter in the
         // kernel's declared order and width; every pointer value is a live device allocation of
         // this session or model, sized for the launch geometry the caller computed.
@@ -534,7 +583,7 @@ impl<'m> Forward<'m> {
                 let wave = (per_sm.unwrap_or(1).max(1) as usize * k.sms / ny).max(1);
                 groups = groups.min(wave);
             }
-            return self.launch(f, (groups as u32, ny as u32, 1), threads, smem, &args);
+            return self.launch_dependent(f, (groups as u32, ny as u32, 1), threads, smem, &args);
         }
         if norm.is_some() || !matches!(epi, Epi::Plain) {
             bail!("internal: a fused RMSNorm or epilogue needs the fast mat-vec kernel");

@@ -550,6 +550,22 @@ __device__ __forceinline__ void epilogue_pair(const Epi& ep, float* yt, int r, f
     }
 }
 
+#ifndef MVF_PF
+#define MVF_PF 0
+#endif
+
+// Programmatic dependent launch (sm_90+; the host launches the decode chain's mat-vec and attention
+// kernels with it when `Kernels::pdl` is on): a kernel lets the next one start as soon as all its
+// blocks are running, and waits here until the kernel before it has finished and its writes are
+// visible. Only reads of data that no kernel writes (the weights) may come before the wait; a
+// kernel launched without the attribute passes straight through both instructions.
+__device__ __forceinline__ void pdl_release_then_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // y[t * ldy + r] (+)= Σ_c W[r, c] · xn_t[c] for the block's tokens t = blockIdx.y · TM ..
 // (at most TM, fewer at the end of `ntok`), xn_t = x[t * ldx ..] or, when g is not null,
 // RMSNorm(x_t) · g computed here exactly as the rms_norm kernel (mean in f64); ep: see Epi.
@@ -584,6 +600,29 @@ __device__ __forceinline__ void matvec_fast_impl(const u8* __restrict__ W, long 
         if (p < total) stream_load<T>(W, rb, rows, nu, lp, lane, buf[p]);
         lp.next(nt, gstride);
     }
+#if MVF_PF > 0
+    // The next MVF_PF steps' quants requested into L2 as well (no registers held), so that a
+    // short matrix (few steps per warp) has most of its weights on the way before the wait.
+    {
+        StreamPos pp = lp;
+        for (int p = MVF_P; p < MVF_P + MVF_PF && p < total; p++) {
+            const int u = pp.t * 32 + lane;
+            if (u < nu) {
+#pragma unroll
+                for (int j = 0; j < MVF_R; j++) {
+                    const u8* row = W + (usize)min(pp.r0 + j, rows - 1) * rb;
+                    const u8* at = T == T_Q8_0R ? row + (usize)(u >> 3) * 272 + 32 * (u & 7)
+                                 : T == T_Q4_0R ? row + (usize)(u >> 3) * 144 + 16 * (u & 7)
+                                                : row + (usize)(u >> 3) * 144 + 16 + 32 * ((u & 7) >> 1);
+                    asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
+                }
+            }
+            pp.next(nt, gstride);
+        }
+    }
+#endif
+    // Everything below reads what earlier kernels wrote; the weight loads above are in flight.
+    pdl_release_then_wait();
     // Prologue, token by token: stage x (item = tile, half, lane: 4 float4s).
     const int items = nt * 64;
     for (int k = 0; k < tcount; k++) {
@@ -1078,6 +1117,7 @@ __device__ __forceinline__ void attention_impl(const float* __restrict__ qkv, in
     extern __shared__ float sm[];
     __shared__ double dred[32];
     __shared__ float fred[32];
+    pdl_release_then_wait();
     int h = blockIdx.x, t = blockIdx.y;
     int len = map.pos[t] + 1;
     int kh = h / (n_head / n_head_kv);

@@ -93,6 +93,11 @@ pub(crate) struct Kernels {
     /// Whether the fast mat-vec kernels and the repacked layouts are used (`KILN_CUDA_FAST=0`:
     /// the generic kernel everywhere, for comparisons).
     pub fast: bool,
+    /// Whether the decode chain's fast mat-vec and attention kernels are launched with
+    /// programmatic dependent launch (sm_90+, `KILN_CUDA_PDL=1`): each starts while the one
+    /// before finishes, its first weight loads in flight before it waits for that kernel's
+    /// results (`pdl_release_then_wait` in kernels.cu). Opt-in until measured on a GPU.
+    pub pdl: bool,
     pub rms_norm: CudaFunction,
     pub split_f16: CudaFunction,
     pub rope_kv: CudaFunction,
@@ -189,6 +194,9 @@ impl Device {
         // rebuild.
         let (mvf_rows, mvf_warps) = (env_usize("KILN_MVF_R", 2).min(8), env_usize("KILN_MVF_WARPS", 8).min(32));
         let mvf_p = env_usize("KILN_MVF_P", 2).min(8);
+        // Steps past those whose weights a fast mat-vec warp holds in registers that it requests
+        // into L2 before its first wait (0: none).
+        let mvf_pf = std::env::var("KILN_MVF_PF").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0).min(32);
         let src = match std::env::var("KILN_CUDA_KERNELS") {
             Ok(path) => std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?,
             Err(_) => KERNELS.to_string(),
@@ -200,6 +208,7 @@ impl Device {
                 format!("-DMVF_R={mvf_rows}"),
                 format!("-DMVF_WARPS={mvf_warps}"),
                 format!("-DMVF_P={mvf_p}"),
+                format!("-DMVF_PF={mvf_pf}"),
                 format!("-DKV_BLOCK={}", forward::KV_BLOCK),
             ],
             ..Default::default()
@@ -246,6 +255,7 @@ impl Device {
                 .max(48 * 1024) as usize
                 - 1024,
             fast: std::env::var("KILN_CUDA_FAST").map(|v| v != "0").unwrap_or(true),
+            pdl: capability.0 >= 9 && std::env::var("KILN_CUDA_PDL").is_ok_and(|v| v == "1"),
             rms_norm: f("rms_norm")?,
             split_f16: f("split_f16")?,
             rope_kv: f("rope_kv")?,
