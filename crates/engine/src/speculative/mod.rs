@@ -71,7 +71,7 @@ pub struct SpecOptions {
 }
 
 /// The default most drafted tokens per verification.
-pub const DEFAULT_DRAFT_MAX: usize = 8;
+pub const DEFAULT_DRAFT_MAX: usize = 14;
 
 impl Default for SpecOptions {
     fn default() -> Self {
