@@ -348,7 +348,14 @@ impl<'m> Forward<'m> {
                     // One-token steps: more loads in flight per thread (few blocks, latency-bound);
                     // small batches keep the leaner kernel's occupancy.
                     let attn = if n == 1 { &k.attention_b8 } else { &k.attention };
-                    self.launch_dependent(attn, (cfg.n_head as u32, n as u32, 1), ATTN_THREADS, self.attn_smem, &args)?;
+                    self.launch_with(
+                        attn,
+                        (cfg.n_head as u32, n as u32, 1),
+                        ATTN_THREADS,
+                        self.attn_smem,
+                        &args,
+                        k.pdl,
+                    )?;
                     false
                 }
             };
@@ -393,19 +400,9 @@ impl<'m> Forward<'m> {
         self.launch_with(f, grid, block, smem, args, false)
     }
 
-    /// [`Self::launch`] of a kernel that calls `pdl_release_then_wait` before it reads what earlier
-    /// kernels wrote: with programmatic dependent launch when the device kernels have it on.
-    fn launch_dependent(
-        &self,
-        f: &CudaFunction,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &[A],
-    ) -> Result<()> {
-        self.launch_with(f, grid, block, smem, args, self.m.dev.kernels.pdl)
-    }
-
+    /// [`Self::launch`], with programmatic dependent launch when `pdl` — only for kernels that call
+    /// `pdl_release_then_wait` before they read what earlier kernels wrote (pass
+    /// `Kernels::pdl`, which says whether the device kernels have it on).
     fn launch_with(
         &self,
         f: &CudaFunction,
@@ -583,7 +580,7 @@ impl<'m> Forward<'m> {
                 let wave = (per_sm.unwrap_or(1).max(1) as usize * k.sms / ny).max(1);
                 groups = groups.min(wave);
             }
-            return self.launch_dependent(f, (groups as u32, ny as u32, 1), threads, smem, &args);
+            return self.launch_with(f, (groups as u32, ny as u32, 1), threads, smem, &args, k.pdl);
         }
         if norm.is_some() || !matches!(epi, Epi::Plain) {
             bail!("internal: a fused RMSNorm or epilogue needs the fast mat-vec kernel");
